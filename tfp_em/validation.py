@@ -1,0 +1,104 @@
+"""Input checks shared by every estimator and the CLI.
+
+Each check returns a fresh array (the caller's input is never modified) or
+raises a `ValueError` whose message names the argument and the problem.
+"""
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+
+DTYPES = {"float64": np.float64, "float32": np.float32}
+
+
+def check_dtype(dtype) -> np.dtype:
+  """'float64' | 'float32' | np/tf dtype -> numpy dtype."""
+  name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or str(dtype)
+  name = {"double": "float64", "float": "float32"}.get(name, name)
+  if name not in DTYPES:
+    raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+  return np.dtype(DTYPES[name])
+
+
+def check_option(name: str, value, allowed) -> str:
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+  return value
+
+
+def check_int(name: str, value, minimum: int = None, maximum: int = None) -> int:
+  if isinstance(value, bool) or not isinstance(value, Integral):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"{name} must be <= {maximum}, got {value}")
+  return int(value)
+
+
+def check_float(name: str, value, minimum: float = None, strict: bool = False) -> float:
+  if isinstance(value, bool) or not isinstance(value, Real) or not np.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
+  if minimum is not None and (value < minimum or (strict and value == minimum)):
+    raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+  return float(value)
+
+
+def check_seed(seed):
+  if seed is None:
+    return None
+  return check_int("seed", seed, minimum=0)
+
+
+def check_array(X, name: str = "X", *, ndim: int = 2, dtype=np.float64,
+                min_rows: int = 1, allow_nonfinite: bool = False) -> np.ndarray:
+  """Validates a numeric array and returns a C-contiguous copy in `dtype`."""
+  if hasattr(X, "numpy") and callable(X.numpy):
+    X = X.numpy()
+  try:
+    arr = np.array(X, copy=True)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} could not be read as an array: {e}") from None
+  if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    raise ValueError(f"{name} must be numeric, got an array of dtype {arr.dtype}")
+  if np.iscomplexobj(arr):
+    raise ValueError(f"{name} must be real-valued, got complex dtype {arr.dtype}")
+  if arr.ndim != ndim:
+    shape_hint = " (reshape a single feature with X.reshape(-1, 1))" if ndim == 2 and arr.ndim == 1 else ""
+    raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}{shape_hint}")
+  if arr.shape[0] < min_rows:
+    raise ValueError(f"{name} needs at least {min_rows} rows, got {arr.shape[0]}")
+  if ndim == 2 and arr.shape[1] < 1:
+    raise ValueError(f"{name} needs at least one column, got shape {arr.shape}")
+  arr = np.ascontiguousarray(arr, dtype=dtype)
+  if not allow_nonfinite and not np.all(np.isfinite(arr)):
+    bad = np.argwhere(~np.isfinite(arr))[0]
+    kind = "NaN" if np.isnan(arr[tuple(bad)]) else "inf"
+    raise ValueError(f"{name} contains {kind} (first at index {tuple(int(i) for i in bad)}); "
+                     "remove or impute non-finite values")
+  return arr
+
+
+def check_sample_weight(sample_weight, n: int, dtype=np.float64) -> np.ndarray:
+  """None -> ones; else a finite, non-negative, 1-D weight vector of length n."""
+  if sample_weight is None:
+    return np.ones(n, dtype=dtype)
+  w = check_array(sample_weight, "sample_weight", ndim=1, dtype=dtype, min_rows=0)
+  if w.shape[0] != n:
+    raise ValueError(f"sample_weight has length {w.shape[0]} but X has {n} rows")
+  if np.any(w < 0):
+    raise ValueError(f"sample_weight must be non-negative; found {int(np.sum(w < 0))} negative values")
+  if not np.sum(w) > 0:
+    raise ValueError("sample_weight must have a positive sum")
+  return w
+
+
+def check_n_features(X: np.ndarray, expected: int, name: str = "X") -> None:
+  if X.shape[1] != expected:
+    raise ValueError(f"{name} has {X.shape[1]} features but the model was fitted with {expected}")
+
+
+def check_is_fitted(estimator, attribute: str) -> None:
+  if not hasattr(estimator, attribute):
+    raise ValueError(f"this {type(estimator).__name__} is not fitted yet; call fit() first")
