@@ -10,3 +10,7 @@ __all__ = [
     "LikelihoodDecreaseWarning", "NumericalFailureError", "RestartTrace",
     "fit_em",
 ]
+
+from tfp_em.mixture import GaussianMixture  # noqa: E402
+
+__all__ += ["GaussianMixture"]

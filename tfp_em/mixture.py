@@ -1,0 +1,235 @@
+"""`GaussianMixture`: a scikit-learn-style estimator fitted by `fit_em`.
+
+Differences from `sklearn.mixture.GaussianMixture`, all deliberate:
+  * `log_likelihood_` is the total log-likelihood *at the returned params*
+    (scikit-learn's `lower_bound_` is the mean one step before them);
+  * a decrease of the log-likelihood is never taken for convergence;
+  * `fit` takes `sample_weight`;
+  * `tol` is relative to the mean log-likelihood per point;
+  * 'random_from_data' assigns every point to its nearest random centre.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from models import gaussian_mixture as gm
+from models.gaussian_mixture import GaussianMixtureParams
+from tfp_em import validation as v
+from tfp_em.engine import ON_DECREASE_OPTIONS, fit_em, restart_seeds
+from tfp_em.mixture_em import GaussianMixtureEM, MixtureData, precision_cholesky
+from tfp_em.mixture_init import INIT_METHODS, initial_responsibilities
+
+
+class GaussianMixture:
+  """Gaussian mixture fitted by exact EM on TensorFlow Probability.
+
+  Args:
+    n_components: number of components K (default 1).
+    covariance_type: 'full' (default), 'tied', 'diag' or 'spherical'.
+    tol: convergence tolerance on the change of the mean log-likelihood per
+      point, relative to max(1, |mean loglik|) (default 1e-6).
+    reg_covar: non-negative value added to covariance diagonals (default 1e-6).
+    max_iter: maximum EM iterations per restart (default 100).
+    n_init: number of restarts; the best log-likelihood wins (default 1).
+    init_params: 'kmeans++' (default), 'kmeans', 'random' or
+      'random_from_data'.
+    weights_init, means_init, precisions_init: optional user-given initial
+      weights [K], means [K, D] and precisions (the shape of
+      `covariances_`); they override the corresponding part of `init_params`.
+    seed: integer seed (default 0); the same seed gives the same fit.
+    dtype: 'float64' (default; use for validation) or 'float32' (faster).
+    on_decrease: 'warn' (default), 'raise' or 'revert' when the
+      log-likelihood decreases (see `tfp_em.fit_em`).
+    compile: 'graph' (default), 'xla' or 'eager'.
+    verbose: None shows a progress bar on long fits (off under pytest);
+      True/False force it.
+
+  Attributes (after `fit`):
+    weights_, means_, covariances_, precisions_, precisions_cholesky_:
+      numpy arrays in scikit-learn's conventions.
+    log_likelihood_: total (weighted) log-likelihood at the fitted params.
+    n_iter_, converged_: of the best restart.
+    fit_result_: the engine's `FitResult` with every restart's trace.
+
+  #### References
+
+  [1] scikit-learn's `sklearn.mixture.GaussianMixture`, whose interface this
+      follows.
+  """
+
+  def __init__(self, n_components: int = 1, *, covariance_type: str = "full",
+               tol: float = 1e-6, reg_covar: float = 1e-6, max_iter: int = 100,
+               n_init: int = 1, init_params: str = "kmeans++", weights_init=None,
+               means_init=None, precisions_init=None, seed: int | None = 0,
+               dtype="float64", on_decrease: str = "warn", compile: str = "graph",
+               verbose: bool | None = None):
+    self.n_components = n_components
+    self.covariance_type = covariance_type
+    self.tol = tol
+    self.reg_covar = reg_covar
+    self.max_iter = max_iter
+    self.n_init = n_init
+    self.init_params = init_params
+    self.weights_init = weights_init
+    self.means_init = means_init
+    self.precisions_init = precisions_init
+    self.seed = seed
+    self.dtype = dtype
+    self.on_decrease = on_decrease
+    self.compile = compile
+    self.verbose = verbose
+
+  # -- fitting ---------------------------------------------------------------
+  def _check_options(self):
+    v.check_int("n_components", self.n_components, minimum=1)
+    gm.check_covariance_type(self.covariance_type)
+    v.check_float("tol", self.tol, minimum=0.0)
+    v.check_float("reg_covar", self.reg_covar, minimum=0.0)
+    v.check_int("max_iter", self.max_iter, minimum=0)
+    v.check_int("n_init", self.n_init, minimum=1)
+    v.check_option("init_params", self.init_params, INIT_METHODS)
+    v.check_option("on_decrease", self.on_decrease, ON_DECREASE_OPTIONS)
+    v.check_option("compile", self.compile, ("graph", "xla", "eager"))
+    v.check_seed(self.seed)
+    return v.check_dtype(self.dtype)
+
+  def _model(self):
+    return GaussianMixtureEM(self.n_components, self.covariance_type, self.reg_covar,
+                             init=self._initial_responsibilities, compile=self.compile)
+
+  def _initial_responsibilities(self, x, weights, seed):
+    return initial_responsibilities(self.init_params, x, weights, self.n_components, seed)
+
+  def fit(self, X, y=None, sample_weight=None):
+    """Fits the mixture to X [N, D] (optionally weighted); returns self."""
+    dtype = self._check_options()
+    x = v.check_array(X, "X", dtype=dtype, min_rows=1)
+    if x.shape[0] < self.n_components:
+      raise ValueError(f"X has {x.shape[0]} points but n_components={self.n_components}; "
+                       "need at least as many points as components")
+    w = v.check_sample_weight(sample_weight, x.shape[0], dtype=dtype)
+    if np.count_nonzero(w) < self.n_components:
+      raise ValueError(f"only {np.count_nonzero(w)} points have positive sample_weight "
+                       f"but n_components={self.n_components}")
+    data = MixtureData(tf.constant(x), tf.constant(w))
+    model = self._model()
+    result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
+                    seed=self.seed, init_params=self._user_init(model, data, dtype),
+                    on_decrease=self.on_decrease, compile=self.compile,
+                    progress=self.verbose)
+    self._set_fitted(result.params, x.shape[1])
+    self.log_likelihood_ = result.log_likelihood
+    self.n_iter_ = result.n_iter
+    self.converged_ = result.converged
+    self.fit_result_ = result
+    return self
+
+  def _user_init(self, model, data, dtype):
+    given = (self.weights_init, self.means_init, self.precisions_init)
+    if all(g is None for g in given):
+      return None
+    k, d = self.n_components, data.x.shape[1]
+    if any(g is None for g in given):
+      base = model.initialize(data, restart_seeds(self.seed, 1)[0])
+      weights, means, covariances = (np.asarray(p) for p in base)
+    if self.weights_init is not None:
+      weights = v.check_array(self.weights_init, "weights_init", ndim=1, dtype=dtype)
+      if weights.shape != (k,) or np.any(weights < 0) or not np.isclose(weights.sum(), 1.0):
+        raise ValueError(f"weights_init must be {k} non-negative numbers summing to 1, "
+                         f"got {weights}")
+    if self.means_init is not None:
+      means = v.check_array(self.means_init, "means_init", dtype=dtype)
+      if means.shape != (k, d):
+        raise ValueError(f"means_init must have shape {(k, d)}, got {means.shape}")
+    if self.precisions_init is not None:
+      covariances = _covariances_from_precisions(self.precisions_init, self.covariance_type,
+                                                 k, d, dtype)
+    return GaussianMixtureParams(tf.constant(weights), tf.constant(means),
+                                 tf.constant(covariances))
+
+  def _set_fitted(self, params, n_features):
+    self.n_features_in_ = n_features
+    self.params_ = params
+    self.weights_ = params.weights.numpy()
+    self.means_ = params.means.numpy()
+    self.covariances_ = params.covariances.numpy()
+    self.precisions_cholesky_ = precision_cholesky(params.covariances,
+                                                   self.covariance_type).numpy()
+    u = self.precisions_cholesky_
+    if self.covariance_type in ("full", "tied"):
+      self.precisions_ = u @ np.swapaxes(u, -1, -2)
+    else:
+      self.precisions_ = u ** 2
+
+  # -- inference -------------------------------------------------------------
+  def _checked_x(self, X):
+    v.check_is_fitted(self, "params_")
+    x = v.check_array(X, "X", dtype=v.check_dtype(self.dtype))
+    v.check_n_features(x, self.n_features_in_)
+    return tf.constant(x)
+
+  def _log_joint(self, X):
+    return self._model().log_prob_components(self.params_, self._checked_x(X))  # [N, K]
+
+  def score_samples(self, X):
+    """log p(x_n) for each row, shape [N]."""
+    return tf.reduce_logsumexp(self._log_joint(X), axis=-1).numpy()
+
+  def score(self, X, y=None):
+    """Mean log-likelihood per point."""
+    return float(np.mean(self.score_samples(X)))
+
+  def predict_proba(self, X):
+    """Posterior responsibilities p(z_n = k | x_n), shape [N, K]."""
+    return tf.nn.softmax(self._log_joint(X), axis=-1).numpy()
+
+  def predict(self, X):
+    """Most probable component of each row, shape [N]."""
+    return np.argmax(self._log_joint(X).numpy(), axis=-1)
+
+  def fit_predict(self, X, y=None, sample_weight=None):
+    return self.fit(X, sample_weight=sample_weight).predict(X)
+
+  def sample(self, n_samples: int = 1, seed: int | None = None):
+    """Draws (X [n, D], labels [n]) from the fitted JointDistribution."""
+    v.check_is_fitted(self, "params_")
+    n = v.check_int("n_samples", n_samples, minimum=1)
+    seed = v.check_seed(seed)
+    joint = gm.joint(self.params_, self.covariance_type, n)
+    draw = joint.sample(seed=tf.constant([0 if seed is None else seed, 1]))
+    return draw["x"].numpy(), draw["z"].numpy()
+
+  def _n_parameters(self) -> int:
+    k, d = self.n_components, self.n_features_in_
+    cov = {"full": k * d * (d + 1) / 2, "diag": k * d, "tied": d * (d + 1) / 2,
+           "spherical": k}[self.covariance_type]
+    return int(cov + k * d + k - 1)
+
+  def bic(self, X) -> float:
+    """Bayesian information criterion on X (lower is better)."""
+    n = np.asarray(X).shape[0]
+    return -2 * self.score(X) * n + self._n_parameters() * math.log(n)
+
+  def aic(self, X) -> float:
+    """Akaike information criterion on X (lower is better)."""
+    return -2 * self.score(X) * np.asarray(X).shape[0] + 2 * self._n_parameters()
+
+
+def _covariances_from_precisions(precisions, covariance_type, k, d, dtype):
+  shapes = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}
+  p = v.check_array(precisions, "precisions_init", ndim=len(shapes[covariance_type]), dtype=dtype)
+  if p.shape != shapes[covariance_type]:
+    raise ValueError(f"precisions_init for covariance_type={covariance_type!r} must have "
+                     f"shape {shapes[covariance_type]}, got {p.shape}")
+  if covariance_type in ("full", "tied"):
+    try:
+      np.linalg.cholesky(p)
+    except np.linalg.LinAlgError:
+      raise ValueError("precisions_init must be symmetric positive definite") from None
+    return np.linalg.inv(p)
+  if np.any(p <= 0):
+    raise ValueError("precisions_init must be positive")
+  return 1.0 / p
