@@ -46,7 +46,7 @@ def param_specs(covariance_type: str) -> GaussianMixtureParams:
   """Specs with bijectors from unconstrained space for each parameter."""
   check_covariance_type(covariance_type)
   if covariance_type in ("full", "tied"):
-    cov = tfb.Chain([tfb.CholeskyOuterProduct(), tfb.FillScaleTriL()])
+    cov = tfb.Chain([tfb.CholeskyOuterProduct(), tfb.FillScaleTriL(diag_shift=None)])
   else:
     cov = tfb.Softplus()
   return GaussianMixtureParams(

@@ -172,7 +172,8 @@ class GaussianMixture:
     return tf.constant(x)
 
   def _log_joint(self, X):
-    return self._model().log_prob_components(self.params_, self._checked_x(X))  # [N, K]
+    x = self._checked_x(X)
+    return self._model().log_prob_components(self.params_, x)  # [N, K]
 
   def score_samples(self, X):
     """log p(x_n) for each row, shape [N]."""

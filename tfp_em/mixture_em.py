@@ -229,10 +229,14 @@ class GaussianMixtureEM:
     return {"responsibilities": tf.nn.softmax(log_joint, axis=-1)}
 
   def params_from_responsibilities(self, data: MixtureData, resp):
-    """M-step of the stats implied by `resp` (used for initialization)."""
-    k = resp.shape[-1]
-    dtype = data.x.dtype
-    center = tf.zeros([k, data.x.shape[-1]], dtype)
+    """M-step of the stats implied by `resp` (used for initialization).
+
+    Two passes: the stats are taken about the responsibility-weighted means,
+    so no cancellation occurs far from the origin.
+    """
+    rw = resp * data.weights[:, tf.newaxis]                                     # [N, K]
+    center = tf.math.divide_no_nan(tf.transpose(rw) @ data.x,
+                                   tf.reduce_sum(rw, 0)[:, tf.newaxis])         # [K, D]
     stats = self._stats_from_resp(resp, data.x, data.weights, center)
     return self.m_step(None, stats)
 

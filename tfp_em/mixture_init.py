@@ -63,6 +63,9 @@ def lloyd(x, weights, centers, max_iter=100, tol=1e-6):
 def initial_responsibilities(method: str, x, weights, k: int, seed: int):
   """Responsibilities [N, K] from `method` (one of `INIT_METHODS`)."""
   rng = np.random.default_rng(seed)
+  x = np.asarray(x, np.float64)
+  x = x - np.average(x, axis=0, weights=weights)  # distances in float64, about the mean
+  weights = np.asarray(weights, np.float64)
   if method == "random":
     resp = rng.uniform(size=(len(x), k))
     return resp / resp.sum(1, keepdims=True)
@@ -78,4 +81,4 @@ def initial_responsibilities(method: str, x, weights, k: int, seed: int):
     _, labels = lloyd(x, weights, centers)
   else:
     labels = np.argmin(_sq_dist(x, centers), 1)
-  return _one_hot(labels, k, x.dtype)
+  return _one_hot(labels, k, np.float64)
