@@ -1,0 +1,642 @@
+"""Exact EM for the MLP with Bernoulli hidden units, and its estimator.
+
+The model (`models.bernoulli_mlp`) has m binary hidden units per point. EM
+enumerates all K = 2^m hidden configurations:
+
+  E-step: log tau_j(z) = log p(z | x_j) + log p(y_j | z) - loglik_j, with
+    loglik_j = logsumexp_z of the same sum. Vectorized as two [N, m] x [m, K]
+    matmuls plus a gather, chunked over N to stay under a memory budget.
+  Stats: hidden targets t_hj = E[z_hj | x_j, y_j] (per point) and the
+    configuration-by-class counts C[z, i] = sum_j tau_j(z) y_ji (a sum).
+  M-step: (1) m independent logistic regressions of t_h on x~, batched over
+    h; (2) a multinomial logistic regression over the K configurations with
+    counts C, whose cost does not depend on N. Both are concave and solved by
+    damped Newton: each step keeps the best of the step sizes 1, 1/2, ...,
+    1/512 and 0, so Q never decreases.
+
+With `l2 > 0` every non-bias weight gets a Gaussian penalty (l2 / 2) w^2; EM
+then increases the penalized objective log p(y | x) - penalty, which is what
+`e_step` returns as its loglik (so the engine's monotonicity guard applies to
+it), what `expected_log_joint` uses and what `marginal_log_prob` returns.
+
+#### References
+
+[1] S.-K. Ng and G. J. McLachlan. Using the EM algorithm to train neural
+    networks: misconceptions and a new algorithm for multiclass
+    classification. IEEE Transactions on Neural Networks, 15(3):738-749, 2004.
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from models import bernoulli_mlp as mlp
+from models.bernoulli_mlp import BernoulliMLPParams
+from tfp_em import validation as v
+from tfp_em.engine import FitResult, RestartTrace, fit_em, restart_seeds
+
+MAX_HIDDEN = 16
+DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2 ** 20
+NUM_HALVINGS = 10
+
+
+class BernoulliMLPStats(NamedTuple):
+  """E-step output. `config_counts` is a sum over points; `hidden_targets`
+  and `inputs` are per point (batches concatenate them along N)."""
+  config_counts: tf.Tensor   # [K, C]   sum_j tau_j(z) y_ji
+  hidden_targets: tf.Tensor  # [N, m]   E[z_hj | x_j, y_j]
+  inputs: tf.Tensor          # [N, D+1] x~_j
+
+
+def check_num_hidden(num_hidden) -> int:
+  """Validates m; above `MAX_HIDDEN` the exact E-step is out of reach."""
+  m = v.check_int("n_hidden", num_hidden, minimum=1)
+  if m > MAX_HIDDEN:
+    raise ValueError(
+        f"n_hidden={m} is above the supported limit of {MAX_HIDDEN}: the exact "
+        f"E-step enumerates all 2^m = {2 ** m:,} hidden configurations per point, "
+        "so time and memory grow as 2^m. Use n_hidden <= 16 (typically 4-10 "
+        "suffice), or reduce the inputs (e.g. PCA) instead of widening the layer.")
+  return m
+
+
+def _penalty_mask(num_rows: int, dtype) -> tf.Tensor:
+  """[num_rows] ones with a zero for the bias row 0."""
+  return tf.concat([tf.zeros([1], dtype), tf.ones([num_rows - 1], dtype)], 0)
+
+
+def l2_penalty(params: BernoulliMLPParams, l2: float) -> tf.Tensor:
+  """(l2 / 2) * sum of squared non-bias weights."""
+  return 0.5 * l2 * (tf.reduce_sum(tf.square(params.hidden_weights[1:]))
+                     + tf.reduce_sum(tf.square(params.output_weights[1:])))
+
+
+# ---- Hidden units: m weighted logistic regressions, weights as [m, D+1]. ----
+
+def hidden_unit_objective(weights_t, inputs, targets, l2=0.):
+  """Per-unit Q: sum_j t log s(a) + (1 - t) log s(-a) - (l2/2)|w[1:]|^2.
+
+  Args:
+    weights_t: [..., m, D+1] (unit first; leading dims batch candidates).
+    inputs: [N, D+1] x~.
+    targets: [N, m] soft targets t.
+    l2: penalty on non-bias weights.
+
+  Returns:
+    [..., m].
+  """
+  a = tf.einsum("nd,...hd->...nh", inputs, weights_t)                  # [..., N, m]
+  fit = tf.reduce_sum(targets * a - tf.nn.softplus(a), axis=-2)        # [..., m]
+  return fit - 0.5 * l2 * tf.reduce_sum(tf.square(weights_t[..., 1:]), -1)
+
+
+def hidden_unit_gradient(weights_t, inputs, targets, l2=0.):
+  """d Q_h / d w_h = sum_j (t_hj - u_hj) x~_j - l2 w_h[1:], shape [m, D+1]."""
+  probs = tf.sigmoid(tf.matmul(inputs, weights_t, transpose_b=True))   # [N, m]
+  mask = _penalty_mask(weights_t.shape[-1], weights_t.dtype)
+  return tf.matmul(targets - probs, inputs, transpose_a=True) - l2 * mask * weights_t
+
+
+def hidden_unit_neg_hessian(weights_t, inputs, l2=0.):
+  """-d^2 Q_h / d w_h^2 = X~^T diag(u (1 - u)) X~ + l2 I', shape [m, D+1, D+1]."""
+  probs = tf.sigmoid(tf.matmul(inputs, weights_t, transpose_b=True))   # [N, m]
+  curvature = probs * (1. - probs)                                     # [N, m]
+  hess = tf.einsum("nh,nd,ne->hde", curvature, inputs, inputs)
+  return hess + l2 * tf.linalg.diag(_penalty_mask(weights_t.shape[-1], weights_t.dtype))
+
+
+# ---- Output layer: multinomial regression over configurations, V [m+1, C]. --
+
+def output_layer_objective(weights, configs_tilde, counts, l2=0.):
+  """Q_V = sum_{z, i} C[z, i] log softmax(z~^T V)_i - (l2/2)|V[1:]|^2.
+
+  Args:
+    weights: [..., m+1, C].
+    configs_tilde: [K, m+1] configurations with the bias column.
+    counts: [K, C].
+    l2: penalty on non-bias rows.
+
+  Returns:
+    [...].
+  """
+  logits = tf.einsum("ka,...ac->...kc", configs_tilde, weights)        # [..., K, C]
+  fit = tf.reduce_sum(counts * tf.nn.log_softmax(logits), axis=[-2, -1])
+  return fit - 0.5 * l2 * tf.reduce_sum(tf.square(weights[..., 1:, :]), axis=[-2, -1])
+
+
+def output_layer_gradient(weights, configs_tilde, counts, l2=0.):
+  """d Q_V / d V = Z~^T (C - n p) - l2 V[1:], shape [m+1, C]."""
+  probs = tf.nn.softmax(tf.matmul(configs_tilde, weights))             # [K, C]
+  totals = tf.reduce_sum(counts, -1, keepdims=True)                    # [K, 1]
+  mask = _penalty_mask(weights.shape[0], weights.dtype)[:, tf.newaxis]
+  return tf.matmul(configs_tilde, counts - totals * probs, transpose_a=True) - l2 * mask * weights
+
+
+def output_layer_neg_hessian(weights, configs_tilde, counts, l2=0.):
+  """-d^2 Q_V / d vec(V)^2 = sum_z n_z (z~ z~^T) kron (diag p_z - p_z p_z^T) + l2 I'.
+
+  vec(V) is row-major (index a * C + i); shape [(m+1) C, (m+1) C].
+  """
+  num_rows, num_classes = weights.shape[0], weights.shape[1]
+  probs = tf.nn.softmax(tf.matmul(configs_tilde, weights))             # [K, C]
+  totals = tf.reduce_sum(counts, -1)                                   # [K]
+  cov = tf.linalg.diag(probs) - probs[:, :, tf.newaxis] * probs[:, tf.newaxis, :]
+  cov = totals[:, tf.newaxis, tf.newaxis] * cov                        # [K, C, C]
+  outer = configs_tilde[:, :, tf.newaxis] * configs_tilde[:, tf.newaxis, :]  # [K, A, A]
+  k = tf.shape(configs_tilde)[0]
+  hess = tf.matmul(tf.reshape(outer, [k, -1]), tf.reshape(cov, [k, -1]), transpose_a=True)
+  hess = tf.reshape(hess, [num_rows, num_rows, num_classes, num_classes])
+  hess = tf.reshape(tf.transpose(hess, [0, 2, 1, 3]),
+                    [num_rows * num_classes, num_rows * num_classes])
+  mask = tf.repeat(_penalty_mask(num_rows, weights.dtype), num_classes)
+  return hess + l2 * tf.linalg.diag(mask)
+
+
+def center_output_weights(weights):
+  """Removes the softmax's free shift: each row of V sums to zero over classes."""
+  return weights - tf.reduce_mean(weights, axis=-1, keepdims=True)
+
+
+# ---- Damped Newton for a batch of independent concave problems. ------------
+
+def newton_direction(gradient, neg_hessian):
+  """Solves (-H + delta I) d = g for a batch: [B, P], [B, P, P] -> [B, P].
+
+  delta = 1000 eps max(diag(-H)) only guards singular directions (the
+  softmax shift, saturated units); the line search keeps ascent exact.
+  """
+  dtype = gradient.dtype
+  eps = np.finfo(dtype.as_numpy_dtype).eps
+  diag = tf.linalg.diag_part(neg_hessian)
+  delta = 1e3 * eps * tf.reduce_max(tf.abs(diag), -1) + np.finfo(dtype.as_numpy_dtype).tiny
+  system = neg_hessian + delta[:, tf.newaxis, tf.newaxis] * tf.eye(
+      tf.shape(gradient)[-1], dtype=dtype)
+  return tf.linalg.solve(system, gradient[..., tf.newaxis])[..., 0]
+
+
+def damped_newton(objective, gradient, neg_hessian, theta, *,
+                  direction=newton_direction, max_iter=50):
+  """Maximizes B independent concave objectives by damped Newton.
+
+  Each iteration tries the step sizes 1, 1/2, ..., 2^-(NUM_HALVINGS-1) and 0
+  along the Newton direction and keeps, per problem, the best; so the
+  objective never decreases. Stops when no problem improved by more than
+  100 eps (|f| + 1), or after `max_iter` iterations.
+
+  Args:
+    objective: [S, B, P] -> [S, B].
+    gradient: [B, P] -> [B, P].
+    neg_hessian: [B, P] -> [B, P, P].
+    theta: [B, P] starting point.
+    direction: (gradient, neg_hessian) -> ascent direction [B, P].
+    max_iter: maximum number of Newton iterations.
+
+  Returns:
+    theta [B, P] at the last iterate.
+  """
+  dtype = theta.dtype
+  rtol = 100. * np.finfo(dtype.as_numpy_dtype).eps
+  steps = tf.constant(np.append(0.5 ** np.arange(NUM_HALVINGS), 0.), dtype)  # [S]
+  f0 = objective(theta[tf.newaxis])[0]                                 # [B]
+
+  def body(i, theta, f, _):
+    d = direction(gradient(theta), neg_hessian(theta))                 # [B, P]
+    candidates = theta + steps[:, tf.newaxis, tf.newaxis] * d          # [S, B, P]
+    values = objective(candidates)                                     # [S, B]
+    best = tf.argmax(values, axis=0, output_type=tf.int32)             # [B]
+    new_theta = tf.gather(tf.transpose(candidates, [1, 0, 2]), best, batch_dims=1)
+    new_f = tf.reduce_max(values, axis=0)
+    still = tf.reduce_any(new_f - f > rtol * (tf.abs(f) + 1.))
+    return i + 1, new_theta, new_f, still
+
+  _, theta, _, _ = tf.while_loop(
+      lambda i, theta, f, still: (i < max_iter) & still, body,
+      (tf.constant(0), theta, f0, tf.constant(True)))
+  return theta
+
+
+class BernoulliMLPEM:
+  """EMModel for the Bernoulli hidden-unit MLP; data = (x [N, D], y [N] int).
+
+  Args:
+    num_hidden: m, at most `MAX_HIDDEN` (16).
+    num_classes: C >= 2.
+    l2: non-negative L2 penalty on non-bias weights (default 0).
+    memory_budget_bytes: bound on the E-step's [chunk, 2^m] work arrays
+      (default 256 MiB); the E-step loops over chunks of rows.
+    compile: how `fit_em` compiles the steps (default 'graph').
+    max_newton_iter: Newton iterations per M-step block (default 50).
+    init_scale: standard deviation of the initial weights, divided by
+      sqrt(D+1) for the hidden layer (default 2).
+  """
+  name = "BernoulliMLP"
+  failure_hint = ("Standardize the inputs, add an L2 penalty (l2 > 0), reduce "
+                  "n_hidden, or use float64.")
+
+  def __init__(self, num_hidden: int, num_classes: int, l2: float = 0.,
+               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+               compile: str = "graph", max_newton_iter: int = 50,
+               init_scale: float = 2.):
+    self.num_hidden = check_num_hidden(num_hidden)
+    self.num_classes = v.check_int("num_classes", num_classes, minimum=2)
+    self.l2 = v.check_float("l2", l2, minimum=0.)
+    self.memory_budget_bytes = v.check_int("memory_budget_bytes", memory_budget_bytes, minimum=1)
+    self.compile = v.check_option("compile", compile, ("eager", "graph", "xla"))
+    self.max_newton_iter = v.check_int("max_newton_iter", max_newton_iter, minimum=1)
+    self.init_scale = v.check_float("init_scale", init_scale, minimum=0.)
+
+  @property
+  def num_configurations(self) -> int:
+    return 2 ** self.num_hidden
+
+  def configurations(self, dtype=tf.float64) -> tf.Tensor:
+    """[2^m, m] hidden configurations, in the column order of `tau`."""
+    return mlp.hidden_configurations(self.num_hidden, dtype)
+
+  def chunk_rows(self, dtype=tf.float64) -> int:
+    """Rows per E-step chunk: four [rows, 2^m] arrays fit the budget."""
+    itemsize = tf.as_dtype(dtype).size
+    return max(1, self.memory_budget_bytes // (4 * self.num_configurations * itemsize))
+
+  def num_observations(self, data) -> float:
+    return float(data[0].shape[0])
+
+  def initialize(self, data, seed: int) -> BernoulliMLPParams:
+    x = data[0]
+    dim = x.shape[-1]
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(0., self.init_scale / np.sqrt(dim + 1), [dim + 1, self.num_hidden])
+    output = rng.normal(0., 1., [self.num_hidden + 1, self.num_classes])
+    output -= output.mean(axis=-1, keepdims=True)
+    return BernoulliMLPParams(tf.constant(hidden, x.dtype), tf.constant(output, x.dtype))
+
+  # -- E-step ---------------------------------------------------------------
+
+  def log_joint(self, params, inputs, labels_onehot, configs):
+    """log p(z = configs[k], y_j | x_j) for a chunk, [n, K]."""
+    log_prior = mlp.configuration_log_prior(
+        tf.matmul(inputs, params.hidden_weights), configs)              # [n, K]
+    log_out = mlp.configuration_log_output(params, configs)            # [K, C]
+    return log_prior + tf.matmul(labels_onehot, log_out, transpose_b=True)
+
+  def normalize(self, log_joint):
+    """(log tau [n, K], loglik [n]) from the log joint over configurations."""
+    loglik = tf.reduce_logsumexp(log_joint, axis=-1)
+    return log_joint - loglik[:, tf.newaxis], loglik
+
+  def _chunk_stats(self, params, inputs, labels_onehot, configs):
+    log_tau, loglik = self.normalize(self.log_joint(params, inputs, labels_onehot, configs))
+    tau = tf.exp(log_tau)                                              # [n, K]
+    return (tf.matmul(tau, labels_onehot, transpose_a=True),           # [K, C]
+            tf.matmul(tau, configs),                                   # [n, m]
+            loglik)
+
+  def e_step(self, params, data):
+    x, y = data
+    dtype = params.hidden_weights.dtype
+    n, m = x.shape[0], self.num_hidden
+    configs = self.configurations(dtype)
+    inputs = mlp.add_bias(x)
+    onehot = tf.one_hot(y, self.num_classes, dtype=dtype)
+    rows = self.chunk_rows(dtype)
+    if n <= rows:
+      counts, targets, loglik = self._chunk_stats(params, inputs, onehot, configs)
+      total = tf.reduce_sum(loglik)
+    else:
+      num_chunks = -(-n // rows)
+      pad = num_chunks * rows - n
+      xs = tf.reshape(tf.pad(inputs, [[0, pad], [0, 0]]), [num_chunks, rows, -1])
+      ys = tf.reshape(tf.pad(onehot, [[0, pad], [0, 0]]), [num_chunks, rows, -1])
+      ws = tf.reshape(tf.pad(tf.ones([n], dtype), [[0, pad]]), [num_chunks, rows])
+
+      def body(i, counts, total, parts):
+        c, t, ll = self._chunk_stats(params, xs[i], ys[i], configs)
+        return i + 1, counts + c, total + tf.reduce_sum(ws[i] * ll), parts.write(i, t)
+
+      parts = tf.TensorArray(dtype, size=num_chunks, element_shape=[rows, m])
+      _, counts, total, parts = tf.while_loop(
+          lambda i, *_: i < num_chunks, body,
+          (tf.constant(0), tf.zeros([2 ** m, self.num_classes], dtype),
+           tf.zeros([], dtype), parts))
+      targets = tf.reshape(parts.stack(), [-1, m])[:n]
+    stats = BernoulliMLPStats(counts, targets, inputs)
+    return stats, total - l2_penalty(params, self.l2)
+
+  def posterior(self, params, data) -> dict:
+    """Exact posterior over configurations, unchunked (O(N 2^m) memory).
+
+    Returns:
+      dict with 'tau' [N, K] (columns ordered as `configurations()`),
+      'hidden_marginals' [N, m] = E[z_hj | x_j, y_j] and 'loglik' [N].
+    """
+    x, y = data
+    dtype = params.hidden_weights.dtype
+    configs = self.configurations(dtype)
+    log_tau, loglik = self.normalize(self.log_joint(
+        params, mlp.add_bias(x), tf.one_hot(y, self.num_classes, dtype=dtype), configs))
+    tau = tf.exp(log_tau)
+    return {"tau": tau, "hidden_marginals": tf.matmul(tau, configs), "loglik": loglik}
+
+  def joint_distribution(self, params, data):
+    """The TFP JointDistribution over (z [N, m], y [N]); batch shape [N]."""
+    return mlp.joint(params, data[0])
+
+  # -- M-step ---------------------------------------------------------------
+
+  hidden_gradient = staticmethod(hidden_unit_gradient)
+  direction = staticmethod(newton_direction)
+
+  def _configs_tilde(self, dtype):
+    return mlp.add_bias(self.configurations(dtype))
+
+  def m_step(self, params, stats):
+    l2 = self.l2
+    inputs, targets, counts = stats.inputs, stats.hidden_targets, stats.config_counts
+    hidden_t = damped_newton(
+        lambda w: hidden_unit_objective(w, inputs, targets, l2),
+        lambda w: self.hidden_gradient(w, inputs, targets, l2),
+        lambda w: hidden_unit_neg_hessian(w, inputs, l2),
+        tf.transpose(params.hidden_weights), direction=self.direction,
+        max_iter=self.max_newton_iter)
+
+    shape = params.output_weights.shape
+    configs_tilde = self._configs_tilde(counts.dtype)
+
+    def unflatten(theta):
+      return tf.reshape(theta, tf.concat([tf.shape(theta)[:-1], shape], 0))  # [..., B, A, C]
+
+    output = damped_newton(
+        lambda th: output_layer_objective(unflatten(th), configs_tilde, counts, l2),
+        lambda th: tf.reshape(output_layer_gradient(unflatten(th)[0], configs_tilde, counts, l2), [1, -1]),
+        lambda th: output_layer_neg_hessian(unflatten(th)[0], configs_tilde, counts, l2)[tf.newaxis],
+        tf.reshape(params.output_weights, [1, -1]), direction=self.direction,
+        max_iter=self.max_newton_iter)
+    return BernoulliMLPParams(tf.transpose(hidden_t),
+                              center_output_weights(tf.reshape(output, shape)))
+
+  def expected_log_joint(self, params, stats):
+    """Q(params | old) - penalty; differs from the loglik by the entropy of tau."""
+    hidden = hidden_unit_objective(tf.transpose(params.hidden_weights), stats.inputs,
+                                   stats.hidden_targets, self.l2)
+    output = output_layer_objective(
+        params.output_weights, self._configs_tilde(params.output_weights.dtype),
+        stats.config_counts, self.l2)
+    return tf.reduce_sum(hidden) + output
+
+  def marginal_log_prob(self, params, data):
+    """Penalized log p(y | x) from the TFP model (unchunked, differentiable)."""
+    x, y = data
+    return (tf.reduce_sum(mlp.marginal_log_prob(params, x, y))
+            - l2_penalty(params, self.l2))
+
+  def predict_log_proba(self, params, x):
+    """log p(y = i | x_j), [N, C], unchunked."""
+    dtype = params.hidden_weights.dtype
+    configs = self.configurations(dtype)
+    log_prior = mlp.configuration_log_prior(mlp.hidden_logits(params, x), configs)
+    log_out = mlp.configuration_log_output(params, configs)
+    return tf.reduce_logsumexp(log_prior[:, :, tf.newaxis] + log_out, axis=1)
+
+
+# ---- Gradient-based fit of the same marginal, for comparison. ---------------
+
+def fit_autodiff(model: BernoulliMLPEM, data, *, max_iter: int = 1000,
+                 tol: float = 1e-6, n_init: int = 1, seed: int | None = 0,
+                 init_params=None, callback=None) -> FitResult:
+  """Maximizes `model.marginal_log_prob` by L-BFGS from `model.initialize`.
+
+  Restart seeds match `fit_em`, so both methods start from the same params.
+  The trace holds the objective after every L-BFGS iteration.
+  """
+  n_obs = model.num_observations(data)
+  restarts = []
+  for r, s in enumerate(restart_seeds(seed, n_init)):
+    params = init_params if (r == 0 and init_params is not None) else model.initialize(data, s)
+    restarts.append(_lbfgs_restart(model, data, params, s, r, max_iter, tol, callback))
+  best = int(np.argmax([t.final_log_likelihood for t in restarts]))
+  chosen = restarts[best]
+  return FitResult(
+      params=type(chosen.final_params)(*[tf.constant(p) for p in chosen.final_params]),
+      log_likelihood=chosen.final_log_likelihood, n_iter=chosen.n_iter,
+      converged=chosen.converged, best_restart=best, restarts=tuple(restarts),
+      num_observations=n_obs)
+
+
+def _lbfgs_restart(model, data, params, seed, restart, max_iter, tol, callback):
+  start = time.perf_counter()
+  shapes = [p.shape for p in params]
+  sizes = [int(np.prod(s)) for s in shapes]
+
+  def unflatten(vec):
+    return BernoulliMLPParams(*[tf.reshape(p, s) for p, s in zip(tf.split(vec, sizes), shapes)])
+
+  def value_and_gradient(vec):
+    return tfp.math.value_and_gradient(lambda u: -model.marginal_log_prob(unflatten(u), data), vec)
+
+  @tf.function
+  def run(previous, max_iterations):
+    return tfp.optimizer.lbfgs_minimize(
+        value_and_gradient, initial_position=None, previous_optimizer_results=previous,
+        max_iterations=max_iterations, f_relative_tolerance=tol, tolerance=0.)
+
+  results = tfp.optimizer.lbfgs_minimize(
+      value_and_gradient, initial_position=tf.concat([tf.reshape(p, [-1]) for p in params], 0),
+      max_iterations=0)
+  lls = [-float(results.objective_value)]
+  if callback is not None:
+    callback(restart, 0, params, lls[-1])
+  for it in range(1, max_iter + 1):
+    done = int(results.num_iterations)
+    results = run(results, tf.constant(it))
+    if int(results.num_iterations) == done:  # stopped without an iteration
+      break
+    lls.append(-float(results.objective_value))
+    if callback is not None:
+      callback(restart, it, unflatten(results.position), lls[-1])
+    if bool(results.converged) or bool(results.failed):
+      break
+  final = unflatten(results.position)
+  final = BernoulliMLPParams(final.hidden_weights, center_output_weights(final.output_weights))
+  converged = bool(results.converged)
+  return RestartTrace(
+      seed=seed, log_likelihood=np.asarray(lls), params=[
+          type(params)(*[np.array(p) for p in params]),
+          type(final)(*[np.array(p) for p in final])],
+      converged=converged, n_iter=len(lls) - 1,
+      stop_reason="converged" if converged else ("failed" if bool(results.failed) else "max_iter"),
+      seconds=time.perf_counter() - start)
+
+
+# ---- Estimator. -------------------------------------------------------------
+
+METHODS = ("em", "autodiff")
+
+
+def _check_labels(y, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+  """Labels (int or str) -> (classes [C], indices [N] int32)."""
+  if hasattr(y, "numpy") and callable(y.numpy):
+    y = y.numpy()
+  y = np.array(y, copy=True)
+  if y.ndim != 1:
+    raise ValueError(f"y must be 1-D (one label per row of X), got shape {y.shape}")
+  if y.shape[0] != num_rows:
+    raise ValueError(f"y has {y.shape[0]} labels but X has {num_rows} rows")
+  if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+    raise ValueError("y contains NaN or inf; every row needs a class label")
+  if y.dtype == object and any(e is None or (isinstance(e, float) and np.isnan(e)) for e in y):
+    raise ValueError("y contains missing labels (None or NaN); every row needs a class label")
+  try:
+    classes, indices = np.unique(y, return_inverse=True)
+  except TypeError as e:
+    raise ValueError(f"y labels could not be sorted (mixed types?): {e}") from None
+  return classes, indices.astype(np.int32).reshape(-1)
+
+
+class BernoulliMLPClassifier:
+  """Classifier: MLP with m stochastic binary hidden units, fitted by exact EM.
+
+  p(y | x) = sum_z p(z | x) p(y | z) over the 2^m hidden configurations;
+  `predict` is its argmax. Inputs are standardized internally (`mean_`,
+  `scale_`); labels may be integers or strings.
+
+  Args:
+    n_hidden: number of hidden units m, 1..16 (default 5).
+    max_iter: maximum EM iterations, or L-BFGS iterations for 'autodiff'
+      (default 200).
+    tol: relative tolerance on the mean per-point objective (default 1e-6).
+    l2: L2 penalty on non-bias weights, >= 0 (default 0).
+    n_init: restarts from random weights; the best objective wins (default 1).
+    seed: integer seed or None (default 0).
+    dtype: 'float64' (default) or 'float32'.
+    method: 'em' (default) or 'autodiff' (L-BFGS on the same TFP marginal).
+    memory_budget_mb: bound on the E-step's work arrays (default 256).
+
+  Attributes (after `fit`):
+    classes_, mean_, scale_, n_features_in_, params_ (BernoulliMLPParams,
+    numpy), fit_result_ (`tfp_em.FitResult`; per-iteration objective of every
+    restart in `fit_result_.restarts[i].log_likelihood`), iteration_seconds_
+    (seconds since the start of the chosen restart at each trace entry),
+    n_iter_, converged_, objective_ (penalized loglik the fit maximized),
+    log_likelihood_ (unpenalized log p(y | x) on the training data).
+  """
+
+  def __init__(self, n_hidden: int = 5, max_iter: int = 200, tol: float = 1e-6,
+               l2: float = 0., n_init: int = 1, seed: int | None = 0,
+               dtype: str = "float64", method: str = "em",
+               memory_budget_mb: float = 256.):
+    self.n_hidden = n_hidden
+    self.max_iter = max_iter
+    self.tol = tol
+    self.l2 = l2
+    self.n_init = n_init
+    self.seed = seed
+    self.dtype = dtype
+    self.method = method
+    self.memory_budget_mb = memory_budget_mb
+
+  def _model(self, num_classes: int) -> BernoulliMLPEM:
+    budget = v.check_float("memory_budget_mb", self.memory_budget_mb, minimum=0., strict=True)
+    return BernoulliMLPEM(self.n_hidden, num_classes, l2=self.l2,
+                          memory_budget_bytes=int(budget * 2 ** 20))
+
+  def fit(self, X, y):
+    check_num_hidden(self.n_hidden)
+    v.check_int("max_iter", self.max_iter, minimum=0)
+    v.check_float("tol", self.tol, minimum=0.)
+    v.check_int("n_init", self.n_init, minimum=1)
+    seed = v.check_seed(self.seed)
+    method = v.check_option("method", self.method, METHODS)
+    dtype = v.check_dtype(self.dtype)
+    X = v.check_array(X, "X", dtype=np.float64, min_rows=2)
+    classes, labels = _check_labels(y, X.shape[0])
+    if len(classes) < 2:
+      raise ValueError(f"y has a single class ({classes[0]!r}); a classifier needs at least 2")
+    model = self._model(len(classes))
+    self.mean_ = X.mean(axis=0)
+    scale = X.std(axis=0)
+    self.scale_ = np.where(scale > 0, scale, 1.)
+    data = (tf.constant((X - self.mean_) / self.scale_, dtype), tf.constant(labels))
+    times = {}
+
+    def clock(restart, it, params, ll):
+      times.setdefault(restart, []).append(time.perf_counter())
+
+    if method == "em":
+      result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
+                      seed=seed, compile=model.compile, callback=clock)
+    else:
+      result = fit_autodiff(model, data, max_iter=self.max_iter, tol=self.tol,
+                            n_init=self.n_init, seed=seed, callback=clock)
+    chosen = result.restarts[result.best_restart]
+    stamps = np.asarray(times[result.best_restart][:len(chosen.log_likelihood)])
+    # The restart began about `seconds` before its last trace entry.
+    self.iteration_seconds_ = stamps - (stamps[-1] - chosen.seconds)
+    self.classes_ = classes
+    self.n_features_in_ = X.shape[1]
+    self.params_ = BernoulliMLPParams(*[np.array(p) for p in result.params])
+    self.fit_result_ = result
+    self.n_iter_ = result.n_iter
+    self.converged_ = result.converged
+    self.objective_ = result.log_likelihood
+    self._em_model = model
+    self.log_likelihood_ = self._log_likelihood(data[0], labels)
+    return self
+
+  # -- prediction -------------------------------------------------------------
+
+  def _inputs(self, X) -> np.ndarray:
+    v.check_is_fitted(self, "params_")
+    X = v.check_array(X, "X", dtype=np.float64)
+    v.check_n_features(X, self.n_features_in_)
+    return (X - self.mean_) / self.scale_
+
+  def _batches(self, n: int):
+    rows = max(1, self._em_model.chunk_rows() // max(1, len(self.classes_)))
+    return [slice(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+  def _params(self):
+    dtype = v.check_dtype(self.dtype)
+    return BernoulliMLPParams(*[tf.constant(p, dtype) for p in self.params_])
+
+  def predict_proba(self, X) -> np.ndarray:
+    """p(y = classes_[i] | x), shape [N, C]."""
+    Xs = self._inputs(X)
+    params = self._params()
+    out = [np.exp(self._em_model.predict_log_proba(params, tf.constant(Xs[b], params[0].dtype)).numpy())
+           for b in self._batches(Xs.shape[0])]
+    return np.concatenate(out, axis=0)
+
+  def predict(self, X) -> np.ndarray:
+    return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+  def score(self, X, y) -> float:
+    """Accuracy of `predict(X)` against `y`."""
+    pred = self.predict(X)
+    y = np.asarray(y)
+    if y.shape != pred.shape:
+      raise ValueError(f"y has shape {y.shape} but X gives {pred.shape[0]} predictions")
+    return float(np.mean(pred == y))
+
+  def _log_likelihood(self, Xs, labels) -> float:
+    params = self._params()
+    Xs = np.asarray(Xs)
+    total = 0.
+    for b in self._batches(Xs.shape[0]):
+      total += float(tf.reduce_sum(mlp.marginal_log_prob(
+          params, tf.constant(Xs[b], params[0].dtype), tf.constant(labels[b]))))
+    return total
+
+  def log_likelihood(self, X, y) -> float:
+    """Unpenalized log p(y | X) = sum_j log p(y_j | x_j) at the fitted params."""
+    Xs = self._inputs(X)
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != Xs.shape[0]:
+      raise ValueError(f"y must have one label per row of X ({Xs.shape[0]}), got shape {y.shape}")
+    unknown = ~np.isin(y, self.classes_)
+    if np.any(unknown):
+      raise ValueError(f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}")
+    return self._log_likelihood(Xs, np.searchsorted(self.classes_, y).astype(np.int32))
