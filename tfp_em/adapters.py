@@ -101,6 +101,10 @@ class Adapter:
     """{observed name: [num_draws, num_points, ...]} drawn from the model."""
     raise NotImplementedError
 
+  def simulate(self, fitted, params, data, seed: int):
+    """A data set of the same size drawn from the model at `params`."""
+    raise NotImplementedError
+
   def default_priors(self, fitted, data):
     """{field: tfd.Distribution} weak proper priors on the constrained params."""
     raise NotImplementedError
@@ -181,8 +185,14 @@ class GaussianMixtureAdapter(Adapter):
 
   def posterior_predictive(self, fitted, params, num_points, num_draws, seed):
     marginal = gm.marginal(params, fitted.covariance_type)
-    x = marginal.sample([num_draws, num_points], seed=tf.constant([int(seed), 7]))
+    x = marginal.sample([num_draws, num_points], seed=tf.constant([int(seed) % 2**31, 7], tf.int32))
     return {"x": x.numpy()}
+
+  def simulate(self, fitted, params, data, seed):
+    """Unit-weight points, as many as the total weight of `data`."""
+    n = int(round(float(tf.reduce_sum(data.weights))))
+    x = self.posterior_predictive(fitted, params, n, 1, seed)["x"][0]
+    return type(data)(tf.constant(x), tf.ones([n], x.dtype))
 
   def default_priors(self, fitted, data):
     """Nearly flat proper priors (the posterior mode stays at the MLE).
