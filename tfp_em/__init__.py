@@ -1,16 +1,34 @@
-"""tfp_em: reference EM for latent-variable models on TensorFlow Probability."""
-from tfp_em.engine import (ConvergenceWarning, EMModel, FitResult,
-                           LikelihoodDecreaseError, LikelihoodDecreaseWarning,
-                           NumericalFailureError, RestartTrace, fit_em)
+"""tfp_em: reference EM for latent-variable models on TensorFlow Probability.
+
+Public names are imported lazily (PEP 562), so `import tfp_em` and the
+`tfp-em` command start without loading TensorFlow until it is needed.
+"""
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConvergenceWarning", "EMModel", "FitResult", "LikelihoodDecreaseError",
-    "LikelihoodDecreaseWarning", "NumericalFailureError", "RestartTrace",
-    "fit_em",
-]
+_EXPORTS = {
+    "ConvergenceWarning": "tfp_em.engine",
+    "EMModel": "tfp_em.engine",
+    "FitResult": "tfp_em.engine",
+    "LikelihoodDecreaseError": "tfp_em.engine",
+    "LikelihoodDecreaseWarning": "tfp_em.engine",
+    "NumericalFailureError": "tfp_em.engine",
+    "RestartTrace": "tfp_em.engine",
+    "fit_em": "tfp_em.engine",
+    "GaussianMixture": "tfp_em.mixture",
+}
 
-from tfp_em.mixture import GaussianMixture  # noqa: E402
+__all__ = sorted(_EXPORTS)
 
-__all__ += ["GaussianMixture"]
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'tfp_em' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)
