@@ -325,14 +325,12 @@ class MixedEffectsRegressor:
   def _fit_network(self, train, valid):
     model = MixedEffectsEM(self.covariance)
     net = self.network_
-    hidden = net(train.x)[1]
-    probe = train._replace(x=tf.zeros([train.y.shape[0], 0], train.y.dtype),
-                           z=net.design(hidden, train.z))
-    init = model.initialize(probe, self.seed)  # beta is empty: f is the network
+    init = self._initial_variances(model, net, train)
     common = dict(max_iter=self.max_iter, batch_size=self.batch_size,
                   learning_rate=self.learning_rate, patience=self.patience, seed=self.seed)
     if self.method == "em":
-      fit = fit_network_em(net, train, valid, self.covariance, init,
+      expand = {"features": "all", "custom": "none"}.get(self.random_effects, "intercept")
+      fit = fit_network_em(net, train, valid, self.covariance, init, expand=expand,
                            epochs_per_step=self.epochs_per_step, **common)
     else:
       fit = fit_network_nll(net, train, valid, self.covariance, init, **common)
@@ -347,6 +345,20 @@ class MixedEffectsRegressor:
                        restarts=(trace,), num_observations=float(train.y.shape[0]))
     f, hidden = net(train.x)
     self._finish(model, result, train._replace(z=net.design(hidden, train.z)), loc=f)
+
+  def _initial_variances(self, model, net, train):
+    """Start from a random-intercept-plus-constant LMM fitted by EM (<= 50
+    iterations) to y - f_0(x), with the constant moved into f's output bias."""
+    f0, hidden = net(train.x)
+    n = train.y.shape[0]
+    probe = train._replace(x=tf.ones([n, 1], train.y.dtype), y=train.y - f0,
+                           z=net.design(hidden, train.z))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      start = fit_em(model, probe, max_iter=50, tol=1e-6, seed=self.seed,
+                     compile=model.compile, progress=False).params
+    net.shift_output(np.eye(probe.z.shape[1])[0] * float(start.beta[0]))  # bias += beta_0
+    return start._replace(beta=tf.zeros([0], train.y.dtype))
 
   def _finish(self, model, result, train, loc):
     post, _ = model.cluster_posterior(result.params, train, loc=loc)

@@ -91,6 +91,24 @@ class Network:
       hidden = tf.cast(hidden, self.dtype)
     return tf.cast(out[:, 0] if out.shape.rank == 2 else out, self.dtype), hidden
 
+  def shift_output(self, shift) -> bool:
+    """f(x) += z(x)^T shift, exactly, where the design allows it.
+
+    The constant column z_0 = 1 goes into the output bias; for the MeNets
+    design, the Gamma part goes into the output kernel. Needs a last Dense
+    layer with a bias and linear activation; returns False (and does
+    nothing) otherwise.
+    """
+    last = self.model.layers[-1]
+    if not (isinstance(last, keras.layers.Dense) and last.use_bias
+            and last.activation in (None, keras.activations.linear)):
+      return False
+    shift = np.asarray(shift)
+    last.bias.assign_add(np.full(last.bias.shape, shift[0], last.bias.dtype))
+    if self._two is not None:
+      last.kernel.assign_add(shift[1:, None].astype(last.kernel.dtype))
+    return True
+
   def design(self, hidden, z):
     """The random-effects design: [1, Gamma] for 'features', else the given z."""
     return z if hidden is None else me.features_design(hidden)
@@ -151,23 +169,22 @@ def _minibatches(rng, n: int, batch_size: int):
 def _cluster_minibatches(rng, cluster: np.ndarray, num_clusters: int, batch_size: int):
   """Rows grouped by cluster in a random cluster order, cut at cluster ends
   once a batch holds >= batch_size rows. Returns order, starts, ends and each
-  row's cluster index local to its batch (in batch order)."""
-  perm = rng.permutation(num_clusters)
-  rank = np.empty(num_clusters, np.int64)
-  rank[perm] = np.arange(num_clusters)
+  row's cluster index local to its batch (in batch order, 0..G_b-1)."""
+  counts = np.bincount(cluster, minlength=num_clusters)
+  perm = rng.permutation(np.flatnonzero(counts))                       # non-empty clusters
+  rank = np.zeros(num_clusters, np.int64)
+  rank[perm] = np.arange(perm.size)
   order = np.argsort(rank[cluster], kind="stable").astype(np.int32)
-  counts = np.bincount(cluster, minlength=num_clusters)[perm]
-  ends_c = np.cumsum(counts)
-  cut = np.flatnonzero(np.diff(ends_c // batch_size, prepend=0) > 0)
-  if cut.size == 0 or cut[-1] != num_clusters - 1:
-    cut = np.append(cut, num_clusters - 1)
+  ends_c = np.cumsum(counts[perm])
+  cut = np.flatnonzero(np.diff(ends_c // batch_size, prepend=0) > 0)    # last cluster of a batch
+  if cut.size == 0 or cut[-1] != perm.size - 1:
+    cut = np.append(cut, perm.size - 1)
   ends = ends_c[cut].astype(np.int32)
   starts = np.concatenate([[0], ends[:-1]]).astype(np.int32)
-  first_cluster = np.concatenate([[0], cut[:-1] + 1])
-  batch_of_cluster = np.repeat(np.arange(cut.size), np.diff(np.concatenate([[-1], cut])))
-  local = (np.arange(num_clusters) - first_cluster[batch_of_cluster])   # in perm order
-  local_row = local[rank[cluster[order]]].astype(np.int32)
-  return order, starts, ends, local_row
+  first = np.concatenate([[0], cut[:-1] + 1])
+  batch_of = np.repeat(np.arange(cut.size), np.diff(np.concatenate([[-1], cut])))
+  local = np.arange(perm.size) - first[batch_of]                        # by rank
+  return order, starts, ends, local[rank[cluster[order]]].astype(np.int32)
 
 
 def _snapshot(net, params):
@@ -176,8 +193,19 @@ def _snapshot(net, params):
 
 def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_type: str,
                    init_params: me.MixedEffectsParams, *, max_iter: int, epochs_per_step: int,
-                   batch_size: int, learning_rate: float, patience: int, seed: int) -> NetworkFit:
-  """MeNets: EM with closed-form variance updates and Adam epochs for f."""
+                   batch_size: int, learning_rate: float, patience: int, seed: int,
+                   expand: str = "intercept") -> NetworkFit:
+  """MeNets: EM with closed-form variance updates and Adam epochs for f.
+
+  `expand` is the parameter-expansion step (PX-EM, Liu, Rubin and Wu 1998):
+  the M-step also fits a mean mu of the random effects, then moves it into f
+  (f += z^T mu, exact through the output layer) and centres the m_i. Without
+  it EM shifts a common offset between f's bias and the u_i only by the
+  shrinkage fraction per iteration, which with large clusters takes hundreds
+  of iterations. 'intercept' expands the constant column (z_0 = 1), 'all'
+  every column (the MeNets 'features' design, where z = [1, Gamma] and f =
+  w^T Gamma + b), 'none' turns it off.
+  """
   start = time.perf_counter()
   rng = np.random.default_rng(seed)
   optimizer = keras.optimizers.Adam(learning_rate)
@@ -221,14 +249,21 @@ def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_typ
       break
     if it == max_iter:
       break
-    # M-step: Sigma_u (closed form), f (Adam epochs on y - z m), sigma^2 (closed form).
-    covariance = mem.update_covariance(mem.posterior_second_moment(post.mean, post.covariance),
+    # M-step: mu (PX), Sigma_u (closed form), f (Adam epochs on y - z m), sigma^2.
+    mean = post.mean
+    if expand != "none":
+      mu = tf.reduce_mean(mean, axis=0)
+      if expand == "intercept":
+        mu = mu * tf.one_hot(0, tf.shape(mu)[0], dtype=dtype)
+      if net.shift_output(mu):
+        mean = mean - mu
+    covariance = mem.update_covariance(mem.posterior_second_moment(mean, post.covariance),
                                        tf.cast(train.num_clusters, dtype), covariance_type)
-    target = train.y - tf.reduce_sum(z * tf.gather(post.mean, train.cluster), -1)
+    target = train.y - tf.reduce_sum(z * tf.gather(mean, train.cluster), -1)
     for _ in range(epochs_per_step):
       train_epoch(target, *map(tf.constant, _minibatches(rng, n, batch_size)))
     params = me.MixedEffectsParams(beta=params.beta, covariance=covariance,
-                                   noise_variance=noise_update(post.mean, post.covariance))
+                                   noise_variance=noise_update(mean, post.covariance))
   net.model.set_weights(best[0])
   return NetworkFit(params=best[1], log_likelihood=trace[best_it], trace=np.array(trace),
                     val_nll=np.array(crits), best_iteration=best_it, n_iter=it,
