@@ -72,10 +72,11 @@ def _one_line(e: Exception) -> str:
 def _fit_gmm(args) -> int:
   from tfp_em import io
   x, names = io.load_csv(args.data, args.columns)
-  out = io.ensure_writable_dir(args.out)
+  io.check_output_dir(args.out)
   est = _fit_mixture(x, args.components, args.covariance, args.n_init, args.max_iter,
                      args.seed)
-  _write_outputs(est, x, names, out, title=os.path.basename(args.data))
+  _write_outputs(est, x, names, io.ensure_writable_dir(args.out),
+                 title=os.path.basename(args.data))
   return 0
 
 
@@ -84,7 +85,7 @@ def _demo(args) -> int:
   if args.max_components < 1:
     raise ValueError(f"--max-components must be >= 1, got {args.max_components}")
   x, names = io.load_old_faithful()
-  out = io.ensure_writable_dir(args.out)
+  io.check_output_dir(args.out)
   print(f"Old Faithful: {x.shape[0]} eruptions, columns {names}")
   print(f"Selecting K in 1..{args.max_components} and the covariance type by BIC\n")
   rows, best = [], None
@@ -101,7 +102,8 @@ def _demo(args) -> int:
         best = (bic, est)
   est = best[1]
   print(f"\nBest by BIC: K={est.n_components}, covariance_type={est.covariance_type!r}")
-  _write_outputs(est, x, names, out, title="Old Faithful", selection=rows)
+  _write_outputs(est, x, names, io.ensure_writable_dir(args.out), title="Old Faithful",
+                 selection=rows)
   return 0
 
 

@@ -88,15 +88,31 @@ def load_csv(path, columns=None) -> tuple[np.ndarray, list[str]]:
   return out, wanted
 
 
+def check_output_dir(path) -> str:
+  """Checks, without creating anything, that `path` is or can be made a writable folder."""
+  path = os.path.abspath(os.fspath(path))
+  probe = path
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if probe != path and not os.path.isdir(probe):
+    raise ValueError(f"output directory {path!r} cannot be created: {probe!r} is not a directory")
+  if probe == path and not os.path.isdir(path):
+    raise ValueError(f"output directory {path!r} exists and is not a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f"output directory {path!r} is not writable")
+  return path
+
+
 def ensure_writable_dir(path) -> str:
   """Creates `path` if needed and checks it is a writable directory."""
-  path = os.fspath(path)
+  path = check_output_dir(path)
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
     raise ValueError(f"output directory {path!r} cannot be created: {e.strerror}") from None
-  if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-    raise ValueError(f"output directory {path!r} is not writable")
   return path
 
 

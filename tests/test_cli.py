@@ -1,0 +1,98 @@
+"""The tfp-em command: outputs of the demo and fit, and one-line errors with exit code 2."""
+import json
+import os
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from tfp_em import io
+from tfp_em.cli import main
+
+
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+def test_demo_writes_params_and_png(tmp_path, capsys):
+  out = tmp_path / "demo"
+  assert main(["demo", "--out", str(out), "--max-components", "3"]) == 0
+  printed = capsys.readouterr().out
+  assert "Best by BIC" in printed and "spherical" in printed
+  params = json.loads((out / "gmm_params.json").read_text())
+  assert len(params["model_selection"]) == 12
+  best = min(params["model_selection"], key=lambda r: r["bic"])
+  assert (params["n_components"], params["covariance_type"]) == (best["k"],
+                                                                   best["covariance_type"])
+  np.testing.assert_allclose(sum(params["weights"]), 1.0)
+  image = mpimg.imread(out / "gmm_fit.png")
+  assert image.ndim == 3 and image.shape[0] > 100
+  assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_fit_gmm_on_csv_selects_columns(tmp_path):
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(0, 1, (60, 2)), rng.normal(5, 1, (60, 2))])
+  rows = "\n".join(f"{a},{b},label{i}" for i, (a, b) in enumerate(x))
+  data = _write(tmp_path / "d.csv", "a,b,name\n" + rows + "\n")
+  out = tmp_path / "fit"
+  assert main(["fit", "gmm", "--data", data, "--columns", "a", "b", "--components", "2",
+               "--covariance", "diag", "--out", str(out)]) == 0
+  params = json.loads((out / "gmm_params.json").read_text())
+  assert params["columns"] == ["a", "b"] and params["covariance_type"] == "diag"
+  means = np.sort(np.array(params["means"])[:, 0])
+  np.testing.assert_allclose(means, [0, 5], atol=0.5)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "empty"),
+    ("a,b\n", "no data rows"),
+    ("a,b\n1,2\n3\n", "line 3 has 1 fields"),
+    ("a,b\n1,2\n3,x\n", "'x' is not a number"),
+    ("a,b\n1,2\n3,nan\n", "not finite"),
+    ("a,c\n1,2\n3,4\n", r"column\(s\) \['b'\] not found"),
+])
+def test_malformed_csv_is_one_line_exit_2(tmp_path, capsys, content, match):
+  data = _write(tmp_path / "bad.csv", content)
+  out = tmp_path / "never"
+  rc = main(["fit", "gmm", "--data", data, "--columns", "a", "b", "--components", "1",
+             "--out", str(out)])
+  err = capsys.readouterr().err
+  assert rc == 2
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+  assert pytest.importorskip("re").search(match, err)
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["fit", "gmm", "--data", "/no/such.csv", "--components", "2"], "does not exist"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "0"], "n_components"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "two"], "invalid int"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "2", "--covariance", "x"], "invalid choice"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "50"], "at least as many points"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "2", "--out", "{file}/sub"],
+     "cannot be created"),
+    (["demo", "--max-components", "0"], "max-components"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, match):
+  csv_path = _write(tmp_path / "ok.csv", "a,b\n" + "\n".join(f"{i},{i % 3}" for i in range(20)))
+  file_path = _write(tmp_path / "plain.txt", "x")
+  argv = [a.format(csv=csv_path, file=file_path) for a in argv]
+  before = sorted(os.listdir(tmp_path))
+  rc = main(argv + (["--out", str(tmp_path / "out")] if argv[:1] == ["fit"] and "--out" not in argv
+                    else []))
+  err = capsys.readouterr().err
+  assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
+  assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_atomic_json_write_leaves_no_partial_file(tmp_path):
+  target = tmp_path / "x.json"
+  with pytest.raises(TypeError):
+    io.write_json(target, {"bad": object()})
+  assert not target.exists() and not list(tmp_path.iterdir())
+  io.write_json(target, {"a": np.arange(3)})
+  assert json.loads(target.read_text()) == {"a": [0, 1, 2]}
