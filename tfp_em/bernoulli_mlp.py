@@ -611,7 +611,9 @@ class BernoulliMLPClassifier:
     return np.concatenate(out, axis=0)
 
   def predict(self, X) -> np.ndarray:
-    return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+    """argmax_i p(y = classes_[i] | x)."""
+    proba = self.predict_proba(X)
+    return self.classes_[np.argmax(proba, axis=1)]
 
   def score(self, X, y) -> float:
     """Accuracy of `predict(X)` against `y`."""
