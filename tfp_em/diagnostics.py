@@ -76,7 +76,8 @@ def _pad(rows, length):
   return np.stack(rows)
 
 
-def to_inference_data(fitted, X=None, y=None, *, sample_weight=None) -> az.InferenceData:
+def to_inference_data(fitted, X=None, y=None, *, sample_weight=None,
+                      feature_names=None) -> az.InferenceData:
   """Exports a fitted estimator (and its data) to ArviZ; see the module docstring.
 
   Args:
@@ -84,12 +85,16 @@ def to_inference_data(fitted, X=None, y=None, *, sample_weight=None) -> az.Infer
       `tfp_em.GaussianMixture`).
     X, y: the training data; optional when the estimator kept it.
     sample_weight: the weights used in `fit` (default None: unweighted).
+    feature_names: labels of the `feature` coordinate (default 0..D-1; a
+      pandas DataFrame X gives its column names).
 
   Returns:
     An `az.InferenceData` with groups posterior, sample_stats,
     log_likelihood, observed_data (and constant_data when weighted).
   """
   adapter = get_adapter(fitted)
+  if feature_names is None and hasattr(X, "columns"):
+    feature_names = [str(c) for c in X.columns]
   data = resolve_data(fitted, X, y, sample_weight)
   result = fitted.fit_result_
   trajectories = aligned_restarts(fitted)
@@ -97,6 +102,11 @@ def to_inference_data(fitted, X=None, y=None, *, sample_weight=None) -> az.Infer
   dims = adapter.dims(fitted)
   params = adapter.params(fitted)
   coords = _coords(dims, params)
+  if feature_names is not None and "feature" in coords:
+    if len(feature_names) != len(coords["feature"]):
+      raise ValueError(f"feature_names has {len(feature_names)} names but the data has "
+                       f"{len(coords['feature'])} features")
+    coords["feature"] = coords["feature_bis"] = np.array([str(f) for f in feature_names])
 
   posterior = {}
   for i, name in enumerate(params._fields):

@@ -30,6 +30,7 @@ Intervals are Wald intervals estimate +- z SE on the constrained scale.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple
 
@@ -79,8 +80,9 @@ class Flattener:
 
   def jacobian(self):
     """d theta / d u at u_hat, [Q, P]."""
-    u = tf.Variable(self.u_hat)
+    u = self.u_hat
     with tf.GradientTape() as tape:
+      tape.watch(u)
       theta = self.constrained(self.params(u))
     return tape.jacobian(theta, u)
 
@@ -91,9 +93,11 @@ def _as_float64(data):
 
 def hessian_information(model, flat: Flattener, data):
   """-Hessian of the marginal log-likelihood at u_hat, [P, P]."""
-  u = tf.Variable(flat.u_hat)
+  u = flat.u_hat
   with tf.GradientTape() as outer:
+    outer.watch(u)
     with tf.GradientTape() as inner:
+      inner.watch(u)
       loglik = model.marginal_log_prob(flat.params(u), data)
     grad = inner.gradient(loglik, u)
   return -outer.jacobian(grad, u)
@@ -105,9 +109,11 @@ def louis_information(table_fn, flat: Flattener, data):
   `table_fn(params, data)` returns log p(obs_n, latent = k | params), [N, K].
   """
   weights = tf.cast(data.weights if hasattr(data, "weights") else 1.0, tf.float64)
-  u = tf.Variable(flat.u_hat)
+  u = flat.u_hat
   with tf.GradientTape(persistent=True) as outer:
+    outer.watch(u)
     with tf.GradientTape(persistent=True) as inner:
+      inner.watch(u)
       table = table_fn(flat.params(u), data)                        # [N, K]
       resp = tf.stop_gradient(tf.nn.softmax(table, axis=-1))        # [N, K]
       q = tf.reduce_sum(weights * tf.reduce_sum(resp * table, -1))  # Q(u | u_hat)
@@ -150,6 +156,24 @@ def standard_errors(fitted, X=None, y=None, *, sample_weight=None,
     method: 'hessian' (default) or 'louis'.
   """
   v.check_option("method", method, METHODS)
+  with _quiet_retracing():
+    return _standard_errors(fitted, X, y, sample_weight, method)
+
+
+@contextlib.contextmanager
+def _quiet_retracing():
+  """Eager `tape.jacobian` wraps pfor in a fresh tf.function per call, which
+  trips TF's retracing warning on repeated use; it is harmless here."""
+  logger = tf.get_logger()
+  level = logger.level
+  logger.setLevel("ERROR")
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _standard_errors(fitted, X, y, sample_weight, method):
   adapter = get_adapter(fitted)
   data = _as_float64(resolve_data(fitted, X, y, sample_weight))
   model = adapter.model(fitted)
@@ -160,8 +184,8 @@ def standard_errors(fitted, X=None, y=None, *, sample_weight=None,
     if not adapter.latent_states:
       raise ValueError(f"method='louis' needs enumerable discrete latents; "
                        f"{type(fitted).__name__} does not have them: use method='hessian'")
-    info = louis_information(lambda p, d: adapter.complete_log_prob_table(fitted, p, d),
-                             flat, data)
+    table_fn = lambda p, d: adapter.complete_log_prob_table(fitted, p, d)  # noqa: E731
+    info = louis_information(table_fn, flat, data)
   info = info.numpy()
   cov_u = _inverse_information(info, type(fitted).__name__)
   jac = flat.jacobian().numpy()
@@ -181,6 +205,18 @@ def _inverse_information(info, name):
                   "(a pseudo-inverse is used).", RuntimeWarning, stacklevel=3)
     return np.linalg.pinv(info)
   return np.linalg.inv(info)
+
+
+class _CompiledOnce:
+  """A model whose steps are traced once and reused across many `fit_em` calls."""
+
+  def __init__(self, model):
+    self._model = model
+    self.e_step = tf.function(model.e_step, reduce_retracing=True)
+    self.m_step = tf.function(model.m_step, reduce_retracing=True)
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
 
 
 def bootstrap_standard_errors(fitted, X=None, y=None, *, sample_weight=None,
@@ -203,7 +239,7 @@ def bootstrap_standard_errors(fitted, X=None, y=None, *, sample_weight=None,
   seed = v.check_seed(seed)
   adapter = get_adapter(fitted)
   data = resolve_data(fitted, X, y, sample_weight)
-  model = adapter.model(fitted)
+  model = _CompiledOnce(adapter.model(fitted))
   params = adapter.params(fitted)
   numpy_params = type(params)(*[np.asarray(p) for p in params])
   flat = Flattener(params, model.param_specs)
@@ -218,7 +254,7 @@ def bootstrap_standard_errors(fitted, X=None, y=None, *, sample_weight=None,
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       result = fit_em(model, replicate, max_iter=max_iter, tol=getattr(fitted, "tol", 1e-6),
-                      init_params=params, compile="graph", progress=False)
+                      init_params=params, compile="eager", progress=False)
     aligned = adapter.align(fitted, numpy_params, type(params)(*[np.asarray(p) for p in result.params]))
     draws.append(flat.constrained(type(params)(*[tf.constant(p, tf.float64) for p in aligned])).numpy())
   draws = np.stack(draws)
