@@ -105,9 +105,23 @@ def test_posterior_equals_gaussian_conditioning(cov):
     zi, ri = z[cluster == i], resid[cluster == i]
     v = zi @ cov_u @ zi.T + float(params.noise_variance) * np.eye(len(ri))   # Cov(y_i)
     c = cov_u @ zi.T                                                          # Cov(u_i, y_i)
-    np.testing.assert_allclose(post["mean"][i], c @ np.linalg.solve(v, ri), rtol=1e-10)
-    np.testing.assert_allclose(post["covariance"][i], cov_u - c @ np.linalg.solve(v, c.T),
+    np.testing.assert_allclose(post["u_mean"][i], c @ np.linalg.solve(v, ri), rtol=1e-10)
+    np.testing.assert_allclose(post["u_cov"][i], cov_u - c @ np.linalg.solve(v, c.T),
                                rtol=1e-9, atol=1e-12)
+
+
+def test_verification_oracle_agrees_with_the_e_step():
+  verify_exact = pytest.importorskip("tfp_em.verify_exact")
+  data = _simulate()
+  params = _params("full")
+  model = MixedEffectsEM("full")
+  exact = model.verification_oracle(params, data)
+  post = model.posterior(params, data)
+  np.testing.assert_allclose(exact.log_prob, model.marginal_log_prob(params, data), rtol=1e-10)
+  np.testing.assert_allclose(exact.posterior["u_mean"], post["u_mean"], rtol=1e-8, atol=1e-10)
+  np.testing.assert_allclose(exact.posterior["u_cov"],
+                             verify_exact.dense_covariance(post["u_cov"], 12), rtol=1e-8,
+                             atol=1e-10)
 
 
 def test_joint_distribution_factorizes_into_marginal_and_posterior():
@@ -120,7 +134,7 @@ def test_joint_distribution_factorizes_into_marginal_and_posterior():
   u = tf.constant(np.random.default_rng(3).normal(size=(int(data.num_clusters), 2)))
   post = model.posterior(params, data)
   log_post = tfp.distributions.MultivariateNormalTriL(
-      post["mean"], tf.linalg.cholesky(post["covariance"])).log_prob(u)
+      post["u_mean"], tf.linalg.cholesky(post["u_cov"])).log_prob(u)
   np.testing.assert_allclose(joint.log_prob(u=u, y=data.y),
                              model.marginal_log_prob(params, data) + tf.reduce_sum(log_post),
                              rtol=1e-11)

@@ -34,7 +34,7 @@ from scipy import stats as sps
 
 from models import mixed_effects as me
 from tfp_em import validation as val
-from tfp_em.engine import FitResult, RestartTrace, fit_em
+from tfp_em.engine import FitResult, RestartTrace, default_decrease_tol, fit_em
 from tfp_em.mixed_effects_em import (MixedEffectsEM, MixedEffectsStats,
                                      fit_marginal_lbfgs)
 from tfp_em.mixed_effects_nn import (Network, NetworkFit, default_mlp,
@@ -119,8 +119,11 @@ class MixedEffectsRegressor:
     network_: the trained Keras model (network f only).
     log_likelihood_: training marginal log-likelihood at the returned params.
     fit_result_: an `engine.FitResult`; for a network, one restart whose
-      trace holds l per iteration/epoch and `history_` the early-stopping
-      criterion.
+      trace holds l up to the returned iteration/epoch.
+    history_ (network f only): dict with 'log_likelihood' (training l at each
+      iteration/epoch, inference mode), 'criterion' (the early-stopping NLL),
+      'best_iteration', 'stop_reason' and 'n_decreases' (drops of l beyond
+      round-off: tracked, not enforced, since the network step is stochastic).
   """
 
   def __init__(self, random_effects: str = "intercept", degree: int = 1,
@@ -334,8 +337,11 @@ class MixedEffectsRegressor:
                            epochs_per_step=self.epochs_per_step, **common)
     else:
       fit = fit_network_nll(net, train, valid, self.covariance, init, **common)
+    drops = -np.diff(fit.trace)
+    slack = default_decrease_tol(self.dtype_) * (np.abs(fit.trace[1:]) + train.y.shape[0])
     self.history_ = {"log_likelihood": fit.trace, "criterion": fit.val_nll,
-                     "best_iteration": fit.best_iteration, "stop_reason": fit.stop_reason}
+                     "best_iteration": fit.best_iteration, "stop_reason": fit.stop_reason,
+                     "n_decreases": int(np.sum(drops > slack))}
     trace = RestartTrace(seed=self.seed, log_likelihood=fit.trace[:fit.best_iteration + 1],
                          params=[_numpy(init), _numpy(fit.params)], converged=True,
                          n_iter=fit.best_iteration, stop_reason=fit.stop_reason,

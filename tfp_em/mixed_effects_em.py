@@ -112,12 +112,19 @@ class MixedEffectsEM:
                   "zero; use covariance='diag' or float64 if the random-effects "
                   "covariance collapses.")
 
+  component_axes = {}              # no label switching: nothing to align
+  generalized_m_step_fields = ()   # every block of the M-step is in closed form
+
   def __init__(self, covariance_type: str = "full", compile: str = "graph"):
     self.covariance_type = me.check_covariance_type(covariance_type)
     self.compile = compile
 
-  def specs(self):
+  @property
+  def param_specs(self) -> me.MixedEffectsParams:
     return me.param_specs(self.covariance_type)
+
+  def specs(self):
+    return self.param_specs
 
   def num_observations(self, data) -> float:
     return float(tf.shape(data.y)[0])
@@ -152,9 +159,12 @@ class MixedEffectsEM:
     return me.cluster_posterior(cov_u, params.noise_variance, stats), stats
 
   def posterior(self, params, data):
-    """{'mean': [G, q], 'covariance': [G, q, q]}: u_i | y, as the E-step computes it."""
+    """{'u_mean': [G, q], 'u_cov': [G, q, q]}: u_i | y as the E-step computes it.
+
+    Keys follow the latent `u` of `joint_distribution`.
+    """
     post, _ = self.cluster_posterior(params, data)
-    return {"mean": post.mean, "covariance": post.covariance}
+    return {"u_mean": post.mean, "u_cov": post.covariance}
 
   def e_step(self, params, data):
     post, stats = self.cluster_posterior(params, data)
@@ -215,6 +225,12 @@ class MixedEffectsEM:
   def joint_distribution(self, params, data):
     """The TFP JointDistribution over (u [G, q], y [N]) at `params`."""
     return me.joint_distribution(params, data, self.covariance_type)
+
+  def verification_oracle(self, params, data):
+    """Exact log p(y) and posterior of u from the JointDistribution alone
+    (Gaussian conditioning by autodiff, O((Gq)^3): small data only)."""
+    from tfp_em.verify_exact import marginalize_gaussian
+    return marginalize_gaussian(self.joint_distribution(params, data), ["u"], {"y": data.y})
 
 
 def fit_marginal_lbfgs(model: MixedEffectsEM, data, init_params, *, max_iter: int = 500,
