@@ -19,6 +19,8 @@ from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import tensorflow as tf
 
+from tfp_em.passes import InMemoryPass, compile_fn, make_pass
+
 ON_DECREASE_OPTIONS = ("raise", "warn", "revert")
 
 
@@ -43,8 +45,14 @@ class EMModel(Protocol):
   """What `fit_em` needs from a model.
 
   `Params` and `Stats` are NamedTuples of tensors. Stats are sums over data
-  points, so partial stats from batches or replicas add up (fields documented
-  otherwise, such as a centring point, are shared, not summed).
+  points, so partial stats from batches or replicas add up. Fields listed in
+  an optional `shared_stats_fields` attribute (a centring point, say) are the
+  same in every batch of one pass and are taken, not added.
+
+  Optional attributes: `compile` (the mode `fit_em` should use),
+  `failure_hint` (what to try when the fit goes non-finite), `param_specs`
+  (needed for SQUAREM and the autodiff checks), `fuse_steps` (False when the
+  M-step cannot share a compiled function with the E-step).
   """
   name: str
 
@@ -79,6 +87,8 @@ class RestartTrace(NamedTuple):
     n_iter: number of M-steps kept (T).
     stop_reason: 'converged', 'max_iter' or 'reverted'.
     seconds: wall time of the restart.
+    e_steps: number of E-step passes over the data (SQUAREM uses several per
+      iteration; plain EM uses n_iter + 1).
   """
   seed: int
   log_likelihood: np.ndarray
@@ -87,6 +97,7 @@ class RestartTrace(NamedTuple):
   n_iter: int
   stop_reason: str
   seconds: float
+  e_steps: int = 0
 
   @property
   def final_params(self):
@@ -135,14 +146,6 @@ def _all_finite(params) -> bool:
   return all(np.all(np.isfinite(np.asarray(p))) for p in params)
 
 
-def _compile(fn, mode: str):
-  if mode == "eager":
-    return fn
-  if mode not in ("graph", "xla"):
-    raise ValueError(f"compile mode must be 'eager', 'graph' or 'xla', got {mode!r}")
-  return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=True)
-
-
 def _show_progress(progress: bool | None) -> bool:
   if progress is not None:
     return bool(progress)
@@ -162,13 +165,16 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
            n_init: int = 1, seed: int | None = 0, init_params=None,
            on_decrease: str = "warn", decrease_tol: float | None = None,
            compile: str = "graph", keep_trajectory: bool = True,
-           progress: bool | None = None,
-           callback: Callable | None = None) -> FitResult:
+           progress: bool | None = None, callback: Callable | None = None,
+           accelerate: str | None = None, strategy=None) -> FitResult:
   """Fits `model` to `data` by EM with restarts.
 
   Args:
     model: an `EMModel`.
-    data: whatever the model's steps take (a tuple of tensors).
+    data: what the model's steps take (a NamedTuple of tensors), or a
+      `tf.data.Dataset` of such batches: each iteration is then one pass that
+      adds the per-batch stats, with memory bounded by the batch size, and
+      `model.initialize` sees the first batch.
     max_iter: maximum number of M-steps per restart.
     tol: convergence when 0 <= mean_t - mean_{t-1} <= tol * max(1, |mean_t|),
       where mean_t is the log-likelihood per observation. Relative, so it
@@ -186,6 +192,11 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
     keep_trajectory: keep the params of every iteration (for diagnostics).
     progress: show a progress bar; None means on, except under pytest.
     callback: optional `callback(restart, iteration, params, loglik)`.
+    accelerate: None (plain EM) or 'squarem' (`tfp_em.squarem`; needs the
+      model's `param_specs`). SQUAREM iterations use several E-steps each;
+      `RestartTrace.e_steps` counts them.
+    strategy: a `tf.distribute` strategy; the E-step runs on every replica
+      and the stats are all-reduced by SUM.
 
   Returns:
     A `FitResult`.
@@ -203,19 +214,21 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
     raise ValueError(f"n_init must be a positive integer, got {n_init!r}")
   if not (np.isfinite(tol) and tol >= 0):
     raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+  if accelerate not in (None, "squarem"):
+    raise ValueError(f"accelerate must be None or 'squarem', got {accelerate!r}")
 
-  e_step = _compile(model.e_step, compile)
-  m_step = _compile(model.m_step, compile)
-  n_obs = float(model.num_observations(data))
+  iteration = _Iteration(model, data, compile, accelerate, strategy)
   show = _show_progress(progress)
 
   restarts = []
   for r, s in enumerate(restart_seeds(seed, n_init)):
-    params = init_params if (r == 0 and init_params is not None) else model.initialize(data, s)
+    params = (init_params if (r == 0 and init_params is not None)
+              else model.initialize(iteration.e_pass.first_batch(), s))
     restarts.append(_run_restart(
-        model, data, params, s, r, e_step, m_step, n_obs, max_iter, tol,
+        model, iteration, params, s, r, max_iter, tol,
         on_decrease, decrease_tol, keep_trajectory, show, callback))
 
+  n_obs = iteration.e_pass.num_observations
   best = int(np.argmax([t.final_log_likelihood for t in restarts]))
   chosen = restarts[best]
   if not chosen.converged and max_iter > 0 and chosen.stop_reason == "max_iter":
@@ -236,17 +249,59 @@ def _last_mean_change(trace: RestartTrace, n_obs: float) -> float:
   return float((ll[-1] - ll[-2]) / n_obs) if len(ll) > 1 else float("nan")
 
 
-def _run_restart(model, data, params, seed, restart, e_step, m_step, n_obs,
-                 max_iter, tol, on_decrease, decrease_tol, keep_trajectory,
-                 show, callback) -> RestartTrace:
+class _Iteration:
+  """E-pass, M-step and how to go from one iterate to the next.
+
+  Plain EM over in-memory data fuses E and M into one compiled call that
+  returns (M(E(params)), loglik(params)); the loop discards the M part when
+  it stops, so the reported loglik is still at the returned params.
+  """
+
+  def __init__(self, model, data, compile, accelerate, strategy):
+    self.e_pass = make_pass(model, data, compile, strategy)
+    self.m_step = compile_fn(model.m_step, compile)
+    self.fused = None
+    if (accelerate is None and isinstance(self.e_pass, InMemoryPass) and compile != "eager"
+        and getattr(model, "fuse_steps", True)):
+      def fused(params, batch):
+        stats, ll = model.e_step(params, batch)
+        return model.m_step(params, stats), ll
+      self.fused = compile_fn(fused, compile)
+    self.stepper = None
+    if accelerate == "squarem":
+      from tfp_em.squarem import SquaremStepper
+      self.stepper = SquaremStepper(model, self.e_pass, self.m_step)
+
+  def evaluate(self, params, last: bool):
+    """(stats or None, loglik at params, next params or None)."""
+    if self.fused is not None and not last:
+      new, ll = self.fused(params, self.e_pass.data)
+      return None, ll, new
+    stats, ll = self.e_pass(params)
+    return stats, ll, None
+
+  def advance(self, params, stats, ll, new):
+    """(next params, extra E-passes used)."""
+    if new is not None:
+      return new, 0
+    if self.stepper is not None:
+      return self.stepper(params, stats, ll)
+    return self.m_step(params, stats), 0
+
+
+def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
+                 on_decrease, decrease_tol, keep_trajectory, show,
+                 callback) -> RestartTrace:
   start = time.perf_counter()
+  e_steps = 0
   rtol = default_decrease_tol(_params_dtype(params)) if decrease_tol is None else decrease_tol
   lls, trajectory, previous = [], [_to_numpy(params)], None
   converged, stop_reason = False, "max_iter"
   bar = _progress_bar(show, max_iter, model.name, restart)
   for it in range(max_iter + 1):
-    stats, ll = _guarded(model, lambda: e_step(params, data))
-    ll = float(ll)
+    stats, ll, new = _guarded(model, lambda: iteration.evaluate(params, it == max_iter))
+    ll, e_steps = float(ll), e_steps + 1
+    n_obs = iteration.e_pass.num_observations  # known after the first pass
     if not np.isfinite(ll):
       raise NumericalFailureError(
           f"{model.name}: log-likelihood became {ll} at iteration {it}. "
@@ -279,7 +334,8 @@ def _run_restart(model, data, params, seed, restart, e_step, m_step, n_obs,
     if it == max_iter:
       break
     previous = params
-    params = _guarded(model, lambda: m_step(params, stats))
+    params, extra = _guarded(model, lambda: iteration.advance(params, stats, ll, new))
+    e_steps += extra
     if keep_trajectory:
       trajectory.append(_to_numpy(params))
   if bar is not None:
@@ -289,7 +345,7 @@ def _run_restart(model, data, params, seed, restart, e_step, m_step, n_obs,
   return RestartTrace(seed=seed, log_likelihood=np.asarray(lls, np.float64),
                       params=trajectory, converged=converged,
                       n_iter=len(lls) - 1, stop_reason=stop_reason,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, e_steps=e_steps)
 
 
 def _params_dtype(params):

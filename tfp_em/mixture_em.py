@@ -170,6 +170,7 @@ class GaussianMixtureEM:
     compile: how `fit_em` should compile the steps ('eager'|'graph'|'xla').
   """
   name = "GaussianMixture"
+  shared_stats_fields = ("center",)
   failure_hint = ("Some components have an ill-defined covariance (collapsed onto a few "
                   "points or duplicates): increase reg_covar, reduce n_components, or "
                   "use dtype='float64'.")

@@ -1,0 +1,129 @@
+"""E-step passes over data: in memory, streamed over tf.data, or distributed.
+
+Stats are sums over data points, so a pass over batches (or replicas) adds
+the per-batch stats. Fields named in `model.shared_stats_fields` (a centring
+point, say) are the same in every batch of one pass and are taken, not added.
+
+    pass_ = make_pass(model, data, compile='graph', strategy=None)
+    stats, loglik = pass_(params)
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def shared_fields(model) -> tuple:
+  return tuple(getattr(model, "shared_stats_fields", ()))
+
+
+def add_stats(model, a, b):
+  """a + b for every field except the shared ones (taken from b)."""
+  shared = shared_fields(model)
+  return type(a)(*[vb if name in shared else va + vb
+                   for name, va, vb in zip(a._fields, a, b)])
+
+
+def is_stream(data) -> bool:
+  return isinstance(data, tf.data.Dataset)
+
+
+def compile_fn(fn, mode: str):
+  if mode == "eager":
+    return fn
+  if mode not in ("graph", "xla"):
+    raise ValueError(f"compile mode must be 'eager', 'graph' or 'xla', got {mode!r}")
+  return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=True)
+
+
+class InMemoryPass:
+  """One compiled E-step over data held in memory."""
+
+  def __init__(self, model, data, compile: str):
+    self.data = data
+    self._e_step = compile_fn(model.e_step, compile)
+    self.num_observations = float(model.num_observations(data))
+
+  def __call__(self, params):
+    return self._e_step(params, self.data)
+
+  def first_batch(self):
+    return self.data
+
+
+class _BatchedPass:
+  """Adds per-batch stats over one pass; counts observations on the first."""
+  num_observations = None
+
+  def _accumulate(self, batches, step):
+    total, n_obs = None, 0.0
+    for batch in batches:
+      stats, ll = step(batch)
+      if self.num_observations is None:
+        n_obs += float(self.model.num_observations(batch))
+      total = (stats, ll) if total is None else (add_stats(self.model, total[0], stats),
+                                                 total[1] + ll)
+    if total is None:
+      raise ValueError("the dataset is empty: one pass produced no batches")
+    if self.num_observations is None:
+      self.num_observations = n_obs
+    return total
+
+  def first_batch(self):
+    return next(iter(self.dataset))
+
+
+class StreamPass(_BatchedPass):
+  """Accumulates per-batch stats over one pass of a `tf.data.Dataset`.
+
+  Memory is bounded by the batch size: one batch is resident at a time.
+  """
+
+  def __init__(self, model, dataset: tf.data.Dataset, compile: str):
+    self.model = model
+    self.dataset = dataset
+    self._e_step = compile_fn(model.e_step, compile)
+
+  def __call__(self, params):
+    return self._accumulate(self.dataset, lambda batch: self._e_step(params, batch))
+
+
+class DistributedPass(_BatchedPass):
+  """E-step per replica under a `tf.distribute` strategy, all-reduced by SUM.
+
+  Every replica evaluates the same params, so shared fields agree and are
+  taken from the first replica.
+  """
+
+  def __init__(self, model, dataset: tf.data.Dataset, strategy, compile: str):
+    self.model = model
+    self.strategy = strategy
+    self.dataset = dataset
+    self._dist = strategy.experimental_distribute_dataset(dataset)
+    e_step = compile_fn(model.e_step, compile if compile != "xla" else "graph")
+    shared = shared_fields(model)
+
+    @tf.function
+    def step(params, batch):
+      stats, ll = strategy.run(e_step, args=(params, batch))
+      reduced = [strategy.experimental_local_results(v)[0] if name in shared
+                 else strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                 for name, v in zip(stats._fields, stats)]
+      return type(stats)(*reduced), strategy.reduce(tf.distribute.ReduceOp.SUM, ll, axis=None)
+
+    self._step = step
+
+  def __call__(self, params):
+    return self._accumulate(self._dist, lambda batch: self._step(params, batch))
+
+
+def make_pass(model, data, compile: str = "graph", strategy=None):
+  """Chooses the pass for `data`: a tuple of tensors or a `tf.data.Dataset`."""
+  if strategy is not None:
+    if not is_stream(data):  # one global batch, split across the replicas
+      data = tf.data.Dataset.from_tensor_slices(data).batch(int(np.shape(data[0])[0]))
+    return DistributedPass(model, data, strategy, compile)
+  if is_stream(data):
+    return StreamPass(model, data, compile)
+  return InMemoryPass(model, data, compile)
+
