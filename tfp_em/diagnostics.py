@@ -38,9 +38,14 @@ from tfp_em.adapters import get_adapter
 
 
 def resolve_data(fitted, X=None, y=None, sample_weight=None):
-  """The model's data tuple from X (and y), or the data the fit kept."""
+  """The model's data tuple from X (and y), or the data the fit kept.
+
+  X may also be the model's data NamedTuple itself (passed through).
+  """
   adapter = get_adapter(fitted)
   v.check_is_fitted(fitted, adapter.fitted_attribute)
+  if isinstance(X, tuple) and hasattr(X, "_fields"):
+    return X
   if X is not None:
     return adapter.data(fitted, X, y, sample_weight)
   data = adapter.training_data(fitted)

@@ -173,10 +173,19 @@ def hmc_trace(hmc_idata) -> Figure:
   return fig
 
 
-def hmc_rank(hmc_idata, max_panels: int = 12) -> Figure:
-  """az.plot_rank of the NUTS draws (uniform bars = well-mixed chains)."""
-  flat = [(n, idx) for n in hmc_idata.posterior.data_vars
-          for idx in np.ndindex(*hmc_idata.posterior[n].shape[2:])][:max_panels]
+def _symmetric_duplicate(dims, idx):
+  """Upper-triangle entry of a symmetric [feature, feature_bis] matrix."""
+  return dims[-2:] == ("feature", "feature_bis") and idx[-2] < idx[-1]
+
+
+def hmc_rank(hmc_idata, max_panels: int = 16) -> Figure:
+  """az.plot_rank of the NUTS draws (uniform bars = well-mixed chains).
+
+  One panel per scalar (symmetric duplicates skipped), at most `max_panels`.
+  """
+  post = hmc_idata.posterior
+  flat = [(n, idx) for n in post.data_vars for idx in np.ndindex(*post[n].shape[2:])
+          if not _symmetric_duplicate(post[n].dims[2:], idx)][:max_panels]
   cols = min(4, len(flat))
   rows = -(-len(flat) // cols)
   fig = Figure(figsize=(3.2 * cols, 2.4 * rows), layout="constrained")

@@ -1,0 +1,276 @@
+"""ArviZ export, standard errors, HMC cross-check, plots and reports."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import arviz as az
+
+from tfp_em.adapters import hungarian_permutation
+from tfp_em.diagnostics import load_fitted, to_inference_data
+from tfp_em.mixture import GaussianMixture
+from tfp_em.stderr import bootstrap_standard_errors, standard_errors, summary
+
+DATA = Path(__file__).resolve().parents[1] / "tfp_em" / "data" / "old_faithful.csv"
+
+
+def old_faithful():
+  df = pd.read_csv(DATA)
+  return (df - df.mean()) / df.std(ddof=0)
+
+
+@pytest.fixture(scope="module")
+def faithful():
+  x = old_faithful()
+  fitted = GaussianMixture(2, n_init=4, seed=0, tol=1e-8).fit(x.values)
+  return fitted, x
+
+
+@pytest.fixture(scope="module")
+def faithful_hmc(faithful):
+  from tfp_em.hmc import sample_posterior
+  fitted, x = faithful
+  return sample_posterior(fitted, x.values, num_chains=4, num_results=300, num_burnin=300,
+                          seed=1, progress=False)
+
+
+# -- InferenceData -------------------------------------------------------------
+
+def test_groups_and_dims(faithful):
+  fitted, x = faithful
+  idata = to_inference_data(fitted, x)
+  assert {"posterior", "sample_stats", "log_likelihood", "observed_data"} <= set(idata.groups())
+  restarts = fitted.fit_result_.restarts
+  length = max(len(r.log_likelihood) for r in restarts)
+  post = idata.posterior
+  assert dict(post.sizes) == {"chain": 4, "draw": length, "component": 2, "feature": 2,
+                              "feature_bis": 2}
+  assert post["covariances"].dims == ("chain", "draw", "component", "feature", "feature_bis")
+  assert list(post.coords["feature"].values) == ["eruptions", "waiting"]
+  stats = idata.sample_stats
+  np.testing.assert_array_equal(stats["n_iter"].values, [r.n_iter for r in restarts])
+  np.testing.assert_array_equal(stats["converged"].values, [r.converged for r in restarts])
+  for c, r in enumerate(restarts):
+    n = r.n_iter
+    np.testing.assert_allclose(stats["lp"].values[c, :n + 1], r.log_likelihood)
+    assert not stats["padded"].values[c, :n + 1].any() and stats["padded"].values[c, n + 1:].all()
+    # padding repeats the final value
+    final = post["weights"].values[c, n]
+    np.testing.assert_array_equal(post["weights"].values[c, n:], np.broadcast_to(final, (length - n, 2)))
+  ll = idata.log_likelihood["x"]
+  assert ll.dims == ("chain", "draw", "obs") and ll.shape == (1, 1, len(x))
+  np.testing.assert_allclose(ll.values.sum(), fitted.log_likelihood_, rtol=1e-10)
+  np.testing.assert_allclose(ll.values[0, 0], fitted.score_samples(x.values), rtol=1e-10)
+  np.testing.assert_array_equal(idata.observed_data["x"].values, x.values)
+  best = fitted.fit_result_.best_restart
+  np.testing.assert_allclose(post["means"].values[best, restarts[best].n_iter], fitted.means_)
+
+
+def test_restart_labels_are_aligned(faithful):
+  fitted, x = faithful
+  restarts = fitted.fit_result_.restarts
+  raw = [r.final_params.means[:, 0] for r in restarts]
+  assert len({tuple(np.sign(m)) for m in raw}) > 1, "fixture should have label-switched restarts"
+  idata = to_inference_data(fitted, x)
+  finals = np.stack([idata.posterior["means"].values[c, r.n_iter] for c, r in enumerate(restarts)])
+  np.testing.assert_allclose(finals, np.broadcast_to(fitted.means_, finals.shape), atol=1e-3)
+  # the whole trajectory got the same permutation: the initial point of each
+  # restart is closer to its own final than to the swapped labels.
+  for c, r in enumerate(restarts):
+    start = idata.posterior["means"].values[c, 0]
+    assert np.sum((start - fitted.means_) ** 2) < np.sum((start[::-1] - fitted.means_) ** 2)
+
+
+def test_hungarian_permutation():
+  ref = np.array([[0.0, 0.0], [5.0, 5.0], [-3.0, 4.0]])
+  perm = np.array([2, 0, 1])
+  candidate = ref[np.argsort(perm)] + 0.1
+  found = hungarian_permutation(ref, candidate)
+  np.testing.assert_allclose(candidate[found], ref + 0.1)
+
+
+def test_netcdf_round_trip(faithful, tmp_path):
+  fitted, x = faithful
+  idata = to_inference_data(fitted, x)
+  path = tmp_path / "fit.nc"
+  idata.to_netcdf(str(path))
+  back = az.from_netcdf(str(path))
+  for group in idata.groups():
+    for name, var in getattr(idata, group).data_vars.items():
+      np.testing.assert_array_equal(getattr(back, group)[name].values, var.values)
+  assert back.posterior.attrs["estimator"] == "GaussianMixture"
+  rebuilt, data = load_fitted(path)
+  assert rebuilt.covariance_type == fitted.covariance_type and rebuilt.n_init == 4
+  np.testing.assert_allclose(rebuilt.means_, fitted.means_)
+  np.testing.assert_allclose(rebuilt.score_samples(x.values), fitted.score_samples(x.values))
+  np.testing.assert_array_equal(np.asarray(data.x), x.values)
+
+
+def test_weighted_fit_keeps_weights():
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(-2, 1, (40, 1)), rng.normal(2, 1, (40, 1))])
+  w = rng.uniform(0.5, 2.0, 80)
+  fitted = GaussianMixture(2, seed=0).fit(x, sample_weight=w)
+  idata = to_inference_data(fitted, x, sample_weight=w)
+  np.testing.assert_array_equal(idata.constant_data["sample_weight"].values, w)
+  np.testing.assert_allclose((w * idata.log_likelihood["x"].values[0, 0]).sum(),
+                             fitted.log_likelihood_, rtol=1e-9)
+  rebuilt, data = load_fitted(idata)
+  np.testing.assert_array_equal(np.asarray(data.weights), w)
+
+
+def test_bad_input_raises(faithful):
+  fitted, x = faithful
+  with pytest.raises(ValueError, match="not fitted"):
+    to_inference_data(GaussianMixture(2), x)
+  with pytest.raises(ValueError, match="pass X"):
+    to_inference_data(fitted)
+  with pytest.raises(ValueError, match="features"):
+    to_inference_data(fitted, x.values[:, :1])
+  with pytest.raises(ValueError, match="adapter"):
+    to_inference_data(object(), x)
+  with pytest.raises(ValueError, match="method"):
+    standard_errors(fitted, x, method="sandwich")
+  with pytest.raises(ValueError, match="tfp_em"):
+    load_fitted(az.from_dict(posterior={"a": np.zeros((1, 3))}))
+
+
+# -- standard errors -----------------------------------------------------------
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
+def test_louis_equals_hessian(covariance_type):
+  x = old_faithful().values
+  fitted = GaussianMixture(2, covariance_type=covariance_type, seed=0, tol=1e-10).fit(x)
+  hess = standard_errors(fitted, x)
+  louis = standard_errors(fitted, x, method="louis")
+  np.testing.assert_allclose(louis.information, hess.information, rtol=1e-7,
+                             atol=1e-9 * np.abs(hess.information).max())
+  np.testing.assert_allclose(louis.se, hess.se, rtol=1e-7)
+  assert np.all(hess.se > 0) and np.all(np.isfinite(hess.se))
+  # the weights sum to one, so their SEs coincide for K=2
+  np.testing.assert_allclose(hess.se[0], hess.se[1], rtol=1e-8)
+
+
+def test_se_matches_closed_form_single_gaussian():
+  """K=1: SE(mean) = sigma / sqrt(n), SE(variance) = sigma^2 sqrt(2 / n) (MLE)."""
+  x = np.random.default_rng(3).normal(1.0, 2.0, (500, 1))
+  fitted = GaussianMixture(1, seed=0, reg_covar=0.0).fit(x)
+  se = dict(zip(standard_errors(fitted, x).labels, standard_errors(fitted, x).se))
+  var = x.var()
+  np.testing.assert_allclose(se["means[0, 0]"], np.sqrt(var / 500), rtol=1e-6)
+  np.testing.assert_allclose(se["covariances[0, 0, 0]"], var * np.sqrt(2 / 500), rtol=1e-6)
+  assert se["weights[0]"] < 1e-6
+
+
+def _bootstrap_case():
+  rng = np.random.default_rng(11)
+  x = np.concatenate([rng.normal([-2.0, 0.0], [0.7, 1.0], (120, 2)),
+                      rng.normal([2.0, 1.0], [1.0, 0.6], (180, 2))])
+  return GaussianMixture(2, covariance_type="diag", seed=0, tol=1e-8).fit(x), x
+
+
+def _check_bootstrap(n_boot, rtol):
+  fitted, x = _bootstrap_case()
+  hess = standard_errors(fitted, x)
+  boot = bootstrap_standard_errors(fitted, x, n_boot=n_boot, seed=5, progress=False)
+  ratio = boot.se / hess.se
+  assert np.all(np.abs(ratio - 1) < rtol), dict(zip(hess.labels, np.round(ratio, 3)))
+  return ratio
+
+
+def test_se_agree_with_bootstrap_quick():
+  # SD of a bootstrap SD with B draws is about 1/sqrt(2B): 10% at B=50.
+  _check_bootstrap(n_boot=50, rtol=0.35)
+
+
+@pytest.mark.slow
+def test_se_agree_with_bootstrap():
+  ratio = _check_bootstrap(n_boot=400, rtol=0.15)
+  assert abs(np.mean(ratio) - 1) < 0.06
+
+
+def test_summary_table(faithful):
+  fitted, x = faithful
+  table = summary(fitted, x)
+  se = standard_errors(fitted, x)
+  assert list(table.columns) == ["estimate", "se", "ci_2.5%", "ci_97.5%"]
+  assert list(table.index) == se.labels and "covariances[1, 0, 1]" in table.index
+  np.testing.assert_allclose(table["ci_97.5%"] - table["estimate"], 1.959964 * table["se"], rtol=1e-6)
+  assert table.loc["means[1, 0]", "estimate"] == pytest.approx(fitted.means_[1, 0])
+  narrow = summary(fitted, x, ci=0.5)
+  assert (narrow["ci_75%"] < table["ci_97.5%"]).all()
+  with pytest.raises(ValueError, match="ci"):
+    summary(fitted, x, ci=1.5)
+
+
+# -- HMC -----------------------------------------------------------------------
+
+def test_hmc_quick(faithful, faithful_hmc):
+  fitted, x = faithful
+  post = faithful_hmc.posterior
+  assert dict(post.sizes) == {"chain": 4, "draw": 300, "component": 2, "feature": 2,
+                              "feature_bis": 2}
+  rhat = az.rhat(faithful_hmc)
+  assert max(float(rhat[v].max()) for v in rhat.data_vars) < 1.02
+  assert int(faithful_hmc.sample_stats["diverging"].sum()) == 0
+  # weak priors: the posterior concentrates at the EM estimate
+  se = standard_errors(fitted, x)
+  mean = post["means"].mean(("chain", "draw")).values
+  sd = post["means"].std(("chain", "draw")).values
+  np.testing.assert_allclose(mean, fitted.means_, atol=0.5 * se.se[2:6].max())
+  np.testing.assert_allclose(sd.ravel(), se.se[2:6], rtol=0.25)
+
+
+@pytest.mark.slow
+def test_hmc_rhat_and_mode_on_demo_model(faithful):
+  from tfp_em.hmc import compare_with_em, sample_posterior
+  fitted, x = faithful
+  idata = sample_posterior(fitted, x.values, num_chains=4, num_results=1000, num_burnin=1000,
+                           seed=0, progress=False)
+  table = compare_with_em(fitted, idata, x.values)
+  assert table["r_hat"].max() < 1.01
+  assert table["ess_bulk"].min() > 400
+  assert np.abs(table["z_map"]).max() < 0.05      # the mode is the EM estimate
+  assert np.abs(table["z_mean"]).max() < 1.0      # the mean is within one SE
+  np.testing.assert_allclose(table["post_sd"], table["em_se"], rtol=0.25)
+
+
+# -- reports -------------------------------------------------------------------
+
+def _check_report(path: Path):
+  from PIL import Image
+  page = path.read_text()
+  links = re.findall(r'(?:src|href)="([^"]+)"', page)
+  assert links, "report has no figures or files"
+  for link in links:
+    assert not re.match(r"^[a-z]+:|^/", link), f"non-relative link {link}"
+    assert (path.parent / link).is_file(), f"report links a missing file {link}"
+  pngs = sorted(path.parent.glob("*.png"))
+  assert pngs
+  for png in pngs:
+    with Image.open(png) as im:
+      im.verify()
+    with Image.open(png) as im:
+      assert im.size[0] > 200 and im.size[1] > 200
+      assert np.asarray(im.convert("L")).std() > 5, f"{png.name} is blank"
+  return page
+
+
+def test_report_with_hmc_and_from_netcdf(faithful, faithful_hmc, tmp_path):
+  from tfp_em.report import write_report
+  fitted, x = faithful
+  path = write_report(fitted, x, tmp_path / "report", hmc=faithful_hmc, progress=False)
+  page = _check_report(path)
+  for name in ("loglik_traces.png", "parameter_traces.png", "mixture_ellipses.png", "ppc.png",
+               "hmc_trace.png", "hmc_rank.png", "inference_data.nc", "hmc_posterior.nc"):
+    assert f'"{name}"' in page
+  assert 'class="fail"' not in page, "a report check failed"
+  again = write_report(tmp_path / "report" / "inference_data.nc", out_dir=tmp_path / "again",
+                       hmc=False, progress=False)
+  page2 = _check_report(again)
+  assert "hmc_trace.png" not in page2 and "mixture_ellipses.png" in page2
+  # the estimates table is the same whether built from the estimator or the file
+  assert re.findall(r"-?\d+\.\d+", page.split("Estimates")[1][:3000])[:10] == \
+      re.findall(r"-?\d+\.\d+", page2.split("Estimates")[1][:3000])[:10]
