@@ -69,14 +69,13 @@ def output_logits(params: BernoulliMLPParams, z: tf.Tensor) -> tf.Tensor:
 
 
 def configuration_log_prior(logits: tf.Tensor, configs: tf.Tensor) -> tf.Tensor:
-  """log p(z = configs[k] | x_j) from hidden logits [N, m]: shape [N, K].
+  """log p(z = configs[k] | x_j) from hidden logits a [N, m]: shape [N, K].
 
-  log p(z | x) = sum_h z_h log s(a_h) + (1 - z_h) log s(-a_h), a matmul.
+  sum_h z_h log s(a_h) + (1 - z_h) log s(-a_h) = z^T a - sum_h softplus(a_h),
+  one [N, m] x [m, K] matmul.
   """
-  log_on = tf.math.log_sigmoid(logits)     # [N, m]
-  log_off = tf.math.log_sigmoid(-logits)   # [N, m]
-  return (tf.matmul(log_on, configs, transpose_b=True)
-          + tf.matmul(log_off, 1. - configs, transpose_b=True))
+  return (tf.matmul(logits, configs, transpose_b=True)
+          - tf.reduce_sum(tf.nn.softplus(logits), axis=-1, keepdims=True))
 
 
 def configuration_log_output(params: BernoulliMLPParams, configs: tf.Tensor) -> tf.Tensor:

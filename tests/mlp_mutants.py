@@ -34,7 +34,7 @@ class UnnormalizedTau(bm.BernoulliMLPEM):
   """tau_j(z) = p(z, y_j | x_j), never divided by p(y_j | x_j)."""
 
   def normalize(self, log_joint):
-    return log_joint, tf.reduce_logsumexp(log_joint, axis=-1)
+    return tf.exp(log_joint), tf.reduce_logsumexp(log_joint, axis=-1)
 
 
 class NewtonSignFlip(bm.BernoulliMLPEM):

@@ -250,6 +250,7 @@ def test_chunked_e_step_matches_unchunked():
     np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_xla_compiled_steps_match_eager():
   data = synthetic(n=30, m=3)
   model = bm.BernoulliMLPEM(3, 3, l2=0.5, memory_budget_bytes=4 * 8 * 8 * 7)
@@ -334,7 +335,7 @@ def test_restarts_are_reproducible_and_pick_the_best():
   assert a.objective_ == max(finals)
 
 
-@pytest.mark.parametrize("method", ["em", "autodiff"])
+@pytest.mark.parametrize("method", ["em", pytest.param("autodiff", marks=pytest.mark.slow)])
 def test_l2_objective_is_penalized_loglik(method):
   x, y = _blobs()
   est = _fit(x, y, n_hidden=2, max_iter=30, l2=2., method=method)

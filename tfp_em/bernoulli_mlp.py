@@ -89,8 +89,12 @@ def hidden_unit_objective(weights_t, inputs, targets, l2=0.):
   Returns:
     [..., m].
   """
-  a = tf.einsum("nd,...hd->...nh", inputs, weights_t)                  # [..., N, m]
-  fit = tf.reduce_sum(targets * a - tf.nn.softplus(a), axis=-2)        # [..., m]
+  m, p = weights_t.shape[-2], weights_t.shape[-1]
+  batch = tf.shape(weights_t)[:-2]
+  a = tf.matmul(inputs, tf.reshape(weights_t, [-1, p]), transpose_b=True)  # [N, S m]
+  a = tf.reshape(a, [tf.shape(inputs)[0], -1, m])                        # [N, S, m]
+  fit = tf.reduce_sum(targets[:, tf.newaxis, :] * a - tf.nn.softplus(a), axis=0)  # [S, m]
+  fit = tf.reshape(fit, tf.concat([batch, [m]], 0))
   return fit - 0.5 * l2 * tf.reduce_sum(tf.square(weights_t[..., 1:]), -1)
 
 
@@ -105,7 +109,8 @@ def hidden_unit_neg_hessian(weights_t, inputs, l2=0.):
   """-d^2 Q_h / d w_h^2 = X~^T diag(u (1 - u)) X~ + l2 I', shape [m, D+1, D+1]."""
   probs = tf.sigmoid(tf.matmul(inputs, weights_t, transpose_b=True))   # [N, m]
   curvature = probs * (1. - probs)                                     # [N, m]
-  hess = tf.einsum("nh,nd,ne->hde", curvature, inputs, inputs)
+  weighted = tf.transpose(curvature)[:, :, tf.newaxis] * inputs         # [m, N, D+1]
+  hess = tf.matmul(weighted, inputs, transpose_a=True)                 # [m, D+1, D+1]
   return hess + l2 * tf.linalg.diag(_penalty_mask(weights_t.shape[-1], weights_t.dtype))
 
 
@@ -123,8 +128,14 @@ def output_layer_objective(weights, configs_tilde, counts, l2=0.):
   Returns:
     [...].
   """
-  logits = tf.einsum("ka,...ac->...kc", configs_tilde, weights)        # [..., K, C]
-  fit = tf.reduce_sum(counts * tf.nn.log_softmax(logits), axis=[-2, -1])
+  num_rows, num_classes = weights.shape[-2], weights.shape[-1]
+  batch = tf.shape(weights)[:-2]
+  flat = tf.reshape(tf.transpose(tf.reshape(weights, [-1, num_rows, num_classes]), [1, 0, 2]),
+                    [num_rows, -1])                                    # [A, S C]
+  logits = tf.reshape(tf.matmul(configs_tilde, flat),
+                      [tf.shape(configs_tilde)[0], -1, num_classes])   # [K, S, C]
+  fit = tf.reduce_sum(counts[:, tf.newaxis, :] * tf.nn.log_softmax(logits), axis=[0, 2])
+  fit = tf.reshape(fit, batch)
   return fit - 0.5 * l2 * tf.reduce_sum(tf.square(weights[..., 1:, :]), axis=[-2, -1])
 
 
@@ -182,9 +193,9 @@ def damped_newton(objective, gradient, neg_hessian, theta, *,
                   direction=newton_direction, max_iter=50):
   """Maximizes B independent concave objectives by damped Newton.
 
-  Each iteration tries the step sizes 1, 1/2, ..., 2^-(NUM_HALVINGS-1) and 0
-  along the Newton direction and keeps, per problem, the best; so the
-  objective never decreases. Stops when no problem improved by more than
+  Each iteration takes the full Newton step if it increases every objective;
+  otherwise it tries the step sizes 1, 1/2, ..., 2^-(NUM_HALVINGS-1) and 0
+  and keeps, per problem, the best. So the objective never decreases. Stops when no problem improved by more than
   100 eps (|f| + 1), or after `max_iter` iterations.
 
   Args:
@@ -203,13 +214,20 @@ def damped_newton(objective, gradient, neg_hessian, theta, *,
   steps = tf.constant(np.append(0.5 ** np.arange(NUM_HALVINGS), 0.), dtype)  # [S]
   f0 = objective(theta[tf.newaxis])[0]                                 # [B]
 
-  def body(i, theta, f, _):
-    d = direction(gradient(theta), neg_hessian(theta))                 # [B, P]
+  def line_search(theta, d):
     candidates = theta + steps[:, tf.newaxis, tf.newaxis] * d          # [S, B, P]
     values = objective(candidates)                                     # [S, B]
     best = tf.argmax(values, axis=0, output_type=tf.int32)             # [B]
-    new_theta = tf.gather(tf.transpose(candidates, [1, 0, 2]), best, batch_dims=1)
-    new_f = tf.reduce_max(values, axis=0)
+    return (tf.gather(tf.transpose(candidates, [1, 0, 2]), best, batch_dims=1),
+            tf.reduce_max(values, axis=0))
+
+  def body(i, theta, f, _):
+    d = direction(gradient(theta), neg_hessian(theta))                 # [B, P]
+    full = objective((theta + d)[tf.newaxis])[0]                       # [B]
+    # The full step is kept when it helps every problem; else search.
+    new_theta, new_f = tf.cond(tf.reduce_all(full > f),
+                               lambda: (theta + d, full),
+                               lambda: line_search(theta, d))
     still = tf.reduce_any(new_f - f > rtol * (tf.abs(f) + 1.))
     return i + 1, new_theta, new_f, still
 
@@ -277,20 +295,25 @@ class BernoulliMLPEM:
   # -- E-step ---------------------------------------------------------------
 
   def log_joint(self, params, inputs, labels_onehot, configs):
-    """log p(z = configs[k], y_j | x_j) for a chunk, [n, K]."""
-    log_prior = mlp.configuration_log_prior(
-        tf.matmul(inputs, params.hidden_weights), configs)              # [n, K]
+    """log p(z = configs[k], y_j | x_j) for a chunk, [n, K], one matmul:
+
+    [a_j, y_j] [configs, log p(y | z)]^T - sum_h softplus(a_jh).
+    """
+    logits = tf.matmul(inputs, params.hidden_weights)                  # [n, m]
     log_out = mlp.configuration_log_output(params, configs)            # [K, C]
-    return log_prior + tf.matmul(labels_onehot, log_out, transpose_b=True)
+    return (tf.matmul(tf.concat([logits, labels_onehot], -1),
+                      tf.concat([configs, log_out], -1), transpose_b=True)
+            - tf.reduce_sum(tf.nn.softplus(logits), -1, keepdims=True))
 
   def normalize(self, log_joint):
-    """(log tau [n, K], loglik [n]) from the log joint over configurations."""
-    loglik = tf.reduce_logsumexp(log_joint, axis=-1)
-    return log_joint - loglik[:, tf.newaxis], loglik
+    """(tau [n, K], loglik [n]) from the log joint over configurations."""
+    peak = tf.stop_gradient(tf.reduce_max(log_joint, axis=-1, keepdims=True))
+    unnormalized = tf.exp(log_joint - peak)
+    total = tf.reduce_sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / total, (peak + tf.math.log(total))[:, 0]
 
   def _chunk_stats(self, params, inputs, labels_onehot, configs):
-    log_tau, loglik = self.normalize(self.log_joint(params, inputs, labels_onehot, configs))
-    tau = tf.exp(log_tau)                                              # [n, K]
+    tau, loglik = self.normalize(self.log_joint(params, inputs, labels_onehot, configs))
     return (tf.matmul(tau, labels_onehot, transpose_a=True),           # [K, C]
             tf.matmul(tau, configs),                                   # [n, m]
             loglik)
@@ -336,9 +359,8 @@ class BernoulliMLPEM:
     x, y = data
     dtype = params.hidden_weights.dtype
     configs = self.configurations(dtype)
-    log_tau, loglik = self.normalize(self.log_joint(
+    tau, loglik = self.normalize(self.log_joint(
         params, mlp.add_bias(x), tf.one_hot(y, self.num_classes, dtype=dtype), configs))
-    tau = tf.exp(log_tau)
     return {"tau": tau, "hidden_marginals": tf.matmul(tau, configs), "loglik": loglik}
 
   def joint_distribution(self, params, data):
