@@ -55,7 +55,9 @@ class Adapter:
   """
   fitted_attribute = "params_"
   params_type = None
+  hmc_fixed = ()
   observed_names = ("x",)
+  pointwise_dim = "obs"
   latent_states = False
 
   def model(self, fitted):
@@ -64,8 +66,16 @@ class Adapter:
   def params(self, fitted):
     return fitted.params_
 
-  def data(self, fitted, X, y=None, sample_weight=None):
+  def data(self, fitted, X, y=None, **kwargs):
     raise NotImplementedError
+
+  def param_specs(self, fitted):
+    """NamedTuple of ParamSpec parallel to the params."""
+    return self.model(fitted).param_specs
+
+  def gauge_dimension(self, fitted) -> int:
+    """Number of directions along which the likelihood is exactly flat."""
+    return 0
 
   def training_data(self, fitted):
     """The data the estimator kept from `fit`, or None."""
@@ -76,7 +86,7 @@ class Adapter:
     raise NotImplementedError
 
   def pointwise_log_likelihood(self, fitted, params, data):
-    """log p(obs_n | params), shape [N]."""
+    """log p(obs_n | params), shape [N] (along `pointwise_dim`)."""
     raise NotImplementedError
 
   def dims(self, fitted) -> dict:
@@ -97,8 +107,9 @@ class Adapter:
     params = type(params)(*[np.asarray(p) for p in params])
     return params if perm is None else self.permute(fitted, params, perm)
 
-  def posterior_predictive(self, fitted, params, num_points, num_draws, seed):
-    """{observed name: [num_draws, num_points, ...]} drawn from the model."""
+  def posterior_predictive(self, fitted, params, data, num_draws, seed):
+    """{observed name: [num_draws, N, ...]} drawn from the model at `params`
+    (with the designs/covariates of `data`)."""
     raise NotImplementedError
 
   def simulate(self, fitted, params, data, seed: int):
@@ -108,6 +119,10 @@ class Adapter:
   def default_priors(self, fitted, data):
     """{field: tfd.Distribution} weak proper priors on the constrained params."""
     raise NotImplementedError
+
+  def figures(self, fitted, data, feature_names=None):
+    """Model-specific figures: list of (Figure, file name, caption)."""
+    return []
 
   def config(self, fitted) -> str:
     """JSON of what `rebuild` needs (constructor arguments)."""
@@ -183,15 +198,16 @@ class GaussianMixtureAdapter(Adapter):
         weights=np.take(w, perm, axis), means=np.take(m, perm, axis),
         covariances=c if fitted.covariance_type == "tied" else np.take(c, perm, axis))
 
-  def posterior_predictive(self, fitted, params, num_points, num_draws, seed):
+  def posterior_predictive(self, fitted, params, data, num_draws, seed, num_points=None):
     marginal = gm.marginal(params, fitted.covariance_type)
+    num_points = int(data.x.shape[0]) if num_points is None else num_points
     x = marginal.sample([num_draws, num_points], seed=tf.constant([int(seed) % 2**31, 7], tf.int32))
     return {"x": x.numpy()}
 
   def simulate(self, fitted, params, data, seed):
     """Unit-weight points, as many as the total weight of `data`."""
     n = int(round(float(tf.reduce_sum(data.weights))))
-    x = self.posterior_predictive(fitted, params, n, 1, seed)["x"][0]
+    x = self.posterior_predictive(fitted, params, data, 1, seed, num_points=n)["x"][0]
     return type(data)(tf.constant(x), tf.ones([n], x.dtype))
 
   def default_priors(self, fitted, data):
@@ -224,8 +240,127 @@ class GaussianMixtureAdapter(Adapter):
       priors["covariances"] = tfd.Independent(tfd.Exponential(rate), len(shape))
     return priors
 
+  def figures(self, fitted, data, feature_names=None):
+    from tfp_em import plots
+    return [(plots.mixture_ellipses(fitted, data, feature_names=feature_names),
+             "mixture_ellipses.png", "Data coloured by most probable component; 1- and 2-sd "
+             "ellipses of each component (first two features).")]
+
   def rebuild(self, config, params, n_features):
     from tfp_em.mixture import GaussianMixture
     est = GaussianMixture(**json.loads(config))
     est._set_fitted(type(params)(*[tf.constant(p) for p in params]), n_features)
     return est
+
+
+@register("MixedEffectsRegressor")
+class MixedEffectsAdapter(Adapter):
+  """Adapter for `tfp_em.mixed_effects.MixedEffectsRegressor`.
+
+  Data: X, y plus `clusters` (and `time` / `Z` as in `fit`). For a network f,
+  the model sees f(x) as a single fixed-effects column with beta = 1 held
+  fixed, so the variance components are what the diagnostics estimate.
+  HMC holds beta at its EM estimate (`hmc_fixed`): the variance components
+  with f fixed. The log-likelihood does not factor over points, so
+  `log_likelihood` is per cluster.
+  """
+  fitted_attribute = "fit_result_"
+  observed_names = ("y",)
+  pointwise_dim = "cluster"
+  hmc_fixed = ("beta",)
+
+  @property
+  def params_type(self):
+    from models.mixed_effects import MixedEffectsParams
+    return MixedEffectsParams
+
+  def model(self, fitted):
+    from tfp_em.mixed_effects_em import MixedEffectsEM
+    return MixedEffectsEM(fitted.covariance, compile="graph")
+
+  def params(self, fitted):
+    p = fitted.params_
+    if fitted.network_ is not None:
+      p = p._replace(beta=tf.ones([1], p.noise_variance.dtype))
+    return p
+
+  def param_specs(self, fitted):
+    specs = self.model(fitted).param_specs
+    if fitted.network_ is not None:
+      specs = specs._replace(beta=specs.beta._replace(trainable=False))
+    return specs
+
+  def data(self, fitted, X, y=None, clusters=None, time=None, Z=None):
+    if y is None or clusters is None:
+      raise ValueError("MixedEffectsRegressor diagnostics need X, y and clusters "
+                       "(and time / Z as passed to fit)")
+    dtype = fitted.dtype_
+    X, y = fitted._check_xy(X, y, dtype)
+    v.check_n_features(X, fitted.n_features_in_)
+    n = X.shape[0]
+    codes = fitted._codes_with_new(clusters, n, "clusters")
+    if codes.max() >= len(fitted.cluster_labels_):
+      raise ValueError("clusters contains labels not seen in fit; diagnostics need the "
+                       "training data")
+    z = fitted._design(n, time, Z, dtype)
+    if fitted.network_ is None:
+      x = fitted._fixed_design(X)
+    else:
+      f, hidden = fitted.network_(tf.constant(X))
+      z = np.asarray(fitted.network_.design(hidden, z), dtype)
+      x = np.asarray(f, dtype)[:, None]
+    return fitted._data(x, y, z, codes, len(fitted.cluster_labels_))
+
+  def observed(self, data):
+    return {"y": np.asarray(data.y)}
+
+  def pointwise_log_likelihood(self, fitted, params, data):
+    from models import mixed_effects as me
+    return me.marginal_log_prob_per_cluster(params, data, fitted.covariance)
+
+  def dims(self, fitted):
+    cov = ("effect", "effect_bis") if fitted.covariance == "full" else ("effect",)
+    return {"beta": ("coef",), "covariance": cov, "noise_variance": ()}
+
+  def posterior_predictive(self, fitted, params, data, num_draws, seed):
+    from models import mixed_effects as me
+    joint = me.joint_distribution(params, data, fitted.covariance)
+    # the model's gather takes one draw at a time
+    draws = [joint.sample(seed=tf.constant([int(seed) % 2**31, i], tf.int32))["y"].numpy()
+             for i in range(num_draws)]
+    return {"y": np.stack(draws)}
+
+  def simulate(self, fitted, params, data, seed):
+    y = self.posterior_predictive(fitted, params, data, 1, seed)["y"][0]
+    return data._replace(y=tf.constant(y, data.y.dtype))
+
+  def default_priors(self, fitted, data):
+    """Nearly flat: Sigma_u ~ Wishart(q+1, 100 var(y) I) ('diag': Exponential
+    with mean 200 var(y)); sigma^2 ~ Exponential(mean 200 var(y)); beta ~
+    N(0, (100 sd(y))^2)."""
+    y = np.asarray(data.y)
+    dtype = y.dtype
+    var = float(np.var(y)) + np.finfo(dtype).eps
+    q = int(data.z.shape[1])
+    rate = tf.constant(1.0 / (200 * var), dtype)
+    if fitted.covariance == "full":
+      cov = tfd.WishartTriL(df=tf.constant(q + 1.0, dtype),
+                            scale_tril=tf.constant(np.sqrt(100 * var) * np.eye(q), dtype),
+                            input_output_cholesky=False)
+    else:
+      cov = tfd.Independent(tfd.Exponential(tf.fill([q], rate)), 1)
+    p = int(data.x.shape[1])
+    return {"beta": tfd.Independent(tfd.Normal(tf.zeros([p], dtype),
+                                               tf.constant(100 * np.sqrt(var), dtype)), 1),
+            "covariance": cov, "noise_variance": tfd.Exponential(rate)}
+
+  def figures(self, fitted, data, feature_names=None):
+    from tfp_em import plots
+    return [(plots.caterpillar(fitted), "caterpillar.png",
+             "Caterpillar plot: posterior mean and 95% interval of each cluster's random "
+             "effects, sorted.")]
+
+  def rebuild(self, config, params, n_features):
+    raise ValueError("rebuilding a MixedEffectsRegressor from netCDF is not supported "
+                     "(the designs and network are not stored); write the report from the "
+                     "fitted estimator")

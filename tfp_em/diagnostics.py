@@ -15,7 +15,8 @@ Groups of the returned `az.InferenceData` (dims after chain/draw in brackets):
                     converged [chain], n_iter [chain], seed [chain],
                     stop_reason [chain], seconds [chain]
     log_likelihood  pointwise log p(obs_n | theta_hat) at the returned params,
-                    one variable per observed variable, [chain=1, draw=1, obs]
+                    under the first observed name, [chain=1, draw=1, obs]
+                    (mixed effects: per cluster, [chain, draw, cluster])
     observed_data   the data, e.g. x [obs, feature]
     constant_data   sample_weight [obs] (only when the fit was weighted)
 
@@ -29,6 +30,7 @@ draws (`tfp_em.hmc.sample_posterior`) it is the real diagnostic.
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 import xarray as xr
 
 import arviz as az
@@ -37,17 +39,19 @@ from tfp_em import validation as v
 from tfp_em.adapters import get_adapter
 
 
-def resolve_data(fitted, X=None, y=None, sample_weight=None):
+def resolve_data(fitted, X=None, y=None, **data_kwargs):
   """The model's data tuple from X (and y), or the data the fit kept.
 
-  X may also be the model's data NamedTuple itself (passed through).
+  X may also be the model's data tuple itself (passed through).
+  `data_kwargs` go to the adapter (e.g. sample_weight for mixtures;
+  clusters, time, Z for mixed effects).
   """
   adapter = get_adapter(fitted)
   v.check_is_fitted(fitted, adapter.fitted_attribute)
-  if isinstance(X, tuple) and hasattr(X, "_fields"):
+  if isinstance(X, tuple) and all(tf.is_tensor(t) for t in X):
     return X
   if X is not None:
-    return adapter.data(fitted, X, y, sample_weight)
+    return adapter.data(fitted, X, y, **data_kwargs)
   data = adapter.training_data(fitted)
   if data is None:
     raise ValueError(f"{type(fitted).__name__} does not keep its training data: pass X "
@@ -81,15 +85,16 @@ def _pad(rows, length):
   return np.stack(rows)
 
 
-def to_inference_data(fitted, X=None, y=None, *, sample_weight=None,
-                      feature_names=None) -> az.InferenceData:
+def to_inference_data(fitted, X=None, y=None, *, feature_names=None,
+                      **data_kwargs) -> az.InferenceData:
   """Exports a fitted estimator (and its data) to ArviZ; see the module docstring.
 
   Args:
     fitted: a fitted estimator with a registered adapter (e.g.
       `tfp_em.GaussianMixture`).
     X, y: the training data; optional when the estimator kept it.
-    sample_weight: the weights used in `fit` (default None: unweighted).
+    data_kwargs: further data the estimator's `fit` took, e.g. sample_weight
+      (mixtures) or clusters, time, Z (mixed effects).
     feature_names: labels of the `feature` coordinate (default 0..D-1; a
       pandas DataFrame X gives its column names).
 
@@ -100,7 +105,7 @@ def to_inference_data(fitted, X=None, y=None, *, sample_weight=None,
   adapter = get_adapter(fitted)
   if feature_names is None and hasattr(X, "columns"):
     feature_names = [str(c) for c in X.columns]
-  data = resolve_data(fitted, X, y, sample_weight)
+  data = resolve_data(fitted, X, y, **data_kwargs)
   result = fitted.fit_result_
   trajectories = aligned_restarts(fitted)
   length = max(len(t.log_likelihood) for t in result.restarts)
@@ -154,8 +159,8 @@ def to_inference_data(fitted, X=None, y=None, *, sample_weight=None,
   pointwise = np.asarray(adapter.pointwise_log_likelihood(fitted, params, data), np.float64)
   first = adapter.observed_names[0]
   groups["log_likelihood"] = xr.Dataset(
-      {first: (("chain", "draw", "obs"), pointwise[None, None])},
-      coords={"chain": [0], "draw": [0], "obs": np.arange(pointwise.shape[0])})
+      {first: (("chain", "draw", adapter.pointwise_dim), pointwise[None, None])},
+      coords={"chain": [0], "draw": [0], adapter.pointwise_dim: np.arange(pointwise.shape[0])})
   weights = np.asarray(getattr(data, "weights", np.ones(pointwise.shape[0])))
   if not np.all(weights == 1):
     groups["constant_data"] = xr.Dataset({"sample_weight": (("obs",), weights)},

@@ -72,8 +72,8 @@ def log_posterior_fn(model, params_template, specs, priors, data):
 def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4,
                      num_results: int = 1000, num_burnin: int = 1000, seed: int = 0,
                      target_accept: float = 0.8, max_tree_depth: int = 10,
-                     init_jitter: float = 0.05, jit_compile: bool = True,
-                     progress: bool | None = None) -> az.InferenceData:
+                     init_jitter: float = 0.05, jit_compile: bool = True, fixed=None,
+                     progress: bool | None = None, **data_kwargs) -> az.InferenceData:
   """Runs NUTS on the marginalized model of a fitted estimator.
 
   Args:
@@ -92,6 +92,9 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
     init_jitter: standard deviation of the unconstrained jitter added to the
       EM estimate to start each chain (default 0.05).
     jit_compile: compile with XLA (default True).
+    fixed: names of params held at the EM estimate (default the adapter's
+      `hmc_fixed`, e.g. the fixed effects of a mixed model).
+    data_kwargs: further data `fit` took (sample_weight; clusters, time, Z).
     progress: progress bar; None means on, except under pytest.
 
   Returns:
@@ -107,9 +110,9 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
   if target_accept >= 1:
     raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
   adapter = get_adapter(fitted)
-  data = _as_float64(resolve_data(fitted, X, y))
+  data = _as_float64(resolve_data(fitted, X, y, **data_kwargs))
   model = adapter.model(fitted)
-  specs = model.param_specs
+  specs = fixed_specs(adapter, fitted, fixed)
   flat = Flattener(adapter.params(fitted), specs)
   priors = adapter.default_priors(fitted, data) if priors is None else dict(priors)
   fields = flat.fields
@@ -216,8 +219,19 @@ def _to_idata(adapter, fitted, flat, names, draws, stats, data, seconds, chunk):
                           observed_data=observed_data)
 
 
-def posterior_mode(fitted, X=None, y=None, *, priors=None, start=None,
-                   max_iterations: int = 500):
+def fixed_specs(adapter, fitted, fixed=None):
+  """The adapter's param specs with the `fixed` fields made non-trainable."""
+  specs = adapter.param_specs(fitted)
+  fixed = adapter.hmc_fixed if fixed is None else tuple(fixed)
+  unknown = [f for f in fixed if f not in specs._fields]
+  if unknown:
+    raise ValueError(f"fixed names unknown params {unknown}; params are {specs._fields}")
+  return type(specs)(*[s._replace(trainable=False) if n in fixed else s
+                       for n, s in zip(specs._fields, specs)])
+
+
+def posterior_mode(fitted, X=None, y=None, *, priors=None, start=None, fixed=None,
+                   max_iterations: int = 500, **data_kwargs):
   """MAP estimate (theta parametrization) by L-BFGS in unconstrained space.
 
   Args:
@@ -228,12 +242,13 @@ def posterior_mode(fitted, X=None, y=None, *, priors=None, start=None,
     (params NamedTuple of numpy arrays, log posterior at them).
   """
   adapter = get_adapter(fitted)
-  data = _as_float64(resolve_data(fitted, X, y))
+  data = _as_float64(resolve_data(fitted, X, y, **data_kwargs))
   model = adapter.model(fitted)
-  flat = Flattener(adapter.params(fitted), model.param_specs)
+  specs = fixed_specs(adapter, fitted, fixed)
+  flat = Flattener(adapter.params(fitted), specs)
   priors = adapter.default_priors(fitted, data) if priors is None else dict(priors)
-  target = log_posterior_fn(model, flat.template, model.param_specs, priors, data)
-  start_u = flat.u_hat if start is None else Flattener(start, model.param_specs).u_hat
+  target = log_posterior_fn(model, flat.template, specs, priors, data)
+  start_u = flat.u_hat if start is None else Flattener(start, specs).u_hat
 
   @tf.function
   def loss_and_grad(u):
@@ -246,22 +261,27 @@ def posterior_mode(fitted, X=None, y=None, *, priors=None, start=None,
   return type(params)(*[p.numpy() for p in params]), -float(result.objective_value)
 
 
-def compare_with_em(fitted, hmc_idata, X=None, y=None, *, priors=None) -> pd.DataFrame:
+def compare_with_em(fitted, hmc_idata, X=None, y=None, *, priors=None, fixed=None,
+                    **data_kwargs) -> pd.DataFrame:
   """EM estimate and SE beside the NUTS posterior (az.summary) and the MAP.
 
   Columns: em_estimate, em_se (observed information), post_mean, post_sd,
   map (L-BFGS from the posterior mean), r_hat, ess_bulk, ess_tail,
   z_mean = (post_mean - em_estimate) / em_se and z_map likewise.
   """
-  se = standard_errors(fitted, X, y)
-  table = az.summary(hmc_idata, kind="all", round_to="none").reindex(se.labels)
   adapter = get_adapter(fitted)
+  data = resolve_data(fitted, X, y, **data_kwargs)
+  specs = fixed_specs(adapter, fitted, fixed)
+  se = standard_errors(fitted, data)
+  keep = [i for i, label in enumerate(se.labels) if label.split("[")[0] in hmc_idata.posterior]
+  se = se._replace(labels=[se.labels[i] for i in keep], estimate=se.estimate[keep],
+                   se=se.se[keep])
+  table = az.summary(hmc_idata, kind="all", round_to="none").reindex(se.labels)
   estimate = adapter.params(fitted)
-  specs = adapter.model(fitted).param_specs
   mean_params = type(estimate)(*[
       hmc_idata.posterior[n].mean(("chain", "draw")).values if n in hmc_idata.posterior
       else np.asarray(p) for n, p in zip(estimate._fields, estimate)])
-  mode, _ = posterior_mode(fitted, X, y, priors=priors, start=mean_params)
+  mode, _ = posterior_mode(fitted, data, priors=priors, start=mean_params, fixed=fixed)
   flat_mode = Flattener(mode, specs).constrained(
       type(mode)(*[tf.constant(p, tf.float64) for p in mode])).numpy()
   out = pd.DataFrame({

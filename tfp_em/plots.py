@@ -129,17 +129,14 @@ def mixture_ellipses(fitted, data, features=(0, 1), feature_names=None) -> Figur
   return fig
 
 
-def add_posterior_predictive(em_idata, fitted, num_draws: int = 100, seed: int = 0):
+def add_posterior_predictive(em_idata, fitted, data, num_draws: int = 100, seed: int = 0):
   """Adds a posterior_predictive group: `num_draws` data sets from the fitted model.
 
   Draws come from the fitted JointDistribution at theta_hat (chain=1), each
   with as many points as observed_data.
   """
   adapter = get_adapter(fitted)
-  first = adapter.observed_names[0]
-  observed = em_idata.observed_data[first]
-  draws = adapter.posterior_predictive(fitted, adapter.params(fitted), observed.sizes["obs"],
-                                       num_draws, seed)
+  draws = adapter.posterior_predictive(fitted, adapter.params(fitted), data, num_draws, seed)
   group = xr.Dataset(
       {n: (("chain", "draw") + em_idata.observed_data[n].dims, np.asarray(a)[None])
        for n, a in draws.items()},
@@ -197,4 +194,32 @@ def hmc_rank(hmc_idata, max_panels: int = 16) -> Figure:
     ax.set_title(f"{name}[{', '.join(map(str, idx))}]" if idx else name, fontsize=9)
   for ax in axes[len(flat):]:
     ax.set_visible(False)
+  return fig
+
+
+def caterpillar(fitted, level: float = 0.95, max_clusters: int = 60) -> Figure:
+  """Random effects E[u_i | y] per cluster with `level` posterior intervals.
+
+  One panel per random-effect column, clusters sorted by their mean; at most
+  `max_clusters` (evenly spaced in that order) are drawn.
+  """
+  from scipy.stats import norm
+  mean = np.asarray(fitted.random_effects_mean_)                        # [G, q]
+  sd = np.sqrt(np.diagonal(np.asarray(fitted.random_effects_covariance_), axis1=1, axis2=2))
+  labels = np.asarray(fitted.cluster_labels_).astype(str)
+  g, q = mean.shape
+  half = norm.ppf(0.5 + level / 2) * sd
+  names = ["intercept"] + [f"effect {j}" for j in range(1, q)]
+  fig = Figure(figsize=(4.2 * q, 1.4 + 0.18 * min(g, max_clusters)), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, q))
+  for j, ax in enumerate(axes):
+    order = np.argsort(mean[:, j])
+    if g > max_clusters:
+      order = order[np.linspace(0, g - 1, max_clusters).astype(int)]
+    pos = np.arange(len(order))
+    ax.errorbar(mean[order, j], pos, xerr=half[order, j], fmt="o", ms=3, color="C0",
+                ecolor="0.5", elinewidth=1)
+    ax.axvline(0.0, color="k", lw=0.8, ls="--")
+    ax.set_yticks(pos, labels[order] if len(order) <= 40 else [""] * len(order), fontsize=7)
+    ax.set(xlabel=f"u[{names[j]}]", title=f"Random effects: {names[j]} ({level:.0%} intervals)")
   return fig

@@ -60,7 +60,9 @@ def em_checks(fitted, em_idata, data) -> list[tuple[str, str, bool]]:
   """(check, measured value, passed) for the EM fit."""
   lp = em_idata.sample_stats["lp"].values
   n_iter = em_idata.sample_stats["n_iter"].values
-  n_obs = float(np.sum(getattr(data, "weights", np.ones(1))))
+  adapter = get_adapter(fitted)
+  model = adapter.model(fitted)
+  n_obs = float(model.num_observations(data))
   drops = [float(-np.min(np.diff(lp[c, :n + 1]))) if n > 0 else 0.0
            for c, n in enumerate(n_iter)]
   slack = 1e-9 * (np.max(np.abs(lp)) + n_obs)
@@ -71,9 +73,7 @@ def em_checks(fitted, em_idata, data) -> list[tuple[str, str, bool]]:
   at_best = np.abs(final - best) <= 1e-6 * n_obs
   out.append(("restarts reaching the best log-likelihood (within 1e-6 per point)",
               f"{int(at_best.sum())} of {len(final)}", bool(at_best.sum() >= min(2, len(final)))))
-  adapter = get_adapter(fitted)
-  model = adapter.model(fitted)
-  flat = Flattener(adapter.params(fitted), model.param_specs)
+  flat = Flattener(adapter.params(fitted), adapter.param_specs(fitted))
   u = tf.Variable(flat.u_hat)
   d64 = _as_float64(data)
   with tf.GradientTape() as tape:
@@ -86,7 +86,8 @@ def em_checks(fitted, em_idata, data) -> list[tuple[str, str, bool]]:
 
 def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
                  hmc_kwargs: dict | None = None, n_boot: int = 0, feature_names=None,
-                 title: str | None = None, progress: bool | None = None) -> Path:
+                 title: str | None = None, progress: bool | None = None,
+                 **data_kwargs) -> Path:
   """Writes the HTML report; returns the path of `index.html`.
 
   Args:
@@ -103,6 +104,7 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
     feature_names: names for the plot axes (default from the data's coords).
     title: page title (default '<estimator> diagnostic report').
     progress: progress bars; None means on, except under pytest.
+    data_kwargs: further data `fit` took (sample_weight; clusters, time, Z).
   """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,14 +114,15 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
     fitted, data = load_fitted(em_idata)
   else:
     fitted = source
-    data = resolve_data(fitted, X, y)
-    em_idata = to_inference_data(fitted, data if X is None else X, y,
-                                 feature_names=feature_names)
+    data = resolve_data(fitted, X, y, **data_kwargs)
+    if feature_names is None and hasattr(X, "columns"):
+      feature_names = [str(c) for c in X.columns]
+    em_idata = to_inference_data(fitted, data, feature_names=feature_names)
   if feature_names is None and "feature" in em_idata.posterior.coords:
     feature_names = [str(f) for f in em_idata.posterior.coords["feature"].values]
   adapter = get_adapter(fitted)
   name = type(fitted).__name__
-  plots.add_posterior_predictive(em_idata, fitted, num_draws=100)
+  plots.add_posterior_predictive(em_idata, fitted, data, num_draws=100)
 
   parts = [f"<h1>{html.escape(title or name + ' diagnostic report')}</h1>"]
   attrs = em_idata.posterior.attrs
@@ -179,10 +182,8 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
   parts.append(_figure(plots.parameter_traces(em_idata), out_dir, "parameter_traces.png",
                        "Parameter trajectories (labels aligned to the best restart)."))
   parts.append("<h2>Fit</h2>")
-  if hasattr(fitted, "covariance_type"):
-    parts.append(_figure(plots.mixture_ellipses(fitted, data, feature_names=feature_names),
-                         out_dir, "mixture_ellipses.png",
-                         "Data coloured by most probable component; 1- and 2-sd ellipses."))
+  for fig, file_name, caption in adapter.figures(fitted, data, feature_names=feature_names):
+    parts.append(_figure(fig, out_dir, file_name, caption))
   parts.append(_figure(plots.posterior_predictive(em_idata), out_dir, "ppc.png",
                        "Posterior predictive check: 100 data sets drawn from the fitted "
                        "JointDistribution (blue) against the data (black)."))

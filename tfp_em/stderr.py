@@ -74,8 +74,8 @@ class Flattener:
     out = []
     for i in self.fields:
       name, shape = self.template._fields[i], self.template[i].shape
-      out += [f"{name}[{', '.join(map(str, idx))}]" if shape else name
-              for idx in np.ndindex(*shape)]
+      out += ([f"{name}[{', '.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
+              if len(shape) else [name])
     return out
 
   def jacobian(self):
@@ -146,18 +146,19 @@ class StandardErrors(NamedTuple):
   method: str
 
 
-def standard_errors(fitted, X=None, y=None, *, sample_weight=None,
-                    method: str = "hessian") -> StandardErrors:
+def standard_errors(fitted, X=None, y=None, *, method: str = "hessian",
+                    **data_kwargs) -> StandardErrors:
   """Standard errors of a fitted estimator's params (see the module docstring).
 
   Args:
     fitted: a fitted estimator with a registered adapter.
-    X, y, sample_weight: the training data (optional if the fit kept it).
+    X, y: the training data (optional if the fit kept it).
     method: 'hessian' (default) or 'louis'.
+    data_kwargs: further data `fit` took (sample_weight; clusters, time, Z).
   """
   v.check_option("method", method, METHODS)
   with _quiet_retracing():
-    return _standard_errors(fitted, X, y, sample_weight, method)
+    return _standard_errors(fitted, resolve_data(fitted, X, y, **data_kwargs), method)
 
 
 @contextlib.contextmanager
@@ -173,11 +174,11 @@ def _quiet_retracing():
     logger.setLevel(level)
 
 
-def _standard_errors(fitted, X, y, sample_weight, method):
+def _standard_errors(fitted, data, method):
   adapter = get_adapter(fitted)
-  data = _as_float64(resolve_data(fitted, X, y, sample_weight))
+  data = _as_float64(data)
   model = adapter.model(fitted)
-  flat = Flattener(adapter.params(fitted), model.param_specs)
+  flat = Flattener(adapter.params(fitted), adapter.param_specs(fitted))
   if method == "hessian":
     info = hessian_information(model, flat, data)
   else:
@@ -187,7 +188,7 @@ def _standard_errors(fitted, X, y, sample_weight, method):
     table_fn = lambda p, d: adapter.complete_log_prob_table(fitted, p, d)  # noqa: E731
     info = louis_information(table_fn, flat, data)
   info = info.numpy()
-  cov_u = _inverse_information(info, type(fitted).__name__)
+  cov_u = _inverse_information(info, type(fitted).__name__, adapter.gauge_dimension(fitted))
   jac = flat.jacobian().numpy()
   cov = jac @ cov_u @ jac.T
   estimate = flat.constrained(flat.template).numpy()
@@ -195,9 +196,15 @@ def _standard_errors(fitted, X, y, sample_weight, method):
                         cov, info, method)
 
 
-def _inverse_information(info, name):
+def _inverse_information(info, name, gauge: int = 0):
+  """Inverse, or pseudo-inverse when the model has `gauge` flat directions
+  (e.g. softmax weights shifted across classes): then the SEs are those of the
+  parametrization orthogonal to them (centred weights)."""
   info = 0.5 * (info + info.T)
   eigenvalues = np.linalg.eigvalsh(info)
+  tiny = 1e-8 * max(abs(eigenvalues[-1]), 1.0)
+  if gauge and np.sum(np.abs(eigenvalues) <= tiny) <= gauge and eigenvalues[gauge] > tiny:
+    return np.linalg.pinv(info, rcond=1e-8, hermitian=True)
   if eigenvalues[0] <= 1e-10 * max(abs(eigenvalues[-1]), 1.0):
     warnings.warn(f"{name}: the observed information is not positive definite (smallest "
                   f"eigenvalue {eigenvalues[0]:.3g}); the fit is not at a strict local maximum "
@@ -219,9 +226,9 @@ class _CompiledOnce:
     return getattr(self._model, name)
 
 
-def bootstrap_standard_errors(fitted, X=None, y=None, *, sample_weight=None,
-                              n_boot: int = 100, seed: int = 0, max_iter: int = 500,
-                              progress: bool | None = None) -> StandardErrors:
+def bootstrap_standard_errors(fitted, X=None, y=None, *, n_boot: int = 100, seed: int = 0,
+                              max_iter: int = 500, progress: bool | None = None,
+                              **data_kwargs) -> StandardErrors:
   """Parametric-bootstrap standard errors.
 
   Each replicate simulates a data set of the same size from theta_hat,
@@ -238,11 +245,11 @@ def bootstrap_standard_errors(fitted, X=None, y=None, *, sample_weight=None,
   n_boot = v.check_int("n_boot", n_boot, minimum=2)
   seed = v.check_seed(seed)
   adapter = get_adapter(fitted)
-  data = resolve_data(fitted, X, y, sample_weight)
+  data = resolve_data(fitted, X, y, **data_kwargs)
   model = _CompiledOnce(adapter.model(fitted))
   params = adapter.params(fitted)
   numpy_params = type(params)(*[np.asarray(p) for p in params])
-  flat = Flattener(params, model.param_specs)
+  flat = Flattener(params, adapter.param_specs(fitted))
   rng = np.random.SeedSequence(seed).spawn(n_boot)
   draws = []
   iterator = range(n_boot)
@@ -263,8 +270,8 @@ def bootstrap_standard_errors(fitted, X=None, y=None, *, sample_weight=None,
                         np.sqrt(np.diag(cov)), cov, None, "bootstrap")
 
 
-def summary(fitted, X=None, y=None, *, sample_weight=None, method: str = "hessian",
-            ci: float = 0.95, round_to: int | None = None) -> pd.DataFrame:
+def summary(fitted, X=None, y=None, *, method: str = "hessian", ci: float = 0.95,
+            round_to: int | None = None, **data_kwargs) -> pd.DataFrame:
   """Table of estimate, standard error and Wald interval, in az.summary style.
 
   Rows are named like `az.summary` ('weights[0]', 'means[1, 0]', ...).
@@ -272,8 +279,8 @@ def summary(fitted, X=None, y=None, *, sample_weight=None, method: str = "hessia
   the default ci=0.95).
 
   Args:
-    fitted: a fitted estimator; X, y, sample_weight: its training data
-      (optional when the fit kept it).
+    fitted: a fitted estimator; X, y, data_kwargs (sample_weight; clusters,
+      time, Z): its training data (optional when the fit kept it).
     method: 'hessian' (default) or 'louis'.
     ci: interval probability (default 0.95).
     round_to: decimals to round to (default None: no rounding).
@@ -281,7 +288,7 @@ def summary(fitted, X=None, y=None, *, sample_weight=None, method: str = "hessia
   ci = v.check_float("ci", ci, minimum=0.0, strict=True)
   if ci >= 1:
     raise ValueError(f"ci must be in (0, 1), got {ci}")
-  se = standard_errors(fitted, X, y, sample_weight=sample_weight, method=method)
+  se = standard_errors(fitted, X, y, method=method, **data_kwargs)
   z = norm.ppf(0.5 + ci / 2)
   lo, hi = f"ci_{100 * (1 - ci) / 2:g}%", f"ci_{100 * (1 + ci) / 2:g}%"
   table = pd.DataFrame({"estimate": se.estimate, "se": se.se,
