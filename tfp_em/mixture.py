@@ -11,6 +11,7 @@ Differences from `sklearn.mixture.GaussianMixture`, all deliberate:
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -44,6 +45,7 @@ class GaussianMixture:
     on_decrease: 'warn' (default), 'raise' or 'revert' when the
       log-likelihood decreases (see `tfp_em.fit_em`).
     compile: 'graph' (default), 'xla' or 'eager'.
+    accelerate: None (default, plain EM) or 'squarem' (`tfp_em.squarem`).
     verbose: None shows a progress bar on long fits (off under pytest);
       True/False force it.
 
@@ -65,7 +67,7 @@ class GaussianMixture:
                n_init: int = 1, init_params: str = "kmeans++", weights_init=None,
                means_init=None, precisions_init=None, seed: int | None = 0,
                dtype="float64", on_decrease: str = "warn", compile: str = "graph",
-               verbose: bool | None = None):
+               accelerate: str | None = None, verbose: bool | None = None):
     self.n_components = n_components
     self.covariance_type = covariance_type
     self.tol = tol
@@ -80,6 +82,7 @@ class GaussianMixture:
     self.dtype = dtype
     self.on_decrease = on_decrease
     self.compile = compile
+    self.accelerate = accelerate
     self.verbose = verbose
 
   # -- fitting ---------------------------------------------------------------
@@ -93,6 +96,8 @@ class GaussianMixture:
     v.check_option("init_params", self.init_params, INIT_METHODS)
     v.check_option("on_decrease", self.on_decrease, ON_DECREASE_OPTIONS)
     v.check_option("compile", self.compile, ("graph", "xla", "eager"))
+    if self.accelerate is not None:
+      v.check_option("accelerate", self.accelerate, ("squarem",))
     v.check_seed(self.seed)
     return v.check_dtype(self.dtype)
 
@@ -103,9 +108,53 @@ class GaussianMixture:
   def _initial_responsibilities(self, x, weights, seed):
     return initial_responsibilities(self.init_params, x, weights, self.n_components, seed)
 
-  def fit(self, X, y=None, sample_weight=None):
-    """Fits the mixture to X [N, D] (optionally weighted); returns self."""
+  def fit(self, X, y=None, sample_weight=None, *, online: bool = False, strategy=None,
+          columns=None, batch_size: int = 65536):
+    """Fits the mixture; returns self.
+
+    Args:
+      X: [N, D] array; or, for data that need not fit in memory, a
+        `tf.data.Dataset` of [B, D] batches or a path/glob of CSV, Parquet
+        or TFRecord files (see `tfp_em.streams`). Streamed input makes one
+        pass per EM iteration with memory bounded by `batch_size`.
+      y: ignored (scikit-learn convention).
+      sample_weight: optional non-negative [N] weights (arrays only).
+      online: one-pass stochastic EM (`tfp_em.online`; streamed input only).
+      strategy: a `tf.distribute` strategy whose replicas share the E-step.
+      columns: columns to read from files (default all).
+      batch_size: rows per batch for files and datasets (default 65536).
+    """
     dtype = self._check_options()
+    v.check_int("batch_size", batch_size, minimum=1)
+    model = self._model()
+    if _is_stream_source(X):
+      if sample_weight is not None:
+        raise ValueError("sample_weight is only supported for in-memory arrays")
+      data, n_features = self._stream(X, columns, batch_size, dtype)
+      init = self._user_init(model, next(iter(data)), dtype)
+    else:
+      if online:
+        raise ValueError("online=True needs streamed input (a tf.data.Dataset or files)")
+      data = self._in_memory(X, sample_weight, dtype)
+      n_features = data.x.shape[1]
+      init = self._user_init(model, data, dtype)
+    if online:
+      from tfp_em.online import fit_online_em
+      result = fit_online_em(model, data, seed=self.seed, init_params=init,
+                             compile=self.compile)
+    else:
+      result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
+                      seed=self.seed, init_params=init, on_decrease=self.on_decrease,
+                      compile=self.compile, progress=self.verbose,
+                      accelerate=self.accelerate, strategy=strategy)
+    self._set_fitted(result.params, n_features)
+    self.log_likelihood_ = result.log_likelihood
+    self.n_iter_ = result.n_iter
+    self.converged_ = result.converged
+    self.fit_result_ = result
+    return self
+
+  def _in_memory(self, X, sample_weight, dtype) -> MixtureData:
     x = v.check_array(X, "X", dtype=dtype, min_rows=1)
     if x.shape[0] < self.n_components:
       raise ValueError(f"X has {x.shape[0]} points but n_components={self.n_components}; "
@@ -114,18 +163,18 @@ class GaussianMixture:
     if np.count_nonzero(w) < self.n_components:
       raise ValueError(f"only {np.count_nonzero(w)} points have positive sample_weight "
                        f"but n_components={self.n_components}")
-    data = MixtureData(tf.constant(x), tf.constant(w))
-    model = self._model()
-    result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
-                    seed=self.seed, init_params=self._user_init(model, data, dtype),
-                    on_decrease=self.on_decrease, compile=self.compile,
-                    progress=self.verbose)
-    self._set_fitted(result.params, x.shape[1])
-    self.log_likelihood_ = result.log_likelihood
-    self.n_iter_ = result.n_iter
-    self.converged_ = result.converged
-    self.fit_result_ = result
-    return self
+    return MixtureData(tf.constant(x), tf.constant(w))
+
+  def _stream(self, source, columns, batch_size, dtype):
+    from tfp_em.streams import features_dataset
+    features, _ = features_dataset(source, columns, batch_size, dtype)
+    first = next(iter(features), None)
+    if first is None or first.shape[0] < self.n_components:
+      raise ValueError(f"the first batch has {0 if first is None else first.shape[0]} rows but "
+                       f"n_components={self.n_components}; use a larger batch_size")
+    n_features = first.shape[1]
+    data = features.map(lambda x: MixtureData(x, tf.ones(tf.shape(x)[:1], x.dtype)))
+    return data, n_features
 
   def _user_init(self, model, data, dtype):
     given = (self.weights_init, self.means_init, self.precisions_init)
@@ -217,6 +266,10 @@ class GaussianMixture:
   def aic(self, X) -> float:
     """Akaike information criterion on X (lower is better)."""
     return -2 * self.score(X) * np.asarray(X).shape[0] + 2 * self._n_parameters()
+
+
+def _is_stream_source(X) -> bool:
+  return isinstance(X, (str, os.PathLike, tf.data.Dataset))
 
 
 def _covariances_from_precisions(precisions, covariance_type, k, d, dtype):

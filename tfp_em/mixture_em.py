@@ -197,7 +197,7 @@ class GaussianMixtureEM:
   def e_step(self, params: GaussianMixtureParams, data: MixtureData):
     prec_chol = precision_cholesky(params.covariances, self.covariance_type)
     n = data.x.shape[0]
-    if n <= self.chunk_size:
+    if n is None or n <= self.chunk_size:  # streamed batches are bounded by their batch size
       return self._chunk_stats(params, prec_chol, data.x, data.weights)
     return self._chunked_e_step(params, prec_chol, data)
 
@@ -212,6 +212,14 @@ class GaussianMixtureEM:
 
   def expected_log_joint(self, params, stats):
     return expected_log_joint(params, stats, self.covariance_type)
+
+  def rebase_stats(self, stats: GaussianMixtureStats, like: GaussianMixtureStats):
+    """The same stats re-expressed about `like.center` (exact algebra)."""
+    full = self.covariance_type in ("full", "tied")
+    shift = stats.center - like.center  # [K, D]
+    return GaussianMixtureStats(
+        counts=stats.counts, dev=stats.dev + stats.counts[:, tf.newaxis] * shift,
+        sq_dev=scatter_about(stats, like.center, full), center=like.center)
 
   def marginal_log_prob(self, params, data: MixtureData):
     lp = gm.marginal(params, self.covariance_type).log_prob(data.x)

@@ -112,6 +112,8 @@ class DistributedPass(_BatchedPass):
       return type(stats)(*reduced), strategy.reduce(tf.distribute.ReduceOp.SUM, ll, axis=None)
 
     self._step = step
+    # Batches here are PerReplica values: count once on the undistributed data.
+    self.num_observations = float(sum(float(model.num_observations(b)) for b in dataset))
 
   def __call__(self, params):
     return self._accumulate(self._dist, lambda batch: self._step(params, batch))

@@ -1,0 +1,131 @@
+"""Streams of feature batches from files or datasets, for out-of-memory fits.
+
+    features_dataset(source, columns=None, batch_size=65536, dtype='float64')
+
+`source` is a `tf.data.Dataset` (elements [B, D] or [D]), or a path or glob
+of CSV (header row), Parquet (needs `pyarrow`) or TFRecord files. TFRecord
+files hold `tf.train.Example`s with one float feature per column; their
+`columns` must be given. Only one batch is in memory at a time. Non-finite
+values stop the pass with an error naming the problem.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+
+import numpy as np
+import tensorflow as tf
+
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".tfrecord": "tfrecord",
+           ".tfrecords": "tfrecord"}
+
+
+def _files(path) -> list[str]:
+  path = os.fspath(path)
+  files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+  if not files or not all(os.path.isfile(f) for f in files):
+    missing = [f for f in files if not os.path.isfile(f)] or [path]
+    raise ValueError(f"data file {missing[0]!r} does not exist")
+  kinds = {FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
+  if None in kinds or len(kinds) != 1:
+    raise ValueError(f"cannot tell the format of {files[0]!r}: use one of "
+                     f"{sorted(FORMATS)} files, all of one kind")
+  return files
+
+
+def _csv_header(path) -> list[str]:
+  with open(path, newline="", encoding="utf-8") as f:
+    header = next(csv.reader(f), None)
+  if not header:
+    raise ValueError(f"{path}: the file is empty; expected a header row")
+  return [h.strip() for h in header]
+
+
+def _select(header, columns, path):
+  wanted = list(columns) if columns else list(header)
+  missing = [c for c in wanted if c not in header]
+  if missing:
+    raise ValueError(f"{path}: column(s) {missing} not found; available: {header}")
+  return wanted
+
+
+def _csv_dataset(files, columns, batch_size, dtype):
+  header = _csv_header(files[0])
+  wanted = _select(header, columns, files[0])
+  for f in files[1:]:
+    if _csv_header(f) != header:
+      raise ValueError(f"{f}: header differs from {files[0]}")
+  index = [header.index(c) for c in wanted]
+  order = np.argsort(index)  # CsvDataset returns select_cols in file order
+  ds = tf.data.experimental.CsvDataset(files, [tf.constant([], dtype)] * len(index),
+                                       header=True, select_cols=sorted(index))
+  ds = ds.batch(batch_size).map(lambda *cols: tf.stack(cols, axis=1),
+                                num_parallel_calls=tf.data.AUTOTUNE)
+  inverse = np.argsort(order)
+  return ds.map(lambda x: tf.gather(x, inverse, axis=1)), wanted
+
+
+def _parquet_dataset(files, columns, batch_size, dtype):
+  try:
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise ValueError("reading Parquet needs pyarrow: pip install pyarrow") from None
+  header = pq.ParquetFile(files[0]).schema_arrow.names
+  wanted = _select(header, columns, files[0])
+
+  def batches():
+    for f in files:
+      for b in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=wanted):
+        yield np.stack([b.column(c).to_numpy(zero_copy_only=False) for c in wanted],
+                       axis=1).astype(dtype)
+
+  spec = tf.TensorSpec([None, len(wanted)], dtype)
+  return tf.data.Dataset.from_generator(batches, output_signature=spec), wanted
+
+
+def _tfrecord_dataset(files, columns, batch_size, dtype):
+  if not columns:
+    raise ValueError("TFRecord input needs `columns`: the names of its float features")
+  features = {c: tf.io.FixedLenFeature([], tf.float32) for c in columns}  # Example floats are 32-bit
+
+  def parse(records):
+    parsed = tf.io.parse_example(records, features)
+    return tf.cast(tf.stack([parsed[c] for c in columns], axis=1), dtype)
+
+  return tf.data.TFRecordDataset(files).batch(batch_size).map(parse), list(columns)
+
+
+def features_dataset(source, columns=None, batch_size: int = 65536, dtype="float64"):
+  """Returns (dataset of [B, D] batches in `dtype`, column names or None)."""
+  dtype = np.dtype(dtype)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if isinstance(source, tf.data.Dataset):
+    spec = source.element_spec
+    if not isinstance(spec, tf.TensorSpec) or spec.shape.rank not in (1, 2):
+      raise ValueError("a dataset for fitting must yield feature tensors of shape [B, D] "
+                       f"or [D], got element_spec {spec}")
+    ds = source.batch(batch_size) if spec.shape.rank == 1 else source
+    ds, names = ds.map(lambda x: tf.cast(x, dtype)), None
+  else:
+    files = _files(source)
+    reader = {"csv": _csv_dataset, "parquet": _parquet_dataset,
+              "tfrecord": _tfrecord_dataset}[FORMATS[os.path.splitext(files[0])[1].lower()]]
+    ds, names = reader(files, columns, batch_size, dtype)
+  return ds.map(_check_finite).prefetch(2), names
+
+
+def _check_finite(x):
+  tf.debugging.assert_all_finite(x, "the data contain NaN or inf")
+  return x
+
+
+def write_tfrecord(path, x, columns) -> None:
+  """Writes rows of `x` as tf.train.Examples (float features named `columns`)."""
+  with tf.io.TFRecordWriter(os.fspath(path)) as writer:
+    for row in np.asarray(x, np.float32):
+      feats = {c: tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+               for c, v in zip(columns, row)}
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feats))
+                   .SerializeToString())
