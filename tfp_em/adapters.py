@@ -364,3 +364,108 @@ class MixedEffectsAdapter(Adapter):
     raise ValueError("rebuilding a MixedEffectsRegressor from netCDF is not supported "
                      "(the designs and network are not stored); write the report from the "
                      "fitted estimator")
+
+
+@register("BernoulliMLPClassifier")
+class BernoulliMLPAdapter(Adapter):
+  """Adapter for `tfp_em.bernoulli_mlp.BernoulliMLPClassifier`.
+
+  Latents: the 2^m hidden configurations (enumerable, so Louis' method
+  applies; an L2 penalty enters as a per-point constant of the table). The
+  softmax output weights are flat along 'add a vector to every class'
+  (m+1 directions): SEs use the pseudo-inverse, i.e. they are the SEs of the
+  class-centred weights the estimator stores. Hidden units are matched to the
+  reference by Hungarian matching on their input weights; output weights are
+  centred across classes after matching.
+  """
+  observed_names = ("y",)
+  latent_states = True
+
+  @property
+  def params_type(self):
+    from models.bernoulli_mlp import BernoulliMLPParams
+    return BernoulliMLPParams
+
+  def model(self, fitted):
+    return fitted._model(len(fitted.classes_))
+
+  def params(self, fitted):
+    return fitted._params()
+
+  def param_specs(self, fitted):
+    from models import bernoulli_mlp as mlp
+    return mlp.param_specs()
+
+  def gauge_dimension(self, fitted):
+    return int(fitted.n_hidden) + 1
+
+  def data(self, fitted, X, y=None):
+    if y is None:
+      raise ValueError("BernoulliMLPClassifier diagnostics need X and y")
+    xs = fitted._inputs(X)
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != xs.shape[0]:
+      raise ValueError(f"y must have one label per row of X ({xs.shape[0]}), got shape {y.shape}")
+    unknown = ~np.isin(y, fitted.classes_)
+    if np.any(unknown):
+      raise ValueError(f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}")
+    labels = np.searchsorted(fitted.classes_, y).astype(np.int32)
+    return (tf.constant(xs, v.check_dtype(fitted.dtype)), tf.constant(labels))
+
+  def observed(self, data):
+    return {"y": np.asarray(data[1])}
+
+  def pointwise_log_likelihood(self, fitted, params, data):
+    from models import bernoulli_mlp as mlp
+    return mlp.marginal_log_prob(params, data[0], data[1])
+
+  def complete_log_prob_table(self, fitted, params, data):
+    """log p(z = config_k, y_n | x_n) - penalty / N, shape [N, 2^m]."""
+    from models import bernoulli_mlp as mlp
+    from tfp_em.bernoulli_mlp import l2_penalty
+    model = self.model(fitted)
+    x, y = data
+    dtype = params.hidden_weights.dtype
+    table = model.log_joint(params, mlp.add_bias(x), tf.one_hot(y, model.num_classes, dtype=dtype),
+                            model.configurations(dtype))
+    return table - l2_penalty(params, model.l2) / tf.cast(tf.shape(y)[0], dtype)
+
+  def dims(self, fitted):
+    return {"hidden_weights": ("input", "hidden"), "output_weights": ("hidden_bias", "class")}
+
+  def label_permutation(self, fitted, reference, params):
+    return hungarian_permutation(np.asarray(reference.hidden_weights).T,
+                                 np.asarray(params.hidden_weights).T)
+
+  def permute(self, fitted, params, perm):
+    w, out = np.asarray(params.hidden_weights), np.asarray(params.output_weights)
+    rows = np.concatenate([[0], np.asarray(perm) + 1])
+    out = np.take(out, rows, axis=-2)
+    return type(params)(np.take(w, perm, axis=-1), out - out.mean(axis=-1, keepdims=True))
+
+  def posterior_predictive(self, fitted, params, data, num_draws, seed):
+    from models import bernoulli_mlp as mlp
+    dist = mlp.marginal(params, data[0])
+    y = dist.sample(num_draws, seed=tf.constant([int(seed) % 2**31, 13], tf.int32))
+    return {"y": y.numpy()}
+
+  def simulate(self, fitted, params, data, seed):
+    y = self.posterior_predictive(fitted, params, data, 1, seed)["y"][0]
+    return (data[0], tf.constant(y, tf.int32))
+
+  def default_priors(self, fitted, data):
+    """Weak: every weight ~ N(0, 10^2) (inputs are standardized)."""
+    p = self.params(fitted)
+    dtype = p.hidden_weights.dtype
+    return {name: tfd.Independent(tfd.Normal(tf.zeros(value.shape, dtype), tf.constant(10.0, dtype)), 2)
+            for name, value in zip(p._fields, p)}
+
+  def figures(self, fitted, data, feature_names=None):
+    from tfp_em import plots
+    return [(plots.hidden_unit_heatmap(fitted, data), "hidden_units.png",
+             "Posterior E[z_h | x, y] of every hidden unit (columns) for every point (rows, "
+             "grouped by class).")]
+
+  def rebuild(self, config, params, n_features):
+    raise ValueError("rebuilding a BernoulliMLPClassifier from netCDF is not supported (the "
+                     "input scaling is not stored); write the report from the fitted estimator")

@@ -223,3 +223,24 @@ def caterpillar(fitted, level: float = 0.95, max_clusters: int = 60) -> Figure:
     ax.set_yticks(pos, labels[order] if len(order) <= 40 else [""] * len(order), fontsize=7)
     ax.set(xlabel=f"u[{names[j]}]", title=f"Random effects: {names[j]} ({level:.0%} intervals)")
   return fig
+
+
+def hidden_unit_heatmap(fitted, data) -> Figure:
+  """E[z_hj | x_j, y_j] for a Bernoulli-MLP: points (rows, grouped by class)
+  by hidden units (columns), with the class of each row in a side strip."""
+  adapter = get_adapter(fitted)
+  model = adapter.model(fitted)
+  post = model.posterior(adapter.params(fitted), data)["hidden_marginals"].numpy()  # [N, m]
+  labels = np.asarray(data[1])
+  order = np.lexsort((post[:, 0], labels))
+  fig = Figure(figsize=(2.2 + 0.6 * post.shape[1], 5.2), layout="constrained")
+  strip, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, max(2, post.shape[1])]})
+  strip.imshow(labels[order, None], aspect="auto", cmap="tab10", vmin=0, vmax=9,
+               interpolation="nearest")
+  strip.set(xticks=[], ylabel="data point (sorted by class)", title="class")
+  image = ax.imshow(post[order], aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                    interpolation="nearest")
+  ax.set(xticks=np.arange(post.shape[1]), yticks=[], xlabel="hidden unit",
+         title="E[z | x, y]")
+  fig.colorbar(image, ax=ax, shrink=0.8)
+  return fig

@@ -88,7 +88,8 @@ class Flattener:
 
 
 def _as_float64(data):
-  return type(data)(*[tf.cast(d, tf.float64) if d.dtype.is_floating else d for d in data])
+  cast = [tf.cast(d, tf.float64) if d.dtype.is_floating else d for d in data]
+  return type(data)(*cast) if hasattr(data, "_fields") else tuple(cast)
 
 
 def hessian_information(model, flat: Flattener, data):
