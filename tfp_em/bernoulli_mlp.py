@@ -195,8 +195,10 @@ def damped_newton(objective, gradient, neg_hessian, theta, *,
 
   Each iteration takes the full Newton step if it increases every objective;
   otherwise it tries the step sizes 1, 1/2, ..., 2^-(NUM_HALVINGS-1) and 0
-  and keeps, per problem, the best. So the objective never decreases. Stops when no problem improved by more than
-  100 eps (|f| + 1), or after `max_iter` iterations.
+  and keeps, per problem, the best. So the objective never decreases. Stops
+  when no problem improved by more than rtol = 100 eps relative, when every
+  Newton decrement g.d/2 fell below sqrt(rtol) relative (the step just taken
+  then lands within ~rtol of the optimum), or after `max_iter` iterations.
 
   Args:
     objective: [S, B, P] -> [S, B].
@@ -222,14 +224,19 @@ def damped_newton(objective, gradient, neg_hessian, theta, *,
             tf.reduce_max(values, axis=0))
 
   def body(i, theta, f, _):
-    d = direction(gradient(theta), neg_hessian(theta))                 # [B, P]
+    g = gradient(theta)
+    d = direction(g, neg_hessian(theta))                               # [B, P]
     full = objective((theta + d)[tf.newaxis])[0]                       # [B]
     # The full step is kept when it helps every problem; else search.
     new_theta, new_f = tf.cond(tf.reduce_all(full > f),
                                lambda: (theta + d, full),
                                lambda: line_search(theta, d))
-    still = tf.reduce_any(new_f - f > rtol * (tf.abs(f) + 1.))
-    return i + 1, new_theta, new_f, still
+    scale = tf.abs(f) + 1.
+    # Stop once no problem improves, or once every Newton decrement g.d/2
+    # is below sqrt(rtol): quadratic convergence leaves ~rtol after it.
+    improved = new_f - f > rtol * scale
+    far = 0.5 * tf.reduce_sum(g * d, -1) > np.sqrt(rtol) * scale
+    return i + 1, new_theta, new_f, tf.reduce_any(improved & far)
 
   _, theta, _, _ = tf.while_loop(
       lambda i, theta, f, still: (i < max_iter) & still, body,
