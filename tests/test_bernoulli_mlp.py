@@ -395,3 +395,10 @@ def test_m16_e_step_runs_under_a_small_memory_budget():
   stats, ll = tf.function(model.e_step)(params, data)
   np.testing.assert_allclose(float(ll), float(model.marginal_log_prob(params, data)), rtol=1e-10)
   assert stats.config_counts.shape == (2 ** 16, 2)
+  new = model.m_step(params, stats)
+  assert model.expected_log_joint(new, stats) > model.expected_log_joint(params, stats)
+  # Shapes unknown at trace time take the chunked path too.
+  spec = (tf.TensorSpec([None, 2], tf.float64), tf.TensorSpec([None], tf.int32))
+  dynamic = tf.function(model.e_step).get_concrete_function(
+      mlp.BernoulliMLPParams(*[tf.TensorSpec(p.shape, p.dtype) for p in params]), spec)
+  np.testing.assert_allclose(float(dynamic(params, data)[1]), float(ll), rtol=1e-12)

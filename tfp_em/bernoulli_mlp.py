@@ -328,16 +328,18 @@ class BernoulliMLPEM:
   def e_step(self, params, data):
     x, y = data
     dtype = params.hidden_weights.dtype
-    n, m = x.shape[0], self.num_hidden
+    m = self.num_hidden
     configs = self.configurations(dtype)
     inputs = mlp.add_bias(x)
     onehot = tf.one_hot(y, self.num_classes, dtype=dtype)
     rows = self.chunk_rows(dtype)
-    if n <= rows:
+    n = x.shape[0]
+    if n is not None and n <= rows:
       counts, targets, loglik = self._chunk_stats(params, inputs, onehot, configs)
       total = tf.reduce_sum(loglik)
-    else:
-      num_chunks = -(-n // rows)
+    else:  # Loop over chunks of `rows` points; the last one is zero-padded.
+      n = tf.shape(x)[0] if n is None else n
+      num_chunks = (n + rows - 1) // rows
       pad = num_chunks * rows - n
       xs = tf.reshape(tf.pad(inputs, [[0, pad], [0, 0]]), [num_chunks, rows, -1])
       ys = tf.reshape(tf.pad(onehot, [[0, pad], [0, 0]]), [num_chunks, rows, -1])
@@ -489,7 +491,6 @@ def _lbfgs_restart(model, data, params, seed, restart, max_iter, tol, callback):
     if bool(results.converged) or bool(results.failed):
       break
   final = unflatten(results.position)
-  final = BernoulliMLPParams(final.hidden_weights, center_output_weights(final.output_weights))
   converged = bool(results.converged)
   return RestartTrace(
       seed=seed, log_likelihood=np.asarray(lls), params=[
