@@ -274,3 +274,98 @@ def test_report_with_hmc_and_from_netcdf(faithful, faithful_hmc, tmp_path):
   # the estimates table is the same whether built from the estimator or the file
   assert re.findall(r"-?\d+\.\d+", page.split("Estimates")[1][:3000])[:10] == \
       re.findall(r"-?\d+\.\d+", page2.split("Estimates")[1][:3000])[:10]
+
+
+# -- mixed effects and Bernoulli MLP -------------------------------------------
+
+def _mixed_case():
+  from tfp_em.mixed_effects import MixedEffectsRegressor
+  rng = np.random.default_rng(0)
+  g, n = 12, 10
+  clusters = np.repeat(np.arange(g), n)
+  t = np.tile(np.arange(n, dtype=float), g)
+  u = rng.multivariate_normal([0, 0], [[1.0, 0.2], [0.2, 0.25]], g)
+  X = rng.normal(size=(g * n, 2))
+  y = 1 + X @ [0.5, -1.0] + u[clusters, 0] + u[clusters, 1] * t + rng.normal(0, 0.7, g * n)
+  fitted = MixedEffectsRegressor(random_effects="slopes").fit(X, y, clusters, time=t)
+  return fitted, X, y, dict(clusters=clusters, time=t)
+
+
+def test_mixed_effects_inference_data_and_se():
+  from tfp_em.stderr import _standard_errors
+  fitted, X, y, kw = _mixed_case()
+  idata = to_inference_data(fitted, X, y, **kw)
+  assert idata.log_likelihood["y"].dims == ("chain", "draw", "cluster")
+  np.testing.assert_allclose(idata.log_likelihood["y"].values.sum(), fitted.log_likelihood_,
+                             rtol=1e-9)
+  assert idata.posterior["covariance"].dims[2:] == ("effect", "effect_bis")
+  table = summary(fitted, X, y, **kw)
+  assert "noise_variance" in table.index and "covariance[1, 1]" in table.index
+  np.testing.assert_allclose(table.loc["covariance[0, 0]", "estimate"],
+                             fitted.cov_random_effects_[0, 0])
+  # against a finite-difference Hessian of the dense MVN oracle, in the
+  # direct parametrization (beta, Sigma_u entries, sigma^2): at the MLE the
+  # delta-method SEs do not depend on the parametrization.
+  from models import mixed_effects as me
+  from tfp_em.diagnostics import resolve_data
+  import tensorflow as tf
+  data = resolve_data(fitted, X, y, **kw)
+  p = fitted.params_
+  c = np.asarray(p.covariance)
+  theta = np.r_[np.asarray(p.beta), c[0, 0], c[0, 1], c[1, 1], float(p.noise_variance)]
+
+  def loglik(t):
+    params = me.MixedEffectsParams(tf.constant(t[:3]), tf.constant([[t[3], t[4]], [t[4], t[5]]]),
+                                   tf.constant(t[6]))
+    return float(me.dense_marginal(params, data, "full").log_prob(data.y))
+
+  h, eye = 1e-4, np.eye(7) * 1e-4
+  hess = np.array([[(loglik(theta + eye[i] + eye[j]) - loglik(theta + eye[i] - eye[j])
+                     - loglik(theta - eye[i] + eye[j]) + loglik(theta - eye[i] - eye[j]))
+                    / (4 * h * h) for j in range(7)] for i in range(7)])
+  oracle = np.sqrt(np.diag(np.linalg.inv(-hess)))
+  ours = table["se"].values[[0, 1, 2, 3, 4, 6, 7]]
+  np.testing.assert_allclose(ours, oracle, rtol=1e-4)
+  with pytest.raises(ValueError, match="clusters"):
+    to_inference_data(fitted, X, y)
+
+
+def test_bernoulli_mlp_louis_equals_hessian_and_heatmap(tmp_path):
+  from PIL import Image
+  from tfp_em import plots
+  from tfp_em.bernoulli_mlp import BernoulliMLPClassifier
+  from tfp_em.diagnostics import resolve_data
+  rng = np.random.default_rng(0)
+  X = rng.normal(size=(150, 2))
+  y = (rng.uniform(size=150) < 1 / (1 + np.exp(-(1.5 * X[:, 0] - X[:, 1])))).astype(int)
+  fitted = BernoulliMLPClassifier(n_hidden=2, l2=1.0, n_init=2, seed=0).fit(X, y)
+  hess = standard_errors(fitted, X, y)
+  louis = standard_errors(fitted, X, y, method="louis")
+  np.testing.assert_allclose(louis.se, hess.se, rtol=1e-7)
+  assert np.all(np.isfinite(hess.se)) and np.all(hess.se > 0)
+  # SEs of class-centred output weights: the two classes mirror each other
+  table = summary(fitted, X, y)
+  np.testing.assert_allclose(table.loc["output_weights[1, 0]", "se"],
+                             table.loc["output_weights[1, 1]", "se"], rtol=1e-8)
+  idata = to_inference_data(fitted, X, y)
+  assert idata.posterior["hidden_weights"].dims[2:] == ("input", "hidden")
+  np.testing.assert_allclose(idata.log_likelihood["y"].values.sum(), fitted.log_likelihood_,
+                             rtol=1e-9)
+  fig = plots.hidden_unit_heatmap(fitted, resolve_data(fitted, X, y))
+  fig.savefig(tmp_path / "heat.png")
+  with Image.open(tmp_path / "heat.png") as im:
+    assert im.size[0] > 100 and np.asarray(im.convert("L")).std() > 5
+
+
+@pytest.mark.slow
+def test_mixed_effects_hmc_variance_components():
+  from tfp_em.hmc import compare_with_em, sample_posterior
+  fitted, X, y, kw = _mixed_case()
+  idata = sample_posterior(fitted, X, y, num_results=1000, num_burnin=1000, seed=0,
+                           progress=False, **kw)
+  assert "beta" not in idata.posterior            # f (here X beta) held fixed
+  table = compare_with_em(fitted, idata, X, y, **kw)
+  assert list(table.index) == ["covariance[0, 0]", "covariance[0, 1]", "covariance[1, 0]",
+                               "covariance[1, 1]", "noise_variance"]
+  assert table["r_hat"].max() < 1.01
+  assert np.abs(table["z_map"]).max() < 0.05      # the mode is the EM estimate
