@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
   gmm.add_argument("--max-iter", type=int, default=500)
   gmm.add_argument("--seed", type=int, default=0)
   gmm.add_argument("--out", default="tfp_em_fit")
+  gmm.add_argument("--resume", action="store_true",
+                   help="continue an interrupted fit from OUT/checkpoint")
+  gmm.add_argument("--checkpoint-every", type=int, default=10)
   return parser
 
 
@@ -73,8 +76,11 @@ def _fit_gmm(args) -> int:
   from tfp_em import io
   x, names = io.load_csv(args.data, args.columns)
   io.check_output_dir(args.out)
+  # The checkpoint folder is created by the fit, after the input has been checked.
   est = _fit_mixture(x, args.components, args.covariance, args.n_init, args.max_iter,
-                     args.seed)
+                     args.seed, checkpoint=dict(checkpoint_dir=os.path.join(args.out, "checkpoint"),
+                                                checkpoint_every=args.checkpoint_every,
+                                                resume=args.resume))
   _write_outputs(est, x, names, io.ensure_writable_dir(args.out),
                  title=os.path.basename(args.data))
   return 0
@@ -107,14 +113,14 @@ def _demo(args) -> int:
   return 0
 
 
-def _fit_mixture(x, k, cov, n_init, max_iter, seed):
+def _fit_mixture(x, k, cov, n_init, max_iter, seed, checkpoint=None):
   import warnings
 
   from tfp_em import GaussianMixture
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # per-fit convergence is reported in the table
     return GaussianMixture(k, covariance_type=cov, n_init=n_init, max_iter=max_iter,
-                           seed=seed, verbose=False).fit(x)
+                           seed=seed, verbose=False).fit(x, **(checkpoint or {}))
 
 
 def _write_outputs(est, x, names, out, title, selection=None) -> None:

@@ -166,7 +166,9 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
            on_decrease: str = "warn", decrease_tol: float | None = None,
            compile: str = "graph", keep_trajectory: bool = True,
            progress: bool | None = None, callback: Callable | None = None,
-           accelerate: str | None = None, strategy=None) -> FitResult:
+           accelerate: str | None = None, strategy=None,
+           checkpoint_dir=None, checkpoint_every: int = 10,
+           resume: bool = False) -> FitResult:
   """Fits `model` to `data` by EM with restarts.
 
   Args:
@@ -197,6 +199,10 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
       `RestartTrace.e_steps` counts them.
     strategy: a `tf.distribute` strategy; the E-step runs on every replica
       and the stats are all-reduced by SUM.
+    checkpoint_dir: save the engine state there (`tfp_em.checkpoint`) every
+      `checkpoint_every` iterations and when a restart ends.
+    resume: continue from the checkpoint in `checkpoint_dir` if there is
+      one (the same fit must be asked for); otherwise start afresh.
 
   Returns:
     A `FitResult`.
@@ -220,13 +226,30 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
   iteration = _Iteration(model, data, compile, accelerate, strategy)
   show = _show_progress(progress)
 
-  restarts = []
-  for r, s in enumerate(restart_seeds(seed, n_init)):
-    params = (init_params if (r == 0 and init_params is not None)
-              else model.initialize(iteration.e_pass.first_batch(), s))
+  seeds = restart_seeds(seed, n_init)
+  saver, saved = None, None
+  if checkpoint_dir is not None:
+    from tfp_em.checkpoint import Checkpointer
+    fingerprint = dict(model=model.name, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol,
+                       accelerate=accelerate, keep_trajectory=keep_trajectory)
+    saver = Checkpointer(checkpoint_dir, checkpoint_every, fingerprint)
+    saved = saver.load(_params_type(model, init_params)) if resume else None
+  elif resume:
+    raise ValueError("resume=True needs a checkpoint_dir")
+
+  restarts = list(saved["finished"]) if saved else []
+  for r in range(len(restarts), n_init):
+    resume_state = saved if saved and saved["restart"] == r else None
+    if resume_state is not None:
+      params = type(resume_state["trajectory"][-1])(
+          *[tf.constant(p) for p in resume_state["trajectory"][-1]])
+    else:
+      params = (init_params if (r == 0 and init_params is not None)
+                else model.initialize(iteration.e_pass.first_batch(), seeds[r]))
     restarts.append(_run_restart(
-        model, iteration, params, s, r, max_iter, tol,
-        on_decrease, decrease_tol, keep_trajectory, show, callback))
+        model, iteration, params, seeds[r], r, max_iter, tol,
+        on_decrease, decrease_tol, keep_trajectory, show, callback,
+        _Saver(saver, seeds, restarts, keep_trajectory), resume_state))
 
   n_obs = iteration.e_pass.num_observations
   best = int(np.argmax([t.final_log_likelihood for t in restarts]))
@@ -289,16 +312,52 @@ class _Iteration:
     return self.m_step(params, stats), 0
 
 
+def _params_type(model, init_params):
+  if init_params is not None:
+    return type(init_params)
+  specs = getattr(model, "param_specs", None)
+  if specs is None:
+    raise ValueError(f"{model.name}: resuming needs `param_specs` or `init_params` to know "
+                     "the params type")
+  return type(specs)
+
+
+class _Saver:
+  """Packs the loop's state for the checkpointer (no-op without one)."""
+
+  def __init__(self, checkpointer, seeds, finished, keep_trajectory):
+    self.checkpointer, self.seeds = checkpointer, seeds
+    self.finished, self.keep_trajectory = finished, keep_trajectory
+
+  def __call__(self, restart, it, lls, trajectory, previous, params, e_steps, force=False):
+    if self.checkpointer is None or not (force or it % self.checkpointer.every == 0):
+      return
+    saved = (trajectory if self.keep_trajectory else
+             [trajectory[0]] + ([previous] if previous is not None else []) + [_to_numpy(params)])
+    self.checkpointer.save(dict(restart=restart, iteration=it, seeds=self.seeds,
+                                e_steps=e_steps, log_likelihood=lls, trajectory=saved,
+                                finished=self.finished))
+
+
 def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
                  on_decrease, decrease_tol, keep_trajectory, show,
-                 callback) -> RestartTrace:
+                 callback, save=None, resume_state=None) -> RestartTrace:
   start = time.perf_counter()
-  e_steps = 0
   rtol = default_decrease_tol(_params_dtype(params)) if decrease_tol is None else decrease_tol
-  lls, trajectory, previous = [], [_to_numpy(params)], None
+  lls, trajectory, previous, first, e_steps = [], [_to_numpy(params)], None, 0, 0
+  if resume_state is not None:
+    saved = resume_state["trajectory"]
+    lls, first, e_steps = list(resume_state["log_likelihood"]), resume_state["iteration"], \
+        resume_state["e_steps"]
+    trajectory = list(saved) if keep_trajectory else saved[:1]
+    if first > 0 and len(saved) >= 2:
+      previous = type(saved[-2])(*[tf.constant(p) for p in saved[-2]])
   converged, stop_reason = False, "max_iter"
   bar = _progress_bar(show, max_iter, model.name, restart)
-  for it in range(max_iter + 1):
+  for it in range(first, max_iter + 1):
+    if save is not None and (it > first or resume_state is None):
+      save(restart, it, lls, trajectory, None if previous is None else _to_numpy(previous),
+           params, e_steps)
     stats, ll, new = _guarded(model, lambda: iteration.evaluate(params, it == max_iter))
     ll, e_steps = float(ll), e_steps + 1
     n_obs = iteration.e_pass.num_observations  # known after the first pass

@@ -109,7 +109,8 @@ class GaussianMixture:
     return initial_responsibilities(self.init_params, x, weights, self.n_components, seed)
 
   def fit(self, X, y=None, sample_weight=None, *, online: bool = False, strategy=None,
-          columns=None, batch_size: int = 65536):
+          columns=None, batch_size: int = 65536, checkpoint_dir=None,
+          checkpoint_every: int = 10, resume: bool = False):
     """Fits the mixture; returns self.
 
     Args:
@@ -123,6 +124,9 @@ class GaussianMixture:
       strategy: a `tf.distribute` strategy whose replicas share the E-step.
       columns: columns to read from files (default all).
       batch_size: rows per batch for files and datasets (default 65536).
+      checkpoint_dir, checkpoint_every, resume: save the fit's state every
+        `checkpoint_every` iterations and, with `resume=True`, continue from
+        it (see `tfp_em.fit_em`).
     """
     dtype = self._check_options()
     v.check_int("batch_size", batch_size, minimum=1)
@@ -146,7 +150,9 @@ class GaussianMixture:
       result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
                       seed=self.seed, init_params=init, on_decrease=self.on_decrease,
                       compile=self.compile, progress=self.verbose,
-                      accelerate=self.accelerate, strategy=strategy)
+                      accelerate=self.accelerate, strategy=strategy,
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                      resume=resume)
     self._set_fitted(result.params, n_features)
     self.log_likelihood_ = result.log_likelihood
     self.n_iter_ = result.n_iter
