@@ -23,6 +23,8 @@ from tfp_em.engine import ON_DECREASE_OPTIONS, fit_em, restart_seeds
 from tfp_em.mixture_em import GaussianMixtureEM, MixtureData, precision_cholesky
 from tfp_em.mixture_init import INIT_METHODS, initial_responsibilities
 
+XLA_MIN_WORK = 2 ** 20  # N * K * D above which XLA's compile time pays off
+
 
 class GaussianMixture:
   """Gaussian mixture fitted by exact EM on TensorFlow Probability.
@@ -44,7 +46,9 @@ class GaussianMixture:
     dtype: 'float64' (default; use for validation) or 'float32' (faster).
     on_decrease: 'warn' (default), 'raise' or 'revert' when the
       log-likelihood decreases (see `tfp_em.fit_em`).
-    compile: 'graph' (default), 'xla' or 'eager'.
+    compile: 'auto' (default: 'xla' when N * K * D >= 2**20, where XLA's
+      fused E-step is ~2.7x faster, else 'graph', which compiles faster),
+      'xla', 'graph' or 'eager'.
     accelerate: None (default, plain EM) or 'squarem' (`tfp_em.squarem`).
     verbose: None shows a progress bar on long fits (off under pytest);
       True/False force it.
@@ -66,7 +70,7 @@ class GaussianMixture:
                tol: float = 1e-6, reg_covar: float = 1e-6, max_iter: int = 100,
                n_init: int = 1, init_params: str = "kmeans++", weights_init=None,
                means_init=None, precisions_init=None, seed: int | None = 0,
-               dtype="float64", on_decrease: str = "warn", compile: str = "graph",
+               dtype="float64", on_decrease: str = "warn", compile: str = "auto",
                accelerate: str | None = None, verbose: bool | None = None):
     self.n_components = n_components
     self.covariance_type = covariance_type
@@ -95,15 +99,23 @@ class GaussianMixture:
     v.check_int("n_init", self.n_init, minimum=1)
     v.check_option("init_params", self.init_params, INIT_METHODS)
     v.check_option("on_decrease", self.on_decrease, ON_DECREASE_OPTIONS)
-    v.check_option("compile", self.compile, ("graph", "xla", "eager"))
+    v.check_option("compile", self.compile, ("auto", "graph", "xla", "eager"))
     if self.accelerate is not None:
       v.check_option("accelerate", self.accelerate, ("squarem",))
     v.check_seed(self.seed)
     return v.check_dtype(self.dtype)
 
-  def _model(self):
+  def _model(self, n_points=None, n_features=None):
     return GaussianMixtureEM(self.n_components, self.covariance_type, self.reg_covar,
-                             init=self._initial_responsibilities, compile=self.compile)
+                             init=self._initial_responsibilities,
+                             compile=self._compile_mode(n_points, n_features))
+
+  def _compile_mode(self, n_points, n_features) -> str:
+    if self.compile != "auto":
+      return self.compile
+    if n_points is None:  # streamed: batches are large by construction
+      return "xla"
+    return "xla" if n_points * n_features * self.n_components >= XLA_MIN_WORK else "graph"
 
   def _initial_responsibilities(self, x, weights, seed):
     return initial_responsibilities(self.init_params, x, weights, self.n_components, seed)
@@ -130,26 +142,27 @@ class GaussianMixture:
     """
     dtype = self._check_options()
     v.check_int("batch_size", batch_size, minimum=1)
-    model = self._model()
     if _is_stream_source(X):
       if sample_weight is not None:
         raise ValueError("sample_weight is only supported for in-memory arrays")
       data, n_features = self._stream(X, columns, batch_size, dtype)
+      model = self._model(None, n_features)
       init = self._user_init(model, next(iter(data)), dtype)
     else:
       if online:
         raise ValueError("online=True needs streamed input (a tf.data.Dataset or files)")
       data = self._in_memory(X, sample_weight, dtype)
       n_features = data.x.shape[1]
+      model = self._model(*data.x.shape)
       init = self._user_init(model, data, dtype)
     if online:
       from tfp_em.online import fit_online_em
       result = fit_online_em(model, data, seed=self.seed, init_params=init,
-                             compile=self.compile)
+                             compile=model.compile)
     else:
       result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
                       seed=self.seed, init_params=init, on_decrease=self.on_decrease,
-                      compile=self.compile, progress=self.verbose,
+                      compile=model.compile, progress=self.verbose,
                       accelerate=self.accelerate, strategy=strategy,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                       resume=resume)
@@ -172,9 +185,9 @@ class GaussianMixture:
     return MixtureData(tf.constant(x), tf.constant(w))
 
   def _stream(self, source, columns, batch_size, dtype):
-    from tfp_em.streams import features_dataset
+    from tfp_em.streams import checked_batches, features_dataset
     features, _ = features_dataset(source, columns, batch_size, dtype)
-    first = next(iter(features), None)
+    first = next(checked_batches(features), None)
     if first is None or first.shape[0] < self.n_components:
       raise ValueError(f"the first batch has {0 if first is None else first.shape[0]} rows but "
                        f"n_components={self.n_components}; use a larger batch_size")
