@@ -57,6 +57,10 @@ def encode_clusters(clusters, n: int, name: str = "clusters"):
   """Any hashable labels [n] -> (unique labels [G] (object array), codes [n] int32)."""
   if hasattr(clusters, "numpy") and callable(clusters.numpy):
     clusters = clusters.numpy()
+  if clusters is None or isinstance(clusters, (str, bytes)) or not hasattr(clusters, "__len__"):
+    raise ValueError(f"{name} must give one cluster label per row of X, got {clusters!r}")
+  if isinstance(clusters, np.ndarray) and clusters.ndim != 1:
+    raise ValueError(f"{name} must be 1-D (one label per row of X), got shape {clusters.shape}")
   values = list(clusters) if not isinstance(clusters, np.ndarray) else clusters
   if len(values) != n:
     raise ValueError(f"{name} has length {len(values)} but X has {n} rows")
@@ -69,7 +73,10 @@ def encode_clusters(clusters, n: int, name: str = "clusters"):
     labels, codes = np.unique(arr, return_inverse=True)
   except TypeError:  # labels of mixed, unorderable types: first-seen order
     index = {}
-    codes = np.array([index.setdefault(v, len(index)) for v in arr])
+    try:
+      codes = np.array([index.setdefault(v, len(index)) for v in arr])
+    except TypeError as e:
+      raise ValueError(f"{name} labels must be hashable values: {e}") from None
     labels = np.empty(len(index), dtype=object)
     labels[:] = list(index)
   return labels, codes.astype(np.int32).reshape(-1)
