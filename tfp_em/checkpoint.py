@@ -66,11 +66,16 @@ class Checkpointer:
     pointer = os.path.join(self.directory, LATEST)
     if not os.path.exists(pointer):
       return None
-    with open(pointer, encoding="utf-8") as f:
-      prefix = os.path.join(self.directory, json.load(f)["prefix"])
-    reader = tf.train.load_checkpoint(prefix)
-    get = lambda name: reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
-    meta = json.loads(get("meta").decode() if isinstance(get("meta"), bytes) else get("meta"))
+    try:
+      with open(pointer, encoding="utf-8") as f:
+        prefix = os.path.join(self.directory, json.load(f)["prefix"])
+      reader = tf.train.load_checkpoint(prefix)
+      get = lambda name: reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+      meta = json.loads(get("meta").decode() if isinstance(get("meta"), bytes) else get("meta"))
+    except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as e:
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+      raise ValueError(f"checkpoint in {self.directory!r} cannot be read ({first}); delete "
+                       "it to start afresh") from None
     if meta["fingerprint"] != self.fingerprint:
       raise ValueError(f"checkpoint in {self.directory!r} belongs to another fit "
                        f"({meta['fingerprint']}); expected {self.fingerprint}. "

@@ -90,6 +90,8 @@ def _demo(args) -> int:
   from tfp_em import io
   if args.max_components < 1:
     raise ValueError(f"--max-components must be >= 1, got {args.max_components}")
+  if args.seed < 0:
+    raise ValueError(f"--seed must be >= 0, got {args.seed}")
   x, names = io.load_old_faithful()
   io.check_output_dir(args.out)
   print(f"Old Faithful: {x.shape[0]} eruptions, columns {names}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tfp_em.streams import checked_batches
+
 
 def shared_fields(model) -> tuple:
   return tuple(getattr(model, "shared_stats_fields", ()))
@@ -57,7 +59,7 @@ class _BatchedPass:
 
   def _accumulate(self, batches, step):
     total, n_obs = None, 0.0
-    for batch in batches:
+    for batch in checked_batches(batches):
       stats, ll = step(batch)
       if self.num_observations is None:
         n_obs += float(self.model.num_observations(batch))
@@ -70,7 +72,7 @@ class _BatchedPass:
     return total
 
   def first_batch(self):
-    return next(iter(self.dataset))
+    return next(checked_batches(self.dataset))
 
 
 class StreamPass(_BatchedPass):
@@ -113,7 +115,8 @@ class DistributedPass(_BatchedPass):
 
     self._step = step
     # Batches here are PerReplica values: count once on the undistributed data.
-    self.num_observations = float(sum(float(model.num_observations(b)) for b in dataset))
+    self.num_observations = float(sum(float(model.num_observations(b))
+                                      for b in checked_batches(dataset)))
 
   def __call__(self, params):
     return self._accumulate(self._dist, lambda batch: self._step(params, batch))

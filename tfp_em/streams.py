@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -114,6 +115,27 @@ def features_dataset(source, columns=None, batch_size: int = 65536, dtype="float
               "tfrecord": _tfrecord_dataset}[FORMATS[os.path.splitext(files[0])[1].lower()]]
     ds, names = reader(files, columns, batch_size, dtype)
   return ds.map(_check_finite).prefetch(2), names
+
+
+def data_error(error) -> ValueError:
+  """The `ValueError` naming the data problem behind a tf.data read error."""
+  msg = getattr(error, "message", None) or str(error)
+  msg = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", msg).split(" [Op:")[0]
+  msg = re.sub(r"Error in user-defined function .*?: (?=the data)", "", msg.splitlines()[0])
+  return ValueError(f"reading the data failed: {msg.strip()}")
+
+
+def checked_batches(dataset):
+  """Iterates `dataset`; a read error (bad cell, ragged row, NaN) becomes a ValueError."""
+  iterator = iter(dataset)
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      raise data_error(e) from None
+    yield batch
 
 
 def _check_finite(x):
