@@ -257,6 +257,7 @@ class MixedEffectsRegressor:
       self.
     """
     dtype = self._check_options()
+    self.__dict__.pop("n_random_effects_", None)  # a refit may change q
     self.dtype_ = dtype
     X, y = self._check_xy(X, y, dtype)
     n = X.shape[0]
