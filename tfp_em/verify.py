@@ -79,13 +79,31 @@ ALL_CHECKS = ("1", "2", "3", "4", "5", "6")
 _ORACLES = {}
 
 
-def register_oracle(model_class, oracle):
+_SPECS = {}
+_TOLERANCES = {}
+
+
+def register_oracle(model_class, oracle, param_specs=None, tolerances=None):
   """Registers `oracle(model, params, data) -> ExactPosterior` for a model class.
 
   A model can instead define a method `verification_oracle(params, data)`.
   The posterior keys must match those of the model's `posterior(params, data)`.
+  `param_specs` serves models that have no `param_specs` attribute;
+  `tolerances` ({Tolerances field: value}) loosens checks for models whose
+  M-step is iterative (a model can instead set `verification_tolerances`).
   """
   _ORACLES[model_class] = oracle
+  if param_specs is not None:
+    _SPECS[model_class] = param_specs
+  if tolerances is not None:
+    _TOLERANCES[model_class] = dict(tolerances)
+
+
+def _registered(registry, model):
+  for cls in type(model).__mro__:
+    if cls in registry:
+      return registry[cls]
+  return None
 
 
 def _find_oracle(model):
@@ -109,9 +127,28 @@ def _gaussian_mixture_oracle(model, params, data):
   return ExactPosterior(log_prob, {"responsibilities": exact.posterior["z"]})
 
 
+def _bernoulli_mlp_oracle(model, params, data):
+  """Enumerates the 2^m hidden configurations of `models.bernoulli_mlp.joint`."""
+  from tfp_em.bernoulli_mlp import l2_penalty
+  x, y = data
+  exact = marginalize_discrete(model.joint_distribution(params, data), {"z": 2}, {"y": y})
+  # Configurations come in the same order (binary digits, most significant first).
+  return ExactPosterior(exact.log_prob - l2_penalty(params, model.l2),
+                        {"tau": exact.posterior["z"], "hidden_marginals": exact.posterior["z_mean"]})
+
+
 def _register_package_oracles():
   from tfp_em.mixture_em import GaussianMixtureEM
   register_oracle(GaussianMixtureEM, _gaussian_mixture_oracle)
+  try:
+    from models.bernoulli_mlp import param_specs as mlp_specs
+    from tfp_em.bernoulli_mlp import BernoulliMLPEM
+  except ImportError:  # pragma: no cover - model not installed
+    return
+  # The M-step runs damped Newton until the Newton decrement is small, which
+  # leaves grad Q(theta_new) ~ 1e-7 of the gradient scale: allow 1e-5.
+  register_oracle(BernoulliMLPEM, _bernoulli_mlp_oracle, param_specs=mlp_specs(),
+                  tolerances={"m_step_gradient": 1e-5})
 
 
 _register_package_oracles()
@@ -190,18 +227,26 @@ def _model_target(model, data, *, init_params, param_specs, oracle, component_ax
   data = _float64_data(data)
   start = init_params if init_params is not None else model.initialize(data, seed)
   start = to_float64(start)
-  specs = normalize_specs(start, param_specs if param_specs is not None
-                          else getattr(model, "param_specs", None))
+  if param_specs is None:
+    param_specs = getattr(model, "param_specs", None)
+  if param_specs is None:
+    param_specs = _registered(_SPECS, model)
+  specs = normalize_specs(start, param_specs)
   if component_axes is None:
     component_axes = getattr(model, "component_axes", None)
-    if component_axes is None and hasattr(model, "covariance_type"):  # Gaussian mixtures
+    from tfp_em.mixture_em import GaussianMixtureEM
+    if component_axes is None and isinstance(model, GaussianMixtureEM):
       component_axes = {"weights": 0, "means": 0}
       if model.covariance_type != "tied":
         component_axes["covariances"] = 0
   num_obs = getattr(model, "num_observations", None)
   n_obs = float(num_obs(data)) if callable(num_obs) else float(tf.shape(tf.nest.flatten(data)[0])[0])
   posterior = getattr(model, "posterior", None)
-  exact = oracle if oracle is not None else _find_oracle(model)
+  exact_fn = oracle if oracle is not None else _find_oracle(model)
+  exact = None
+  if exact_fn is not None:  # compiled: enumeration and Hessians are traced once
+    exact_compiled = _maybe_compile(lambda p: exact_fn(p, data), compile)
+    exact = lambda p, _: exact_compiled(p)
   return Target(
       name=getattr(model, "name", type(model).__name__), data=data,
       starts=_perturbed_starts(start, specs, n_points, perturbation, seed),
@@ -407,6 +452,10 @@ def verify(model_or_joint, data, *, e_step=None, m_step=None, init_params=None,
 
   is_model = callable(getattr(model_or_joint, "e_step", None))
   if is_model:
+    model_tol = (getattr(model_or_joint, "verification_tolerances", None)
+                 or _registered(_TOLERANCES, model_or_joint) or {})
+    if not isinstance(tolerances, (Tolerances, dict)):
+      tol = tol._replace(**{k: max(v, getattr(tol, k)) for k, v in model_tol.items()})
     target = _model_target(model_or_joint, data, init_params=init_params,
                            param_specs=param_specs, oracle=oracle, component_axes=component_axes,
                            n_points=n_points, perturbation=perturbation, seed=seed,

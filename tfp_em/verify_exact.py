@@ -6,8 +6,9 @@ update.
 
 * `marginalize_discrete`: latents that are discrete and independent across
   data points given the parameters (mixture labels, Bernoulli hidden units).
-  Axis 0 of every latent indexes the data points; the latents of one point
-  are enumerated jointly (all `cardinality ** size` configurations).
+  Either axis 0 of every latent indexes the data points, or the
+  JointDistribution has batch shape [N]; the latents of one point are
+  enumerated jointly (all `cardinality ** size` configurations).
 * `marginalize_gaussian`: latents on which log p(observed, latents) is
   quadratic (linear-Gaussian models such as random effects). The posterior is
   Gaussian and one Newton step from anywhere lands on its mean, so
@@ -26,7 +27,9 @@ z_n = c,
 
 All N * M evaluations run as one vectorized batch (`tf.vectorized_map`),
 costing O(N^2 M) per call: use small data (a few hundred points) to verify.
-The factorization is itself checked on a few pairs of points.
+The factorization is itself checked on a few pairs of points. A
+JointDistribution with batch shape [N] gives g_n(c) directly, in M
+evaluations.
 
 #### References
 
@@ -78,9 +81,8 @@ def _latent_shapes(jd, names):
   out = {}
   for n in names:
     s = tf.TensorShape(shapes[n])
-    if not s.is_fully_defined() or s.rank < 1:
-      raise ValueError(f"latent {n!r} must have a static shape [N, ...] with axis 0 "
-                       f"indexing data points, got {s}")
+    if not s.is_fully_defined():
+      raise ValueError(f"latent {n!r} must have a static event shape, got {s}")
     out[n] = s.as_list()
   return out
 
@@ -115,17 +117,19 @@ def _configurations(latents, event_shapes):
 
 
 def _enumeration(jd, latents, observed, check_factorization):
-  """Returns (log p(x, 0), Delta [N, M], configurations)."""
+  """Returns (log p(x, 0) summed over points, Delta [N, M], configurations)."""
   names = list(latents)
   shapes = _latent_shapes(jd, names)
   dtypes = _latent_dtypes(jd, names)
+  base = {k: tf.zeros(shapes[k], dtypes[k]) for k in names}
+  lp_base = _call_log_prob(jd, {**base, **observed})
+  if lp_base.shape.rank == 1:
+    return _enumeration_batched(jd, latents, observed, shapes, dtypes, lp_base)
   n_points = {shapes[n][0] for n in names}
   if len(n_points) != 1:
     raise ValueError(f"all latents must share axis 0 (data points); shapes {shapes}")
   n = n_points.pop()
-  configs, m = _configurations(latents, shapes)
-  base = {k: tf.zeros(shapes[k], dtypes[k]) for k in names}
-  lp_base = _call_log_prob(jd, {**base, **observed})
+  configs, m = _configurations(latents, {k: v for k, v in shapes.items()})
 
   # values[b] for b = (point i, config c): zeros except row i = config c.
   eye = np.eye(n)
@@ -151,6 +155,23 @@ def _enumeration(jd, latents, observed, check_factorization):
   if pairs:
     _check_factorization(lp[n * m:], delta, lp_base, pairs, n)
   return lp_base, delta, configs
+
+
+def _enumeration_batched(jd, latents, observed, shapes, dtypes, lp_base):
+  """JointDistributions with batch shape [N]: log_prob is already per point.
+
+  Each configuration (the latent's whole event, e.g. all m hidden units) is
+  broadcast over the points, so M evaluations give log p(x_n, z_n = c).
+  """
+  names = list(latents)
+  configs, m = _configurations(latents, {k: [1] + v for k, v in shapes.items()})
+  batch = {k: tf.constant(configs[k].astype(dtypes[k].as_numpy_dtype)) for k in names}
+
+  def one(values):
+    return _call_log_prob(jd, {**values, **observed})
+
+  lp = tf.transpose(tf.vectorized_map(one, batch, fallback_to_while_loop=True))  # [N, M]
+  return tf.reduce_sum(lp_base), lp - lp_base[:, tf.newaxis], configs
 
 
 def _factorization_probes(n, m):
@@ -184,10 +205,12 @@ def marginalize_discrete(joint, latents: dict, observed: dict,
   Args:
     joint: a TFP JointDistribution with named variables, or a zero-argument
       callable returning one (e.g. `lambda: model(params)`).
-    latents: {name: cardinality}. Each latent has shape [N, *event] with
-      values in {0, ..., cardinality - 1}; axis 0 indexes data points, which
-      must be independent given the parameters. The latents of one point are
-      enumerated jointly.
+    latents: {name: cardinality}; values in {0, ..., cardinality - 1}. Two
+      layouts: (a) `log_prob` is a scalar and each latent's event shape is
+      [N, *event], axis 0 indexing data points that are independent given the
+      parameters; (b) the JointDistribution has batch shape [N] (`log_prob`
+      returns [N]) and each latent's event is one point's latent. The latents
+      of one point are enumerated jointly.
     observed: {name: value} for every other variable.
     check_factorization (default True): test on two pairs of points that the
       joint log-prob is additive across points, raising a `ValueError` if not.
