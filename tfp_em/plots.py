@@ -171,8 +171,8 @@ def hmc_trace(hmc_idata) -> Figure:
 
 
 def _symmetric_duplicate(dims, idx):
-  """Upper-triangle entry of a symmetric [feature, feature_bis] matrix."""
-  return dims[-2:] == ("feature", "feature_bis") and idx[-2] < idx[-1]
+  """Upper-triangle entry of a symmetric [d, d_bis] matrix (covariances)."""
+  return len(dims) >= 2 and dims[-1] == dims[-2] + "_bis" and idx[-2] < idx[-1]
 
 
 def hmc_rank(hmc_idata, max_panels: int = 16) -> Figure:

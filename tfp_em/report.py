@@ -143,8 +143,10 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
     rel = float(np.max(np.abs(se_l.se - se_h.se) / np.maximum(se_h.se, 1e-300)))
     checks.append(("Louis' observed information equals the autodiff Hessian (max rel. SE diff.)",
                    f"{rel:.2e}", rel < 1e-5))
-  eig = float(np.linalg.eigvalsh(0.5 * (se_h.information + se_h.information.T))[0])
-  checks.append(("observed information positive definite (smallest eigenvalue)",
+  gauge = adapter.gauge_dimension(fitted)
+  eig = float(np.linalg.eigvalsh(0.5 * (se_h.information + se_h.information.T))[gauge])
+  checks.append(("observed information positive definite (smallest eigenvalue"
+                 + (f" after the model's {gauge} flat directions)" if gauge else ")"),
                  f"{eig:.4g}", eig > 0))
   if n_boot:
     from tfp_em.stderr import bootstrap_standard_errors
@@ -170,11 +172,14 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
       "stop": ss["stop_reason"].values, "seconds": ss["seconds"].values},
       index=pd.Index(np.arange(ss.sizes["chain"]), name="restart"))
   parts.append("<h2>Restarts</h2>" + _table(restarts, 10))
+  louis = ("; Louis' method from the complete-data information over the enumerated latents"
+           if adapter.latent_states else "")
+  boot = f"; a parametric bootstrap with {n_boot} refits" if n_boot else ""
   parts.append("<h2>Estimates and standard errors</h2>"
                '<p class="note">Standard errors from the observed information (autodiff Hessian '
                "of the TFP marginal log-likelihood in the bijectors' unconstrained coordinates, "
-               "mapped back by the delta method); Louis' method from the complete-data "
-               "information; 95% Wald intervals.</p>" + _table(estimates))
+               f"mapped back by the delta method){louis}{boot}; 95% Wald intervals.</p>"
+               + _table(estimates))
 
   parts.append("<h2>Convergence</h2>")
   parts.append(_figure(plots.loglik_traces(em_idata), out_dir, "loglik_traces.png",
