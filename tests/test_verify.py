@@ -390,3 +390,11 @@ def test_user_arrays_are_not_modified():
   np.testing.assert_array_equal(data["x"], copies[0])
   for k in init:
     np.testing.assert_array_equal(init[k], copies[1][k])
+
+
+def test_module_is_callable():
+  """`tfp_em.verify(...)` runs the verifier; its other names stay attributes."""
+  import tfp_em.verify as module
+  report = module(_model("full"), _gmm_data(5), checks=("1",), n_points=1)
+  assert isinstance(report, VerificationReport) and report.passed
+  assert module.verify_file is verify_file

@@ -192,8 +192,8 @@ def _maybe_compile(fn, compile):
     if state["ok"]:
       try:
         return compiled(*args)
-      except (TypeError, NotImplementedError, tf.errors.OperatorNotAllowedInGraphError):
-        state["ok"] = False  # Python control flow on tensors etc.: stay eager
+      except Exception:  # untraceable (numpy calls, Python control flow): stay eager;
+        state["ok"] = False  # a genuine error is raised again by the eager call
     return fn(*args)
   return call
 
@@ -575,3 +575,14 @@ def main_verify(path) -> int:
     return 2
   print(report)
   return 0 if report.passed else 1
+
+
+class _CallableModule(type(sys)):
+  """Lets `tfp_em.verify(...)` call `verify` while `tfp_em.verify.verify_file`
+  and the other names stay reachable as module attributes."""
+
+  def __call__(self, *args, **kwargs):
+    return verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

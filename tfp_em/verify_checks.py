@@ -345,13 +345,14 @@ def make_em_iteration(target: Target):
   if not target.compile:
     return iteration
   compiled = tf.function(iteration, reduce_retracing=True)
+  state = {"ok": True}
 
-  def safe(params, _state={"ok": True}):
-    if _state["ok"]:
+  def safe(params):
+    if state["ok"]:
       try:
         return compiled(params)
       except Exception:  # user code that cannot be traced: run it eagerly
-        _state["ok"] = False
+        state["ok"] = False
     return iteration(params)
   return safe
 

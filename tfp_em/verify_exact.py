@@ -253,7 +253,7 @@ def expected_log_joint_discrete(joint, latents: dict, observed: dict, posterior)
 # ----------------------------------------------------------------------------
 # Gaussian latents.
 
-def _flat_latents(jd, names, at):
+def _flat_latents(jd, names):
   shapes = _latent_shapes(jd, names)
   sizes = [int(np.prod(shapes[n])) for n in names]
   return shapes, sizes
@@ -299,7 +299,7 @@ def marginalize_gaussian(joint, latents, observed: dict) -> ExactPosterior:
   """
   jd = joint() if callable(joint) and not hasattr(joint, "log_prob") else joint
   names = list(latents)
-  shapes, sizes = _flat_latents(jd, names, None)
+  shapes, sizes = _flat_latents(jd, names)
   dtype = _latent_dtypes(jd, names)[names[0]]
   zero = tf.zeros([sum(sizes)], dtype)
   _, grad, hess = _log_prob_grad_hessian(jd, names, shapes, sizes, zero, observed)
@@ -328,7 +328,7 @@ def expected_log_joint_gaussian(joint, latents, observed: dict, posterior: dict)
   """
   jd = joint() if callable(joint) and not hasattr(joint, "log_prob") else joint
   names = list(latents)
-  shapes, sizes = _flat_latents(jd, names, None)
+  shapes, sizes = _flat_latents(jd, names)
   dtype = _latent_dtypes(jd, names)[names[0]]
   mean = tf.concat([tf.reshape(tf.cast(posterior[n + "_mean"], dtype), [-1]) for n in names], 0)
   lp, _, hess = _log_prob_grad_hessian(jd, names, shapes, sizes, mean, observed)
