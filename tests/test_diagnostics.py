@@ -373,3 +373,34 @@ def test_mixed_effects_hmc_variance_components():
                                "covariance[1, 1]", "noise_variance"]
   assert table["r_hat"].max() < 1.01
   assert np.abs(table["z_map"]).max() < 0.05      # the mode is the EM estimate
+
+
+def test_bernoulli_mlp_alignment_undoes_exact_symmetries():
+  """Permuting and flipping hidden units leaves p(y | x) unchanged; align undoes both."""
+  from models import bernoulli_mlp as mlp
+  from tfp_em.adapters import get_adapter
+  from tfp_em.bernoulli_mlp import BernoulliMLPClassifier
+  rng = np.random.default_rng(1)
+  X = rng.normal(size=(60, 2))
+  y = rng.integers(0, 3, 60)
+  fitted = BernoulliMLPClassifier(n_hidden=3, l2=1.0, max_iter=20, seed=0).fit(X, y)
+  adapter = get_adapter(fitted)
+  ref = type(fitted.params_)(*[np.asarray(p) for p in fitted.params_])
+  w, out = ref.hidden_weights.copy(), ref.output_weights.copy()
+  out[0] += out[2]                        # flip unit 1: z_1 -> 1 - z_1
+  out[2] = -out[2]
+  w[:, 1] = -w[:, 1]
+  perm = [2, 0, 1]
+  moved = type(ref)(w[:, perm], out[[0, 3, 1, 2]] + 5.0)   # + 5: softmax shift
+  xs = tf_constant(fitted._inputs(X))
+  ll = lambda p: mlp.marginal_log_prob(type(p)(*[tf_constant(a) for a in p]), xs,
+                                       tf_constant(y.astype(np.int32))).numpy()
+  np.testing.assert_allclose(ll(moved), ll(ref), rtol=1e-10)
+  back = adapter.align(fitted, ref, moved)
+  np.testing.assert_allclose(back.hidden_weights, ref.hidden_weights, atol=1e-12)
+  np.testing.assert_allclose(back.output_weights, ref.output_weights, atol=1e-12)
+
+
+def tf_constant(a):
+  import tensorflow as tf
+  return tf.constant(a)

@@ -375,8 +375,8 @@ class BernoulliMLPAdapter(Adapter):
   softmax output weights are flat along 'add a vector to every class'
   (m+1 directions): SEs use the pseudo-inverse, i.e. they are the SEs of the
   class-centred weights the estimator stores. Hidden units are matched to the
-  reference by Hungarian matching on their input weights; output weights are
-  centred across classes after matching.
+  reference (Hungarian matching on their input weights, allowing the z -> 1-z
+  flip of a unit); output weights are centred across classes after matching.
   """
   observed_names = ("y",)
   latent_states = True
@@ -434,14 +434,30 @@ class BernoulliMLPAdapter(Adapter):
     return {"hidden_weights": ("input", "hidden"), "output_weights": ("hidden_bias", "class")}
 
   def label_permutation(self, fitted, reference, params):
-    return hungarian_permutation(np.asarray(reference.hidden_weights).T,
-                                 np.asarray(params.hidden_weights).T)
+    """(perm, signs): unit perm[j] (flipped where signs[j] = -1) matches unit j.
 
-  def permute(self, fitted, params, perm):
-    w, out = np.asarray(params.hidden_weights), np.asarray(params.output_weights)
-    rows = np.concatenate([[0], np.asarray(perm) + 1])
-    out = np.take(out, rows, axis=-2)
-    return type(params)(np.take(w, perm, axis=-1), out - out.mean(axis=-1, keepdims=True))
+    Two exact symmetries: permuting hidden units, and flipping one (z_h ->
+    1 - z_h, i.e. W[:, h] -> -W[:, h], V[0] += V[h+1], V[h+1] -> -V[h+1]).
+    """
+    ref = np.asarray(reference.hidden_weights).T                  # [m, D+1]
+    cand = np.asarray(params.hidden_weights).T
+    plus = np.sum((ref[:, None] - cand[None]) ** 2, -1)           # [m, m]
+    minus = np.sum((ref[:, None] + cand[None]) ** 2, -1)
+    _, perm = linear_sum_assignment(np.minimum(plus, minus))
+    rows = np.arange(len(perm))
+    return perm, np.where(minus[rows, perm] < plus[rows, perm], -1.0, 1.0)
+
+  def permute(self, fitted, params, perm_signs):
+    perm, signs = perm_signs
+    w = np.array(params.hidden_weights, copy=True)
+    out = np.array(params.output_weights, copy=True)
+    for h, s in zip(perm, signs):
+      if s < 0:
+        out[0] += out[h + 1]
+        out[h + 1] = -out[h + 1]
+        w[:, h] = -w[:, h]
+    out = out[np.concatenate([[0], np.asarray(perm) + 1])]
+    return type(params)(w[:, perm], out - out.mean(axis=-1, keepdims=True))
 
   def posterior_predictive(self, fitted, params, data, num_draws, seed):
     from models import bernoulli_mlp as mlp
