@@ -311,7 +311,7 @@ class MixedEffectsRegressor:
     return mapped[codes]
 
   def _fit_linear(self, train):
-    model = MixedEffectsEM(self.covariance, compile="graph")
+    model = MixedEffectsEM(self.covariance, compile="graph", expand=self.method == "em")
     if self.method == "em":
       result = fit_em(model, train, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
                       on_decrease=self.on_decrease, compile=model.compile, progress=False)

@@ -46,6 +46,9 @@ class MixedEffectsStats(NamedTuple):
   second_moment: tf.Tensor  # [q, q] sum_i (m_i m_i^T + P_i^-1)
   num_clusters: tf.Tensor  # []     G
   num_obs: tf.Tensor       # []     n
+  xtz: tf.Tensor           # [p, q] sum_j x_j z_j^T   (for the PX-EM step)
+  ztz: tf.Tensor           # [q, q] sum_j z_j z_j^T   (for the PX-EM step)
+  mean_sum: tf.Tensor      # [q]    sum_i m_i         (for the PX-EM step)
   beta_ref: tf.Tensor      # [p]    shared
 
 
@@ -106,6 +109,21 @@ class MixedEffectsEM:
   Args:
     covariance_type: 'full' (default) or 'diag' Sigma_u.
     compile: how `fit_em` runs the steps: 'graph' (default), 'xla' or 'eager'.
+    expand: add the parameter-expansion step of PX-EM (default False). The
+      M-step then also fits a mean mu of u_i and moves it into beta:
+      beta += A mu with Z = X A, Sigma_u centred. It applies when every
+      column of Z lies in the span of X (a random intercept with a fixed
+      intercept; random slopes whose time terms are also fixed effects).
+      l stays monotone and the fixed point is the same, but the update is no
+      longer argmax Q of the original model (the M-step stationarity check
+      does not apply). Plain EM moves a common offset between the fixed
+      intercept and the u_i only by the shrinkage fraction per iteration,
+      which takes thousands of iterations when clusters are large.
+
+  #### References
+
+  [1] C. Liu, D. B. Rubin and Y. N. Wu. Parameter expansion to accelerate EM:
+      the PX-EM algorithm. Biometrika, 85(4):755-770, 1998.
   """
   name = "MixedEffectsEM"
   failure_hint = ("Check X for collinear columns and Z for columns that are constant "
@@ -115,9 +133,13 @@ class MixedEffectsEM:
   component_axes = {}              # no label switching: nothing to align
   generalized_m_step_fields = ()   # every block of the M-step is in closed form
 
-  def __init__(self, covariance_type: str = "full", compile: str = "graph"):
+  def __init__(self, covariance_type: str = "full", compile: str = "graph",
+               expand: bool = False):
     self.covariance_type = me.check_covariance_type(covariance_type)
     self.compile = compile
+    self.expand = bool(expand)
+    if self.expand:
+      self.name = "MixedEffectsPXEM"
 
   @property
   def param_specs(self) -> me.MixedEffectsParams:
@@ -179,6 +201,9 @@ class MixedEffectsEM:
         second_moment=self._second_moment(post.mean, post.covariance),
         num_clusters=tf.cast(data.num_clusters, dtype),
         num_obs=tf.cast(tf.shape(data.y)[0], dtype),
+        xtz=tf.matmul(data.x, data.z, transpose_a=True),
+        ztz=tf.matmul(data.z, data.z, transpose_a=True),
+        mean_sum=tf.reduce_sum(post.mean, axis=0),
         beta_ref=params.beta)
     return out, tf.reduce_sum(post.log_prob)
 
@@ -191,10 +216,27 @@ class MixedEffectsEM:
   # -- M-step ---------------------------------------------------------------
   def m_step(self, params, stats: MixedEffectsStats) -> me.MixedEffectsParams:
     beta, residual_ss = self._update_beta(stats)
+    noise_variance = self._update_noise_variance(stats, residual_ss)
+    if self.expand and stats.beta_ref.shape[0]:
+      beta, stats = self._expansion(beta, stats)
     return me.MixedEffectsParams(
-        beta=beta,
-        covariance=self._update_covariance(stats),
-        noise_variance=self._update_noise_variance(stats, residual_ss))
+        beta=beta, covariance=self._update_covariance(stats),
+        noise_variance=noise_variance)
+
+  def _expansion(self, beta, stats):
+    """PX-EM reduction: mu = mean_i m_i, moved into beta (Z = X A).
+
+    Applied only when every column of Z lies in the span of X (then the
+    expanded M-step is exact); otherwise the step is plain EM.
+    """
+    a = tf.linalg.cholesky_solve(tf.linalg.cholesky(stats.xtx), stats.xtz)       # [p, q]
+    explained = tf.linalg.diag_part(tf.matmul(stats.xtz, a, transpose_a=True))  # [q]
+    total = tf.linalg.diag_part(stats.ztz)
+    eps = np.finfo(stats.ztz.dtype.as_numpy_dtype).eps
+    in_span = tf.reduce_all(total - explained <= math.sqrt(eps) * total)
+    mu = tf.cast(in_span, total.dtype) * stats.mean_sum / stats.num_clusters  # [q]
+    centred = stats.second_moment - stats.num_clusters * mu[:, None] * mu[None, :]
+    return beta + tf.linalg.matvec(a, mu), stats._replace(second_moment=centred)
 
   def _update_beta(self, stats):
     """New beta and ||y - X beta_new - Z m||^2."""
