@@ -404,3 +404,19 @@ def test_bernoulli_mlp_alignment_undoes_exact_symmetries():
 def tf_constant(a):
   import tensorflow as tf
   return tf.constant(a)
+
+
+@pytest.mark.slow
+def test_bernoulli_mlp_hmc():
+  from tfp_em.bernoulli_mlp import BernoulliMLPClassifier
+  from tfp_em.hmc import compare_with_em, sample_posterior
+  rng = np.random.default_rng(0)
+  X = rng.normal(size=(300, 2))
+  logit = 1.5 * X[:, 0] - X[:, 1] + 0.8 * X[:, 0] * X[:, 1]
+  y = (rng.uniform(size=300) < 1 / (1 + np.exp(-logit))).astype(int)
+  fitted = BernoulliMLPClassifier(n_hidden=2, n_init=3, seed=0, l2=1.0).fit(X, y)
+  idata = sample_posterior(fitted, X, y, num_results=1000, num_burnin=1000, seed=0,
+                           progress=False)
+  table = compare_with_em(fitted, idata, X, y)
+  assert table["r_hat"].max() < 1.01          # after undoing unit permutations and flips
+  assert np.abs(table["z_map"]).max() < 0.25  # the N(0, 10^2) prior adds a little to the L2 penalty

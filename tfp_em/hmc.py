@@ -266,7 +266,7 @@ def compare_with_em(fitted, hmc_idata, X=None, y=None, *, priors=None, fixed=Non
   """EM estimate and SE beside the NUTS posterior (az.summary) and the MAP.
 
   Columns: em_estimate, em_se (observed information), post_mean, post_sd,
-  map (L-BFGS from the posterior mean), r_hat, ess_bulk, ess_tail,
+  map (L-BFGS from the posterior mean, labels aligned), r_hat, ess_bulk, ess_tail,
   z_mean = (post_mean - em_estimate) / em_se and z_map likewise.
   """
   adapter = get_adapter(fitted)
@@ -282,6 +282,8 @@ def compare_with_em(fitted, hmc_idata, X=None, y=None, *, priors=None, fixed=Non
       hmc_idata.posterior[n].mean(("chain", "draw")).values if n in hmc_idata.posterior
       else np.asarray(p) for n, p in zip(estimate._fields, estimate)])
   mode, _ = posterior_mode(fitted, data, priors=priors, start=mean_params, fixed=fixed)
+  # L-BFGS may land on a relabelled copy of the same optimum
+  mode = adapter.align(fitted, type(estimate)(*[np.asarray(p) for p in estimate]), mode)
   flat_mode = Flattener(mode, specs).constrained(
       type(mode)(*[tf.constant(p, tf.float64) for p in mode])).numpy()
   out = pd.DataFrame({
