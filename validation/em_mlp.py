@@ -126,10 +126,11 @@ def warm_up():
     fit_tfp(method, cfg, x[::5], y[::5], x[:3], y[:3], seed=0)
 
 
-def run_cv(quick):
+def run_cv(quick, names):
   rows, per_fold = [], {}
   warm_up()
-  for name, cfg in DATASETS.items():
+  for name in names:
+    cfg = DATASETS[name]
     x, y = cfg["load"](return_X_y=True)
     results = {"em": [], "autodiff": [], "keras": [], "em_to_autodiff": []}
     for k, (train, test) in enumerate(_folds(x, y, quick)):
@@ -319,28 +320,40 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="2 folds, 100 Keras epochs, short loop")
   parser.add_argument("--skip-cv", action="store_true", help="only the speed benchmark")
+  parser.add_argument("--skip-benchmark", action="store_true", help="only the cross-validation")
+  parser.add_argument("--datasets", default=",".join(DATASETS),
+                      help=f"comma-separated subset of {','.join(DATASETS)} (default: all)")
   args = parser.parse_args(argv)
+  names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+  unknown = sorted(set(names) - set(DATASETS))
+  if unknown:
+    parser.error(f"unknown datasets {unknown}; choose from {list(DATASETS)}")
   tf.get_logger().setLevel("ERROR")
   os.makedirs(OUT, exist_ok=True)
   report = dict(quick=args.quick, machine=platform.platform(), cpu_count=os.cpu_count(),
                 load_average=os.getloadavg(), tensorflow=tf.__version__,
                 em=dict(max_iter=EM_MAX_ITER, tol=EM_TOL),
                 autodiff=dict(max_iter=AUTODIFF_MAX_ITER, tol=AUTODIFF_TOL))
-  print("speed benchmark ...", flush=True)
-  report["benchmark"] = bench = benchmark(args.quick)
-  print(_bench_text(bench), flush=True)
+  bench = None
+  if not args.skip_benchmark:
+    print("speed benchmark ...", flush=True)
+    report["benchmark"] = bench = benchmark(args.quick)
+    print(_bench_text(bench), flush=True)
   markdown = ["# Bernoulli hidden-unit MLP: exact EM vs autodiff vs Keras", "",
               f"quick={args.quick}; {report['machine']}; {report['cpu_count']} CPUs "
               f"(load average at start {report['load_average'][0]:.1f}); TF {report['tensorflow']}; "
               f"EM tol {EM_TOL:g}, L-BFGS tol {AUTODIFF_TOL:g}", ""]
   if not args.skip_cv:
-    rows, per_fold = run_cv(args.quick)
+    rows, per_fold = run_cv(args.quick, names)
     report["rows"], report["per_fold"] = rows, per_fold
     table = _table(rows)
     print(table)
     markdown += ["## Cross-validation", "", table, ""]
-  markdown += ["## Speed (m = 7, iris)", "", "```", _bench_text(bench), "```", ""]
+  if bench is not None:
+    markdown += ["## Speed (m = 7, iris)", "", "```", _bench_text(bench), "```", ""]
   name = "em_mlp_quick" if args.quick else "em_mlp"
+  if names != list(DATASETS):
+    name += "_" + "_".join(names)
   with open(os.path.join(OUT, name + ".json"), "w") as f:
     json.dump(report, f, indent=1)
   with open(os.path.join(OUT, name + ".md"), "w") as f:
