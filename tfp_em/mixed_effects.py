@@ -96,9 +96,10 @@ class MixedEffectsRegressor:
       'mlp': `default_mlp` (100-50-25-12 ReLU, dropout 0.25). A Keras model
       (cloned, then trained; yours is left untouched) or a callable
       `input_dim -> keras.Model`.
-    method: 'em' (default; exact EM for linear f, MeNets for a network) or
-      'nll' (L-BFGS on the exact marginal for linear f; LMMNN Adam on the
-      marginal NLL for a network).
+    method: 'em' (default; for linear f, exact EM with the PX-EM expansion
+      step when Z lies in the span of the fixed-effects design, else plain
+      EM; for a network, MeNets EM) or 'nll' (L-BFGS on the exact marginal
+      for linear f; LMMNN Adam on the marginal NLL for a network).
     fit_intercept: add an intercept column to linear f (default True).
     max_iter: EM iterations (linear f: M-steps; network: outer EM iterations)
       or, for 'nll' with a network, epochs (default 500).
