@@ -50,10 +50,9 @@ class PriorAsPosterior(bm.BernoulliMLPEM):
 
   def log_joint(self, params, inputs, labels_onehot, configs):
     log_joint = super().log_joint(params, inputs, labels_onehot, configs)
-    self_prior = super().log_joint(params, inputs, tf.zeros_like(labels_onehot), configs)
+    log_prior = super().log_joint(params, inputs, tf.zeros_like(labels_onehot), configs)
     # Keep the right loglik (logsumexp of the true joint) but the prior's shape.
-    shift = tf.reduce_logsumexp(log_joint, -1, keepdims=True)
-    return self_prior + shift
+    return log_prior + tf.reduce_logsumexp(log_joint, -1, keepdims=True)
 
 
 CORRECT = bm.BernoulliMLPEM

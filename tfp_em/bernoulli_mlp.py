@@ -4,15 +4,17 @@ The model (`models.bernoulli_mlp`) has m binary hidden units per point. EM
 enumerates all K = 2^m hidden configurations:
 
   E-step: log tau_j(z) = log p(z | x_j) + log p(y_j | z) - loglik_j, with
-    loglik_j = logsumexp_z of the same sum. Vectorized as two [N, m] x [m, K]
-    matmuls plus a gather, chunked over N to stay under a memory budget.
+    loglik_j = logsumexp_z of the same sum. Vectorized as one
+    [N, m+C] x [m+C, K] matmul, chunked over N (a `tf.while_loop`) to stay
+    under a memory budget.
   Stats: hidden targets t_hj = E[z_hj | x_j, y_j] (per point) and the
     configuration-by-class counts C[z, i] = sum_j tau_j(z) y_ji (a sum).
   M-step: (1) m independent logistic regressions of t_h on x~, batched over
     h; (2) a multinomial logistic regression over the K configurations with
     counts C, whose cost does not depend on N. Both are concave and solved by
-    damped Newton: each step keeps the best of the step sizes 1, 1/2, ...,
-    1/512 and 0, so Q never decreases.
+    damped Newton (`damped_newton`): a full step is kept when it increases Q,
+    otherwise the best of the step sizes 1, 1/2, ..., 1/512 and 0, so Q never
+    decreases.
 
 With `l2 > 0` every non-bias weight gets a Gaussian penalty (l2 / 2) w^2; EM
 then increases the penalized objective log p(y | x) - penalty, which is what
