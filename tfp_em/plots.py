@@ -42,8 +42,8 @@ def loglik_traces(em_idata) -> Figure:
     label = f"restart {c}" + (" (best)" if c == best else "")
     if steps.size and steps.min() < 0:
       label += f", drop {-steps.min():.2g}"
-    kw = dict(color=COLORS[c % 10], lw=2.2 if c == best else 1.2, ls=STYLES[c % 4],
-              marker="o", ms=3)
+    kw = dict(color=COLORS[c % 10], lw=2.4 if c == best else 1.2, marker="o", ms=3,
+              ls="-" if c == best else STYLES[1 + c % 3], zorder=3 if c == best else 2)
     left.plot(np.arange(n), lp[c, :n], label=label, **kw)
     gap = np.maximum(top - lp[c, :n], 1e-12)
     right.semilogy(np.arange(n), gap, **kw)
