@@ -221,6 +221,8 @@ def damped_newton(objective, gradient, neg_hessian, theta, *,
   def line_search(theta, d):
     candidates = theta + steps[:, tf.newaxis, tf.newaxis] * d          # [S, B, P]
     values = objective(candidates)                                     # [S, B]
+    # An overflowing step (Hessian ~0 at saturated logits) must lose to step 0.
+    values = tf.where(tf.math.is_finite(values), values, tf.constant(-np.inf, dtype))
     best = tf.argmax(values, axis=0, output_type=tf.int32)             # [B]
     return (tf.gather(tf.transpose(candidates, [1, 0, 2]), best, batch_dims=1),
             tf.reduce_max(values, axis=0))
@@ -228,6 +230,8 @@ def damped_newton(objective, gradient, neg_hessian, theta, *,
   def body(i, theta, f, _):
     g = gradient(theta)
     d = direction(g, neg_hessian(theta))                               # [B, P]
+    # A zero Hessian (every logit saturated) makes d overflow: take g instead.
+    d = tf.where(tf.reduce_all(tf.math.is_finite(d), -1, keepdims=True), d, g)
     full = objective((theta + d)[tf.newaxis])[0]                       # [B]
     # The full step is kept when it helps every problem; else search.
     new_theta, new_f = tf.cond(tf.reduce_all(full > f),
