@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -19,7 +20,7 @@ import tensorflow as tf
 from models import gaussian_mixture as gm
 from models.gaussian_mixture import GaussianMixtureParams
 from tfp_em import validation as v
-from tfp_em.engine import ON_DECREASE_OPTIONS, fit_em, restart_seeds
+from tfp_em.engine import ON_DECREASE_OPTIONS, default_decrease_tol, fit_em, restart_seeds
 from tfp_em.mixture_em import GaussianMixtureEM, MixtureData, precision_cholesky
 from tfp_em.mixture_init import INIT_METHODS, initial_responsibilities
 
@@ -34,7 +35,15 @@ class GaussianMixture:
     covariance_type: 'full' (default), 'tied', 'diag' or 'spherical'.
     tol: convergence tolerance on the change of the mean log-likelihood per
       point, relative to max(1, |mean loglik|) (default 1e-6).
-    reg_covar: non-negative value added to covariance diagonals (default 1e-6).
+    reg_covar: non-negative value added to covariance diagonals (default 1e-6),
+      in squared data units: scale it with the data. A component that
+      collapses onto one point (or onto duplicates) keeps covariance
+      reg_covar * I; with reg_covar=0 the fit stops with a
+      `NumericalFailureError` naming reg_covar. A component that loses all
+      its points (N_k -> 0) is re-seeded at the worst-fitted point, with an
+      `EmptyComponentWarning` (`tfp_em.mixture_reseed`). In float32, data
+      far from the origin relative to their spread get a warning to use
+      float64; the fit never returns NaN parameters.
     max_iter: maximum EM iterations per restart (default 100).
     n_init: number of restarts; the best log-likelihood wins (default 1).
     init_params: 'kmeans++' (default), 'kmeans', 'random' or
@@ -166,6 +175,8 @@ class GaussianMixture:
                       accelerate=self.accelerate, strategy=strategy,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                       resume=resume)
+      if isinstance(data, MixtureData):
+        result = self._revive_empty(model, data, result)
     self._set_fitted(result.params, n_features)
     self.log_likelihood_ = result.log_likelihood
     self.n_iter_ = result.n_iter
@@ -173,12 +184,45 @@ class GaussianMixture:
     self.fit_result_ = result
     return self
 
+  def _revive_empty(self, model, data, result):
+    """Re-seeds components that lost all their points (`tfp_em.mixture_reseed`);
+    each continuation is appended to `result.restarts`."""
+    from tfp_em import mixture_reseed as mr
+    x, w = data.x.numpy(), data.weights.numpy()
+    for _ in range(self.n_components):
+      empty = mr.empty_components(result.params.weights, w)
+      if not empty.any():
+        break
+      params = mr.reseed(result.params, model.log_prob_components, x, w, empty,
+                         self.covariance_type, self.reg_covar)
+      more = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
+                    init_params=params, on_decrease=self.on_decrease,
+                    compile=model.compile, progress=self.verbose)
+      slack = default_decrease_tol(x.dtype) * (abs(result.log_likelihood) + w.sum())
+      kept = more.log_likelihood >= result.log_likelihood - slack
+      warnings.warn(
+          f"GaussianMixture: component(s) {np.flatnonzero(empty).tolist()} lost all their "
+          f"points (N_k below {mr.MIN_COUNT} of a point); re-seeded at the worst-fitted "
+          f"point(s) and EM continued: log-likelihood {result.log_likelihood:.8g} -> "
+          f"{more.log_likelihood:.8g}" + ("" if kept else
+                                          "; kept the fit with the empty component"),
+          mr.EmptyComponentWarning, stacklevel=3)
+      if not kept:
+        break
+      result = result._replace(
+          params=more.params, log_likelihood=more.log_likelihood,
+          n_iter=result.n_iter + more.n_iter, converged=more.converged,
+          best_restart=len(result.restarts), restarts=result.restarts + more.restarts)
+    return result
+
   def _in_memory(self, X, sample_weight, dtype) -> MixtureData:
     x = v.check_array(X, "X", dtype=dtype, min_rows=1)
     if x.shape[0] < self.n_components:
       raise ValueError(f"X has {x.shape[0]} points but n_components={self.n_components}; "
                        "need at least as many points as components")
     w = v.check_sample_weight(sample_weight, x.shape[0], dtype=dtype)
+    if dtype == np.float32:
+      _warn_float32_offset(x)
     if np.count_nonzero(w) < self.n_components:
       raise ValueError(f"only {np.count_nonzero(w)} points have positive sample_weight "
                        f"but n_components={self.n_components}")
@@ -285,6 +329,17 @@ class GaussianMixture:
   def aic(self, X) -> float:
     """Akaike information criterion on X (lower is better)."""
     return -2 * self.score(X) * np.asarray(X).shape[0] + 2 * self._n_parameters()
+
+
+def _warn_float32_offset(x) -> None:
+  """Warns when float32 cannot resolve the data's spread next to its offset."""
+  offset = np.abs(x.mean(axis=0, dtype=np.float64))
+  spread = x.std(axis=0, dtype=np.float64)
+  ratio = float(np.max(offset / spread, initial=0.0, where=spread > 0))
+  if ratio > 1e3:
+    warnings.warn(f"X is far from the origin relative to its spread (|mean| / std up to "
+                  f"{ratio:.3g}); float32 keeps ~7 significant digits, so the data lose "
+                  "precision: use dtype='float64' or centre X first.", UserWarning, stacklevel=4)
 
 
 def _is_stream_source(X) -> bool:

@@ -76,6 +76,8 @@ def component_log_prob(x, means, prec_chol, covariance_type: str):
   """log N(x_n | mu_k, Sigma_k), shape [N, K]."""
   d = x.shape[-1]
   log_det = log_det_precision_cholesky(prec_chol, covariance_type, d)
+  shift = tf.reduce_mean(means, axis=0)  # a common offset cancels badly in x U - mu U
+  x, means = x - shift, means - shift
   if covariance_type == "full":
     y = tf.einsum("nd,kde->nke", x, prec_chol) - tf.einsum("kd,kde->ke", means, prec_chol)
   elif covariance_type == "tied":
