@@ -260,13 +260,12 @@ def _check_report(path: Path):
   return page
 
 
-def test_report_with_hmc_and_from_netcdf(faithful, faithful_hmc, tmp_path):
+def _report_and_reload(fitted, x, tmp_path, hmc):
   from tfp_em.report import write_report
-  fitted, x = faithful
-  path = write_report(fitted, x, tmp_path / "report", hmc=faithful_hmc, progress=False)
+  path = write_report(fitted, x, tmp_path / "report", hmc=hmc, progress=False)
   page = _check_report(path)
   for name in ("loglik_traces.png", "parameter_traces.png", "mixture_ellipses.png", "ppc.png",
-               "hmc_trace.png", "hmc_rank.png", "inference_data.nc", "hmc_posterior.nc"):
+               "inference_data.nc"):
     assert f'"{name}"' in page
   assert 'class="fail"' not in page, "a report check failed"
   again = write_report(tmp_path / "report" / "inference_data.nc", out_dir=tmp_path / "again",
@@ -276,6 +275,19 @@ def test_report_with_hmc_and_from_netcdf(faithful, faithful_hmc, tmp_path):
   # the estimates table is the same whether built from the estimator or the file
   assert re.findall(r"-?\d+\.\d+", page.split("Estimates")[1][:3000])[:10] == \
       re.findall(r"-?\d+\.\d+", page2.split("Estimates")[1][:3000])[:10]
+  return page
+
+
+def test_report_and_report_from_netcdf(faithful, tmp_path):
+  page = _report_and_reload(*faithful, tmp_path, hmc=False)
+  assert "hmc_trace.png" not in page
+
+
+@pytest.mark.slow
+def test_report_with_hmc(faithful, faithful_hmc, tmp_path):
+  page = _report_and_reload(*faithful, tmp_path, hmc=faithful_hmc)
+  for name in ("hmc_trace.png", "hmc_rank.png", "hmc_posterior.nc"):
+    assert f'"{name}"' in page
 
 
 # -- mixed effects and Bernoulli MLP -------------------------------------------
