@@ -147,6 +147,14 @@ def _finite_fit(est, w):
   return None
 
 
+def _finite_and_warned(text):
+  def check(est, caught):
+    if not any(text in str(w.message) for w in caught):
+      return f"finished without a warning mentioning {text!r}"
+    return _finite_fit(est, caught)
+  return check
+
+
 def _estimator_cases():
   cases = []
   for label, bad, rx in BAD_X:
@@ -251,6 +259,15 @@ def _estimator_cases():
            expect="handled", check=_finite_fit),
       Case(f"{g}: boolean X", g, _fit_gmm(lambda: _x() > 0, n_components=1),
            expect="handled", check=_finite_fit),
+      Case(f"{g}: a component loses all its points", g,
+           _fit_gmm(means_init=[[0.0, 0.0], [1e3, 1e3]]), expect="handled",
+           check=_finite_and_warned("lost all their points")),
+      Case(f"{g}: float32 data offset by 1e6", g, _fit_gmm(lambda: _x() + 1e6, dtype="float32"),
+           expect="handled", check=_finite_and_warned("float64")),
+      Case(f"{g}: data scaled by 1e-6", g, _fit_gmm(lambda: _x() * 1e-6, reg_covar=1e-18),
+           expect="handled", check=_finite_fit),
+      Case(f"{g}: data scaled by 1e6", g, _fit_gmm(lambda: _x() * 1e6), expect="handled",
+           check=_finite_fit),
   ]
 
   m = "BernoulliMLPClassifier"
@@ -283,6 +300,8 @@ def _estimator_cases():
            lambda tmp: _fitted("mlp").log_likelihood(_x(), _labels() + 7), "not seen"),
       Case(f"{m}: constant feature", m,
            _fit_mlp(X=lambda: np.c_[_x(), np.ones(40)]), expect="handled", check=_finite_fit),
+      Case(f"{m}: X scaled by 1e6 and offset", m, _fit_mlp(X=lambda: _x() * 1e6 + 1e9),
+           expect="handled", check=_finite_fit),
       Case(f"{m}: string labels", m, _fit_mlp(y=lambda: np.where(_labels() > 0, "yes", "no")),
            expect="handled", check=_finite_fit),
   ]
@@ -342,6 +361,11 @@ def _estimator_cases():
            lambda tmp: _fitted("me").predict_interval(_x(), level=1.5), "level"),
       Case(f"{r}: collinear X columns", r, _fit_me(X=lambda: np.c_[_x(), _x()[:, 0]]),
            "collinear|X"),
+      Case(f"{r}: random slopes on a time-scaled response", r,
+           _fit_me(y=lambda: _y_reg() * (1 + 0.5 * np.tile(np.arange(5.0), 8)),
+                   random_effects="slopes", max_iter=100,
+                   fit_kw=dict(time=np.tile(np.arange(5.0), 8))),
+           expect="handled", check=_finite_fit),
       Case(f"{r}: one point per cluster", r, _fit_me(clusters=lambda: np.arange(40)),
            expect="handled", check=_finite_fit),
       Case(f"{r}: no cluster effect (Sigma_u -> 0)", r,
