@@ -226,3 +226,11 @@ def test_mlp_on_inputs_scaled_by_1e3_and_separable_classes():
   assert all(np.all(np.isfinite(p)) for p in est.params_)
   assert np.isfinite(est.log_likelihood_) and est.score(sep, (x[:, 0] > 0).astype(int)) == 1.0
   assert np.all(np.isfinite(est.predict_proba(sep * 1e3)))
+
+
+def test_empty_component_in_a_streamed_fit_is_reported(tmp_path):
+  x = np.random.default_rng(0).normal(size=(60, 2))
+  ds = tf.data.Dataset.from_tensor_slices(x).batch(20)
+  with pytest.warns(mr.EmptyComponentWarning, match="streamed fits are not re-seeded"):
+    est = GaussianMixture(2, means_init=[[0, 0], [1e3, 1e3]], verbose=False).fit(ds)
+  assert np.all(np.isfinite(est.means_)) and np.all(np.isfinite(est.covariances_))

@@ -177,6 +177,8 @@ class GaussianMixture:
                       resume=resume)
       if isinstance(data, MixtureData):
         result = self._revive_empty(model, data, result)
+      else:
+        _warn_empty_streamed(result)
     self._set_fitted(result.params, n_features)
     self.log_likelihood_ = result.log_likelihood
     self.n_iter_ = result.n_iter
@@ -329,6 +331,17 @@ class GaussianMixture:
   def aic(self, X) -> float:
     """Akaike information criterion on X (lower is better)."""
     return -2 * self.score(X) * np.asarray(X).shape[0] + 2 * self._n_parameters()
+
+
+def _warn_empty_streamed(result) -> None:
+  """Streamed fits are not re-seeded (that needs the data in memory): warn only."""
+  from tfp_em import mixture_reseed as mr
+  weights = np.asarray(result.params.weights)
+  empty = np.flatnonzero(weights * result.num_observations < mr.MIN_COUNT)
+  if empty.size:
+    warnings.warn(f"GaussianMixture: component(s) {empty.tolist()} lost all their points; "
+                  "streamed fits are not re-seeded: refit with another seed or fewer "
+                  "components", mr.EmptyComponentWarning, stacklevel=3)
 
 
 def _warn_float32_offset(x) -> None:
