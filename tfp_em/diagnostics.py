@@ -8,8 +8,11 @@ Groups of the returned `az.InferenceData` (dims after chain/draw in brackets):
                     chain = restart, draw = EM iteration (draw 0 is the
                     initialization). Restarts shorter than the longest repeat
                     their final value; `sample_stats.n_iter` says where the
-                    real trajectory ends. Mixture labels of every restart are
-                    aligned to the best restart (Hungarian matching on means).
+                    real trajectory ends. When only the first and last params
+                    were kept (keep_trajectory=False; a network f), draw 1 on
+                    holds the final params. Latent labels of every restart
+                    are aligned to the best restart (Hungarian matching:
+                    mixture means; Bernoulli-MLP hidden units).
     sample_stats    lp [chain, draw] (log-likelihood per iteration, padded the
                     same way), padded [chain, draw] (True past n_iter),
                     converged [chain], n_iter [chain], seed [chain],
