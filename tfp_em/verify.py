@@ -60,8 +60,7 @@ import tensorflow as tf
 from models.specs import ParamSpec
 from tfp_em import validation as v
 from tfp_em.verify_checks import (Target, Tolerances, field_names, field_values, normalize_specs,
-                                  pack, run_checks, to_float64, unconstrained_trainable,
-                                  constrained)
+                                  pack, run_checks, to_float64)
 from tfp_em.verify_exact import (GAUSSIAN, ExactPosterior, expected_log_joint_discrete,
                                  expected_log_joint_gaussian, marginalize_discrete,
                                  marginalize_gaussian)
@@ -70,7 +69,7 @@ from tfp_em.verify_report import CheckResult, VerificationError, VerificationRep
 __all__ = [
     "verify", "verify_file", "VerificationReport", "VerificationError", "CheckResult",
     "Tolerances", "ExactPosterior", "marginalize_discrete", "marginalize_gaussian",
-    "register_oracle", "ALL_CHECKS",
+    "register_oracle", "ALL_CHECKS", "ParamSpec", "load_user_module", "main_verify",
 ]
 
 ALL_CHECKS = ("1", "2", "3", "4", "5", "6")
