@@ -57,6 +57,7 @@ def parameter_traces(em_idata, max_entries: int = 8) -> Figure:
   """One panel per parameter; a line per entry (first `max_entries`) and restart."""
   post = em_idata.posterior
   names = list(post.data_vars)
+  best = int(post.attrs.get("best_restart", 0))
   fig = Figure(figsize=(10, 2.6 * len(names)), layout="constrained")
   axes = np.atleast_1d(fig.subplots(len(names), 1))
   for ax, name in zip(axes, names):
@@ -66,8 +67,10 @@ def parameter_traces(em_idata, max_entries: int = 8) -> Figure:
     for c in range(flat.shape[0]):
       n = _valid(em_idata, c)
       for e in range(entries):
-        ax.plot(np.arange(n), flat[c, :n, e], color=COLORS[c % 10], lw=1.2, ls=STYLES[c % 4],
-                alpha=0.85, label=f"restart {c}" if e == 0 else None)
+        ax.plot(np.arange(n), flat[c, :n, e], color=COLORS[c % 10], alpha=0.85,
+                lw=2.0 if c == best else 1.2, ls="-" if c == best else STYLES[1 + c % 3],
+                zorder=3 if c == best else 2,
+                label=(f"restart {c}" + (" (best)" if c == best else "")) if e == 0 else None)
     shown = "" if entries == flat.shape[-1] else f" (first {entries} of {flat.shape[-1]} entries)"
     ax.set(title=f"{name}{shown}", xlabel="EM iteration")
   axes[0].legend(fontsize=8, ncol=min(4, post.sizes["chain"]))

@@ -65,7 +65,8 @@ def main():
         f"|posterior mean - EM| / SE: max {np.abs(table['z_mean']).max():.2f}; "
         f"posterior sd / SE: {np.min(table['post_sd'] / table['em_se']):.3f}.."
         f"{np.max(table['post_sd'] / table['em_se']):.3f}")
-  path = write_report(fitted, x, args.out, hmc=hmc, n_boot=100, feature_names=names)
+  path = write_report(fitted, x, args.out, hmc=hmc, n_boot=100,
+                      feature_names=[f"{n} (standardized)" for n in names])
   print(f"report: {path}")
 
 
