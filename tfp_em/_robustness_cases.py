@@ -447,8 +447,29 @@ def _loader_cases():
            lambda tmp: io.check_output_dir(_plain_file(tmp) / "out"), "cannot be created"),
       Case("check_output_dir: an existing file", "io",
            lambda tmp: io.check_output_dir(_plain_file(tmp)), "not a directory"),
+      Case("write_report: out_dir under a regular file", "report",
+           lambda tmp: _report().write_report(_fitted("gmm"), _x(), _plain_file(tmp) / "r",
+                                              hmc=False), "cannot be created"),
+      Case("write_report: non-existent netCDF", "report",
+           lambda tmp: _report().write_report(tmp / "none.nc", out_dir=tmp / "r", hmc=False),
+           "does not exist"),
+      Case("write_report: a CSV instead of netCDF", "report",
+           lambda tmp: _report().write_report(_write(tmp, "d.nc", _csv_rows(5)),
+                                              out_dir=tmp / "r", hmc=False), "netCDF"),
+      Case("load_fitted: non-existent file", "diagnostics",
+           lambda tmp: _diagnostics().load_fitted(tmp / "none.nc"), "does not exist"),
   ]
   return cases
+
+
+def _report():
+  from tfp_em import report
+  return report
+
+
+def _diagnostics():
+  from tfp_em import diagnostics
+  return diagnostics
 
 
 # ---- The CLI. ----------------------------------------------------------------

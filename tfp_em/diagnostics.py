@@ -32,6 +32,8 @@ draws (`tfp_em.hmc.sample_posterior`) it is the real diagnostic.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 import xarray as xr
@@ -187,13 +189,25 @@ def _obs_coords(observed, coords):
   return out
 
 
+def read_netcdf(path) -> az.InferenceData:
+  """`az.from_netcdf` with a ValueError naming a missing or unreadable file."""
+  path = str(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"netCDF file {path!r} does not exist")
+  try:
+    return az.from_netcdf(path)
+  except (OSError, ValueError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+    raise ValueError(f"{path}: not a readable netCDF file ({first})") from None
+
+
 def load_fitted(source):
   """(fitted estimator, data) from a netCDF path or an InferenceData.
 
   The estimator is rebuilt from `posterior.attrs` and the best restart's final
   draw; its `fit_result_` is not restored (the traces live in the file).
   """
-  idata = az.from_netcdf(str(source)) if not isinstance(source, az.InferenceData) else source
+  idata = read_netcdf(source) if not isinstance(source, az.InferenceData) else source
   attrs = idata.posterior.attrs
   if "estimator" not in attrs:
     raise ValueError(f"{source!s} was not written by tfp_em.to_inference_data "

@@ -22,9 +22,9 @@ import tensorflow as tf
 
 import arviz as az
 
-from tfp_em import plots
+from tfp_em import io, plots
 from tfp_em.adapters import get_adapter
-from tfp_em.diagnostics import load_fitted, resolve_data, to_inference_data
+from tfp_em.diagnostics import load_fitted, read_netcdf, resolve_data, to_inference_data
 from tfp_em.stderr import Flattener, _as_float64, standard_errors
 
 RHAT_LIMIT = 1.01
@@ -111,10 +111,9 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
     progress: progress bars; None means on, except under pytest.
     data_kwargs: further data `fit` took (sample_weight; clusters, time, Z).
   """
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  io.check_output_dir(out_dir)  # fail before any work; created once the input is read
   if isinstance(source, (str, os.PathLike)):
-    em_idata = az.from_netcdf(str(source))
+    em_idata = read_netcdf(source)
     em_idata.load()
     fitted, data = load_fitted(em_idata)
   else:
@@ -125,6 +124,7 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
     em_idata = to_inference_data(fitted, data, feature_names=feature_names)
   if feature_names is None and "feature" in em_idata.posterior.coords:
     feature_names = [str(f) for f in em_idata.posterior.coords["feature"].values]
+  out_dir = Path(io.ensure_writable_dir(out_dir))
   adapter = get_adapter(fitted)
   name = type(fitted).__name__
   plots.add_posterior_predictive(em_idata, fitted, data, num_draws=100)
