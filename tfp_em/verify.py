@@ -91,6 +91,7 @@ def register_oracle(model_class, oracle, param_specs=None, tolerances=None):
   `tolerances` ({Tolerances field: value}) loosens checks for models whose
   M-step is iterative (a model can instead set `verification_tolerances`).
   """
+  _register_package_oracles()  # so that the package's defaults never override yours
   _ORACLES[model_class] = oracle
   if param_specs is not None:
     _SPECS[model_class] = param_specs
@@ -99,6 +100,7 @@ def register_oracle(model_class, oracle, param_specs=None, tolerances=None):
 
 
 def _registered(registry, model):
+  _register_package_oracles()
   for cls in type(model).__mro__:
     if cls in registry:
       return registry[cls]
@@ -106,6 +108,7 @@ def _registered(registry, model):
 
 
 def _find_oracle(model):
+  _register_package_oracles()
   if hasattr(model, "verification_oracle"):
     return lambda p, d: model.verification_oracle(p, d)
   for cls in type(model).__mro__:
@@ -136,7 +139,14 @@ def _bernoulli_mlp_oracle(model, params, data):
                         {"tau": exact.posterior["z"], "hidden_marginals": exact.posterior["z_mean"]})
 
 
+_PACKAGE_REGISTERED = []
+
+
 def _register_package_oracles():
+  """Registers the package's models on first use (no import cycles at import time)."""
+  if _PACKAGE_REGISTERED:
+    return
+  _PACKAGE_REGISTERED.append(True)
   from tfp_em.mixture_em import GaussianMixtureEM
   register_oracle(GaussianMixtureEM, _gaussian_mixture_oracle)
   try:
@@ -149,8 +159,6 @@ def _register_package_oracles():
   register_oracle(BernoulliMLPEM, _bernoulli_mlp_oracle, param_specs=mlp_specs(),
                   tolerances={"m_step_gradient": 1e-5})
 
-
-_register_package_oracles()
 
 
 # ----------------------------------------------------------------------------
