@@ -279,8 +279,14 @@ def _report_and_reload(fitted, x, tmp_path, hmc):
 
 
 def test_report_and_report_from_netcdf(faithful, tmp_path):
+  from tfp_em.report import write_report
   page = _report_and_reload(*faithful, tmp_path, hmc=False)
   assert "hmc_trace.png" not in page
+  # regenerated in place from its own netCDF; a stale file there is not linked
+  (tmp_path / "report" / "hmc_posterior.nc").write_bytes(b"stale")
+  path = write_report(tmp_path / "report" / "inference_data.nc", out_dir=tmp_path / "report",
+                      hmc=False, progress=False)
+  assert "hmc_posterior.nc" not in _check_report(path)
 
 
 @pytest.mark.slow

@@ -48,9 +48,15 @@ def _table(df: pd.DataFrame, digits: int = 4) -> str:
 
 
 def _figure(fig, out_dir: Path, name: str, caption: str) -> str:
-  fig.savefig(out_dir / name, dpi=100)
+  io.save_figure(fig, out_dir / name, dpi=100)
   return (f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
           f'<figcaption class="note">{html.escape(caption)}</figcaption></figure>')
+
+
+def _write_netcdf(idata, path):
+  """Atomic: a report regenerated in place may still hold `path` open."""
+  with io.atomic_path(path) as tmp:
+    idata.to_netcdf(tmp)
 
 
 def _verdict(ok) -> str:
@@ -199,14 +205,16 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
                        "JointDistribution (blue) against the data (black)."))
   parts.append(hmc_html)
 
-  em_idata.to_netcdf(str(out_dir / "inference_data.nc"))
-  files = [f for f in ("inference_data.nc", "hmc_posterior.nc") if (out_dir / f).exists()]
+  _write_netcdf(em_idata, out_dir / "inference_data.nc")
+  # only what this run wrote: a stale file from an earlier report is not linked
+  files = ["inference_data.nc"] + (["hmc_posterior.nc"] if hmc_html else [])
   parts.append("<h2>Files</h2><ul>" + "".join(
       f'<li><a href="{f}">{f}</a></li>' for f in files) + "</ul>")
   page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(name)} report"
           f"</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
   path = out_dir / "index.html"
-  path.write_text(page, encoding="utf-8")
+  with io.atomic_path(path) as tmp:
+    Path(tmp).write_text(page, encoding="utf-8")
   return path
 
 
@@ -215,7 +223,7 @@ def _hmc_section(fitted, data, out_dir, kwargs, progress, hmc_idata=None):
   kwargs.setdefault("progress", progress)
   if hmc_idata is None:
     hmc_idata = sample_posterior(fitted, data, **kwargs)
-  hmc_idata.to_netcdf(str(out_dir / "hmc_posterior.nc"))
+  _write_netcdf(hmc_idata, out_dir / "hmc_posterior.nc")
   table = compare_with_em(fitted, hmc_idata, data, priors=kwargs.get("priors"))
   stats = hmc_idata.sample_stats
   max_rhat = float(table["r_hat"].max())
