@@ -296,7 +296,7 @@ def _fit(x, y, **kw):
     return bm.BernoulliMLPClassifier(**kw).fit(x, y)
 
 
-@pytest.mark.parametrize("method", ["em", "autodiff"])
+@pytest.mark.parametrize("method", ["em", pytest.param("autodiff", marks=pytest.mark.slow)])
 def test_classifier_fits_blobs(method):
   x, y = _blobs()
   x_copy = x.copy()
