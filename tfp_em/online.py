@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from tfp_em.engine import FitResult, RestartTrace, _to_numpy, restart_seeds
 from tfp_em.passes import StreamPass, compile_fn, shared_fields
+from tfp_em.streams import checked_batches
 
 
 def step_size(t: int, kappa: float = 0.6, t0: float = 1.0) -> float:
@@ -80,14 +81,14 @@ def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: fl
   start = time.perf_counter()
   e_step = compile_fn(model.e_step, compile)
   m_step = compile_fn(model.m_step, compile)
-  first = next(iter(dataset), None)
+  first = next(checked_batches(dataset), None)
   if first is None:
     raise ValueError("the dataset is empty: no batches")
   seed_r = restart_seeds(seed, 1)[0]
   params = init_params if init_params is not None else model.initialize(first, seed_r)
   running, t, batch_lls, trajectory = None, 0, [], [_to_numpy(params)]
   for _ in range(epochs):
-    for batch in dataset:
+    for batch in checked_batches(dataset):
       t += 1
       stats, ll = e_step(params, batch)
       n = float(model.num_observations(batch))
