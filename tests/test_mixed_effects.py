@@ -528,3 +528,23 @@ def test_px_em_is_plain_em_when_z_is_outside_the_span_of_x():
   stats, _ = plain.e_step(params, data)
   for a, b in zip(plain.m_step(params, stats), px.m_step(params, stats)):
     np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_stats_add_up_over_batches_of_whole_clusters():
+  data = _simulate(seed=6, num_clusters=10)
+  model = MixedEffectsEM()
+  params = _params("full")
+  full, ll = model.e_step(params, data)
+  cluster = data.cluster.numpy()
+  parts, lls = [], []
+  for keep in (cluster < 4, cluster >= 4):
+    local = np.unique(cluster[keep], return_inverse=True)[1]  # numbered within the batch
+    sub = _data(data.x.numpy()[keep], data.y.numpy()[keep], data.z.numpy()[keep], local)
+    stats, part_ll = model.e_step(params, sub)
+    parts.append(stats)
+    lls.append(part_ll)
+  summed = [a if name in model.shared_stats_fields else a + b
+            for name, a, b in zip(full._fields, *parts)]
+  for a, b in zip(summed, full):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(sum(lls), ll, rtol=1e-12)

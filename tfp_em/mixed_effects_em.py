@@ -104,7 +104,9 @@ class MixedEffectsEM:
   """EM for the linear-f mixed model (an `EMModel`).
 
   `data` is a `models.mixed_effects.MixedEffectsData`; the fixed-effects
-  design `x` must carry an intercept column if one is wanted.
+  design `x` must carry an intercept column if one is wanted. The stats add
+  up over batches (streams, replicas) that each hold whole clusters numbered
+  0..G_b-1 within the batch; `beta_ref` is shared, not summed.
 
   Args:
     covariance_type: 'full' (default) or 'diag' Sigma_u.
@@ -132,6 +134,7 @@ class MixedEffectsEM:
 
   component_axes = {}              # no label switching: nothing to align
   generalized_m_step_fields = ()   # every block of the M-step is in closed form
+  shared_stats_fields = ("beta_ref",)
 
   def __init__(self, covariance_type: str = "full", compile: str = "graph",
                expand: bool = False):
@@ -174,7 +177,8 @@ class MixedEffectsEM:
         noise_variance=tf.constant(0.5 * var * jitter[1], dtype))
 
   # -- E-step ---------------------------------------------------------------
-  def cluster_posterior(self, params, data, loc=None) -> me.ClusterPosterior:
+  def cluster_posterior(self, params, data, loc=None):
+    """(ClusterPosterior, ClusterStats) of r = y - loc (loc defaults to x beta)."""
     loc = me.linear_loc(params, data) if loc is None else loc
     stats = me.cluster_stats(data.z, data.y - loc, data.cluster, data.num_clusters)
     cov_u = me.covariance_matrix(params.covariance, self.covariance_type)
