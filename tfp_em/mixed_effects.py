@@ -259,6 +259,10 @@ class MixedEffectsRegressor:
     """
     dtype = self._check_options()
     self.__dict__.pop("n_random_effects_", None)  # a refit may change q
+    self.crossed_ = None
+    from tfp_em.crossed_regressor import fit_crossed, is_factor_list
+    if is_factor_list(clusters):  # K crossed grouping factors
+      return fit_crossed(self, X, y, clusters, time, Z, validation_data)
     self.dtype_ = dtype
     X, y = self._check_xy(X, y, dtype)
     n = X.shape[0]
@@ -415,6 +419,8 @@ class MixedEffectsRegressor:
 
   def predict(self, X, clusters=None, time=None, Z=None):
     """f(x) + z^T m_i for points of seen clusters, f(x) otherwise. Returns [n]."""
+    if getattr(self, "crossed_", None) is not None:
+      return self.crossed_.predict(X, clusters)
     f, z, seen, index = self._predict_parts(X, clusters, time, Z)
     blup = np.sum(z * self.random_effects_mean_[index], axis=-1)
     return f + np.where(seen, blup, 0.)

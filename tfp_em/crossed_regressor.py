@@ -1,0 +1,176 @@
+"""`CrossedEffectsRegressor`: linear mixed models with K crossed random intercepts.
+
+    y = x^T beta + sum_k u_k[level_k] + eps,  u_k ~ N(0, sigma_k^2 I),  eps ~ N(0, sigma^2)
+
+fitted by maximum likelihood, with exact sparse EM (`method='em'`, PX-EM
+step, optionally SQUAREM) or L-BFGS on the exact marginal (`method='nll'`).
+The maths is in `tfp_em.crossed_effects`.
+
+Prediction rule, for each factor independently: a level seen in `fit` adds
+its BLUP E[u_k | y_train]; an unseen level adds 0 (the prior mean).
+
+`MixedEffectsRegressor.fit(X, y, clusters=[g1, g2, ...])` dispatches here
+through `fit_crossed` when given a list of K grouping factors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from models import crossed_effects as ce
+from tfp_em import validation as val
+from tfp_em.crossed_effects import MAX_DENSE, CrossedEffectsEM, fit_nll
+from tfp_em.engine import fit_em
+
+METHODS = ("em", "nll")
+
+
+def is_factor_list(clusters) -> bool:
+  """True for a list/tuple of K >= 1 label arrays (not a list of scalar labels)."""
+  if not isinstance(clusters, (list, tuple)) or not clusters:
+    return False
+  return all(hasattr(g, "__len__") and not isinstance(g, (str, bytes)) for g in clusters)
+
+
+class CrossedEffectsRegressor:
+  """Linear f with K crossed random-intercept grouping factors.
+
+  Args:
+    method: 'em' (default; exact EM with the PX-EM step) or 'nll' (L-BFGS-B
+      on the exact marginal over the log variances, beta profiled by GLS).
+    fit_intercept: add an intercept column (default True).
+    max_iter: EM iterations or L-BFGS iterations (default 1000).
+    tol: EM: relative tolerance on the mean log-likelihood; NLL: L-BFGS-B
+      ftol (default 1e-10).
+    seed: integer seed for the initial variance split (default 0).
+    dtype: 'float64' (default) or 'float32' for the returned parameters (the
+      sparse algebra runs in float64).
+    accelerate: None (default) or 'squarem' (EM only).
+    max_dense: exact-factorization limit (default 8,000 levels outside the
+      largest factor; see `tfp_em.crossed_effects`).
+    on_decrease: `fit_em`'s guard: 'warn' (default), 'raise' or 'revert'.
+
+  Attributes (after fit):
+    coef_, intercept_: fixed effects.
+    variances_: [K] sigma_k^2.  sigma2_: noise variance.
+    levels_: list of K arrays of labels seen in fit; blups_: list of K arrays
+      of E[u_k | y] in the same order.
+    log_likelihood_: marginal log-likelihood at the returned params.
+    fit_result_: `engine.FitResult` (EM only; None for 'nll').
+    n_iter_: EM iterations or L-BFGS function evaluations.
+  """
+
+  def __init__(self, method: str = "em", fit_intercept: bool = True, max_iter: int = 1000,
+               tol: float = 1e-10, seed: int = 0, dtype="float64", accelerate=None,
+               max_dense: int = MAX_DENSE, on_decrease: str = "warn"):
+    self.method = method
+    self.fit_intercept = fit_intercept
+    self.max_iter = max_iter
+    self.tol = tol
+    self.seed = seed
+    self.dtype = dtype
+    self.accelerate = accelerate
+    self.max_dense = max_dense
+    self.on_decrease = on_decrease
+
+  def _design(self, X):
+    if self.fit_intercept:
+      return np.concatenate([np.ones((X.shape[0], 1), X.dtype), X], axis=1)
+    return X
+
+  def fit(self, X, y, clusters):
+    """Fits the model. `clusters`: a list of K label arrays, one per factor, each [n]."""
+    from tfp_em.mixed_effects import encode_clusters
+    val.check_option("method", self.method, METHODS)
+    val.check_int("max_iter", self.max_iter, minimum=0)
+    val.check_float("tol", self.tol, minimum=0.)
+    val.check_seed(self.seed)
+    val.check_int("max_dense", self.max_dense, minimum=0)
+    dtype = val.check_dtype(self.dtype)
+    X = val.check_array(X, "X", ndim=2, dtype=np.float64)
+    y = val.check_array(y, "y", ndim=1, dtype=np.float64)
+    if y.shape[0] != X.shape[0]:
+      raise ValueError(f"y has length {y.shape[0]} but X has {X.shape[0]} rows")
+    if not is_factor_list(clusters):
+      raise ValueError("clusters must be a list of K >= 1 grouping factors, each with one "
+                       "label per row of X")
+    levels, codes = [], []
+    for k, g in enumerate(clusters):
+      labels, c = encode_clusters(g, X.shape[0], name=f"clusters[{k}]")
+      if len(labels) < 2:
+        raise ValueError(f"clusters[{k}] has a single level: its variance cannot be "
+                         "separated from the intercept; drop the factor")
+      levels.append(labels)
+      codes.append(c)
+    x = self._design(X)
+    data = ce.CrossedData(tf.constant(x), tf.constant(y), tf.constant(np.stack(codes, 1)),
+                          tf.constant([len(v) for v in levels], tf.int32))
+    model = CrossedEffectsEM(intercept=0 if self.fit_intercept else None,
+                             max_dense=self.max_dense)
+    init = model.initialize(data, self.seed)
+    self.fit_result_ = None
+    if self.method == "em":
+      result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
+                      init_params=init, on_decrease=self.on_decrease, compile=model.compile,
+                      accelerate=self.accelerate, keep_trajectory=False)
+      params, self.log_likelihood_, self.n_iter_ = result.params, result.log_likelihood, result.n_iter
+      self.fit_result_ = result
+    else:
+      params, self.log_likelihood_, _, self.n_iter_ = fit_nll(
+          model, data, init, max_iter=self.max_iter, tol=self.tol)
+    post = model.posterior(params, data)
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in levels])])
+    self.levels_ = levels
+    self.blups_ = [post.mean[offsets[k]:offsets[k + 1]].astype(dtype) for k in range(len(levels))]
+    beta = np.asarray(params.beta, np.float64)
+    self.intercept_ = float(beta[0]) if self.fit_intercept else 0.
+    self.coef_ = beta[1:].astype(dtype) if self.fit_intercept else beta.astype(dtype)
+    self.variances_ = np.asarray(params.variances, np.float64).astype(dtype)
+    self.sigma2_ = float(params.noise_variance)
+    self.n_features_in_ = X.shape[1]
+    return self
+
+  def random_effects(self, k: int) -> dict:
+    """{label: BLUP} of factor k."""
+    val.check_is_fitted(self, "blups_")
+    return dict(zip(self.levels_[k], self.blups_[k]))
+
+  def predict(self, X, clusters=None):
+    """x^T beta + sum_k BLUP_k(level) (0 for unseen levels or clusters=None)."""
+    val.check_is_fitted(self, "blups_")
+    X = val.check_array(X, "X", ndim=2, dtype=np.float64)
+    val.check_n_features(X, self.n_features_in_)
+    out = self.intercept_ + X @ np.asarray(self.coef_, np.float64)
+    if clusters is None:
+      return out
+    if not is_factor_list(clusters) or len(clusters) != len(self.levels_):
+      raise ValueError(f"clusters must be a list of {len(self.levels_)} grouping factors, "
+                       "as in fit")
+    from tfp_em.mixed_effects import encode_clusters
+    for k, g in enumerate(clusters):
+      labels, codes = encode_clusters(g, X.shape[0], name=f"clusters[{k}]")
+      pos = {v: i for i, v in enumerate(self.levels_[k])}
+      value = np.array([self.blups_[k][pos[v]] if v in pos else 0. for v in labels])
+      out = out + value[codes]
+    return out
+
+
+def fit_crossed(estimator, X, y, clusters, time=None, Z=None, validation_data=None):
+  """`MixedEffectsRegressor.fit` with K grouping factors: fits a
+  `CrossedEffectsRegressor` with the same options into `estimator.crossed_`
+  and copies its results (coef_, intercept_, sigma2_, log_likelihood_,
+  variances_, fit_result_) onto `estimator`."""
+  if estimator.random_effects != "intercept" or estimator.f is not None:
+    raise ValueError("several grouping factors take random intercepts with linear f only "
+                     "(random_effects='intercept', f=None)")
+  if time is not None or Z is not None or validation_data is not None:
+    raise ValueError("time, Z and validation_data are not used with several grouping factors")
+  crossed = CrossedEffectsRegressor(
+      method=estimator.method, fit_intercept=estimator.fit_intercept,
+      max_iter=estimator.max_iter, tol=estimator.tol, seed=estimator.seed,
+      dtype=estimator.dtype, on_decrease=estimator.on_decrease).fit(X, y, clusters)
+  estimator.crossed_ = crossed
+  for name in ("coef_", "intercept_", "sigma2_", "log_likelihood_", "variances_",
+               "fit_result_", "n_features_in_"):
+    setattr(estimator, name, getattr(crossed, name))
+  return estimator
