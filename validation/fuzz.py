@@ -6,9 +6,11 @@ Targets:
   csv  random text files (digits, separators, quotes, blank lines, nan/inf,
        letters, non-UTF-8 bytes) through `tfp_em.io.load_csv`: the only
        allowed outcomes are a finite float array or a ValueError.
-  cli  random argument lists for `tfp-em fit gmm` through `tfp_em.cli.main`:
-       the only allowed outcomes are exit 0, or exit 2 with one line on
-       stderr and no traceback. Any escaping exception is a crash.
+  cli  random, mostly valid option sets for `tfp-em fit gmm` (valid and
+       invalid values, random CSV files as --data, stray tokens) through
+       `tfp_em.cli.main`: the only allowed outcomes are exit 0, or exit 2
+       with one line on stderr, no traceback and no file written. Any
+       escaping exception is a crash.
 
 The time is split between the targets. Crashing inputs are printed (and
 saved with --json) so that they can be added to
@@ -17,10 +19,12 @@ saved with --json) so that they can be added to
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io as _io
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +40,7 @@ from hypothesis import strategies as st  # noqa: E402
 from tfp_em import io  # noqa: E402
 from tfp_em.cli import main as cli_main  # noqa: E402
 
+OUTCOMES = collections.Counter()
 CELLS = st.one_of(st.integers(-5, 5).map(str), st.floats(allow_nan=True).map(repr),
                   st.sampled_from(["", " ", "nan", "inf", "-inf", "x", "1e400", "\"1\"", "1,2",
                                    "a", "b", "é", "\x00", "1_0", "0x1"]))
@@ -55,15 +60,22 @@ def _check_csv(folder, data: bytes, columns):
   try:
     x, names = io.load_csv(path, columns)
   except ValueError:
+    OUTCOMES["csv: ValueError"] += 1
     return None
+  OUTCOMES["csv: loaded"] += 1
   if not (isinstance(x, np.ndarray) and x.ndim == 2 and np.all(np.isfinite(x))
           and len(names) == x.shape[1]):
     return f"bad result {x!r} {names!r}"
   return None
 
 
-def _check_cli(argv):
+def _files(folder) -> set:
+  return {str(p) for p in pathlib.Path(folder).rglob("*")}
+
+
+def _check_cli(argv, folder):
   out, err = _io.StringIO(), _io.StringIO()
+  before = _files(folder)
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
         warnings.catch_warnings():
@@ -72,10 +84,14 @@ def _check_cli(argv):
   except BaseException as e:  # noqa: BLE001 - SystemExit included
     return f"{type(e).__name__}: {e}"
   lines = err.getvalue().strip().splitlines()
+  OUTCOMES[f"cli: exit {rc}"] += 1
   if rc == 0:
     return None
   if rc != 2 or len(lines) != 1 or "Traceback" in err.getvalue():
     return f"rc={rc}, stderr={err.getvalue()[:300]!r}"
+  written = sorted(_files(folder) - before)
+  if written or out.getvalue().strip():
+    return f"exit 2 but wrote {written[:3]} / printed {out.getvalue()[:100]!r}"
   return None
 
 
@@ -97,8 +113,11 @@ def fuzz_csv(seconds, crashes, counter):
                           problem=problem))
 
   end = time.monotonic() + seconds
-  while time.monotonic() < end:
-    one()
+  try:
+    while time.monotonic() < end:
+      one()
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def fuzz_cli(seconds, crashes, counter):
@@ -106,29 +125,50 @@ def fuzz_cli(seconds, crashes, counter):
   good = folder / "ok.csv"
   good.write_text("a,b\n" + "".join(f"{i % 7},{(i * 3) % 5}\n" for i in range(30)))
   (folder / "plain.txt").write_text("x")
-  tokens = st.sampled_from([
-      "--data", str(good), str(folder / "none.csv"), str(folder), "--components", "1", "2",
-      "0", "-1", "x", "1e3", "--covariance", "full", "diag", "banana", "--columns", "a", "b",
-      "zz", "--n-init", "--max-iter", "--seed", "--checkpoint-every", "--resume", "--out",
-      str(folder / "plain.txt" / "o"), str(folder / "plain.txt"), "--frob", "-", "--", "",
-      "fit", "gmm", "é"])
+  required = {  # mostly valid, so that fits run too
+      "--data": st.sampled_from([str(good), str(good), "random", "random", str(folder),
+                                 str(folder / "none.csv"), str(folder / "plain.txt"), ""]),
+      "--components": st.sampled_from(["1", "2", "2", "0", "-1", "x", "1e3", "99", ""]),
+      "--out": st.sampled_from(["fresh", "fresh", "fresh", str(folder / "plain.txt" / "o"),
+                                str(folder / "plain.txt")]),
+  }
+  values = {
+      "--covariance": st.sampled_from(["full", "tied", "diag", "spherical", "banana", ""]),
+      "--columns": st.lists(st.sampled_from(["a", "b", "zz", "", "é"]), max_size=3),
+      "--n-init": st.sampled_from(["1", "2", "0", "x"]),
+      "--seed": st.sampled_from(["0", "7", "-1", "x", str(2 ** 70)]),
+      "--checkpoint-every": st.sampled_from(["1", "5", "0", "-2"]),
+  }
+  extras = st.lists(st.sampled_from(["--resume", "--frob", "-", "--", "gmm", "fit", "1", "é",
+                                     "--components", "--data"]), max_size=1)
 
-  @settings(max_examples=40, deadline=None, database=None,
+  @settings(max_examples=30, deadline=None, database=None,
             suppress_health_check=list(HealthCheck))
-  @given(head=st.sampled_from([["fit", "gmm"], ["fit"], [], ["gmm"]]),
-         rest=st.lists(tokens, max_size=8))
-  def one(head, rest):
-    out = str(folder / f"out{counter['cli']}")
-    argv = head + rest + ["--max-iter", "3", "--out", out] if head == ["fit", "gmm"] \
-        else head + rest
+  @given(head=st.sampled_from([["fit", "gmm"]] * 6 + [["fit"], [], ["gmm"]]),
+         options=st.fixed_dictionaries(required, optional=values),
+         max_iter=st.sampled_from(["0", "1", "3", "-1", "x"]), extra=extras,
+         rows=ROWS, sep=SEPARATORS)
+  def one(head, options, max_iter, extra, rows, sep):
     counter["cli"] += 1
-    problem = _check_cli(argv)
+    argv = list(head)
+    for flag, value in options.items():
+      if value == "random":  # a random CSV file as --data
+        value = str(folder / f"r{counter['cli']}.csv")
+        pathlib.Path(value).write_text(csv_text(rows, sep, ["a", "b"]))
+      if value == "fresh":
+        value = str(folder / f"out{counter['cli']}")
+      argv += [flag] + (value if isinstance(value, list) else [value])
+    argv += ["--max-iter", max_iter] + (extra if counter["cli"] % 4 == 0 else [])
+    problem = _check_cli(argv, folder)
     if problem:
       crashes.append(dict(target="cli", input=argv, problem=problem))
 
   end = time.monotonic() + seconds
-  while time.monotonic() < end:
-    one()
+  try:
+    while time.monotonic() < end:
+      one()
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -145,8 +185,10 @@ def main(argv=None) -> int:
     print(f"CRASH [{c['target']}] {c['input']!r}: {c['problem']}")
   print(f"fuzzed {seconds:.0f} s: {counter['csv']} CSV files, {counter['cli']} command lines, "
         f"{len(crashes)} crashes")
+  print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(OUTCOMES.items())))
   if args.json:
-    io.write_json(args.json, dict(seconds=seconds, cases=counter, crashes=crashes))
+    io.write_json(args.json, dict(seconds=seconds, cases=counter, outcomes=dict(OUTCOMES),
+                                  crashes=crashes))
   return 1 if crashes else 0
 
 
