@@ -159,10 +159,11 @@ def factor_traces(fac: Factorization, num_probes: int = 64, seed: int = 0):
   largest = fac.factor_of[fac.index_a[0]]
   traces[largest] = np.sum(1. / fac.a)
   if fac.chol is not None:
-    s_inv = sla.cho_solve(fac.chol, np.eye(len(fac.index_c)), check_finite=False)
+    s_inv = np.tril(sla.lapack.dpotri(fac.chol[0], lower=1)[0])        # lower triangle of S^-1
     m = (fac.b.T @ sp.diags(fac.a ** -2) @ fac.b).toarray()
-    traces[largest] += float(np.sum(s_inv * m))
-    np.add.at(traces, fac.factor_of[fac.index_c], np.diag(s_inv))
+    diag = np.diag(s_inv)
+    traces[largest] += 2. * float(np.sum(s_inv * m)) - float(diag @ np.diag(m))
+    np.add.at(traces, fac.factor_of[fac.index_c], diag)
   return traces, np.zeros(num_factors)
 
 
