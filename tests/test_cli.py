@@ -17,7 +17,7 @@ def _write(path, text):
 
 def test_demo_writes_params_and_png(tmp_path, capsys):
   out = tmp_path / "demo"
-  assert main(["demo", "--out", str(out), "--max-components", "3"]) == 0
+  assert main(["demo", "--out", str(out), "--max-components", "3", "--no-report"]) == 0
   printed = capsys.readouterr().out
   assert "Best by BIC" in printed and "spherical" in printed
   params = json.loads((out / "gmm_params.json").read_text())
@@ -29,6 +29,33 @@ def test_demo_writes_params_and_png(tmp_path, capsys):
   image = mpimg.imread(out / "gmm_fit.png")
   assert image.ndim == 3 and image.shape[0] > 100
   assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_demo_ends_with_a_report(tmp_path, capsys):
+  out = tmp_path / "demo"
+  assert main(["demo", "--out", str(out), "--max-components", "2"]) == 0
+  index = out / "report" / "index.html"
+  assert f"Open {index}" in capsys.readouterr().out
+  html = index.read_text()
+  assert "inference_data.nc" in html and (out / "report" / "inference_data.nc").exists()
+
+
+def test_report_and_verify_commands(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(0, 1, (80, 2)), rng.normal(5, 1, (80, 2))])
+  data = _write(tmp_path / "d.csv", "a,b\n" + "\n".join(f"{a},{b}" for a, b in x))
+  assert main(["fit", "gmm", "--data", data, "--components", "2", "--out",
+               str(tmp_path / "fit")]) == 0
+  netcdf = tmp_path / "fit" / "inference_data.nc"
+  assert main(["report", str(netcdf), "--out", str(tmp_path / "rep"), "--no-hmc"]) == 0
+  assert (tmp_path / "rep" / "index.html").exists()
+  examples = os.path.join(os.path.dirname(__file__), "..", "examples")
+  capsys.readouterr()
+  assert main(["verify", os.path.join(examples, "gmm_em_correct.py")]) == 0
+  assert "FAIL" not in capsys.readouterr().out
+  assert main(["verify", os.path.join(examples, "gmm_em_buggy.py")]) == 1
+  assert "FAIL" in capsys.readouterr().out
 
 
 def test_fit_gmm_on_csv_selects_columns(tmp_path):
@@ -75,6 +102,9 @@ def test_malformed_csv_is_one_line_exit_2(tmp_path, capsys, content, match):
      "cannot be created"),
     (["demo", "--max-components", "0"], "max-components"),
     (["frobnicate"], "invalid choice"),
+    (["report", "/no/such.nc"], "does not exist"),
+    (["report", "{csv}", "--hmc-draws", "1"], "hmc-draws"),
+    (["verify", "/no/such.py"], "does not exist"),
     ([], "required"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, match):

@@ -39,6 +39,7 @@ import tensorflow_probability as tfp
 from models import bernoulli_mlp as mlp
 from models.bernoulli_mlp import BernoulliMLPParams
 from tfp_em import validation as v
+from tfp_em.estimator import DiagnosticsMixin
 from tfp_em.engine import FitResult, RestartTrace, fit_em, restart_seeds
 
 MAX_HIDDEN = 16
@@ -532,7 +533,7 @@ def _check_labels(y, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
   return classes, indices.astype(np.int32).reshape(-1)
 
 
-class BernoulliMLPClassifier:
+class BernoulliMLPClassifier(DiagnosticsMixin):
   """Classifier: MLP with m stochastic binary hidden units, fitted by exact EM.
 
   p(y | x) = sum_z p(z | x) p(y | z) over the 2^m hidden configurations;

@@ -1,8 +1,10 @@
 """The `tfp-em` command.
 
-    tfp-em demo [--out DIR]
+    tfp-em demo [--out DIR] [--no-report]
     tfp-em fit gmm --data FILE.csv [--columns A B ...] --components K
-                   --covariance TYPE [--out DIR]
+                   --covariance TYPE [--out DIR] [--resume]
+    tfp-em report FIT.nc [--out DIR] [--no-hmc]
+    tfp-em verify MY_EM.py
 
 Errors in the input (bad files, options, data) print one line to stderr and
 exit with code 2; nothing is written before the input has been checked.
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--out", default="tfp_em_demo", help="output folder (default ./tfp_em_demo)")
   demo.add_argument("--max-components", type=int, default=6)
   demo.add_argument("--seed", type=int, default=0)
+  demo.add_argument("--no-report", action="store_true",
+                    help="skip the HTML diagnostic report (and its HMC cross-check)")
 
   fit = sub.add_parser("fit", help="fit a model to a CSV file")
   fit_sub = fit.add_subparsers(dest="model", required=True, parser_class=_Parser)
@@ -51,21 +55,48 @@ def build_parser() -> argparse.ArgumentParser:
   gmm.add_argument("--resume", action="store_true",
                    help="continue an interrupted fit from OUT/checkpoint")
   gmm.add_argument("--checkpoint-every", type=int, default=10)
+
+  report = sub.add_parser("report", help="HTML diagnostic report of a saved fit")
+  report.add_argument("source", help="inference_data.nc written by `tfp-em fit` or a report")
+  report.add_argument("--out", default="tfp_em_report")
+  report.add_argument("--no-hmc", action="store_true", help="skip the NUTS cross-check")
+  report.add_argument("--hmc-draws", type=int, default=1000,
+                      help="NUTS warm-up and kept draws per chain (default 1000)")
+
+  verify = sub.add_parser("verify", help="check a hand-written EM against TFP and autodiff")
+  verify.add_argument("path", help="a .py file defining the model and the E/M steps "
+                      "(names: see tfp_em.verify.verify_file)")
   return parser
 
 
 def main(argv=None) -> int:
   try:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-      return _demo(args)
-    return _fit_gmm(args)
+    commands = {"demo": _demo, "fit": _fit_gmm, "report": _report, "verify": _verify}
+    _import_tensorflow_quietly()
+    return commands[args.command](args)
   except (_UsageError, ValueError) as e:
     print(f"tfp-em: error: {_one_line(e)}", file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:
     print("tfp-em: interrupted", file=sys.stderr)
     return 130
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with file descriptor 2 muted: its C++ start-up logs
+  (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL in TF 2.21."""
+  if "tensorflow" in sys.modules:
+    return
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow as tf
+    tf.config.list_logical_devices()
+  finally:
+    os.dup2(saved, 2)
+    os.close(devnull)
+    os.close(saved)
 
 
 def _one_line(e: Exception) -> str:
@@ -110,9 +141,39 @@ def _demo(args) -> int:
         best = (bic, est)
   est = best[1]
   print(f"\nBest by BIC: K={est.n_components}, covariance_type={est.covariance_type!r}")
-  _write_outputs(est, x, names, io.ensure_writable_dir(args.out), title="Old Faithful",
-                 selection=rows)
+  out = io.ensure_writable_dir(args.out)
+  _write_outputs(est, x, names, out, title="Old Faithful", selection=rows)
+  if not args.no_report:
+    from tfp_em.report import write_report
+    print("\nWriting the diagnostic report (standard errors, NUTS cross-check) ...", flush=True)
+    index = write_report(est, x, os.path.join(out, "report"), feature_names=names,
+                         title="Old Faithful: Gaussian mixture chosen by BIC",
+                         hmc_kwargs=dict(num_results=500, num_burnin=500))
+    print(f"Open {index}")
   return 0
+
+
+def _report(args) -> int:
+  from tfp_em import io
+  from tfp_em.report import write_report
+  if args.hmc_draws < 10:
+    raise ValueError(f"--hmc-draws must be >= 10, got {args.hmc_draws}")
+  if not os.path.isfile(args.source):
+    raise ValueError(f"{args.source!r} does not exist or is not a file")
+  io.check_output_dir(args.out)
+  index = write_report(args.source, out_dir=args.out, hmc=not args.no_hmc,
+                       hmc_kwargs=dict(num_results=args.hmc_draws, num_burnin=args.hmc_draws))
+  print(f"wrote {index}")
+  return 0
+
+
+def _verify(args) -> int:
+  from tfp_em.verify import verify_file
+  if not os.path.isfile(args.path):
+    raise ValueError(f"{args.path!r} does not exist or is not a file")
+  report = verify_file(args.path)
+  print(report)
+  return 0 if report.passed else 1
 
 
 def _fit_mixture(x, k, cov, n_init, max_iter, seed, checkpoint=None):
@@ -135,6 +196,10 @@ def _write_outputs(est, x, names, out, title, selection=None) -> None:
   if selection is not None:
     summary["model_selection"] = selection
   params_path = io.write_json(os.path.join(out, "gmm_params.json"), summary)
+  from tfp_em.diagnostics import to_inference_data
+  netcdf_path = os.path.join(out, "inference_data.nc")
+  with io.atomic_path(netcdf_path) as tmp:
+    to_inference_data(est, x, feature_names=names).to_netcdf(tmp)
   png_path = _plot_fit(est, x, names, os.path.join(out, "gmm_fit.png"), title)
   print("\nComponent  weight   mean")
   for k in range(est.n_components):
@@ -142,7 +207,8 @@ def _write_outputs(est, x, names, out, title, selection=None) -> None:
     print(f"{k:>9}  {est.weights_[k]:.3f}   [{mean}]")
   print(f"\nlog-likelihood {est.log_likelihood_:.4f} at the returned parameters "
         f"({est.n_iter_} iterations, converged={est.converged_})")
-  print(f"wrote {params_path}\nwrote {png_path}")
+  print(f"wrote {params_path}\nwrote {png_path}\nwrote {netcdf_path} "
+        f"(for `tfp-em report {netcdf_path}`)")
 
 
 def _plot_fit(est, x, names, path, title) -> str:

@@ -58,7 +58,8 @@ def load_csv(path, columns=None) -> tuple[np.ndarray, list[str]]:
     raise ValueError(f"{path}: not a UTF-8 text CSV file") from None
   except csv.Error as e:
     raise ValueError(f"{path}: malformed CSV ({e})") from None
-  rows = [r for r in rows if any(cell.strip() for cell in r)]
+  # Skip blank lines only: a row of empty cells (",,") is missing data, reported below.
+  rows = [r for r in rows if len(r) > 1 or (r and r[0].strip())]
   if not rows:
     raise ValueError(f"{path}: the file is empty; expected a header row and data rows")
   header = [h.strip() for h in rows[0]]
@@ -123,8 +124,11 @@ def atomic_path(path):
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
   os.close(fd)
+  umask = os.umask(0)
+  os.umask(umask)
   try:
     yield tmp
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -20,6 +20,7 @@ import tensorflow as tf
 from models import gaussian_mixture as gm
 from models.gaussian_mixture import GaussianMixtureParams
 from tfp_em import validation as v
+from tfp_em.estimator import DiagnosticsMixin
 from tfp_em.engine import ON_DECREASE_OPTIONS, default_decrease_tol, fit_em, restart_seeds
 from tfp_em.mixture_em import GaussianMixtureEM, MixtureData, precision_cholesky
 from tfp_em.mixture_init import INIT_METHODS, initial_responsibilities
@@ -27,7 +28,7 @@ from tfp_em.mixture_init import INIT_METHODS, initial_responsibilities
 XLA_MIN_WORK = 2 ** 20  # N * K * D above which XLA's compile time pays off
 
 
-class GaussianMixture:
+class GaussianMixture(DiagnosticsMixin):
   """Gaussian mixture fitted by exact EM on TensorFlow Probability.
 
   Args:
@@ -68,6 +69,9 @@ class GaussianMixture:
     log_likelihood_: total (weighted) log-likelihood at the fitted params.
     n_iter_, converged_: of the best restart.
     fit_result_: the engine's `FitResult` with every restart's trace.
+    fit_data_: the (validated copy of the) in-memory training data, used by
+      `summary()` and `to_inference_data()` when no X is given; None for
+      streamed fits.
 
   #### References
 
@@ -180,6 +184,8 @@ class GaussianMixture:
       else:
         _warn_empty_streamed(result)
     self._set_fitted(result.params, n_features)
+    # In-memory training data (already a private copy) for summary() and reports.
+    self.fit_data_ = data if isinstance(data, MixtureData) else None
     self.log_likelihood_ = result.log_likelihood
     self.n_iter_ = result.n_iter
     self.converged_ = result.converged
