@@ -94,3 +94,26 @@ def test_bernoulli_mlp_properties(m, classes, n, seed, l2):
   assert a.log_likelihood_ == pytest.approx(np.sum(np.log(proba[np.arange(n), y])), rel=1e-9)
   for p, q in zip(a.params_, b.params_):
     np.testing.assert_array_equal(p, q)
+
+
+CELL = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                 st.sampled_from(["", "x", "nan", "1e400", " 3 ", "\"1\"", "é"]))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(header=st.lists(st.sampled_from(["a", "b", "c", " b"]), min_size=1, max_size=3),
+       rows=st.lists(st.lists(CELL, max_size=4), max_size=5),
+       columns=st.sampled_from([None, ["a"], ["a", "b"]]))
+def test_csv_loader_returns_finite_numbers_or_a_named_error(tmp_path_factory, header, rows,
+                                                            columns):
+  from tfp_em import io
+  path = tmp_path_factory.mktemp("csv") / "f.csv"
+  path.write_text("\n".join([",".join(header)] + [",".join(r) for r in rows]), encoding="utf-8")
+  try:
+    x, names = io.load_csv(path, columns)
+  except ValueError as e:
+    assert str(path) in str(e) or "does not exist" in str(e)  # names the file
+    return
+  kept = [r for r in rows if len(r) > 1 or (r and r[0].strip())]  # blank lines are skipped
+  assert x.shape == (len(kept), len(names)) and np.all(np.isfinite(x))
+  assert names == (columns or [h.strip() for h in header])

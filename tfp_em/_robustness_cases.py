@@ -82,6 +82,7 @@ BAD_X = [
     ("X is complex", lambda: _x() + 1j, "real"),
     ("X is None", lambda: None, "X"),
     ("X is a scalar", lambda: 3.0, "2-D"),
+    ("X near the float64 limit (1e300)", lambda: _x() * 1e300, "too large"),
 ]
 
 
@@ -431,6 +432,7 @@ MALFORMED_CSV = [
     ("ragged row (long)", "a,b\n1,2\n3,4,5\n", "line 3 has 3 fields"),
     ("non-numeric cell", "a,b\n1,2\n3,x\n", "'x' is not a number"),
     ("empty cell", "a,b\n1,2\n3,\n", "'' is not a number"),
+    ("row of empty cells", "a,b\n1,2\n,\n3,4\n", "line 3, column 'a': '' is not a number"),
     ("NaN cell", "a,b\n1,2\n3,nan\n", "not finite"),
     ("inf cell", "a,b\n1,2\ninf,3\n", "not finite"),
     ("missing column", "a,c\n1,2\n3,4\n", r"column\(s\) \['b'\] not found"),

@@ -77,6 +77,12 @@ def check_array(X, name: str = "X", *, ndim: int = 2, dtype=np.float64,
     kind = "NaN" if np.isnan(arr[tuple(bad)]) else "inf"
     raise ValueError(f"{name} contains {kind} (first at index {tuple(int(i) for i in bad)}); "
                      "remove or impute non-finite values")
+  if not allow_nonfinite and arr.size and np.issubdtype(arr.dtype, np.floating):
+    limit = 1e-4 * np.sqrt(np.finfo(arr.dtype).max)  # sums of N squares must stay finite
+    peak = float(np.max(np.abs(arr)))
+    if peak > limit:
+      raise ValueError(f"{name} has values up to {peak:.3g}, too large for {arr.dtype} "
+                       f"arithmetic (squares overflow above {limit:.1g}); rescale {name}")
   return arr
 
 
