@@ -190,3 +190,18 @@ def test_bad_input():
   with pytest.raises(ValueError, match="list of 3"):
     fitted.predict(X, factors[:2])
   assert np.all(np.isfinite(y)) and codes.shape == (60, 3)  # inputs untouched
+
+
+def test_large_path_em_close_to_exact():
+  """Beyond max_dense: CG/Hutchinson EM lands near the exact ML variances; 'nll' refuses."""
+  data = _simulate(14, n=300)
+  X, y, codes = data.x.numpy()[:, 1:], data.y.numpy(), data.codes.numpy()
+  factors = [codes[:, k] for k in range(3)]
+  exact = CrossedEffectsRegressor(tol=1e-12).fit(X, y, factors)
+  large = CrossedEffectsRegressor(max_dense=2, tol=1e-7).fit(X, y, factors)
+  assert np.isnan(large.log_likelihood_) and np.all(large.trace_se_ > 0)
+  np.testing.assert_allclose(large.variances_, exact.variances_, rtol=0.1)
+  assert large.sigma2_ == pytest.approx(exact.sigma2_, rel=0.02)
+  np.testing.assert_allclose(large.predict(X, factors), exact.predict(X, factors), atol=0.02)
+  with pytest.raises(ValueError, match="max_dense"):
+    CrossedEffectsRegressor(method="nll", max_dense=2).fit(X, y, factors)

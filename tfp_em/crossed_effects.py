@@ -58,7 +58,6 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.optimize as sopt
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 import tensorflow as tf
 
 from models import crossed_effects as ce
@@ -116,11 +115,7 @@ def solve(fac: Factorization, rhs, cg_tol: float = 1e-10):
   """P^-1 rhs for rhs [Q] or [Q, m]: exact block elimination, or Jacobi-CG."""
   rhs = np.asarray(rhs, np.float64)
   if not fac.exact:
-    cols = rhs.reshape(rhs.shape[0], -1)
-    inv_diag = sp.diags(1. / fac.precision.diagonal())
-    out = np.stack([spla.cg(fac.precision, c, rtol=cg_tol, M=inv_diag, maxiter=10000)[0]
-                    for c in cols.T], axis=1)
-    return out.reshape(rhs.shape)
+    return block_cg(fac.precision, rhs.reshape(rhs.shape[0], -1), cg_tol).reshape(rhs.shape)
   out = np.empty_like(rhs)
   ra, rc = rhs[fac.index_a], rhs[fac.index_c]
   scale = (1. / fac.a).reshape((-1,) + (1,) * (rhs.ndim - 1))
@@ -130,6 +125,32 @@ def solve(fac: Factorization, rhs, cg_tol: float = 1e-10):
     ra = ra - fac.b @ xc
   out[fac.index_a] = scale * ra
   return out
+
+
+def block_cg(precision, rhs, tol: float = 1e-10, max_iter: int = 10000):
+  """Jacobi-preconditioned conjugate gradients, one independent run per column of rhs [Q, m].
+
+  Stops when every column has ||residual|| <= tol ||rhs||.
+  """
+  inv_diag = 1. / precision.diagonal()[:, None]                       # [Q, 1]
+  x = np.zeros_like(rhs)
+  r = rhs.copy()
+  z = inv_diag * r
+  p = z.copy()
+  rz = np.sum(r * z, 0)
+  target = tol * np.linalg.norm(rhs, axis=0)
+  for _ in range(max_iter):
+    if np.all(np.linalg.norm(r, axis=0) <= target):
+      break
+    ap = precision @ p
+    alpha = rz / np.maximum(np.sum(p * ap, 0), np.finfo(float).tiny)
+    x += alpha * p
+    r -= alpha * ap
+    z = inv_diag * r
+    rz_new = np.sum(r * z, 0)
+    p = z + (rz_new / np.maximum(rz, np.finfo(float).tiny)) * p
+    rz = rz_new
+  return x
 
 
 def log_det(fac: Factorization) -> float:
@@ -416,3 +437,29 @@ def fit_nll(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.Cross
   params = ce.CrossedParams(beta=tf.constant(beta, dtype), variances=tf.constant(variances, dtype),
                             noise_variance=tf.constant(sigma2, dtype))
   return params, post.log_prob, bool(res.success), int(res.nfev)
+
+
+def fit_em_large(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.CrossedParams,
+                 *, max_iter: int = 200, tol: float = 1e-4):
+  """EM beyond the exact limit: CG means, Hutchinson traces, no log-likelihood.
+
+  The probes are the same at every iteration (seed 0), so the update is a
+  deterministic map; it stops when every variance and sigma^2 moves by less
+  than `tol` (relative). Returns `(params, num_iterations, trace_se [K])`,
+  the standard errors of the last trace estimates.
+  """
+  x, y, z, ztz, num_levels = model._arrays(data)
+  params = init_params
+  for it in range(1, max_iter + 1):
+    variances = np.asarray(params.variances, np.float64)
+    sigma2 = float(params.noise_variance)
+    post = posterior(x, y, z, ztz, num_levels, np.asarray(params.beta, np.float64), variances,
+                     sigma2, model.max_dense, model.num_probes)
+    stats, _ = model.stats_from(post, x, z, num_levels, variances, sigma2, params.beta)
+    new = model.m_step(params, stats)
+    old = np.append(variances, sigma2)
+    change = np.abs(np.append(new.variances.numpy(), float(new.noise_variance)) - old) / old
+    params = new
+    if np.all(change < tol):
+      break
+  return params, it, post.trace_se

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from models import crossed_effects as ce
 from tfp_em import validation as val
-from tfp_em.crossed_effects import MAX_DENSE, CrossedEffectsEM, fit_nll
+from tfp_em.crossed_effects import MAX_DENSE, CrossedEffectsEM, fit_em_large, fit_nll
 from tfp_em.engine import fit_em
 
 METHODS = ("em", "nll")
@@ -47,7 +47,10 @@ class CrossedEffectsRegressor:
       sparse algebra runs in float64).
     accelerate: None (default) or 'squarem' (EM only).
     max_dense: exact-factorization limit (default 8,000 levels outside the
-      largest factor; see `tfp_em.crossed_effects`).
+      largest factor; see `tfp_em.crossed_effects`). Beyond it 'em' runs
+      `fit_em_large` (CG means, Hutchinson traces; tol floored at 1e-6 on the
+      relative change of the variances; log_likelihood_ is NaN) and 'nll'
+      raises.
     on_decrease: `fit_em`'s guard: 'warn' (default), 'raise' or 'revert'.
 
   Attributes (after fit):
@@ -58,6 +61,8 @@ class CrossedEffectsRegressor:
     log_likelihood_: marginal log-likelihood at the returned params.
     fit_result_: `engine.FitResult` (EM only; None for 'nll').
     n_iter_: EM iterations or L-BFGS function evaluations.
+    trace_se_: [K] standard errors of the Hutchinson trace estimates of the
+      last E-step (zeros when the factorization was exact).
   """
 
   def __init__(self, method: str = "em", fit_intercept: bool = True, max_iter: int = 1000,
@@ -109,7 +114,17 @@ class CrossedEffectsRegressor:
                              max_dense=self.max_dense)
     init = model.initialize(data, self.seed)
     self.fit_result_ = None
-    if self.method == "em":
+    self.trace_se_ = np.zeros(len(levels))
+    sizes = [len(v) for v in levels]
+    if sum(sizes) - max(sizes) > self.max_dense:  # beyond the exact factorization
+      if self.method == "nll":
+        raise ValueError(f"method='nll' needs the exact factorization: {sum(sizes) - max(sizes)} "
+                         f"levels outside the largest factor exceed max_dense={self.max_dense}; "
+                         "use method='em' (CG and Hutchinson traces) or raise max_dense")
+      params, self.n_iter_, self.trace_se_ = fit_em_large(
+          model, data, init, max_iter=self.max_iter, tol=max(self.tol, 1e-6))
+      self.log_likelihood_ = float("nan")
+    elif self.method == "em":
       result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
                       init_params=init, on_decrease=self.on_decrease, compile=model.compile,
                       accelerate=self.accelerate, keep_trajectory=False)
