@@ -3,6 +3,7 @@
     python validation/bench_scale.py stream   [--n 10000000]   # time per pass, peak RSS
     python validation/bench_scale.py squarem                   # SQUAREM vs plain EM (mixture)
     python validation/bench_scale.py converge                  # time to convergence vs sklearn
+    python validation/bench_scale.py lmm                       # LMM vs statsmodels; EM/SQUAREM/PX-EM
 
 Each measurement runs in its own subprocess (peak RSS is its own). Results go
 to validation/out/bench_scale_<name>.json and .md.
@@ -182,21 +183,92 @@ def bench_converge(args):
                    f"{r['speedup']:.2f}x"])
 
 
+# ---------------------------------------------------------------- LMM
+def lmm_problem(n=100_000, groups=1000, seed=0):
+  rng = np.random.default_rng(seed)
+  g = rng.choice(groups, size=n, p=rng.dirichlet(np.full(groups, 5.0)))
+  t = rng.uniform(0, 9, n)
+  x = rng.normal(size=(n, 2))
+  b = rng.multivariate_normal([0, 0], [[1.0, 0.3], [0.3, 0.5]], size=groups)
+  y = 1 + x @ [0.5, -0.3] + 0.8 * t + b[g, 0] + b[g, 1] * t + rng.normal(0, 1.0, n)
+  return np.column_stack([x, t]), y, g, t
+
+
+def lmm_worker(method):
+  X, y, g, t = lmm_problem()
+  if method == "statsmodels":
+    import pandas as pd
+    import statsmodels.formula.api as smf
+    df = pd.DataFrame(dict(y=y, x1=X[:, 0], x2=X[:, 1], t=t, g=g))
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      fit = smf.mixedlm("y ~ x1 + x2 + t", df, groups=df["g"], re_formula="~t").fit(reml=False)
+    return dict(seconds=time.perf_counter() - start, loglik=float(fit.llf), n_iter=None)
+  from tfp_em import MixedEffectsRegressor
+  from tfp_em.engine import fit_em
+  from tfp_em.mixed_effects_em import MixedEffectsEM
+  est = MixedEffectsRegressor("slopes", degree=1, tol=1e-12, max_iter=20000)
+  if method == "px-em":
+    est.fit(X[:2000], y[:2000], g[:2000], time=t[:2000])  # warm-up tracing
+    start = time.perf_counter()
+    est.fit(X, y, g, time=t)
+    return dict(seconds=time.perf_counter() - start, loglik=est.log_likelihood_,
+                n_iter=est.n_iter_ if hasattr(est, "n_iter_") else est.fit_result_.n_iter)
+  _, codes = np.unique(g, return_inverse=True)
+  est.network_ = None  # linear f: build the data exactly as the estimator does
+  data = est._data(est._fixed_design(X), y, est._design(len(y), t, None, np.float64), codes,
+                   int(codes.max()) + 1)
+  model = MixedEffectsEM("full", compile="graph")
+  accelerate = "squarem" if method == "squarem" else None
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    fit_em(model, data, max_iter=3, accelerate=accelerate, progress=False)  # warm-up
+    start = time.perf_counter()
+    res = fit_em(model, data, max_iter=20000, tol=1e-12, accelerate=accelerate, progress=False)
+  return dict(seconds=time.perf_counter() - start, loglik=res.log_likelihood, n_iter=res.n_iter,
+              e_steps=res.restarts[0].e_steps)
+
+
+def bench_lmm(args):
+  rows = {}
+  for method in ("statsmodels", "em", "squarem", "px-em"):
+    rows[method] = _subprocess("lmm-worker", method)
+  ref = rows["statsmodels"]
+  print(f"n=100,000 rows, 1,000 clusters, random intercept + slope; statsmodels MixedLM "
+        f"(reml=False) loglik {ref['loglik']:.6f}")
+  print(f"{'method':>12} {'seconds':>9} {'iters':>6} {'E-steps':>8} {'rel. loglik gap':>16} "
+        f"{'speed-up':>9}")
+  out = []
+  for method, r in rows.items():
+    gap = (r["loglik"] - ref["loglik"]) / abs(ref["loglik"])
+    speedup = ref["seconds"] / r["seconds"]
+    out.append(dict(method=method, gap=gap, speedup=speedup, **r))
+    print(f"{method:>12} {r['seconds']:>9.2f} {str(r['n_iter']):>6} "
+          f"{str(r.get('e_steps', '-')):>8} {gap:>16.2e} {speedup:>8.2f}x")
+  _save("lmm", out, ["method", "seconds", "iterations", "E-steps", "rel. loglik gap vs statsmodels",
+                     "speed-up vs statsmodels"],
+        lambda r: [r["method"], f"{r['seconds']:.2f}", str(r["n_iter"]), str(r.get("e_steps", "-")),
+                   f"{r['gap']:.2e}", f"{r['speedup']:.2f}x"])
+
+
 def main():
   argv = sys.argv[1:]
   if argv and argv[0].endswith("-worker"):
     worker = {"stream-worker": lambda a: stream_worker(a[0], int(a[1]), int(a[2]), int(a[3])),
               "squarem-worker": lambda a: squarem_worker(a[0], a[1]),
-              "converge-worker": lambda a: converge_worker(a[0], int(a[1]), int(a[2]), int(a[3]))}
+              "converge-worker": lambda a: converge_worker(a[0], int(a[1]), int(a[2]), int(a[3])),
+              "lmm-worker": lambda a: lmm_worker(a[0])}
     print(json.dumps(worker[argv[0]](argv[1:])))
     return
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("bench", choices=["stream", "squarem", "converge"])
+  parser.add_argument("bench", choices=["stream", "squarem", "converge", "lmm"])
   parser.add_argument("--n", type=int, default=10_000_000)
   parser.add_argument("--passes", type=int, default=3)
   parser.add_argument("--batch-size", type=int, default=262_144)
   args = parser.parse_args()
-  {"stream": bench_stream, "squarem": bench_squarem, "converge": bench_converge}[args.bench](args)
+  {"stream": bench_stream, "squarem": bench_squarem, "converge": bench_converge,
+   "lmm": bench_lmm}[args.bench](args)
 
 
 if __name__ == "__main__":
