@@ -556,8 +556,66 @@ def _cli_cases():
       Case("tfp-em demo: --out under a regular file", "cli",
            lambda tmp: ["demo", "--out", str(_plain_file(tmp) / "o")], "cannot be created"),
       Case("tfp-em demo: unknown option", "cli", lambda tmp: ["demo", "--fast"], "unrecognized"),
+      Case("tfp-em report: non-existent source", "cli",
+           lambda tmp: ["report", str(pathlib.Path(tmp) / "none.nc"), "--out", _out(tmp)],
+           "does not exist"),
+      Case("tfp-em report: source is a directory", "cli",
+           lambda tmp: ["report", str(tmp), "--out", _out(tmp)], "not a file"),
+      Case("tfp-em report: source is a CSV, not netCDF", "cli",
+           lambda tmp: ["report", _write(tmp, "d.nc", _csv_rows(5)), "--out", _out(tmp)],
+           "netCDF"),
+      Case("tfp-em report: --out under a regular file", "cli",
+           lambda tmp: ["report", _write(tmp, "d.nc", "x"), "--out",
+                        str(_plain_file(tmp) / "r")], "cannot be created"),
+      Case("tfp-em report: --hmc-draws 5", "cli",
+           lambda tmp: ["report", _write(tmp, "d.nc", "x"), "--hmc-draws", "5",
+                        "--out", _out(tmp)], "hmc-draws"),
+      Case("tfp-em report: --hmc-draws x", "cli",
+           lambda tmp: ["report", _write(tmp, "d.nc", "x"), "--hmc-draws", "x"], "invalid int"),
+      Case("tfp-em report: no source", "cli", lambda tmp: ["report"], "required"),
+      Case("tfp-em verify: non-existent file", "cli",
+           lambda tmp: ["verify", str(pathlib.Path(tmp) / "none.py")], "does not exist"),
+      Case("tfp-em verify: a directory", "cli", lambda tmp: ["verify", str(tmp)], "not a file"),
+      Case("tfp-em verify: empty file", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", "")], "em.py"),
+      Case("tfp-em verify: syntax error", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", "def e_step(:\n")], "em.py"),
+      Case("tfp-em verify: file raises on import", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", "raise RuntimeError('boom')\n")],
+           "em.py"),
+      Case("tfp-em verify: not Python (binary)", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", b"\xff\xfe\x00\x81", "wb")], "em.py"),
+      Case("tfp-em verify: required names of the wrong kind", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", "".join(
+               f"{n} = None\n" for n in ("joint_distribution", "data", "e_step", "m_step",
+                                         "init_params", "param_specs")))],
+           "EMModel or a function"),
+      Case("tfp-em verify: the user's e_step raises", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", _BROKEN_E_STEP)],
+           r"em.py, line 7, in e_step: RuntimeError: my e-step is broken"),
+      Case("tfp-em verify: no path", "cli", lambda tmp: ["verify"], "required"),
   ]
   return cases
+
+
+_BROKEN_E_STEP = """import tensorflow_probability as tfp
+tfd, tfb = tfp.distributions, tfp.bijectors
+def joint_distribution(params):
+  return tfd.JointDistributionNamed(dict(x=tfd.Sample(tfd.Normal(params["mu"], 1.), 5)))
+data = {"x": [0., 1., 2., 3., 4.]}
+def e_step(params, data):
+  raise RuntimeError("my e-step is broken")
+def m_step(params, stats):
+  return params
+def expected_log_joint(params, stats):
+  return 0.
+init_params = {"mu": 0.5}
+param_specs = {"mu": tfb.Identity()}
+"""
+
+
+def _out(tmp):
+  return str(pathlib.Path(tmp) / "out")
 
 
 def _replace(argv, flag, value):

@@ -171,7 +171,16 @@ def _verify(args) -> int:
   from tfp_em.verify import verify_file
   if not os.path.isfile(args.path):
     raise ValueError(f"{args.path!r} does not exist or is not a file")
-  report = verify_file(args.path)
+  try:
+    report = verify_file(args.path)
+  except Exception as e:  # noqa: BLE001 - one line if the user's own code raised
+    import traceback
+    user = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(args.path)]
+    if isinstance(e, ValueError) or not user:
+      raise
+    raise ValueError(f"{args.path}, line {user[-1].lineno}, in {user[-1].name}: "
+                     f"{type(e).__name__}: {e}") from None
   print(report)
   return 0 if report.passed else 1
 
