@@ -7,7 +7,8 @@ Targets:
        letters, non-UTF-8 bytes) through `tfp_em.io.load_csv`: the only
        allowed outcomes are a finite float array or a ValueError.
   cli  random, mostly valid option sets for `tfp-em fit gmm` (valid and
-       invalid values, random CSV files as --data, stray tokens) through
+       invalid values, random CSV files as --data, stray tokens), and
+       `tfp-em report` / `tfp-em verify` on random files, through
        `tfp_em.cli.main`: the only allowed outcomes are exit 0, or exit 2
        with one line on stderr, no traceback and no file written. Any
        escaping exception is a crash.
@@ -147,9 +148,19 @@ def fuzz_cli(seconds, crashes, counter):
   @given(head=st.sampled_from([["fit", "gmm"]] * 6 + [["fit"], [], ["gmm"]]),
          options=st.fixed_dictionaries(required, optional=values),
          max_iter=st.sampled_from(["0", "1", "3", "-1", "x"]), extra=extras,
-         rows=ROWS, sep=SEPARATORS)
-  def one(head, options, max_iter, extra, rows, sep):
+         rows=ROWS, sep=SEPARATORS,
+         other=st.sampled_from([None] * 6 + ["report", "verify"]), raw=st.binary(max_size=60))
+  def one(head, options, max_iter, extra, rows, sep, other, raw):
     counter["cli"] += 1
+    if other:  # `report FILE.nc` or `verify FILE.py` on a random file
+      path = folder / f"r{counter['cli']}{'.nc' if other == 'report' else '.py'}"
+      path.write_bytes(raw if counter["cli"] % 2 else csv_text(rows, sep, ["a"]).encode())
+      argv = [other, str(path), *(["--no-hmc", "--out", str(folder / "rep")]
+                                  if other == "report" else [])] + extra
+      problem = _check_cli(argv, folder)
+      if problem:
+        crashes.append(dict(target="cli", input=argv, problem=problem))
+      return
     argv = list(head)
     for flag, value in options.items():
       if value == "random":  # a random CSV file as --data
