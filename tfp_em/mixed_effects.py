@@ -316,6 +316,12 @@ class MixedEffectsRegressor:
     return mapped[codes]
 
   def _fit_linear(self, train):
+    design = np.asarray(train.x)
+    rank = np.linalg.matrix_rank(design)
+    if rank < design.shape[1]:
+      raise ValueError(f"X{' with the intercept column' if self.fit_intercept else ''} has "
+                       f"rank {rank} < {design.shape[1]} columns: drop collinear or constant "
+                       "columns (beta is not identifiable)")
     model = MixedEffectsEM(self.covariance, compile="graph", expand=self.method == "em")
     if self.method == "em":
       result = fit_em(model, train, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
