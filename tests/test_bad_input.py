@@ -16,7 +16,8 @@ CASES = all_cases()
 
 def test_catalogue_covers_every_estimator_and_the_cli():
   targets = {c.target for c in CASES}
-  assert {"GaussianMixture", "BernoulliMLPClassifier", "MixedEffectsRegressor", "cli",
+  assert {"GaussianMixture", "BernoulliMLPClassifier", "MixedEffectsRegressor",
+          "CrossedEffectsRegressor", "cli",
           "load_csv"} <= targets
   assert len({c.name for c in CASES}) == len(CASES)  # names are unique
 

@@ -109,6 +109,22 @@ def _me(**kw):
   return MixedEffectsRegressor(**base)
 
 
+def _ce(**kw):
+  from tfp_em.crossed_regressor import CrossedEffectsRegressor
+  base = dict(max_iter=20)
+  base.update(kw)
+  return CrossedEffectsRegressor(**base)
+
+
+def _factors(n=40):
+  return [np.repeat(np.arange(8), n // 8), np.tile(np.arange(5), n // 5)]
+
+
+def _fit_ce(X=None, y=None, clusters=None, **kw):
+  return lambda tmp: _ce(**kw).fit(_x() if X is None else X(), _y_reg() if y is None else y(),
+                                   _factors() if clusters is None else clusters())
+
+
 _FITTED = {}
 
 
@@ -119,7 +135,8 @@ def _fitted(kind):
       warnings.simplefilter("ignore")
       _FITTED[kind] = {"gmm": lambda: _gmm().fit(_x()),
                        "mlp": lambda: _mlp().fit(_x(), _labels()),
-                       "me": lambda: _me().fit(_x(), _y_reg(), _clusters())}[kind]()
+                       "me": lambda: _me().fit(_x(), _y_reg(), _clusters()),
+                       "ce": lambda: _ce().fit(_x(), _y_reg(), _factors())}[kind]()
   return _FITTED[kind]
 
 
@@ -164,8 +181,10 @@ def _estimator_cases():
                       _fit_mlp(bad), rx))
     cases.append(Case(f"MixedEffectsRegressor.fit: {label}", "MixedEffectsRegressor",
                       _fit_me(bad), rx))
+    cases.append(Case(f"CrossedEffectsRegressor.fit: {label}", "CrossedEffectsRegressor",
+                      _fit_ce(bad), rx))
     for kind, target in (("gmm", "GaussianMixture"), ("mlp", "BernoulliMLPClassifier"),
-                         ("me", "MixedEffectsRegressor")):
+                         ("me", "MixedEffectsRegressor"), ("ce", "CrossedEffectsRegressor")):
       if label in ("X is empty (0 rows)",):
         rx_pred = "at least"
       else:
@@ -479,6 +498,33 @@ def _loader_cases():
                                               out_dir=tmp / "r", hmc=False), "netCDF"),
       Case("load_fitted: non-existent file", "diagnostics",
            lambda tmp: _diagnostics().load_fitted(tmp / "none.nc"), "does not exist"),
+  ]
+  c = "CrossedEffectsRegressor"
+  cases += [
+      Case(f"{c}: y length mismatch", c, _fit_ce(y=lambda: _y_reg()[:-1]), "y has length"),
+      Case(f"{c}: y has NaN", c, _fit_ce(y=lambda: _with(_y_reg(), 3, np.nan)), "NaN"),
+      Case(f"{c}: a factor of wrong length", c,
+           _fit_ce(clusters=lambda: [_factors()[0], _factors()[1][:-1]]), "length"),
+      Case(f"{c}: a factor with None", c,
+           _fit_ce(clusters=lambda: [_factors()[0], [None] + list(_factors()[1][1:])]),
+           "missing"),
+      Case(f"{c}: clusters is None", c, _fit_ce(clusters=lambda: None), "clusters"),
+      Case(f"{c}: clusters is one flat array", c, _fit_ce(clusters=lambda: _factors()[0]),
+           "clusters|factor"),
+      Case(f"{c}: method unknown", c, _fit_ce(method="reml"), "method"),
+      Case(f"{c}: max_iter negative", c, _fit_ce(max_iter=-1), "max_iter"),
+      Case(f"{c}: tol NaN", c, _fit_ce(tol=float("nan")), "tol"),
+      Case(f"{c}: seed negative", c, _fit_ce(seed=-1), "seed"),
+      Case(f"{c}: dtype float16", c, _fit_ce(dtype="float16"), "dtype"),
+      Case(f"{c}: accelerate unknown", c, _fit_ce(accelerate="anderson"), "accelerate"),
+      Case(f"{c}: on_decrease unknown", c, _fit_ce(on_decrease="ignore"), "on_decrease"),
+      Case(f"{c}: collinear X columns", c, _fit_ce(X=lambda: np.c_[_x(), _x()[:, 0]]),
+           "collinear|rank"),
+      Case(f"{c}: predict before fit", c, lambda tmp: _ce().predict(_x()), "not fitted"),
+      Case(f"{c}: predict with 3 features", c, lambda tmp: _fitted("ce").predict(_x(d=3)),
+           "features"),
+      Case(f"{c}: predict with one factor of two", c,
+           lambda tmp: _fitted("ce").predict(_x(), [_factors()[0]]), "grouping factors"),
   ]
   return cases
 
