@@ -17,6 +17,7 @@ _EXPORTS = {
     "RestartTrace": "tfp_em.engine",
     "fit_em": "tfp_em.engine",
     "GaussianMixture": "tfp_em.mixture",
+    "EmptyComponentWarning": "tfp_em.mixture_reseed",
     "BernoulliMLPClassifier": "tfp_em.bernoulli_mlp",
     "MixedEffectsRegressor": "tfp_em.mixed_effects",
     "VerificationReport": "tfp_em.verify_report",
