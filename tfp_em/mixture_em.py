@@ -154,6 +154,11 @@ def expected_log_joint(params: GaussianMixtureParams, stats: GaussianMixtureStat
   return tf.reduce_sum(per_component)
 
 
+def default_chunk_size(n_components: int, n_features: int) -> int:
+  """Power of two near 2**19 / (K * D) points, at least 256."""
+  return max(256, 2 ** int(round(math.log2(2 ** 19 / (n_components * n_features)))))
+
+
 # ----------------------------------------------------------------------------
 # The EMModel.
 
@@ -168,7 +173,10 @@ class GaussianMixtureEM:
     init: callable `(x [N, D] numpy, weights [N], seed) -> responsibilities
       [N, K]`; the initial params are the M-step of those (as scikit-learn).
     chunk_size: points per chunk in the E-step (bounds memory to
-      chunk_size * K * D numbers).
+      chunk_size * K * D numbers). Default: the power of two nearest
+      2**19 / (K * D), at least 256, which keeps the [chunk, K, D]
+      intermediates in cache (2x faster than 65536-point chunks at
+      N=200k, D=K=8, and at N=1M, D=K=16).
     compile: how `fit_em` should compile the steps ('eager'|'graph'|'xla').
   """
   name = "GaussianMixture"
@@ -178,13 +186,13 @@ class GaussianMixtureEM:
                   "use dtype='float64'.")
 
   def __init__(self, n_components: int, covariance_type: str = "full",
-               reg_covar: float = 1e-6, init=None, chunk_size: int = 65536,
+               reg_covar: float = 1e-6, init=None, chunk_size: int | None = None,
                compile: str = "graph"):
     self.n_components = n_components
     self.covariance_type = gm.check_covariance_type(covariance_type)
     self.reg_covar = reg_covar
     self.init = init
-    self.chunk_size = chunk_size
+    self.chunk_size = chunk_size  # None: default_chunk_size(K, D)
     self.compile = compile
     self.param_specs = gm.param_specs(covariance_type)
 
@@ -198,10 +206,11 @@ class GaussianMixtureEM:
 
   def e_step(self, params: GaussianMixtureParams, data: MixtureData):
     prec_chol = precision_cholesky(params.covariances, self.covariance_type)
-    n = data.x.shape[0]
-    if n is None or n <= self.chunk_size:  # streamed batches are bounded by their batch size
+    n, d = data.x.shape
+    size = self.chunk_size or default_chunk_size(self.n_components, d)
+    if n is None or n <= size:  # streamed batches are bounded by their batch size
       return self._chunk_stats(params, prec_chol, data.x, data.weights)
-    return self._chunked_e_step(params, prec_chol, data)
+    return self._chunked_e_step(params, prec_chol, data, size)
 
   def m_step(self, params: GaussianMixtureParams, stats: GaussianMixtureStats):
     eps = MIN_COUNT_EPS * np.finfo(stats.counts.dtype.as_numpy_dtype).eps
@@ -270,9 +279,8 @@ class GaussianMixtureEM:
     stats = self._stats_from_resp(resp, x, weights, params.means)
     return stats, tf.reduce_sum(weights * log_norm)
 
-  def _chunked_e_step(self, params, prec_chol, data):
+  def _chunked_e_step(self, params, prec_chol, data, size):
     n, d = data.x.shape
-    size = self.chunk_size
     n_chunks = -(-n // size)
     pad = n_chunks * size - n
     x = tf.reshape(tf.pad(data.x, [[0, pad], [0, 0]]), [n_chunks, size, d])
