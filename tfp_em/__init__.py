@@ -20,6 +20,7 @@ _EXPORTS = {
     "EmptyComponentWarning": "tfp_em.mixture_reseed",
     "BernoulliMLPClassifier": "tfp_em.bernoulli_mlp",
     "MixedEffectsRegressor": "tfp_em.mixed_effects",
+    "CrossedEffectsRegressor": "tfp_em.crossed_regressor",
     "VerificationReport": "tfp_em.verify_report",
     "to_inference_data": "tfp_em.diagnostics",
     "load_fitted": "tfp_em.diagnostics",
