@@ -26,6 +26,7 @@ from tfp_em.mixture_em import GaussianMixtureEM, MixtureData, precision_cholesky
 from tfp_em.mixture_init import INIT_METHODS, initial_responsibilities
 
 XLA_MIN_WORK = 2 ** 20  # N * K * D above which XLA's compile time pays off
+INFERENCE_CHUNK = 65536  # rows per chunk in predict / score_samples
 
 
 class GaussianMixture(DiagnosticsMixin):
@@ -292,8 +293,13 @@ class GaussianMixture(DiagnosticsMixin):
     return tf.constant(x)
 
   def _log_joint(self, X):
+    """log w_k + log N(x_n | k), shape [N, K], in chunks so that memory stays
+    O(N K) rather than O(N K D)."""
     x = self._checked_x(X)
-    return self._model().log_prob_components(self.params_, x)  # [N, K]
+    model = self._model()
+    step = INFERENCE_CHUNK
+    return tf.concat([model.log_prob_components(self.params_, x[i:i + step])
+                      for i in range(0, max(int(x.shape[0]), 1), step)], axis=0)
 
   def score_samples(self, X):
     """log p(x_n) for each row, shape [N]."""
