@@ -312,7 +312,6 @@ def _mixed_case():
 
 
 def test_mixed_effects_inference_data_and_se():
-  from tfp_em.stderr import _standard_errors
   fitted, X, y, kw = _mixed_case()
   idata = to_inference_data(fitted, X, y, **kw)
   assert idata.log_likelihood["y"].dims == ("chain", "draw", "cluster")

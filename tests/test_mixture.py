@@ -4,7 +4,6 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from models import gaussian_mixture as gm
 from models.specs import constrain, unconstrain

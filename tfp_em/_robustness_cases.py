@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io as _io
-import os
 import pathlib
 import re
 import warnings

@@ -37,7 +37,7 @@ from tfp_em import validation as val
 from tfp_em.engine import FitResult, RestartTrace, default_decrease_tol, fit_em
 from tfp_em.mixed_effects_em import (MixedEffectsEM, MixedEffectsStats,
                                      fit_marginal_lbfgs)
-from tfp_em.mixed_effects_nn import (Network, NetworkFit, default_mlp,
+from tfp_em.mixed_effects_nn import (Network, default_mlp,
                                      fit_network_em, fit_network_nll)
 
 RANDOM_EFFECTS = ("intercept", "slopes", "features", "custom")

@@ -191,6 +191,38 @@ def _snapshot(net, params):
   return net.model.get_weights(), type(params)(*[tf.constant(np.asarray(p)) for p in params])
 
 
+class _EarlyStopper:
+  """Keeps the loglik and validation traces and the best weights and params;
+  says when `patience` evaluations have passed without improvement."""
+
+  def __init__(self, net, patience: int, label: str, unit: str):
+    self.net, self.patience, self.label, self.unit = net, patience, label, unit
+    self.trace, self.crits = [], []
+    self.best, self.best_crit, self.best_it, self.stop_reason = None, np.inf, 0, "max_iter"
+    self.start = time.perf_counter()
+
+  def should_stop(self, it: int, params, loglik, criterion) -> bool:
+    self.trace.append(float(loglik))
+    self.crits.append(float(criterion))
+    if not np.isfinite(self.trace[-1]):
+      raise ValueError(f"{self.label}: log-likelihood became {self.trace[-1]} at {self.unit} "
+                       f"{it}; lower learning_rate or standardize y.")
+    if self.crits[-1] < self.best_crit:
+      self.best, self.best_crit, self.best_it = _snapshot(self.net, params), self.crits[-1], it
+    elif it - self.best_it >= self.patience:
+      self.stop_reason = "early_stopping"
+      return True
+    return False
+
+  def result(self, n_iter: int) -> NetworkFit:
+    """Restores the best weights and returns the fit at the best evaluation."""
+    self.net.model.set_weights(self.best[0])
+    return NetworkFit(params=self.best[1], log_likelihood=self.trace[self.best_it],
+                      trace=np.array(self.trace), val_nll=np.array(self.crits),
+                      best_iteration=self.best_it, n_iter=n_iter, stop_reason=self.stop_reason,
+                      seconds=time.perf_counter() - self.start)
+
+
 def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_type: str,
                    init_params: me.MixedEffectsParams, *, max_iter: int, epochs_per_step: int,
                    batch_size: int, learning_rate: float, patience: int, seed: int,
@@ -206,7 +238,7 @@ def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_typ
   every column (the MeNets 'features' design, where z = [1, Gamma] and f =
   w^T Gamma + b), 'none' turns it off.
   """
-  start = time.perf_counter()
+  stopper = _EarlyStopper(net, patience, "MeNets EM", "iteration")
   rng = np.random.default_rng(seed)
   optimizer = keras.optimizers.Adam(learning_rate)
   evaluator = _Evaluator(net, covariance_type, train, val)
@@ -233,21 +265,10 @@ def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_typ
     return mem.update_noise_variance(tf.reduce_sum(tf.square(resid)),
                                      mem.trace_term(ztz, covariance), tf.cast(n, dtype))
 
-  params, trace, crits = init_params, [], []
-  best, best_crit, best_it, stop_reason = None, np.inf, 0, "max_iter"
+  params = init_params
   for it in range(max_iter + 1):
     ll, crit, post, stats, z = evaluator.evaluate(params)
-    trace.append(float(ll))
-    crits.append(float(crit))
-    if not np.isfinite(trace[-1]):
-      raise ValueError(f"MeNets EM: log-likelihood became {trace[-1]} at iteration {it}; "
-                       "lower learning_rate or standardize y.")
-    if crits[-1] < best_crit:
-      best, best_crit, best_it = _snapshot(net, params), crits[-1], it
-    elif it - best_it >= patience:
-      stop_reason = "early_stopping"
-      break
-    if it == max_iter:
+    if stopper.should_stop(it, params, ll, crit) or it == max_iter:
       break
     # M-step: mu (PX), Sigma_u (closed form), f (Adam epochs on y - z m), sigma^2.
     mean = post.mean
@@ -264,17 +285,14 @@ def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_typ
       train_epoch(target, *map(tf.constant, _minibatches(rng, n, batch_size)))
     params = me.MixedEffectsParams(beta=params.beta, covariance=covariance,
                                    noise_variance=noise_update(mean, post.covariance))
-  net.model.set_weights(best[0])
-  return NetworkFit(params=best[1], log_likelihood=trace[best_it], trace=np.array(trace),
-                    val_nll=np.array(crits), best_iteration=best_it, n_iter=it,
-                    stop_reason=stop_reason, seconds=time.perf_counter() - start)
+  return stopper.result(n_iter=it)
 
 
 def fit_network_nll(net: Network, train: me.MixedEffectsData, val, covariance_type: str,
                     init_params: me.MixedEffectsParams, *, max_iter: int, batch_size: int,
                     learning_rate: float, patience: int, seed: int) -> NetworkFit:
   """LMMNN: Adam on the exact marginal NLL over weights and variance parameters."""
-  start = time.perf_counter()
+  stopper = _EarlyStopper(net, patience, "LMMNN NLL", "epoch")
   rng = np.random.default_rng(seed)
   optimizer = keras.optimizers.Adam(learning_rate)
   evaluator = _Evaluator(net, covariance_type, train, val)
@@ -309,27 +327,12 @@ def fit_network_nll(net: Network, train: me.MixedEffectsData, val, covariance_ty
       grads = tape.gradient(loss, variables)
       optimizer.apply_gradients(zip(grads, variables))
 
-  trace, crits = [], []
-  best, best_crit, best_it, stop_reason = None, np.inf, 0, "max_iter"
   for it in range(max_iter + 1):
     params = current_params()
     ll, crit, _, _, _ = evaluator.evaluate(params)
-    trace.append(float(ll))
-    crits.append(float(crit))
-    if not np.isfinite(trace[-1]):
-      raise ValueError(f"LMMNN NLL: log-likelihood became {trace[-1]} at epoch {it}; "
-                       "lower learning_rate or standardize y.")
-    if crits[-1] < best_crit:
-      best, best_crit, best_it = _snapshot(net, params), crits[-1], it
-    elif it - best_it >= patience:
-      stop_reason = "early_stopping"
-      break
-    if it == max_iter:
+    if stopper.should_stop(it, params, ll, crit) or it == max_iter:
       break
     order, starts, ends, local = _cluster_minibatches(rng, cluster_np, num_clusters, batch_size)
     scale = tf.constant(len(starts) / n, dtype)
     train_epoch(*map(tf.constant, (order, starts, ends, local)), scale)
-  net.model.set_weights(best[0])
-  return NetworkFit(params=best[1], log_likelihood=trace[best_it], trace=np.array(trace),
-                    val_nll=np.array(crits), best_iteration=best_it, n_iter=it,
-                    stop_reason=stop_reason, seconds=time.perf_counter() - start)
+  return stopper.result(n_iter=it)

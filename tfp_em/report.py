@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-import arviz as az
 
 from tfp_em import io, plots
 from tfp_em.adapters import get_adapter
