@@ -51,6 +51,17 @@ def _chunk_size(num_burnin, num_results, pieces=20):
   return max(d for d in range(1, g + 1) if g % d == 0 and d <= cap)
 
 
+def _setup(fitted, X, y, priors, fixed, data_kwargs):
+  """(adapter, float64 data, model, specs, Flattener at the estimate, priors)."""
+  adapter = get_adapter(fitted)
+  data = _as_float64(resolve_data(fitted, X, y, **data_kwargs))
+  model = adapter.model(fitted)
+  specs = fixed_specs(adapter, fitted, fixed)
+  flat = Flattener(adapter.params(fitted), specs)
+  priors = adapter.default_priors(fitted, data) if priors is None else dict(priors)
+  return adapter, data, model, specs, flat, priors
+
+
 def log_posterior_fn(model, params_template, specs, priors, data):
   """target(*trainable constrained parts with a leading chain dim) -> [C]."""
   fields = [i for i, s in enumerate(specs) if s.trainable]
@@ -109,12 +120,7 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
   v.check_float("target_accept", target_accept, minimum=0.0, strict=True)
   if target_accept >= 1:
     raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
-  adapter = get_adapter(fitted)
-  data = _as_float64(resolve_data(fitted, X, y, **data_kwargs))
-  model = adapter.model(fitted)
-  specs = fixed_specs(adapter, fitted, fixed)
-  flat = Flattener(adapter.params(fitted), specs)
-  priors = adapter.default_priors(fitted, data) if priors is None else dict(priors)
+  adapter, data, model, specs, flat, priors = _setup(fitted, X, y, priors, fixed, data_kwargs)
   fields = flat.fields
   names = [flat.template._fields[i] for i in fields]
   missing = [n for n in names if n not in priors]
@@ -241,12 +247,7 @@ def posterior_mode(fitted, X=None, y=None, *, priors=None, start=None, fixed=Non
   Returns:
     (params NamedTuple of numpy arrays, log posterior at them).
   """
-  adapter = get_adapter(fitted)
-  data = _as_float64(resolve_data(fitted, X, y, **data_kwargs))
-  model = adapter.model(fitted)
-  specs = fixed_specs(adapter, fitted, fixed)
-  flat = Flattener(adapter.params(fitted), specs)
-  priors = adapter.default_priors(fitted, data) if priors is None else dict(priors)
+  adapter, data, model, specs, flat, priors = _setup(fitted, X, y, priors, fixed, data_kwargs)
   target = log_posterior_fn(model, flat.template, specs, priors, data)
   start_u = flat.u_hat if start is None else Flattener(start, specs).u_hat
 
