@@ -150,14 +150,12 @@ def _register_package_oracles():
   from tfp_em.mixture_em import GaussianMixtureEM
   register_oracle(GaussianMixtureEM, _gaussian_mixture_oracle)
   try:
-    from models.bernoulli_mlp import param_specs as mlp_specs
     from tfp_em.bernoulli_mlp import BernoulliMLPEM
   except ImportError:  # pragma: no cover - model not installed
     return
   # The M-step runs damped Newton until the Newton decrement is small, which
   # leaves grad Q(theta_new) ~ 1e-7 of the gradient scale: allow 1e-5.
-  register_oracle(BernoulliMLPEM, _bernoulli_mlp_oracle, param_specs=mlp_specs(),
-                  tolerances={"m_step_gradient": 1e-5})
+  register_oracle(BernoulliMLPEM, _bernoulli_mlp_oracle, tolerances={"m_step_gradient": 1e-5})
 
 
 
