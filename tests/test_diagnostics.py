@@ -1,4 +1,5 @@
 """ArviZ export, standard errors, HMC cross-check, plots and reports."""
+import copy
 import re
 from pathlib import Path
 
@@ -125,8 +126,11 @@ def test_bad_input_raises(faithful):
   fitted, x = faithful
   with pytest.raises(ValueError, match="not fitted"):
     to_inference_data(GaussianMixture(2), x)
+  streamed = copy.copy(fitted)
+  streamed.fit_data_ = None  # what a streamed fit keeps
   with pytest.raises(ValueError, match="pass X"):
-    to_inference_data(fitted)
+    to_inference_data(streamed)
+  assert to_inference_data(fitted).posterior.sizes["chain"] >= 1  # in-memory fits keep X
   with pytest.raises(ValueError, match="features"):
     to_inference_data(fitted, x.values[:, :1])
   with pytest.raises(ValueError, match="adapter"):
