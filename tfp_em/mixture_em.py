@@ -208,9 +208,9 @@ class GaussianMixtureEM:
     prec_chol = precision_cholesky(params.covariances, self.covariance_type)
     n, d = data.x.shape
     size = self.chunk_size or default_chunk_size(self.n_components, d)
-    if n is None or n <= size:  # streamed batches are bounded by their batch size
+    if n is not None and n <= size:
       return self._chunk_stats(params, prec_chol, data.x, data.weights)
-    return self._chunked_e_step(params, prec_chol, data, size)
+    return self._chunked_e_step(params, prec_chol, data, size)  # also for streamed batches
 
   def m_step(self, params: GaussianMixtureParams, stats: GaussianMixtureStats):
     eps = MIN_COUNT_EPS * np.finfo(stats.counts.dtype.as_numpy_dtype).eps
@@ -280,8 +280,9 @@ class GaussianMixtureEM:
     return stats, tf.reduce_sum(weights * log_norm)
 
   def _chunked_e_step(self, params, prec_chol, data, size):
-    n, d = data.x.shape
-    n_chunks = -(-n // size)
+    d = data.x.shape[1]
+    n = tf.shape(data.x)[0]  # dynamic for streamed batches
+    n_chunks = (n + size - 1) // size
     pad = n_chunks * size - n
     x = tf.reshape(tf.pad(data.x, [[0, pad], [0, 0]]), [n_chunks, size, d])
     w = tf.reshape(tf.pad(data.weights, [[0, pad]]), [n_chunks, size])
