@@ -81,17 +81,9 @@ def gmm_cases(quick):
 # Bernoulli-hidden-unit MLP.
 
 def mlp_data(n=60, d=3, m=2, c=3, seed=0):
-  """Data sampled from the model itself, every class present."""
-  from models import bernoulli_mlp as mlp
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, d))
-  for attempt in range(200):
-    params = mlp.BernoulliMLPParams(tf.constant(rng.normal(0., 1.5, (d + 1, m))),
-                                    tf.constant(rng.normal(0., 3., (m + 1, c))))
-    y = mlp.joint(params, tf.constant(x)).sample(seed=(seed, attempt))["y"]
-    if np.bincount(y.numpy(), minlength=c).min() >= n // (3 * c):
-      return tf.constant(x), tf.cast(y, tf.int32)
-  raise RuntimeError("no balanced sample found")
+  """Data sampled from the model itself, every class present (the tests' generator)."""
+  from test_bernoulli_mlp import synthetic
+  return synthetic(n=n, d=d, m=m, c=c, seed=seed)
 
 
 def mlp_cases(quick):
