@@ -147,8 +147,7 @@ def _demo(args) -> int:
     from tfp_em.report import write_report
     print("\nWriting the diagnostic report (standard errors, NUTS cross-check) ...", flush=True)
     index = write_report(est, x, os.path.join(out, "report"), feature_names=names,
-                         title="Old Faithful: Gaussian mixture chosen by BIC",
-                         hmc_kwargs=dict(num_results=500, num_burnin=500))
+                         title="Old Faithful: Gaussian mixture chosen by BIC")
     print(f"Open {index}")
   return 0
 
