@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 
 from models import gaussian_mixture as gm
 from tfp_em import validation as v
+from tfp_em.engine import to_tensors
 
 tfd = tfp.distributions
 
@@ -249,7 +250,7 @@ class GaussianMixtureAdapter(Adapter):
   def rebuild(self, config, params, n_features):
     from tfp_em.mixture import GaussianMixture
     est = GaussianMixture(**json.loads(config))
-    est._set_fitted(type(params)(*[tf.constant(p) for p in params]), n_features)
+    est._set_fitted(to_tensors(params), n_features)
     return est
 
 

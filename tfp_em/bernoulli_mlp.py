@@ -40,7 +40,7 @@ from models import bernoulli_mlp as mlp
 from models.bernoulli_mlp import BernoulliMLPParams
 from tfp_em import validation as v
 from tfp_em.estimator import DiagnosticsMixin
-from tfp_em.engine import FitResult, RestartTrace, fit_em, restart_seeds
+from tfp_em.engine import FitResult, RestartTrace, fit_em, restart_seeds, to_tensors
 
 MAX_HIDDEN = 16
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2 ** 20
@@ -459,7 +459,7 @@ def fit_autodiff(model: BernoulliMLPEM, data, *, max_iter: int = 1000,
   best = int(np.argmax([t.final_log_likelihood for t in restarts]))
   chosen = restarts[best]
   return FitResult(
-      params=type(chosen.final_params)(*[tf.constant(p) for p in chosen.final_params]),
+      params=to_tensors(chosen.final_params),
       log_likelihood=chosen.final_log_likelihood, n_iter=chosen.n_iter,
       converged=chosen.converged, best_restart=best, restarts=tuple(restarts),
       num_observations=n_obs)

@@ -142,6 +142,11 @@ def _to_numpy(params):
   return type(params)(*[np.array(p) for p in params])
 
 
+def to_tensors(params):
+  """A params NamedTuple (of arrays or tensors) as a NamedTuple of tensors."""
+  return type(params)(*[tf.constant(p) for p in params])
+
+
 def _all_finite(params) -> bool:
   return all(np.all(np.isfinite(np.asarray(p))) for p in params)
 
@@ -241,8 +246,7 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
   for r in range(len(restarts), n_init):
     resume_state = saved if saved and saved["restart"] == r else None
     if resume_state is not None:
-      params = type(resume_state["trajectory"][-1])(
-          *[tf.constant(p) for p in resume_state["trajectory"][-1]])
+      params = to_tensors(resume_state["trajectory"][-1])
     else:
       params = (init_params if (r == 0 and init_params is not None)
                 else model.initialize(iteration.e_pass.first_batch(), seeds[r]))
@@ -261,7 +265,7 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
         f"{_last_mean_change(chosen, n_obs):.3g}). Increase max_iter, loosen tol, "
         "or try another initialization.", ConvergenceWarning, stacklevel=2)
   return FitResult(
-      params=type(chosen.final_params)(*[tf.constant(p) for p in chosen.final_params]),
+      params=to_tensors(chosen.final_params),
       log_likelihood=chosen.final_log_likelihood, n_iter=chosen.n_iter,
       converged=chosen.converged, best_restart=best, restarts=tuple(restarts),
       num_observations=n_obs)
@@ -329,14 +333,14 @@ class _Saver:
     self.checkpointer, self.seeds = checkpointer, seeds
     self.finished, self.keep_trajectory = finished, keep_trajectory
 
-  def __call__(self, restart, it, lls, trajectory, previous, params, e_steps, force=False):
-    if self.checkpointer is None or not (force or it % self.checkpointer.every == 0):
+  def __call__(self, restart, it, lls, trajectory, previous, params, e_steps):
+    if self.checkpointer is None:
       return
     saved = (trajectory if self.keep_trajectory else
              [trajectory[0]] + ([previous] if previous is not None else []) + [_to_numpy(params)])
-    self.checkpointer.save(dict(restart=restart, iteration=it, seeds=self.seeds,
-                                e_steps=e_steps, log_likelihood=lls, trajectory=saved,
-                                finished=self.finished))
+    self.checkpointer.maybe_save(dict(restart=restart, iteration=it, seeds=self.seeds,
+                                      e_steps=e_steps, log_likelihood=lls, trajectory=saved,
+                                      finished=self.finished), it)
 
 
 def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
@@ -351,7 +355,7 @@ def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
         resume_state["e_steps"]
     trajectory = list(saved) if keep_trajectory else saved[:1]
     if first > 0 and len(saved) >= 2:
-      previous = type(saved[-2])(*[tf.constant(p) for p in saved[-2]])
+      previous = to_tensors(saved[-2])
   converged, stop_reason = False, "max_iter"
   bar = _progress_bar(show, max_iter, model.name, restart)
   for it in range(first, max_iter + 1):

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfp_em.engine import FitResult, RestartTrace, _to_numpy, restart_seeds
+from tfp_em.engine import FitResult, RestartTrace, _to_numpy, restart_seeds, to_tensors
 from tfp_em.passes import StreamPass, compile_fn, shared_fields
 from tfp_em.streams import checked_batches
 
@@ -107,7 +107,7 @@ def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: fl
   trace = RestartTrace(seed=seed_r, log_likelihood=lls, params=trajectory, converged=False,
                        n_iter=t, stop_reason="online", seconds=time.perf_counter() - start,
                        e_steps=t + int(final_pass))
-  return FitResult(params=type(params)(*[tf.constant(p) for p in _to_numpy(params)]),
+  return FitResult(params=to_tensors(params),
                    log_likelihood=float(lls[-1]) if final_pass else float("nan"),
                    n_iter=t, converged=False, best_restart=0, restarts=(trace,),
                    num_observations=n_obs if n_obs is not None else float("nan"))
