@@ -404,13 +404,7 @@ class BernoulliMLPAdapter(Adapter):
     if y is None:
       raise ValueError("BernoulliMLPClassifier diagnostics need X and y")
     xs = fitted._inputs(X)
-    y = np.asarray(y)
-    if y.ndim != 1 or y.shape[0] != xs.shape[0]:
-      raise ValueError(f"y must have one label per row of X ({xs.shape[0]}), got shape {y.shape}")
-    unknown = ~np.isin(y, fitted.classes_)
-    if np.any(unknown):
-      raise ValueError(f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}")
-    labels = np.searchsorted(fitted.classes_, y).astype(np.int32)
+    labels = fitted._label_codes(y, xs.shape[0])
     return (tf.constant(xs, v.check_dtype(fitted.dtype)), tf.constant(labels))
 
   def observed(self, data):

@@ -673,10 +673,14 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
   def log_likelihood(self, X, y) -> float:
     """Unpenalized log p(y | X) = sum_j log p(y_j | x_j) at the fitted params."""
     Xs = self._inputs(X)
+    return self._log_likelihood(Xs, self._label_codes(y, Xs.shape[0]))
+
+  def _label_codes(self, y, n: int) -> np.ndarray:
+    """Codes in `classes_` of n labels y, each seen in fit; int32 [n]."""
     y = np.asarray(y)
-    if y.ndim != 1 or y.shape[0] != Xs.shape[0]:
-      raise ValueError(f"y must have one label per row of X ({Xs.shape[0]}), got shape {y.shape}")
+    if y.ndim != 1 or y.shape[0] != n:
+      raise ValueError(f"y must have one label per row of X ({n}), got shape {y.shape}")
     unknown = ~np.isin(y, self.classes_)
     if np.any(unknown):
       raise ValueError(f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}")
-    return self._log_likelihood(Xs, np.searchsorted(self.classes_, y).astype(np.int32))
+    return np.searchsorted(self.classes_, y).astype(np.int32)

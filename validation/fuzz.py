@@ -96,6 +96,16 @@ def _check_cli(argv, folder):
   return None
 
 
+def _repeat_for(seconds, one, folder):
+  """Calls `one()` until `seconds` have passed, then removes `folder`."""
+  end = time.monotonic() + seconds
+  try:
+    while time.monotonic() < end:
+      one()
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def fuzz_csv(seconds, crashes, counter):
   folder = tempfile.mkdtemp()
   header = st.lists(st.sampled_from(["a", "b", "c", "a ", "", "é"]), max_size=4)
@@ -113,12 +123,7 @@ def fuzz_csv(seconds, crashes, counter):
       crashes.append(dict(target="csv", input=data.decode("latin-1"), columns=columns,
                           problem=problem))
 
-  end = time.monotonic() + seconds
-  try:
-    while time.monotonic() < end:
-      one()
-  finally:
-    shutil.rmtree(folder, ignore_errors=True)
+  _repeat_for(seconds, one, folder)
 
 
 def fuzz_cli(seconds, crashes, counter):
@@ -174,12 +179,7 @@ def fuzz_cli(seconds, crashes, counter):
     if problem:
       crashes.append(dict(target="cli", input=argv, problem=problem))
 
-  end = time.monotonic() + seconds
-  try:
-    while time.monotonic() < end:
-      one()
-  finally:
-    shutil.rmtree(folder, ignore_errors=True)
+  _repeat_for(seconds, one, folder)
 
 
 def main(argv=None) -> int:
