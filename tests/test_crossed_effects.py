@@ -72,6 +72,27 @@ def test_cg_hutchinson_path():
   assert np.isnan(approx.log_prob)
 
 
+@pytest.mark.parametrize("max_dense", [cx.MAX_DENSE, 0])
+def test_covariance_entries_equal_dense_mvn_posterior(max_dense):
+  """Selected entries of P^-1 and Var[sum_k u_k] equal the dense TFP posterior covariance."""
+  data, params = _simulate(5), _params()
+  x, y, z, ztz, num_levels = cx.CrossedEffectsEM()._arrays(data)
+  fac = cx.factorize(ztz, num_levels, params.variances.numpy(), float(params.noise_variance),
+                     max_dense)
+  assert fac.exact == (max_dense > 0)
+  _, cov = (t.numpy() for t in ce.dense_posterior(params, data))
+  rng = np.random.default_rng(0)
+  rows, cols = rng.integers(0, cov.shape[0], (2, 300))
+  np.testing.assert_allclose(cx.covariance_entries(fac, rows, cols), cov[rows, cols], atol=1e-12)
+  positions = data.codes.numpy() + np.concatenate([[0], np.cumsum(num_levels)[:-1]])
+  positions[:5, 1] = -1                                                 # factor 1 unseen
+  weights = np.zeros((len(positions), cov.shape[0]))
+  for i, row in enumerate(positions):
+    weights[i, row[row >= 0]] = 1.
+  np.testing.assert_allclose(cx.predictive_variance(fac, positions),
+                             np.einsum("nq,qr,nr->n", weights, cov, weights), rtol=1e-10)
+
+
 def test_fisher_identity():
   """grad Q(theta | theta_old) at theta_old == grad log p(y | theta) (dense TFP, autodiff)."""
   data, params = _simulate(6), _params()

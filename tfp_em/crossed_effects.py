@@ -188,6 +188,65 @@ def factor_traces(fac: Factorization, num_probes: int = 64, seed: int = 0):
   return traces, np.zeros(num_factors)
 
 
+def covariance_entries(fac: Factorization, rows, cols, block: int = 256) -> np.ndarray:
+  """Entries (P^-1)[rows[i], cols[i]] of the posterior covariance, [m].
+
+  Exact path, with H = B S^-1 for the rows of the largest factor that occur:
+  (P^-1)_CC = S^-1, (P^-1)_AC = -A^-1 H, (P^-1)_AA = A^-1 + A^-1 H B^T A^-1.
+  On the CG path, P^-1 e_j is solved for each distinct column j, `block` at a time.
+  """
+  rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+  if not fac.exact:
+    out = np.empty(len(rows))
+    unique, inverse = np.unique(cols, return_inverse=True)
+    for start in range(0, len(unique), block):
+      chunk = unique[start:start + block]
+      unit = np.zeros((len(fac.factor_of), len(chunk)))
+      unit[chunk, np.arange(len(chunk))] = 1.
+      columns = solve(fac, unit)                                        # [Q, block]
+      hit = (inverse >= start) & (inverse < start + len(chunk))
+      out[hit] = columns[rows[hit], inverse[hit] - start]
+    return out
+  where_a = np.full(len(fac.factor_of), -1)
+  where_a[fac.index_a] = np.arange(len(fac.index_a))
+  where_c = np.full(len(fac.factor_of), -1)
+  where_c[fac.index_c] = np.arange(len(fac.index_c))
+  if fac.chol is None:  # a single factor: P is diagonal
+    return np.where(rows == cols, 1. / fac.a[np.maximum(where_a[rows], 0)], 0.)
+  s_inv = np.tril(sla.lapack.dpotri(fac.chol[0], lower=1)[0])
+  s_inv = s_inv + np.tril(s_inv, -1).T                                  # [r, r]
+  ia, ja, ic, jc = where_a[rows], where_a[cols], where_c[rows], where_c[cols]
+  # Put an A position first in mixed pairs (P^-1 is symmetric).
+  swap = (ia < 0) & (ja >= 0)
+  ia, ja = np.where(swap, ja, ia), np.where(swap, ia, ja)
+  ic, jc = np.where(swap, jc, ic), np.where(swap, ic, jc)
+  used_a, first = np.unique(ia[ia >= 0], return_inverse=True)
+  h = np.asarray(fac.b[used_a] @ s_inv)                                 # [u, r]
+  row_h = np.zeros(len(rows), np.int64)
+  row_h[ia >= 0] = first
+  out = np.zeros(len(rows))
+  cc = ia < 0
+  out[cc] = s_inv[ic[cc], jc[cc]]
+  ac = (ia >= 0) & (ja < 0)
+  out[ac] = -h[row_h[ac], jc[ac]] / fac.a[ia[ac]]
+  aa = (ia >= 0) & (ja >= 0)
+  if np.any(aa):
+    hb = np.asarray(fac.b[ja[aa]].multiply(h[row_h[aa]]).sum(1)).ravel()
+    out[aa] = (ia[aa] == ja[aa]) / fac.a[ia[aa]] + hb / (fac.a[ia[aa]] * fac.a[ja[aa]])
+  return out
+
+
+def predictive_variance(fac: Factorization, positions) -> np.ndarray:
+  """Var[sum_k u[positions[:, k]] | y] for positions [n, K] in u (-1: skip), [n]."""
+  positions = np.asarray(positions, np.int64)
+  n, k = positions.shape
+  point = np.repeat(np.arange(n), k * k)
+  rows = np.repeat(positions, k, axis=1).reshape(-1)                    # p_k for each (k, j)
+  cols = np.tile(positions, (1, k)).reshape(-1)                         # p_j
+  keep = (rows >= 0) & (cols >= 0)
+  return np.bincount(point[keep], covariance_entries(fac, rows[keep], cols[keep]), n)
+
+
 class Posterior(NamedTuple):
   """u | y ~ N(mean, P^-1) and what EM and the marginal need from it."""
   mean: np.ndarray          # [Q]
