@@ -3,6 +3,9 @@
 Stats are sums over data points, so a pass over batches (or replicas) adds
 the per-batch stats. Fields named in `model.shared_stats_fields` (a centring
 point, say) are the same in every batch of one pass and are taken, not added.
+In-memory data under a strategy is cut into one shard per replica by
+`model.split_data(data, num_shards)` when the model has it (the mixed model
+keeps whole clusters together) and into row blocks otherwise.
 
     pass_ = make_pass(model, data, compile='graph', strategy=None)
     stats, loglik = pass_(params)
@@ -97,11 +100,20 @@ class DistributedPass(_BatchedPass):
   taken from the first replica.
   """
 
-  def __init__(self, model, dataset: tf.data.Dataset, strategy, compile: str):
+  def __init__(self, model, dataset: tf.data.Dataset, strategy, compile: str, shards=None):
     self.model = model
     self.strategy = strategy
     self.dataset = dataset
-    self._dist = strategy.experimental_distribute_dataset(dataset)
+    if shards is None:
+      self._dist = strategy.experimental_distribute_dataset(dataset)
+    else:  # one self-contained shard per replica, in replica order
+      self.dataset = _concatenate(shards)
+
+      def shard_dataset(context):
+        mine = shards[context.input_pipeline_id::context.num_input_pipelines]
+        return _concatenate(mine)
+
+      self._dist = strategy.distribute_datasets_from_function(shard_dataset)
     e_step = compile_fn(model.e_step, compile if compile != "xla" else "graph")
     shared = shared_fields(model)
 
@@ -116,18 +128,36 @@ class DistributedPass(_BatchedPass):
     self._step = step
     # Batches here are PerReplica values: count once on the undistributed data.
     self.num_observations = float(sum(float(model.num_observations(b))
-                                      for b in checked_batches(dataset)))
+                                      for b in checked_batches(self.dataset)))
 
   def __call__(self, params):
     return self._accumulate(self._dist, lambda batch: self._step(params, batch))
 
 
+def _concatenate(parts) -> tf.data.Dataset:
+  """A dataset whose elements are `parts` (tuples of tensors; shapes may differ)."""
+  out = tf.data.Dataset.from_tensors(parts[0])
+  for part in parts[1:]:
+    out = out.concatenate(tf.data.Dataset.from_tensors(part))
+  return out
+
+
+def split_rows(data, num_shards: int):
+  """Row blocks of a tuple of [N, ...] tensors, as equal as possible."""
+  n = int(np.shape(data[0])[0])
+  bounds = np.linspace(0, n, num_shards + 1).astype(int)
+  return [type(data)(*[t[a:b] for t in data]) if hasattr(data, "_fields")
+          else tuple(t[a:b] for t in data) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def make_pass(model, data, compile: str = "graph", strategy=None):
   """Chooses the pass for `data`: a tuple of tensors or a `tf.data.Dataset`."""
   if strategy is not None:
-    if not is_stream(data):  # one global batch, split across the replicas
-      data = tf.data.Dataset.from_tensor_slices(data).batch(int(np.shape(data[0])[0]))
-    return DistributedPass(model, data, strategy, compile)
+    if is_stream(data):
+      return DistributedPass(model, data, strategy, compile)
+    split = getattr(model, "split_data", None) or split_rows
+    shards = split(data, strategy.num_replicas_in_sync)
+    return DistributedPass(model, None, strategy, compile, shards=shards)
   if is_stream(data):
     return StreamPass(model, data, compile)
   return InMemoryPass(model, data, compile)
