@@ -32,6 +32,43 @@ def is_factor_list(clusters) -> bool:
   return all(hasattr(g, "__len__") and not isinstance(g, (str, bytes)) for g in clusters)
 
 
+def encode_factors(clusters, n: int, name: str = "clusters"):
+  """K label arrays [n] -> (list of K unique-label arrays, codes [n, K] int32).
+
+  Raises ValueError unless `clusters` is a list of K >= 1 factors with one
+  label per row and at least two levels each.
+  """
+  from tfp_em.mixed_effects import encode_clusters
+  if not is_factor_list(clusters):
+    raise ValueError(f"{name} must be a list of K >= 1 grouping factors, each with one "
+                     "label per row of X")
+  levels, codes = [], []
+  for k, g in enumerate(clusters):
+    labels, c = encode_clusters(g, n, name=f"{name}[{k}]")
+    if len(labels) < 2:
+      raise ValueError(f"{name}[{k}] has a single level: its variance cannot be "
+                       "separated from the intercept; drop the factor")
+    levels.append(labels)
+    codes.append(c)
+  return levels, np.stack(codes, 1)
+
+
+def blup_sum(levels, blups, clusters, n: int):
+  """sum_k BLUP_k(level) per row [n]: 0 for a level unseen in fit, or for clusters=None."""
+  if clusters is None:
+    return np.zeros(n)
+  if not is_factor_list(clusters) or len(clusters) != len(levels):
+    raise ValueError(f"clusters must be a list of {len(levels)} grouping factors, as in fit")
+  from tfp_em.mixed_effects import encode_clusters
+  out = np.zeros(n)
+  for k, g in enumerate(clusters):
+    labels, codes = encode_clusters(g, n, name=f"clusters[{k}]")
+    pos = {v: i for i, v in enumerate(levels[k])}
+    value = np.array([blups[k][pos[v]] if v in pos else 0. for v in labels], np.float64)
+    out += value[codes]
+  return out
+
+
 class CrossedEffectsRegressor:
   """Linear f with K crossed random-intercept grouping factors.
 
@@ -85,7 +122,6 @@ class CrossedEffectsRegressor:
 
   def fit(self, X, y, clusters):
     """Fits the model. `clusters`: a list of K label arrays, one per factor, each [n]."""
-    from tfp_em.mixed_effects import encode_clusters
     val.check_option("method", self.method, METHODS)
     val.check_int("max_iter", self.max_iter, minimum=0)
     val.check_float("tol", self.tol, minimum=0.)
@@ -96,19 +132,9 @@ class CrossedEffectsRegressor:
     y = val.check_array(y, "y", ndim=1, dtype=np.float64)
     if y.shape[0] != X.shape[0]:
       raise ValueError(f"y has length {y.shape[0]} but X has {X.shape[0]} rows")
-    if not is_factor_list(clusters):
-      raise ValueError("clusters must be a list of K >= 1 grouping factors, each with one "
-                       "label per row of X")
-    levels, codes = [], []
-    for k, g in enumerate(clusters):
-      labels, c = encode_clusters(g, X.shape[0], name=f"clusters[{k}]")
-      if len(labels) < 2:
-        raise ValueError(f"clusters[{k}] has a single level: its variance cannot be "
-                         "separated from the intercept; drop the factor")
-      levels.append(labels)
-      codes.append(c)
+    levels, codes = encode_factors(clusters, X.shape[0])
     x = self._design(X)
-    data = ce.CrossedData(tf.constant(x), tf.constant(y), tf.constant(np.stack(codes, 1)),
+    data = ce.CrossedData(tf.constant(x), tf.constant(y), tf.constant(codes),
                           tf.constant([len(v) for v in levels], tf.int32))
     model = CrossedEffectsEM(intercept=0 if self.fit_intercept else None,
                              max_dense=self.max_dense)
@@ -155,31 +181,29 @@ class CrossedEffectsRegressor:
     val.check_is_fitted(self, "blups_")
     X = val.check_array(X, "X", ndim=2, dtype=np.float64)
     val.check_n_features(X, self.n_features_in_)
-    out = self.intercept_ + X @ np.asarray(self.coef_, np.float64)
-    if clusters is None:
-      return out
-    if not is_factor_list(clusters) or len(clusters) != len(self.levels_):
-      raise ValueError(f"clusters must be a list of {len(self.levels_)} grouping factors, "
-                       "as in fit")
-    from tfp_em.mixed_effects import encode_clusters
-    for k, g in enumerate(clusters):
-      labels, codes = encode_clusters(g, X.shape[0], name=f"clusters[{k}]")
-      pos = {v: i for i, v in enumerate(self.levels_[k])}
-      value = np.array([self.blups_[k][pos[v]] if v in pos else 0. for v in labels])
-      out = out + value[codes]
-    return out
+    return self.intercept_ + X @ np.asarray(self.coef_, np.float64) \
+        + blup_sum(self.levels_, self.blups_, clusters, X.shape[0])
 
 
 def fit_crossed(estimator, X, y, clusters, time=None, Z=None, validation_data=None):
-  """`MixedEffectsRegressor.fit` with K grouping factors: fits a
-  `CrossedEffectsRegressor` with the same options into `estimator.crossed_`
-  and copies its results (coef_, intercept_, sigma2_, log_likelihood_,
-  variances_, fit_result_) onto `estimator`."""
-  if estimator.random_effects != "intercept" or estimator.f is not None:
-    raise ValueError("several grouping factors take random intercepts with linear f only "
-                     "(random_effects='intercept', f=None)")
-  if time is not None or Z is not None or validation_data is not None:
-    raise ValueError("time, Z and validation_data are not used with several grouping factors")
+  """`MixedEffectsRegressor.fit` with K grouping factors.
+
+  Linear f: fits a `CrossedEffectsRegressor` with the same options into
+  `estimator.crossed_` and copies its results (coef_, intercept_, sigma2_,
+  log_likelihood_, variances_, fit_result_) onto `estimator`. A network f:
+  `tfp_em.crossed_nn.fit_estimator` (MeNets EM or LMMNN NLL, early stopping on
+  `validation_data` = (X, y, [g1, ..., gK])).
+  """
+  if estimator.random_effects != "intercept":
+    raise ValueError("several grouping factors take random intercepts only "
+                     f"(random_effects='intercept'), got {estimator.random_effects!r}")
+  if time is not None or Z is not None:
+    raise ValueError("time and Z are not used with several grouping factors")
+  if estimator.f is not None:  # a network: MeNets EM or LMMNN NLL
+    from tfp_em.crossed_nn import fit_estimator
+    return fit_estimator(estimator, X, y, clusters, validation_data)
+  if validation_data is not None:
+    raise ValueError("validation_data (early stopping) is only used with a network f")
   crossed = CrossedEffectsRegressor(
       method=estimator.method, fit_intercept=estimator.fit_intercept,
       max_iter=estimator.max_iter, tol=estimator.tol, seed=estimator.seed,
