@@ -212,3 +212,17 @@ def test_recovers_variances_and_beats_network_without_random_effects(method):
   mse_plain = np.mean((plain.predict(X[te], verbose=0)[:, 0] - y[te]) ** 2)
   assert mse < 0.6 * mse_plain
   assert mse < noise + 0.15
+
+
+@pytest.mark.parametrize("method", ["em", "nll"])
+def test_float32(method):
+  X, y, codes, _ = _simulate(10, n=200)
+  factors = [codes[:, 0], codes[:, 1]]
+  kw = dict(f="mlp", hidden_units=(8,), dropout=0., method=method, max_iter=3, batch_size=50)
+  e32 = MixedEffectsRegressor(dtype="float32", **kw).fit(X, y, factors)
+  e64 = MixedEffectsRegressor(**kw).fit(X, y, factors)
+  assert e32.variances_.dtype == np.float32 and e32.crossed_.blups_[0].dtype == np.float32
+  assert np.isfinite(e32.log_likelihood_)
+  # the same weights start and the same batches: float32 round-off only
+  np.testing.assert_allclose(e32.variances_, e64.variances_, rtol=2e-3)
+  np.testing.assert_allclose(e32.predict(X, factors), e64.predict(X, factors), atol=2e-3)
