@@ -71,6 +71,30 @@ class MixedEffectsData(NamedTuple):
   num_clusters: tf.Tensor
 
 
+def split_by_cluster(data: MixedEffectsData, num_shards: int) -> list:
+  """`num_shards` MixedEffectsData of whole clusters, renumbered 0..G_s-1 in each.
+
+  Clusters go in index order to contiguous shards with about equal numbers of
+  rows; a shard may be empty when there are fewer clusters than shards.
+  """
+  cluster = np.asarray(data.cluster)
+  counts = np.bincount(cluster, minlength=int(data.num_clusters))               # [G]
+  ends = np.cumsum(counts)
+  # shard of each cluster: where its first row falls among equal row blocks
+  shard_of = np.minimum((ends - counts) * num_shards // max(len(cluster), 1), num_shards - 1)
+  shards = []
+  for s in range(num_shards):
+    members = np.flatnonzero(shard_of == s)
+    local = np.full(len(counts), -1)
+    local[members] = np.arange(len(members))
+    rows = np.flatnonzero(shard_of[cluster] == s)
+    shards.append(MixedEffectsData(
+        tf.gather(data.x, rows), tf.gather(data.y, rows), tf.gather(data.z, rows),
+        tf.constant(local[cluster[rows]], data.cluster.dtype),
+        tf.constant(len(members), data.num_clusters.dtype)))
+  return shards
+
+
 class ClusterStats(NamedTuple):
   """Per-cluster sufficient statistics of residuals r = y - f."""
   ztz: tf.Tensor     # [G, q, q] Z_i^T Z_i

@@ -1,8 +1,11 @@
-"""Fits a fixed mixture problem under a tf.distribute strategy; run as a subprocess.
+"""Fits a fixed problem under a tf.distribute strategy; run as a subprocess.
 
-    python tests/distributed_fit.py mirrored OUT.json
-    python tests/distributed_fit.py multiworker OUT.json   (TF_CONFIG set by the caller)
-    python tests/distributed_fit.py single OUT.json
+    python tests/distributed_fit.py mirrored OUT.json [gmm|lmm]
+    python tests/distributed_fit.py multiworker OUT.json [gmm|lmm]  (TF_CONFIG set by the caller)
+    python tests/distributed_fit.py single OUT.json [gmm|lmm]
+
+gmm: a two-component mixture; lmm: a random intercept + slope model (PX-EM),
+whose replicas each get whole clusters.
 """
 import json
 import os
@@ -22,7 +25,7 @@ def problem():
   return x, init
 
 
-def fit(strategy):
+def fit_gmm(strategy):
   from tfp_em import GaussianMixture
   x, init = problem()
   est = GaussianMixture(2, tol=0.0, max_iter=30, **init).fit(x, strategy=strategy)
@@ -30,7 +33,40 @@ def fit(strategy):
               weights=est.weights_.tolist(), log_likelihood=est.log_likelihood_)
 
 
-def main(mode, out):
+def lmm_problem():
+  """101 clusters of 1-8 rows (an odd count, so the shards differ in size)."""
+  from models import mixed_effects as me
+  rng = np.random.default_rng(11)
+  sizes = rng.integers(1, 9, 101)
+  cluster = np.repeat(np.arange(101), sizes)
+  t = rng.uniform(0, 2, cluster.size)
+  x = np.column_stack([np.ones_like(t), t, rng.normal(size=t.size)])
+  z = me.polynomial_design(t, 1)
+  u = rng.normal(size=(101, 2)) * [1.0, 0.4]
+  y = x @ [1., 0.5, -1.] + np.sum(z * u[cluster], 1) + 0.3 * rng.normal(size=t.size)
+  return me.MixedEffectsData(tf.constant(x), tf.constant(y), tf.constant(z),
+                             tf.constant(cluster, tf.int32), tf.constant(101, tf.int32))
+
+
+def fit_lmm(strategy):
+  # 15 iterations: l still rises by ~1e-5 per step; at tol=0 a run stops when l
+  # stalls at round-off, whose iteration differs with the summation order.
+  from tfp_em.engine import fit_em
+  from tfp_em.mixed_effects_em import MixedEffectsEM
+  model = MixedEffectsEM(expand=True)
+  result = fit_em(model, lmm_problem(), max_iter=15, tol=0.0, seed=0, strategy=strategy,
+                  progress=False)
+  return dict(beta=np.asarray(result.params.beta).tolist(),
+              covariance=np.asarray(result.params.covariance).tolist(),
+              noise_variance=float(result.params.noise_variance),
+              log_likelihood=float(result.log_likelihood))
+
+
+def fit(strategy, problem_name="gmm"):
+  return {"gmm": fit_gmm, "lmm": fit_lmm}[problem_name](strategy)
+
+
+def main(mode, out, problem_name="gmm"):
   if mode == "mirrored":
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -39,11 +75,11 @@ def main(mode, out):
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
   else:
     strategy = None
-  result = fit(strategy)
+  result = fit(strategy, problem_name)
   result["replicas"] = 1 if strategy is None else strategy.num_replicas_in_sync
   with open(out, "w") as f:
     json.dump(result, f)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], sys.argv[2])
+  main(*sys.argv[1:4])

@@ -100,13 +100,15 @@ class DistributedPass(_BatchedPass):
   taken from the first replica.
   """
 
-  def __init__(self, model, dataset: tf.data.Dataset, strategy, compile: str, shards=None):
+  def __init__(self, model, dataset: tf.data.Dataset, strategy, compile: str, shards=None,
+               whole=None):
     self.model = model
     self.strategy = strategy
     self.dataset = dataset
+    self._whole = whole
     if shards is None:
       self._dist = strategy.experimental_distribute_dataset(dataset)
-    else:  # one self-contained shard per replica, in replica order
+    else:  # one self-contained shard per replica, in replica order; `whole` for initialize
       self.dataset = _concatenate(shards)
 
       def shard_dataset(context):
@@ -133,6 +135,9 @@ class DistributedPass(_BatchedPass):
   def __call__(self, params):
     return self._accumulate(self._dist, lambda batch: self._step(params, batch))
 
+  def first_batch(self):
+    return self._whole if self._whole is not None else super().first_batch()
+
 
 def _concatenate(parts) -> tf.data.Dataset:
   """A dataset whose elements are `parts` (tuples of tensors; shapes may differ)."""
@@ -157,7 +162,7 @@ def make_pass(model, data, compile: str = "graph", strategy=None):
       return DistributedPass(model, data, strategy, compile)
     split = getattr(model, "split_data", None) or split_rows
     shards = split(data, strategy.num_replicas_in_sync)
-    return DistributedPass(model, None, strategy, compile, shards=shards)
+    return DistributedPass(model, None, strategy, compile, shards=shards, whole=data)
   if is_stream(data):
     return StreamPass(model, data, compile)
   return InMemoryPass(model, data, compile)
