@@ -109,11 +109,11 @@ class DistributedPass(_BatchedPass):
     if shards is None:
       self._dist = strategy.experimental_distribute_dataset(dataset)
     else:  # one self-contained shard per replica, in replica order; `whole` for initialize
-      self.dataset = _concatenate(shards)
+      self.dataset = dataset_of(shards)
 
       def shard_dataset(context):
         mine = shards[context.input_pipeline_id::context.num_input_pipelines]
-        return _concatenate(mine)
+        return dataset_of(mine)
 
       self._dist = strategy.distribute_datasets_from_function(shard_dataset)
     e_step = compile_fn(model.e_step, compile if compile != "xla" else "graph")
@@ -139,7 +139,7 @@ class DistributedPass(_BatchedPass):
     return self._whole if self._whole is not None else super().first_batch()
 
 
-def _concatenate(parts) -> tf.data.Dataset:
+def dataset_of(parts) -> tf.data.Dataset:
   """A dataset whose elements are `parts` (tuples of tensors; shapes may differ)."""
   out = tf.data.Dataset.from_tensors(parts[0])
   for part in parts[1:]:
