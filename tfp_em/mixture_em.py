@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from models import gaussian_mixture as gm
 from models.gaussian_mixture import GaussianMixtureParams
+from tfp_em.passes import add_stats
 
 MIN_COUNT_EPS = 10.0  # counts get 10*eps added, as in scikit-learn
 
@@ -257,7 +258,16 @@ class GaussianMixtureEM:
     rw = resp * data.weights[:, tf.newaxis]                                     # [N, K]
     center = tf.math.divide_no_nan(tf.transpose(rw) @ data.x,
                                    tf.reduce_sum(rw, 0)[:, tf.newaxis])         # [K, D]
-    stats = self._stats_from_resp(resp, data.x, data.weights, center)
+    # In the E-step's row chunks: an [N, K, D] intermediate would otherwise
+    # be the fit's memory peak (1 GB at N=262144, K=8, D=16), and TF keeps
+    # its CPU memory pooled once grown. Also faster (2.2 s vs 4.0 s at N=1M,
+    # K=D=16).
+    size = self.chunk_size or default_chunk_size(self.n_components, data.x.shape[1])
+    stats = None
+    for start in range(0, max(int(data.x.shape[0]), 1), size):
+      rows = slice(start, start + size)
+      part = self._stats_from_resp(resp[rows], data.x[rows], data.weights[rows], center)
+      stats = part if stats is None else add_stats(self, stats, part)
     return self.m_step(None, stats)
 
   def _stats_from_resp(self, resp, x, weights, center):
