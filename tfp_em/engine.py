@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import tensorflow as tf
 
-from tfp_em.passes import InMemoryPass, compile_fn, make_pass
+from tfp_em.passes import InMemoryPass, compiled, make_pass
 
 ON_DECREASE_OPTIONS = ("raise", "warn", "revert")
 
@@ -53,6 +53,10 @@ class EMModel(Protocol):
   `failure_hint` (what to try when the fit goes non-finite), `param_specs`
   (needed for SQUAREM and the autodiff checks), `fuse_steps` (False when the
   M-step cannot share a compiled function with the E-step).
+
+  `fit_em` keeps the compiled steps in the model's `_tfp_em_compiled`
+  attribute (`tfp_em.passes.compiled`), so a later fit of the same instance,
+  on new data too, skips tracing; they are rebuilt when an attribute changes.
   """
   name: str
 
@@ -279,41 +283,59 @@ def _last_mean_change(trace: RestartTrace, n_obs: float) -> float:
 class _Iteration:
   """E-pass, M-step and how to go from one iterate to the next.
 
-  Plain EM over in-memory data fuses E and M into one compiled call that
-  returns (M(E(params)), loglik(params)); the loop discards the M part when
-  it stops, so the reported loglik is still at the returned params.
+  Over in-memory data (compiled, `model.fuse_steps` not False) one compiled
+  call does a whole iteration: plain EM returns (M(E(params)), loglik(params));
+  SQUAREM returns a `squarem.Cycle` (three E-steps), which the stepper then
+  accepts or backtracks from. The call is skipped for the last iteration
+  (`last=True`: a plain E-pass), and the loop discards the step when it
+  stops, so the reported loglik is always at the returned params.
   """
 
   def __init__(self, model, data, compile, accelerate, strategy):
     self.e_pass = make_pass(model, data, compile, strategy)
-    self.m_step = compile_fn(model.m_step, compile)
-    self.fused = None
-    if (accelerate is None and isinstance(self.e_pass, InMemoryPass) and compile != "eager"
-        and getattr(model, "fuse_steps", True)):
-      def fused(params, batch):
-        stats, ll = model.e_step(params, batch)
-        return model.m_step(params, stats), ll
-      self.fused = compile_fn(fused, compile)
-    self.stepper = None
+    self.m_step = compiled(model, "m_step", lambda: model.m_step, compile)
+    fusable = (isinstance(self.e_pass, InMemoryPass) and compile != "eager"
+               and getattr(model, "fuse_steps", True))
+    self.fused, self.stepper = None, None
     if accelerate == "squarem":
-      from tfp_em.squarem import SquaremStepper
-      self.stepper = SquaremStepper(model, self.e_pass, self.m_step)
+      from tfp_em import squarem
+      self.stepper = squarem.SquaremStepper(model, self.e_pass, self.m_step)
+      if fusable:
+        self.fused = compiled(model, "squarem_cycle", lambda: squarem.fused_cycle(model), compile)
+    elif fusable:
+      self.fused = compiled(model, "em_step", lambda: _em_step(model), compile)
 
   def evaluate(self, params, last: bool):
-    """(stats or None, loglik at params, next params or None)."""
+    """(stats or None, loglik at params, fused step or None, E-passes used)."""
     if self.fused is not None and not last:
-      new, ll = self.fused(params, self.e_pass.data)
-      return None, ll, new
+      if self.stepper is None:
+        new, ll = self.fused(params, self.e_pass.data)
+        return None, ll, new, 1
+      from tfp_em.squarem import FUSED_E_STEPS
+      try:
+        cycle = self.fused(params, self.e_pass.data)
+      except tf.errors.InvalidArgumentError:  # a factorization failed: go step by step
+        pass
+      else:
+        return None, cycle.loglik0, cycle, FUSED_E_STEPS
     stats, ll = self.e_pass(params)
-    return stats, ll, None
+    return stats, ll, None, 1
 
   def advance(self, params, stats, ll, new):
     """(next params, extra E-passes used)."""
     if new is not None:
-      return new, 0
+      return self.stepper.finish(params, ll, new) if self.stepper is not None else (new, 0)
     if self.stepper is not None:
       return self.stepper(params, stats, ll)
     return self.m_step(params, stats), 0
+
+
+def _em_step(model):
+  """`(params, data) -> (M(E(params)), loglik(params))`, to be compiled."""
+  def step(params, data):
+    stats, ll = model.e_step(params, data)
+    return model.m_step(params, stats), ll
+  return step
 
 
 def _params_type(model, init_params):
@@ -362,8 +384,8 @@ def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
     if save is not None and (it > first or resume_state is None):
       save(restart, it, lls, trajectory, None if previous is None else _to_numpy(previous),
            params, e_steps)
-    stats, ll, new = _guarded(model, lambda: iteration.evaluate(params, it == max_iter))
-    ll, e_steps = float(ll), e_steps + 1
+    stats, ll, new, used = _guarded(model, lambda: iteration.evaluate(params, it == max_iter))
+    ll, e_steps = float(ll), e_steps + used
     n_obs = iteration.e_pass.num_observations  # known after the first pass
     if not np.isfinite(ll):
       raise NumericalFailureError(

@@ -24,6 +24,7 @@ uncertainty of f itself is not included).
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import NamedTuple
@@ -64,6 +65,11 @@ def encode_clusters(clusters, n: int, name: str = "clusters"):
   values = list(clusters) if not isinstance(clusters, np.ndarray) else clusters
   if len(values) != n:
     raise ValueError(f"{name} has length {len(values)} but X has {n} rows")
+  if isinstance(values, np.ndarray) and values.dtype.kind in "biufU":  # fast path, same result
+    if values.dtype.kind == "f" and np.isnan(values).any():
+      raise ValueError(f"{name} contains a missing label (None or NaN)")
+    labels, codes = np.unique(values, return_inverse=True)
+    return labels.astype(object), codes.astype(np.int32).reshape(-1)
   arr = np.empty(n, dtype=object)
   arr[:] = list(values) if not isinstance(values, np.ndarray) or values.ndim != 1 else values
   for v in arr:
@@ -322,7 +328,8 @@ class MixedEffectsRegressor:
       raise ValueError(f"X{' with the intercept column' if self.fit_intercept else ''} has "
                        f"rank {rank} < {design.shape[1]} columns: drop collinear or constant "
                        "columns (beta is not identifiable)")
-    model = MixedEffectsEM(self.covariance, compile="graph", expand=self.method == "em")
+    model = _linear_em(self.covariance, expand=self.method == "em")
+    train = _by_cluster(train)
     if self.method == "em":
       result = fit_em(model, train, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
                       on_decrease=self.on_decrease, compile=model.compile, progress=False)
@@ -448,6 +455,28 @@ class MixedEffectsRegressor:
     var = np.einsum("nq,nqr,nr->n", z, cov, z) + self.sigma2_
     half = sps.norm.ppf(0.5 + level / 2.) * np.sqrt(var)
     return np.stack([mean - half, mean + half], axis=-1)
+
+
+def _by_cluster(data: me.MixedEffectsData) -> me.MixedEffectsData:
+  """The rows of `data` in cluster order (stable).
+
+  Every statistic is a sum over rows, so results change only by round-off;
+  the E-step's segment sums then read and write memory in order (2-3x faster
+  on CPU at 100k rows).
+  """
+  order = tf.argsort(data.cluster, stable=True)                       # [N]
+  return data._replace(x=tf.gather(data.x, order), y=tf.gather(data.y, order),
+                       z=tf.gather(data.z, order), cluster=tf.gather(data.cluster, order))
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_em(covariance: str, expand: bool) -> MixedEffectsEM:
+  """One `MixedEffectsEM` per configuration, shared by every linear-f fit.
+
+  The model holds no data, only its compiled steps (`tfp_em.passes.compiled`),
+  so a refit, on new data too, runs without tracing.
+  """
+  return MixedEffectsEM(covariance, compile="graph", expand=expand)
 
 
 def _numpy(params):

@@ -41,12 +41,44 @@ def compile_fn(fn, mode: str):
   return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=True)
 
 
+_MEMO = "_tfp_em_compiled"  # where `compiled` keeps a model's functions
+
+
+def compiled(model, name: str, build, mode: str):
+  """`compile_fn(build(), mode)`, kept on `model` for its later fits.
+
+  `build()` must return a function of `model` and of its arguments only (data
+  passed in, never captured), so a later fit with the same model instance
+  reuses the traced function: no tracing, no graph optimization. The key is
+  `(name, mode, the model's attributes)`: setting an attribute, or a method on
+  the instance, gives a new function. Like any `tf.function`, it does not see
+  later edits of module globals or class methods. Models whose attributes
+  are not hashable, and mode 'eager', are not memoized.
+  """
+  if mode == "eager":
+    return build()
+  try:
+    state = vars(model)
+    key = (name, mode, tuple(sorted((k, v) for k, v in state.items() if k != _MEMO)))
+    hash(key)
+  except TypeError:  # no __dict__, or an unhashable attribute
+    return compile_fn(build(), mode)
+  memo = state.setdefault(_MEMO, {})
+  if key not in memo:
+    memo[key] = compile_fn(build(), mode)
+  return memo[key]
+
+
+def compiled_e_step(model, mode: str):
+  return compiled(model, "e_step", lambda: model.e_step, mode)
+
+
 class InMemoryPass:
   """One compiled E-step over data held in memory."""
 
   def __init__(self, model, data, compile: str):
     self.data = data
-    self._e_step = compile_fn(model.e_step, compile)
+    self._e_step = compiled_e_step(model, compile)
     self.num_observations = float(model.num_observations(data))
 
   def __call__(self, params):
@@ -87,7 +119,7 @@ class StreamPass(_BatchedPass):
   def __init__(self, model, dataset: tf.data.Dataset, compile: str):
     self.model = model
     self.dataset = dataset
-    self._e_step = compile_fn(model.e_step, compile)
+    self._e_step = compiled_e_step(model, compile)
 
   def __call__(self, params):
     return self._accumulate(self.dataset, lambda batch: self._e_step(params, batch))

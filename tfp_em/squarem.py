@@ -1,17 +1,29 @@
 """SQUAREM acceleration of any EM map, with a monotonicity safeguard.
 
-One cycle from theta_0 (whose stats and loglik are known):
+One cycle from theta_0 (whose loglik l_0 is known):
 
     theta_1 = M(theta_0),  theta_2 = M(theta_1)
     r = u_1 - u_0,  v = (u_2 - u_1) - r        (u: unconstrained coordinates)
-    alpha = min(-|r| / |v|, -1)                (scheme SqS3)
+    alpha = min(-|r| / |v|, -1)                (scheme SqS3; -1 when |v| = 0)
     u' = u_0 - 2 alpha r + alpha^2 v,  theta_next = M(theta')
 
-If loglik(theta') < loglik(theta_0) (or is not finite), alpha is halved
-towards -1 a few times; alpha = -1 gives theta_2, the plain double EM step,
-so a cycle never does worse than two EM iterations. Extrapolating in the
-unconstrained coordinates of `model.param_specs` keeps every candidate valid
-(weights on the simplex, covariances positive definite).
+The candidate theta' is accepted when l(theta') >= l_0 (and is finite).
+Otherwise alpha is halved towards -1 a few times; if no candidate is
+accepted the cycle returns theta_2, the plain double EM step, so a cycle
+never does worse than two EM iterations. alpha = -1 gives u' = u_2.
+Extrapolating in the unconstrained coordinates of `model.param_specs` keeps
+every candidate valid (weights on the simplex, covariances positive definite).
+
+Two ways to run a cycle, with the same maths (`extrapolate`, `candidate`):
+
+  * fused (`fused_cycle`, data in memory): one compiled call
+    E(theta_0) -> M -> E(theta_1) -> M -> extrapolate -> E(theta') -> M, three
+    E-steps and no Python in between; Python then accepts M(theta') or, when
+    l(theta') < l_0, goes on backtracking from the next alpha.
+  * unfused (`SquaremStepper.__call__`, streamed or distributed data, and
+    the backtracking): one compiled call per step.
+
+Both give the same iterates.
 
 #### References
 
@@ -21,51 +33,135 @@ unconstrained coordinates of `model.param_specs` keeps every candidate valid
 """
 from __future__ import annotations
 
+import functools
+from typing import Any, NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
 from models.specs import constrain, unconstrain
+from tfp_em.passes import compiled
 
 MAX_BACKTRACKS = 4
+FUSED_E_STEPS = 3  # E(theta_0), E(theta_1), E(theta')
+
+
+class Extrapolation(NamedTuple):
+  """The SQUAREM line u(alpha) = u_0 - 2 alpha r + alpha^2 v and its first alpha."""
+  u0: tf.Tensor     # [P] trainable params of theta_0, unconstrained, flattened
+  r: tf.Tensor      # [P] u_1 - u_0
+  v: tf.Tensor      # [P] u_2 - 2 u_1 + u_0
+  alpha: tf.Tensor  # []  min(-|r| / |v|, -1); -1 when |v| = 0 or the ratio is not finite
+
+
+class Cycle(NamedTuple):
+  """What one fused cycle computed, from theta_0."""
+  loglik0: tf.Tensor           # [] l(theta_0)
+  params1: Any                 # M(theta_0)
+  loglik1: tf.Tensor           # [] l(theta_1)
+  params2: Any                 # M(theta_1)
+  extrapolation: Extrapolation
+  loglik_candidate: tf.Tensor  # [] l(theta') at alpha = extrapolation.alpha
+  next_params: Any             # M(theta')
+
+
+def sqs3_alpha(r, v):
+  """Step length of scheme SqS3, min(-|r| / |v|, -1), and -1 when it is undefined."""
+  r_norm, v_norm = tf.norm(r), tf.norm(v)
+  ratio = -r_norm / tf.where(v_norm > 0, v_norm, tf.ones_like(v_norm))
+  ok = (v_norm > 0) & tf.math.is_finite(ratio)
+  return tf.where(ok, tf.minimum(ratio, -1.), -tf.ones_like(ratio))
+
+
+def backtracking_alphas(alpha0: float) -> list[float]:
+  """alpha_0, then halved towards -1: at most MAX_BACKTRACKS + 1 values, ending at -1 if reached."""
+  alphas = [alpha0]
+  while len(alphas) <= MAX_BACKTRACKS and alphas[-1] < -1.:
+    alphas.append((alphas[-1] - 1.) / 2.)
+  return alphas
+
+
+def accept(loglik_candidate: float, loglik0: float) -> bool:
+  """The monotonicity safeguard: l(theta') finite and >= l(theta_0)."""
+  return bool(np.isfinite(loglik_candidate) and loglik_candidate >= loglik0)
+
+
+def _flat(params, specs):
+  u = unconstrain(params, specs)
+  return tf.concat([tf.reshape(t, [-1]) for t, s in zip(u, specs) if s.trainable], 0)
+
+
+def extrapolate(specs, params0, params1, params2) -> Extrapolation:
+  """The SQUAREM line through theta_0, theta_1 = M(theta_0), theta_2 = M(theta_1)."""
+  u0, u1, u2 = (_flat(p, specs) for p in (params0, params1, params2))
+  r = u1 - u0
+  v = u2 - 2. * u1 + u0
+  return Extrapolation(u0, r, v, sqs3_alpha(r, v))
+
+
+def candidate(specs, template, extrapolation: Extrapolation, alpha):
+  """theta' at u_0 - 2 alpha r + alpha^2 v; untrained fields come from `template`."""
+  u0, r, v = extrapolation.u0, extrapolation.r, extrapolation.v
+  flat = u0 - 2. * alpha * r + alpha ** 2 * v                           # [P]
+  u = unconstrain(template, specs)
+  out, offset = [], 0
+  for t, s in zip(u, specs):
+    if s.trainable:
+      size = tf.size(t)
+      out.append(tf.reshape(flat[offset:offset + size], tf.shape(t)))
+      offset += size
+    else:
+      out.append(t)
+  return constrain(type(u)(*out), specs)
+
+
+def fused_cycle(model):
+  """`(params0, data) -> Cycle`: three E-steps and three M-steps, to be compiled."""
+  specs = model.param_specs
+
+  def cycle(params0, data):
+    stats0, loglik0 = model.e_step(params0, data)
+    params1 = model.m_step(params0, stats0)
+    stats1, loglik1 = model.e_step(params1, data)
+    params2 = model.m_step(params1, stats1)
+    line = extrapolate(specs, params0, params1, params2)
+    theta = candidate(specs, params0, line, line.alpha)
+    stats_c, loglik_c = model.e_step(theta, data)
+    return Cycle(loglik0, params1, loglik1, params2, line, loglik_c, model.m_step(theta, stats_c))
+  return cycle
 
 
 class SquaremStepper:
-  """Callable `(params, stats, loglik) -> (next_params, e_steps_used)`."""
+  """Callable `(params, stats, loglik) -> (next_params, e_steps_used)`.
+
+  Args:
+    model: an `EMModel` with `param_specs`.
+    e_pass: `params -> (stats, loglik)` over all the data (`tfp_em.passes`).
+    m_step: the (compiled) M-step.
+  """
 
   def __init__(self, model, e_pass, m_step):
     specs = getattr(model, "param_specs", None)
     if specs is None:
       raise ValueError(f"{model.name}: SQUAREM needs `param_specs` (bijectors to "
                        "unconstrained space) on the model")
-    self.specs = specs
     self.e_pass = e_pass
     self.m_step = m_step
-    self._directions = tf.function(self._directions_impl, reduce_retracing=True)
-    self._candidate = tf.function(self._candidate_impl, reduce_retracing=True)
+    self._extrapolate = compiled(model, "squarem_extrapolate",
+                                 lambda: functools.partial(extrapolate, specs), "graph")
+    self._candidate = compiled(model, "squarem_candidate",
+                               lambda: functools.partial(candidate, specs), "graph")
 
-  def _flat(self, params):
-    u = unconstrain(params, self.specs)
-    return tf.concat([tf.reshape(t, [-1]) for t, s in zip(u, self.specs) if s.trainable], 0)
+  def finish(self, params0, loglik0: float, cycle: Cycle):
+    """(next params, E-steps used beyond the fused cycle's) for a fused `cycle`."""
+    if not np.isfinite(float(cycle.loglik1)):
+      return cycle.params1, 0
+    if accept(float(cycle.loglik_candidate), loglik0):
+      return cycle.next_params, 0
+    alphas = backtracking_alphas(float(cycle.extrapolation.alpha))[1:]
+    return self._search(params0, loglik0, cycle.params2, cycle.extrapolation, alphas)
 
-  def _directions_impl(self, params0, params1, params2):
-    u0, u1, u2 = self._flat(params0), self._flat(params1), self._flat(params2)
-    r = u1 - u0
-    v = u2 - 2 * u1 + u0
-    return u0, r, v, tf.norm(r), tf.norm(v)
-
-  def _candidate_impl(self, template, u0, r, v, alpha):
-    flat = u0 - 2 * alpha * r + alpha ** 2 * v
-    u = unconstrain(template, self.specs)
-    out, offset = [], 0
-    for t, s in zip(u, self.specs):
-      if s.trainable:
-        size = tf.size(t)
-        out.append(tf.reshape(flat[offset:offset + size], tf.shape(t)))
-        offset += size
-      else:
-        out.append(t)
-    return constrain(type(u)(*out), self.specs)
-
+  # -- unfused: one compiled call per step ----------------------------------------
   def _loglik(self, params):
     try:
       stats, ll = self.e_pass(params)
@@ -74,25 +170,22 @@ class SquaremStepper:
     ll = float(ll)
     return stats, (ll if np.isfinite(ll) else -np.inf)
 
-  def __call__(self, params0, stats0, ll0):
+  def _search(self, params0, loglik0, params2, line, alphas, e_steps=0):
+    """M(theta') for the first accepted alpha in `alphas`, else theta_2."""
+    for alpha in alphas:
+      theta = self._candidate(params0, line, tf.constant(alpha, line.u0.dtype))
+      stats_c, loglik_c = self._loglik(theta)
+      e_steps += 1
+      if stats_c is not None and accept(loglik_c, loglik0):
+        return self.m_step(theta, stats_c), e_steps
+    return params2, e_steps
+
+  def __call__(self, params0, stats0, loglik0):
     params1 = self.m_step(params0, stats0)
-    stats1, ll1 = self._loglik(params1)
-    if stats1 is None or not np.isfinite(ll1):
+    stats1, loglik1 = self._loglik(params1)
+    if stats1 is None or not np.isfinite(loglik1):
       return params1, 1
     params2 = self.m_step(params1, stats1)
-    u0, r, v, r_norm, v_norm = self._directions(params0, params1, params2)
-    r_norm, v_norm = float(r_norm), float(v_norm)
-    if not (v_norm > 0 and np.isfinite(r_norm) and np.isfinite(v_norm)):
-      return params2, 1
-    alpha = min(-r_norm / v_norm, -1.0)
-    e_steps = 1
-    for _ in range(MAX_BACKTRACKS + 1):
-      if alpha >= -1.0:
-        break
-      candidate = self._candidate(params0, u0, r, v, tf.constant(alpha, u0.dtype))
-      stats_c, ll_c = self._loglik(candidate)
-      e_steps += 1
-      if stats_c is not None and ll_c >= ll0:
-        return self.m_step(candidate, stats_c), e_steps
-      alpha = (alpha - 1.0) / 2.0
-    return params2, e_steps
+    line = self._extrapolate(params0, params1, params2)
+    alphas = backtracking_alphas(float(line.alpha))
+    return self._search(params0, loglik0, params2, line, alphas, e_steps=1)
