@@ -159,9 +159,11 @@ class GaussianMixture(DiagnosticsMixin):
     if _is_stream_source(X):
       if sample_weight is not None:
         raise ValueError("sample_weight is only supported for in-memory arrays")
-      data, n_features = self._stream(X, columns, batch_size, dtype)
+      data, first = self._stream(X, columns, batch_size, dtype)
+      n_features = first.x.shape[1]
       model = self._model(None, n_features)
-      init = self._user_init(model, next(iter(data)), dtype)
+      init = self._user_init(model, first, dtype)
+      del first  # only one batch is held at a time
     else:
       if online:
         raise ValueError("online=True needs streamed input (a tf.data.Dataset or files)")
@@ -244,9 +246,8 @@ class GaussianMixture(DiagnosticsMixin):
     if first is None or first.shape[0] < self.n_components:
       raise ValueError(f"the first batch has {0 if first is None else first.shape[0]} rows but "
                        f"n_components={self.n_components}; use a larger batch_size")
-    n_features = first.shape[1]
-    data = features.map(lambda x: MixtureData(x, tf.ones(tf.shape(x)[:1], x.dtype)))
-    return data, n_features
+    data = features.map(_unit_weights)
+    return data, _unit_weights(first)
 
   def _user_init(self, model, data, dtype):
     given = (self.weights_init, self.means_init, self.precisions_init)
@@ -343,6 +344,10 @@ class GaussianMixture(DiagnosticsMixin):
   def aic(self, X) -> float:
     """Akaike information criterion on X (lower is better)."""
     return -2 * self.score(X) * np.asarray(X).shape[0] + 2 * self._n_parameters()
+
+
+def _unit_weights(x) -> MixtureData:
+  return MixtureData(x, tf.ones(tf.shape(x)[:1], x.dtype))
 
 
 def _warn_empty_streamed(result) -> None:
