@@ -177,6 +177,51 @@ def test_prediction_rule_per_factor():
   assert np.all(np.abs(drop) > 0)
 
 
+def test_predict_interval_uses_exact_posterior_covariance():
+  """Half-width = z_{0.95} sqrt(w^T Cov[u | y] w + sigma^2 + sigma_k^2 of unseen factors)."""
+  import scipy.stats as sps
+  data = _simulate(16)
+  X, y, codes = data.x.numpy()[:, 1:], data.y.numpy(), data.codes.numpy()
+  factors = [codes[:, k] for k in range(3)]
+  est = CrossedEffectsRegressor().fit(X, y, factors)
+  params = ce.CrossedParams(tf.constant(np.r_[est.intercept_, est.coef_]),
+                            tf.constant(est.variances_), tf.constant(est.sigma2_, tf.float64))
+  _, cov = (t.numpy() for t in ce.dense_posterior(params, data))
+  new = [f[:6].copy() for f in factors]
+  new[1][:3] = 99                                                      # unseen in factor 1
+  offsets = np.concatenate([[0], np.cumsum(data.num_levels.numpy())[:-1]])
+  weights = np.zeros((6, cov.shape[0]))
+  for i in range(6):
+    for k in range(3):
+      if not (k == 1 and i < 3):
+        weights[i, codes[i, k] + offsets[k]] = 1.
+  want = np.einsum("nq,qr,nr->n", weights, cov, weights) + est.sigma2_
+  want[:3] += est.variances_[1]
+  lower, upper = est.predict_interval(X[:6], new, level=0.9).T
+  np.testing.assert_allclose((upper - lower) / (2. * sps.norm.ppf(0.95)), np.sqrt(want), rtol=1e-9)
+  np.testing.assert_allclose((upper + lower) / 2., est.predict(X[:6], new), rtol=1e-12)
+  lower, upper = est.predict_interval(X[:2]).T                          # no clusters: prior
+  np.testing.assert_allclose((upper - lower) / (2. * sps.norm.ppf(0.975)),
+                             np.sqrt(est.sigma2_ + est.variances_.sum()), rtol=1e-12)
+  with pytest.raises(ValueError, match="level must be < 1"):
+    est.predict_interval(X[:2], level=1.)
+
+
+def test_predict_interval_coverage():
+  """About 90% of new observations of seen levels fall in the 90% interval."""
+  rng = np.random.default_rng(17)
+  n, levels = 6000, (40, 30)
+  codes = np.stack([rng.integers(0, q, n) for q in levels], 1)
+  u = [rng.normal(size=q) * s for q, s in zip(levels, (1., 0.6))]
+  x = rng.normal(size=(n, 1))
+  y = 1. + 2. * x[:, 0] + u[0][codes[:, 0]] + u[1][codes[:, 1]] + 0.8 * rng.normal(size=n)
+  train, test = slice(0, 3000), slice(3000, None)
+  est = CrossedEffectsRegressor().fit(x[train], y[train], [c[train] for c in codes.T])
+  lower, upper = est.predict_interval(x[test], [c[test] for c in codes.T], level=0.9).T
+  coverage = np.mean((y[test] >= lower) & (y[test] <= upper))
+  assert abs(coverage - 0.9) < 0.02
+
+
 def test_mixed_effects_regressor_dispatches_factor_lists():
   data = _simulate(12)
   X, y, codes = data.x.numpy()[:, 1:], data.y.numpy(), data.codes.numpy()

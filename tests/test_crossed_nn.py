@@ -119,8 +119,15 @@ def test_loglik_and_blups_are_exact_at_returned_params():
                         tf.constant(codes, tf.int32), tf.constant(codes.max(0) + 1, tf.int32))
   params = ce.CrossedParams(tf.zeros([0], tf.float64), tf.constant(est.variances_),
                             tf.constant(est.sigma2_, tf.float64))
-  mean, _ = ce.dense_posterior(params, data)
+  mean, cov = ce.dense_posterior(params, data)
   np.testing.assert_allclose(np.concatenate(est.crossed_.blups_), mean.numpy(), atol=1e-9)
+  # predictive variance of row i (both levels seen): w_i^T Cov[u | y] w_i + sigma^2
+  weights = np.zeros((5, cov.shape[0]))
+  weights[np.arange(5), codes[:5, 0]] = 1.
+  weights[np.arange(5), codes[:5, 1] + codes[:, 0].max() + 1] = 1.
+  want = np.einsum("nq,qr,nr->n", weights, cov.numpy(), weights) + est.sigma2_
+  lower, upper = est.crossed_.predict_interval(X[:5], [codes[:5, 0], codes[:5, 1]]).T
+  np.testing.assert_allclose(((upper - lower) / (2. * 1.959963984540054)) ** 2, want, rtol=1e-8)
   assert est.history_["best_iteration"] <= 3 and len(est.history_["log_likelihood"]) == 4
 
 

@@ -63,6 +63,8 @@ from models import crossed_effects as ce
 from models.specs import constrain, unconstrain
 from tfp_em import crossed_effects as cx
 from tfp_em import validation as val
+from tfp_em.crossed_regressor import (CrossedPredictions, PosteriorPrecision, blup_sum,
+                                      encode_factors, is_factor_list)
 from tfp_em.engine import FitResult, RestartTrace, default_decrease_tol, fit_em
 from tfp_em.mixed_effects_em import update_noise_variance
 from tfp_em.mixed_effects_nn import (Network, NetworkFit, _cluster_minibatches,
@@ -308,24 +310,23 @@ def fit_crossed_network_nll(net: Network, train: CrossedNetData, val,
 # ---------------------------------------------------------------------------
 # `MixedEffectsRegressor(f=<network>).fit(X, y, clusters=[g1, ..., gK])`.
 
-class CrossedNetworkPredictor:
+class CrossedNetworkPredictor(CrossedPredictions):
   """A fitted network f with K crossed random intercepts: predicts
   f(x) + sum_k BLUP_k(level_k), 0 for a level unseen in fit (each factor
-  independently) or for clusters=None.
+  independently) or for clusters=None; `predict_interval` and
+  `random_effects(k)` as `CrossedEffectsRegressor`.
 
   Attributes: network (the `Network`), levels_ (K arrays of labels seen in
-  fit), blups_ (K arrays of E[u_k | y_train] in the same order).
+  fit), blups_ (K arrays of E[u_k | y_train] in the same order), precision_
+  (the training posterior precision at the fitted variances).
   """
 
-  def __init__(self, network: Network, levels, blups, n_features: int):
-    self.network, self.levels_, self.blups_, self.n_features_in_ = network, levels, blups, n_features
-
-  def random_effects(self, k: int) -> dict:
-    """{label: BLUP} of factor k."""
-    return dict(zip(self.levels_[k], self.blups_[k]))
+  def __init__(self, network: Network, levels, blups, precision: PosteriorPrecision,
+               n_features: int):
+    self.network, self.levels_, self.blups_ = network, levels, blups
+    self.precision_, self.n_features_in_ = precision, n_features
 
   def predict(self, X, clusters=None):
-    from tfp_em.crossed_regressor import blup_sum
     X = val.check_array(X, "X", ndim=2, dtype=np.float64)
     val.check_n_features(X, self.n_features_in_)
     f = np.asarray(self.network(tf.constant(X))[0], np.float64)
@@ -335,7 +336,6 @@ class CrossedNetworkPredictor:
 def _validation_set(validation_data, levels, estimator, dtype) -> CrossedNetData:
   """(X, y, [g1, ..., gK]) with each factor coded against the training levels;
   unseen levels get codes q_k, q_k + 1, ..."""
-  from tfp_em.crossed_regressor import is_factor_list
   from tfp_em.mixed_effects import encode_clusters
   if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 3:
     raise ValueError("with several grouping factors, validation_data must be a tuple "
@@ -367,7 +367,6 @@ def fit_estimator(estimator, X, y, clusters, validation_data=None):
   returned weights and variances; NaN beyond the exact limit), history_,
   fit_result_, n_iter_ and crossed_ (a `CrossedNetworkPredictor` holding the
   BLUPs of the final exact posterior)."""
-  from tfp_em.crossed_regressor import encode_factors
   from tfp_em.mixed_effects import _numpy
   dtype = val.check_dtype(estimator.dtype)
   estimator.dtype_ = dtype
@@ -389,7 +388,8 @@ def fit_estimator(estimator, X, y, clusters, validation_data=None):
   else:
     fit = fit_crossed_network_nll(net, train, valid, init, **common)
   params = ce.CrossedParams(*[tf.constant(np.asarray(p, np.float64)) for p in fit.params])
-  log_lik, _, post = _Evaluator(net, train, None, cx.MAX_DENSE, 64).evaluate(params)
+  final = _Evaluator(net, train, None, cx.MAX_DENSE, 64)
+  log_lik, _, post = final.evaluate(params)
   drops = -np.diff(fit.trace)
   slack = default_decrease_tol(dtype) * (np.abs(fit.trace[1:]) + len(y))
   estimator.history_ = {"log_likelihood": fit.trace, "criterion": fit.val_nll,
@@ -409,5 +409,7 @@ def fit_estimator(estimator, X, y, clusters, validation_data=None):
   estimator.n_iter_ = fit.best_iteration
   offsets = np.concatenate([[0], np.cumsum(train.num_levels)])
   blups = [post.mean[offsets[k]:offsets[k + 1]].astype(dtype) for k in range(len(levels))]
-  estimator.crossed_ = CrossedNetworkPredictor(net, levels, blups, X.shape[1])
+  precision = PosteriorPrecision(final.ztz, train.num_levels, estimator.variances_.astype(np.float64),
+                                 estimator.sigma2_, cx.MAX_DENSE)
+  estimator.crossed_ = CrossedNetworkPredictor(net, levels, blups, precision, X.shape[1])
   return estimator

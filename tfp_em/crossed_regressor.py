@@ -14,12 +14,17 @@ through `fit_crossed` when given a list of K grouping factors.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+import scipy.sparse as sp
+import scipy.stats as sps
 import tensorflow as tf
 
 from models import crossed_effects as ce
 from tfp_em import validation as val
-from tfp_em.crossed_effects import MAX_DENSE, CrossedEffectsEM, fit_em_large, fit_nll
+from tfp_em.crossed_effects import (MAX_DENSE, CrossedEffectsEM, factorize, fit_em_large, fit_nll,
+                                   predictive_variance)
 from tfp_em.engine import fit_em
 
 METHODS = ("em", "nll")
@@ -53,23 +58,75 @@ def encode_factors(clusters, n: int, name: str = "clusters"):
   return levels, np.stack(codes, 1)
 
 
-def blup_sum(levels, blups, clusters, n: int):
-  """sum_k BLUP_k(level) per row [n]: 0 for a level unseen in fit, or for clusters=None."""
+def level_positions(levels, clusters, n: int) -> np.ndarray:
+  """[n, K] position in u = [u_1 ... u_K] of each row's level of each factor;
+  -1 for a level unseen in fit (all -1 for clusters=None)."""
   if clusters is None:
-    return np.zeros(n)
+    return np.full((n, len(levels)), -1, np.int64)
   if not is_factor_list(clusters) or len(clusters) != len(levels):
     raise ValueError(f"clusters must be a list of {len(levels)} grouping factors, as in fit")
   from tfp_em.mixed_effects import encode_clusters
-  out = np.zeros(n)
+  offsets = np.concatenate([[0], np.cumsum([len(v) for v in levels])])
+  out = np.empty((n, len(levels)), np.int64)
   for k, g in enumerate(clusters):
     labels, codes = encode_clusters(g, n, name=f"clusters[{k}]")
     pos = {v: i for i, v in enumerate(levels[k])}
-    value = np.array([blups[k][pos[v]] if v in pos else 0. for v in labels], np.float64)
-    out += value[codes]
+    index = np.array([pos.get(v, -1) for v in labels], np.int64)[codes]
+    out[:, k] = np.where(index >= 0, index + offsets[k], -1)
   return out
 
 
-class CrossedEffectsRegressor:
+def blup_sum(levels, blups, clusters, n: int):
+  """sum_k BLUP_k(level) per row [n]: 0 for a level unseen in fit, or for clusters=None."""
+  positions = level_positions(levels, clusters, n)
+  flat = np.concatenate([np.asarray(b, np.float64) for b in blups])
+  return np.sum(np.where(positions >= 0, flat[np.maximum(positions, 0)], 0.), axis=1)
+
+
+class PosteriorPrecision(NamedTuple):
+  """The training data's P = D^-1 + Z^T Z / sigma^2 at the fitted variances."""
+  ztz: sp.csr_matrix        # [Q, Q] Z^T Z of the training rows
+  num_levels: np.ndarray    # [K]
+  variances: np.ndarray     # [K] sigma_k^2
+  noise_variance: float     # sigma^2
+  max_dense: int
+
+  def factorize(self):
+    return factorize(*self)
+
+
+class CrossedPredictions:
+  """`random_effects` and `predict_interval` of a fitted K-factor model.
+
+  Needs `levels_`, `blups_`, `precision_` (a `PosteriorPrecision`) and
+  `predict(X, clusters)`.
+  """
+
+  def random_effects(self, k: int) -> dict:
+    """{label: BLUP} of factor k."""
+    val.check_is_fitted(self, "blups_")
+    return dict(zip(self.levels_[k], self.blups_[k]))
+
+  def predict_interval(self, X, clusters=None, level: float = 0.95):
+    """Normal predictive interval for a new observation, [n, 2] (lower, upper).
+
+    The variance is sigma^2 + Var[sum_k u_k(level_k) | y] over the factors
+    whose level was seen in fit (the exact posterior covariance, cross-factor
+    terms included) + sigma_k^2 for each unseen factor. The uncertainty of f
+    (beta or the network) is not included.
+    """
+    level = val.check_interval_level(level)
+    mean = self.predict(X, clusters)
+    positions = level_positions(self.levels_, clusters, len(mean))
+    prec = self.precision_
+    var = prec.noise_variance + np.sum(np.where(positions < 0, prec.variances, 0.), axis=1)
+    if np.any(positions >= 0):
+      var = var + predictive_variance(prec.factorize(), positions)
+    half = sps.norm.ppf(0.5 + level / 2.) * np.sqrt(var)
+    return np.stack([mean - half, mean + half], axis=-1)
+
+
+class CrossedEffectsRegressor(CrossedPredictions):
   """Linear f with K crossed random-intercept grouping factors.
 
   Args:
@@ -168,13 +225,11 @@ class CrossedEffectsRegressor:
     self.coef_ = beta[1:].astype(dtype) if self.fit_intercept else beta.astype(dtype)
     self.variances_ = np.asarray(params.variances, np.float64).astype(dtype)
     self.sigma2_ = float(params.noise_variance)
+    self.precision_ = PosteriorPrecision(
+        model._arrays(data)[3], np.array(sizes), np.asarray(params.variances, np.float64),
+        self.sigma2_, self.max_dense)
     self.n_features_in_ = X.shape[1]
     return self
-
-  def random_effects(self, k: int) -> dict:
-    """{label: BLUP} of factor k."""
-    val.check_is_fitted(self, "blups_")
-    return dict(zip(self.levels_[k], self.blups_[k]))
 
   def predict(self, X, clusters=None):
     """x^T beta + sum_k BLUP_k(level) (0 for unseen levels or clusters=None)."""

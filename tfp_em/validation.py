@@ -45,6 +45,14 @@ def check_float(name: str, value, minimum: float = None, strict: bool = False) -
   return float(value)
 
 
+def check_interval_level(level) -> float:
+  """A predictive-interval level in (0, 1)."""
+  level = check_float("level", level, minimum=0., strict=True)
+  if level >= 1.:
+    raise ValueError(f"level must be < 1, got {level}")
+  return level
+
+
 def check_seed(seed):
   if seed is None:
     return None
