@@ -135,6 +135,7 @@ class MixedEffectsEM:
   component_axes = {}              # no label switching: nothing to align
   generalized_m_step_fields = ()   # every block of the M-step is in closed form
   shared_stats_fields = ("beta_ref",)
+  autograph = False  # no Python control flow on tensors: trace without converting source
   split_data = staticmethod(me.split_by_cluster)  # shards of whole clusters for tf.distribute
 
   def __init__(self, covariance_type: str = "full", compile: str = "graph",

@@ -33,12 +33,13 @@ def is_stream(data) -> bool:
   return isinstance(data, tf.data.Dataset)
 
 
-def compile_fn(fn, mode: str):
+def compile_fn(fn, mode: str, autograph: bool = True):
   if mode == "eager":
     return fn
   if mode not in ("graph", "xla"):
     raise ValueError(f"compile mode must be 'eager', 'graph' or 'xla', got {mode!r}")
-  return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=True)
+  return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=True,
+                     autograph=autograph)
 
 
 _MEMO = "_tfp_em_compiled"  # where `compiled` keeps a model's functions
@@ -53,19 +54,22 @@ def compiled(model, name: str, build, mode: str):
   `(name, mode, the model's attributes)`: setting an attribute, or a method on
   the instance, gives a new function. Like any `tf.function`, it does not see
   later edits of module globals or class methods. Models whose attributes
-  are not hashable, and mode 'eager', are not memoized.
+  are not hashable, and mode 'eager', are not memoized. A model attribute
+  `autograph = False` (default True) traces without AutoGraph's source
+  conversion, for steps without Python control flow on tensors.
   """
   if mode == "eager":
     return build()
+  autograph = getattr(model, "autograph", True)
   try:
     state = vars(model)
     key = (name, mode, tuple(sorted((k, v) for k, v in state.items() if k != _MEMO)))
     hash(key)
   except TypeError:  # no __dict__, or an unhashable attribute
-    return compile_fn(build(), mode)
+    return compile_fn(build(), mode, autograph)
   memo = state.setdefault(_MEMO, {})
   if key not in memo:
-    memo[key] = compile_fn(build(), mode)
+    memo[key] = compile_fn(build(), mode, autograph)
   return memo[key]
 
 
