@@ -4,8 +4,8 @@
     python tests/distributed_fit.py multiworker OUT.json [gmm|lmm]  (TF_CONFIG set by the caller)
     python tests/distributed_fit.py single OUT.json [gmm|lmm]
 
-gmm: a two-component mixture; lmm: a random intercept + slope model (PX-EM),
-whose replicas each get whole clusters.
+gmm: a two-component mixture; lmm: `MixedEffectsRegressor` with a random intercept and
+slope (PX-EM), whose replicas each get whole clusters.
 """
 import json
 import os
@@ -33,33 +33,38 @@ def fit_gmm(strategy):
               weights=est.weights_.tolist(), log_likelihood=est.log_likelihood_)
 
 
-def lmm_problem():
+def lmm_arrays():
   """101 clusters of 1-8 rows (an odd count, so the shards differ in size)."""
-  from models import mixed_effects as me
   rng = np.random.default_rng(11)
   sizes = rng.integers(1, 9, 101)
   cluster = np.repeat(np.arange(101), sizes)
+  rng.shuffle(cluster)
   t = rng.uniform(0, 2, cluster.size)
-  x = np.column_stack([np.ones_like(t), t, rng.normal(size=t.size)])
-  z = me.polynomial_design(t, 1)
+  x = np.column_stack([t, rng.normal(size=t.size)])
   u = rng.normal(size=(101, 2)) * [1.0, 0.4]
-  y = x @ [1., 0.5, -1.] + np.sum(z * u[cluster], 1) + 0.3 * rng.normal(size=t.size)
-  return me.MixedEffectsData(tf.constant(x), tf.constant(y), tf.constant(z),
+  y = 1. + x @ [0.5, -1.] + u[cluster, 0] + u[cluster, 1] * t + 0.3 * rng.normal(size=t.size)
+  return x, y, cluster, t
+
+
+def lmm_problem():
+  """`lmm_arrays` as MixedEffectsData: x = [1, t, x2], z = [1, t]."""
+  from models import mixed_effects as me
+  x, y, cluster, t = lmm_arrays()
+  return me.MixedEffectsData(tf.constant(np.column_stack([np.ones_like(t), x])), tf.constant(y),
+                             tf.constant(me.polynomial_design(t, 1)),
                              tf.constant(cluster, tf.int32), tf.constant(101, tf.int32))
 
 
 def fit_lmm(strategy):
   # 15 iterations: l still rises by ~1e-5 per step; at tol=0 a run stops when l
   # stalls at round-off, whose iteration differs with the summation order.
-  from tfp_em.engine import fit_em
-  from tfp_em.mixed_effects_em import MixedEffectsEM
-  model = MixedEffectsEM(expand=True)
-  result = fit_em(model, lmm_problem(), max_iter=15, tol=0.0, seed=0, strategy=strategy,
-                  progress=False)
-  return dict(beta=np.asarray(result.params.beta).tolist(),
-              covariance=np.asarray(result.params.covariance).tolist(),
-              noise_variance=float(result.params.noise_variance),
-              log_likelihood=float(result.log_likelihood))
+  from tfp_em import MixedEffectsRegressor
+  x, y, cluster, t = lmm_arrays()
+  est = MixedEffectsRegressor("slopes", degree=1, max_iter=15, tol=0.).fit(
+      x, y, cluster, time=t, strategy=strategy)
+  return dict(coef=np.r_[est.intercept_, est.coef_].tolist(),
+              covariance=est.cov_random_effects_.tolist(), noise_variance=est.sigma2_,
+              blups=est.random_effects_mean_.tolist(), log_likelihood=est.log_likelihood_)
 
 
 def fit(strategy, problem_name="gmm"):

@@ -192,11 +192,11 @@ def test_split_by_cluster_keeps_clusters_whole_and_stats_add_up(num_shards):
   from tfp_em.mixed_effects_em import MixedEffectsEM
   from tfp_em.passes import add_stats
   data = lmm_problem()
-  data = data._replace(x=data.x[:40], y=data.y[:40], z=data.z[:40], cluster=data.cluster[:40],
-                       num_clusters=tf.reduce_max(data.cluster[:40]) + 1)  # ~10 clusters
+  keep = np.flatnonzero(data.cluster.numpy() < 10)                     # 10 clusters
+  data = type(data)(*[tf.gather(t, keep) for t in data[:4]], tf.constant(10, tf.int32))
   shards = split_by_cluster(data, num_shards)
   assert len(shards) == num_shards
-  assert sum(int(s.y.shape[0]) for s in shards) == 40
+  assert sum(int(s.y.shape[0]) for s in shards) == len(keep)
   assert sum(int(s.num_clusters) for s in shards) == int(data.num_clusters)
   for s in shards:  # local numbering 0..G_s-1, all used
     assert set(np.asarray(s.cluster)) == set(range(int(s.num_clusters)))
@@ -232,3 +232,16 @@ def test_mixed_model_streams_over_batches_of_whole_clusters():
     np.testing.assert_allclose(a, b, rtol=1e-10)
   np.testing.assert_allclose(streamed.restarts[0].log_likelihood,
                              whole.restarts[0].log_likelihood, rtol=1e-12)
+
+
+def test_mixed_model_strategy_rejected_where_unsupported():
+  sys.path.insert(0, HERE)
+  from distributed_fit import lmm_arrays
+  from tfp_em import MixedEffectsRegressor
+  x, y, cluster, t = lmm_arrays()
+  strategy = tf.distribute.get_strategy()
+  for est, groups in ((MixedEffectsRegressor(method="nll"), cluster),
+                      (MixedEffectsRegressor(f="mlp"), cluster),
+                      (MixedEffectsRegressor(), [cluster, cluster % 7])):
+    with pytest.raises(ValueError, match="strategy= is supported for linear f"):
+      est.fit(x, y, groups, strategy=strategy)

@@ -89,7 +89,11 @@ def encode_clusters(clusters, n: int, name: str = "clusters"):
 
 
 class MixedEffectsRegressor:
-  """Mixed-effects regression with one grouping factor, linear or neural f.
+  """Mixed-effects regression with one or several grouping factors, linear or neural f.
+
+  One factor (`clusters` = one label array) takes any random-effects design
+  below; several (`clusters=[g1, ..., gK]`) take crossed random intercepts
+  with one variance each (`tfp_em.crossed_regressor`, `tfp_em.crossed_nn`).
 
   Args:
     random_effects: the design z_ij (default 'intercept'):
@@ -129,6 +133,8 @@ class MixedEffectsRegressor:
     random_effects_mean_ [G, q], random_effects_covariance_ [G, q, q].
     cov_random_effects_: [q, q] Sigma_u.
     sigma2_: the noise variance.
+    variances_: [K] sigma_k^2 (several factors only; then the per-cluster
+      attributes above are not set and `crossed_` holds the BLUPs).
     coef_, intercept_: linear f only.
     network_: the trained Keras model (network f only).
     log_likelihood_: training marginal log-likelihood at the returned params.
@@ -248,7 +254,7 @@ class MixedEffectsRegressor:
     return Network(model, features=self.random_effects == "features", dtype=self.dtype_)
 
   # -- fit ------------------------------------------------------------------------
-  def fit(self, X, y, clusters, time=None, Z=None, validation_data=None):
+  def fit(self, X, y, clusters, time=None, Z=None, validation_data=None, *, strategy=None):
     """Fits the model.
 
     Args:
@@ -259,6 +265,9 @@ class MixedEffectsRegressor:
       Z: [n, q] random-effects design, for random_effects='custom'.
       validation_data: optional tuple (X, y, clusters[, time[, Z]]) used for
         early stopping of a network f (ignored, with a warning, for linear f).
+      strategy: a `tf.distribute` strategy for linear f with one factor and
+        method='em': each replica takes whole clusters and the statistics
+        are all-reduced, so the fit equals the single-device one.
 
     Returns:
       self.
@@ -267,6 +276,10 @@ class MixedEffectsRegressor:
     self.__dict__.pop("n_random_effects_", None)  # a refit may change q
     self.crossed_ = None
     from tfp_em.crossed_regressor import fit_crossed, is_factor_list
+    if strategy is not None and (self.f is not None or self.method != "em"
+                                 or is_factor_list(clusters)):
+      raise ValueError("strategy= is supported for linear f with one grouping factor and "
+                       "method='em'")
     if is_factor_list(clusters):  # K crossed grouping factors
       return fit_crossed(self, X, y, clusters, time, Z, validation_data)
     self.dtype_ = dtype
@@ -286,7 +299,7 @@ class MixedEffectsRegressor:
       if validation_data is not None:
         warnings.warn("validation_data is only used for early stopping of a network f; "
                       "ignored for linear f", UserWarning, stacklevel=2)
-      self._fit_linear(train)
+      self._fit_linear(train, strategy)
     else:
       valid = None if validation_data is None else self._validation(validation_data, dtype)
       self._fit_network(train, valid)
@@ -321,7 +334,7 @@ class MixedEffectsRegressor:
         mapped[k], extra = G + extra, extra + 1
     return mapped[codes]
 
-  def _fit_linear(self, train):
+  def _fit_linear(self, train, strategy=None):
     design = np.asarray(train.x)
     rank = np.linalg.matrix_rank(design)
     if rank < design.shape[1]:
@@ -332,7 +345,8 @@ class MixedEffectsRegressor:
     train = _by_cluster(train)
     if self.method == "em":
       result = fit_em(model, train, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
-                      on_decrease=self.on_decrease, compile=model.compile, progress=False)
+                      on_decrease=self.on_decrease, compile=model.compile, progress=False,
+                      strategy=strategy)
     else:
       start = time.perf_counter()
       init = model.initialize(train, self.seed)
@@ -443,10 +457,11 @@ class MixedEffectsRegressor:
 
     Variance z^T Cov[u_i | y] z + sigma^2 for seen clusters and
     z^T Sigma_u z + sigma^2 otherwise; the uncertainty of f is not included.
+    Several factors: `CrossedPredictions.predict_interval`.
     """
-    level = val.check_float("level", level, minimum=0., strict=True)
-    if level >= 1.:
-      raise ValueError(f"level must be < 1, got {level}")
+    if getattr(self, "crossed_", None) is not None:
+      return self.crossed_.predict_interval(X, clusters, level)
+    level = val.check_interval_level(level)
     f, z, seen, index = self._predict_parts(X, clusters, time, Z)
     blup = np.sum(z * self.random_effects_mean_[index], axis=-1)
     mean = f + np.where(seen, blup, 0.)
