@@ -68,7 +68,7 @@ from tfp_em.crossed_regressor import (CrossedPredictions, PosteriorPrecision, bl
 from tfp_em.engine import FitResult, RestartTrace, default_decrease_tol, fit_em
 from tfp_em.mixed_effects_em import update_noise_variance
 from tfp_em.mixed_effects_nn import (Network, NetworkFit, _cluster_minibatches,
-                                     _EarlyStopper, _minibatches)
+                                     _EarlyStopper, _minibatches, mse_epoch)
 
 tfd = tfp.distributions
 
@@ -225,15 +225,7 @@ def fit_crossed_network_em(net: Network, train: CrossedNetData, val, init_params
   factor_of = np.repeat(np.arange(len(num_levels)), num_levels)
   dtype = net.dtype
 
-  @tf.function(reduce_retracing=True)
-  def train_epoch(target, order, starts, ends):
-    for i in tf.range(tf.size(starts)):
-      idx = order[starts[i]:ends[i]]
-      with tf.GradientTape() as tape:
-        f, _ = net(tf.gather(x, idx), training=True)
-        loss = tf.reduce_mean(tf.square(tf.gather(target, idx) - f))
-      grads = tape.gradient(loss, net.trainable_variables)
-      optimizer.apply_gradients(zip(grads, net.trainable_variables))
+  train_epoch = mse_epoch(net, x, optimizer)
 
   params = init_params
   for it in range(max_iter + 1):

@@ -223,6 +223,25 @@ class _EarlyStopper:
                       seconds=time.perf_counter() - self.start)
 
 
+def mse_epoch(net: Network, x, optimizer):
+  """A compiled epoch of `optimizer` steps on mean((target - f(x))^2).
+
+  The returned `train_epoch(target [N], order, starts, ends)` takes one step
+  per mini-batch order[starts[i]:ends[i]] of the rows of x [N, p].
+  """
+  @tf.function(reduce_retracing=True)
+  def train_epoch(target, order, starts, ends):
+    for i in tf.range(tf.size(starts)):
+      idx = order[starts[i]:ends[i]]
+      with tf.GradientTape() as tape:
+        f, _ = net(tf.gather(x, idx), training=True)
+        loss = tf.reduce_mean(tf.square(tf.gather(target, idx) - f))
+      grads = tape.gradient(loss, net.trainable_variables)
+      optimizer.apply_gradients(zip(grads, net.trainable_variables))
+
+  return train_epoch
+
+
 def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_type: str,
                    init_params: me.MixedEffectsParams, *, max_iter: int, epochs_per_step: int,
                    batch_size: int, learning_rate: float, patience: int, seed: int,
@@ -245,15 +264,7 @@ def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_typ
   n = int(train.y.shape[0])
   dtype = train.y.dtype
 
-  @tf.function(reduce_retracing=True)
-  def train_epoch(target, order, starts, ends):
-    for i in tf.range(tf.size(starts)):
-      idx = order[starts[i]:ends[i]]
-      with tf.GradientTape() as tape:
-        f, _ = net(tf.gather(train.x, idx), training=True)
-        loss = tf.reduce_mean(tf.square(tf.gather(target, idx) - f))
-      grads = tape.gradient(loss, net.trainable_variables)
-      optimizer.apply_gradients(zip(grads, net.trainable_variables))
+  train_epoch = mse_epoch(net, train.x, optimizer)
 
   @tf.function(reduce_retracing=True)
   def noise_update(mean, covariance):
