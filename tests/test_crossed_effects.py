@@ -230,6 +230,8 @@ def test_mixed_effects_regressor_dispatches_factor_lists():
   ref = CrossedEffectsRegressor().fit(X, y, factors)
   assert est.log_likelihood_ == pytest.approx(ref.log_likelihood_, rel=1e-12)
   np.testing.assert_allclose(est.predict(X, factors), ref.predict(X, factors), rtol=1e-12)
+  np.testing.assert_allclose(est.predict_interval(X, factors), ref.predict_interval(X, factors),
+                             rtol=1e-12)
   assert is_factor_list(factors) and not is_factor_list(list(codes[:, 0]))
 
 

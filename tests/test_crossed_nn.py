@@ -126,7 +126,7 @@ def test_loglik_and_blups_are_exact_at_returned_params():
   weights[np.arange(5), codes[:5, 0]] = 1.
   weights[np.arange(5), codes[:5, 1] + codes[:, 0].max() + 1] = 1.
   want = np.einsum("nq,qr,nr->n", weights, cov.numpy(), weights) + est.sigma2_
-  lower, upper = est.crossed_.predict_interval(X[:5], [codes[:5, 0], codes[:5, 1]]).T
+  lower, upper = est.predict_interval(X[:5], [codes[:5, 0], codes[:5, 1]]).T
   np.testing.assert_allclose(((upper - lower) / (2. * 1.959963984540054)) ** 2, want, rtol=1e-8)
   assert est.history_["best_iteration"] <= 3 and len(est.history_["log_likelihood"]) == 4
 
