@@ -302,7 +302,8 @@ class _Iteration:
     self.fused, self.stepper = None, None
     if accelerate == "squarem":
       from tfp_em import squarem
-      self.stepper = squarem.SquaremStepper(model, self.e_pass, self.m_step)
+      self.stepper = squarem.SquaremStepper(model, self.e_pass, self.m_step,
+                                            fuse=compile if fusable else None)
       if fusable:
         self.fused = compiled(model, "squarem_cycle", lambda: squarem.fused_cycle(model), compile)
     elif fusable:

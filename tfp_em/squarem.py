@@ -20,8 +20,11 @@ Two ways to run a cycle, with the same maths (`extrapolate`, `candidate`):
     E(theta_0) -> M -> E(theta_1) -> M -> extrapolate -> E(theta') -> M, three
     E-steps and no Python in between; Python then accepts M(theta') or, when
     l(theta') < l_0, goes on backtracking from the next alpha.
-  * unfused (`SquaremStepper.__call__`, streamed or distributed data, and
-    the backtracking): one compiled call per step.
+  * unfused (`SquaremStepper.__call__`, streamed or distributed data, or a
+    model with `fuse_steps = False`): one compiled call per step.
+
+Each backtracking trial (candidate, E-step, M-step) is one compiled call too
+when the data are in memory.
 
 Both give the same iterates.
 
@@ -115,9 +118,21 @@ def candidate(specs, template, extrapolation: Extrapolation, alpha):
   return constrain(type(u)(*out), specs)
 
 
+def fused_trial(model):
+  """`(params0, line, alpha, data) -> (l(theta'), M(theta'))` at one alpha, to be compiled."""
+  specs = model.param_specs
+
+  def trial(params0, line, alpha, data):
+    theta = candidate(specs, params0, line, alpha)
+    stats, loglik = model.e_step(theta, data)
+    return loglik, model.m_step(theta, stats)
+  return trial
+
+
 def fused_cycle(model):
   """`(params0, data) -> Cycle`: three E-steps and three M-steps, to be compiled."""
   specs = model.param_specs
+  trial = fused_trial(model)
 
   def cycle(params0, data):
     stats0, loglik0 = model.e_step(params0, data)
@@ -125,9 +140,7 @@ def fused_cycle(model):
     stats1, loglik1 = model.e_step(params1, data)
     params2 = model.m_step(params1, stats1)
     line = extrapolate(specs, params0, params1, params2)
-    theta = candidate(specs, params0, line, line.alpha)
-    stats_c, loglik_c = model.e_step(theta, data)
-    return Cycle(loglik0, params1, loglik1, params2, line, loglik_c, model.m_step(theta, stats_c))
+    return Cycle(loglik0, params1, loglik1, params2, line, *trial(params0, line, line.alpha, data))
   return cycle
 
 
@@ -138,9 +151,11 @@ class SquaremStepper:
     model: an `EMModel` with `param_specs`.
     e_pass: `params -> (stats, loglik)` over all the data (`tfp_em.passes`).
     m_step: the (compiled) M-step.
+    fuse: None (default), or the compile mode of one call per backtracking
+      trial (candidate, E-step, M-step) over `e_pass.data`, held in memory.
   """
 
-  def __init__(self, model, e_pass, m_step):
+  def __init__(self, model, e_pass, m_step, fuse: str | None = None):
     specs = getattr(model, "param_specs", None)
     if specs is None:
       raise ValueError(f"{model.name}: SQUAREM needs `param_specs` (bijectors to "
@@ -151,6 +166,8 @@ class SquaremStepper:
                                  lambda: functools.partial(extrapolate, specs), "graph")
     self._candidate = compiled(model, "squarem_candidate",
                                lambda: functools.partial(candidate, specs), "graph")
+    self._trial = (None if fuse is None else
+                   compiled(model, "squarem_trial", lambda: fused_trial(model), fuse))
 
   def finish(self, params0, loglik0: float, cycle: Cycle):
     """(next params, E-steps used beyond the fused cycle's) for a fused `cycle`."""
@@ -161,7 +178,6 @@ class SquaremStepper:
     alphas = backtracking_alphas(float(cycle.extrapolation.alpha))[1:]
     return self._search(params0, loglik0, cycle.params2, cycle.extrapolation, alphas)
 
-  # -- unfused: one compiled call per step ----------------------------------------
   def _loglik(self, params):
     try:
       stats, ll = self.e_pass(params)
@@ -170,14 +186,27 @@ class SquaremStepper:
     ll = float(ll)
     return stats, (ll if np.isfinite(ll) else -np.inf)
 
+  def _try(self, params0, line, alpha: float):
+    """(l(theta') or -inf, a function giving M(theta')) at `alpha`."""
+    alpha = tf.constant(alpha, line.u0.dtype)
+    if self._trial is not None:
+      try:
+        loglik, next_params = self._trial(params0, line, alpha, self.e_pass.data)
+      except tf.errors.InvalidArgumentError:
+        return -np.inf, None
+      loglik = float(loglik)
+      return (loglik if np.isfinite(loglik) else -np.inf), lambda: next_params
+    theta = self._candidate(params0, line, alpha)
+    stats, loglik = self._loglik(theta)
+    return loglik, lambda: self.m_step(theta, stats)
+
   def _search(self, params0, loglik0, params2, line, alphas, e_steps=0):
     """M(theta') for the first accepted alpha in `alphas`, else theta_2."""
     for alpha in alphas:
-      theta = self._candidate(params0, line, tf.constant(alpha, line.u0.dtype))
-      stats_c, loglik_c = self._loglik(theta)
+      loglik_c, next_params = self._try(params0, line, alpha)
       e_steps += 1
-      if stats_c is not None and accept(loglik_c, loglik0):
-        return self.m_step(theta, stats_c), e_steps
+      if accept(loglik_c, loglik0):
+        return next_params(), e_steps
     return params2, e_steps
 
   def __call__(self, params0, stats0, loglik0):
