@@ -1,6 +1,6 @@
 """Scale benchmarks: streaming from disk, SQUAREM, time to convergence.
 
-    python validation/bench_scale.py stream   [--n 10000000]   # time per pass, peak RSS
+    python validation/bench_scale.py stream   [--n 10000000] [--d 16]   # time per pass, peak RSS
     python validation/bench_scale.py squarem                   # SQUAREM vs plain EM (mixture, LMM)
     python validation/bench_scale.py converge                  # time to convergence vs sklearn
     python validation/bench_scale.py lmm                       # LMM (PX-EM) vs statsmodels
@@ -63,40 +63,78 @@ def write_parquet(path, n, d, k, seed=0, chunk=1_000_000):
   writer.close()
 
 
+def _cpu_seconds():
+  usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+  return usage.ru_utime + usage.ru_stime
+
+
 def stream_worker(path, k, passes, batch_size):
+  """Fits the file twice, for 2 and 2 + `passes` passes: the difference of
+  their times over `passes` is the time per pass without the fixed costs
+  (first batch, initialization, tracing and XLA compilation). CPU time is
+  less sensitive than wall time to other processes on the machine."""
+  import inspect
   import tensorflow as tf  # noqa: F401
   from tfp_em import GaussianMixture
-  baseline = _rss_mb()
-  start = time.perf_counter()
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    est = GaussianMixture(k, max_iter=passes - 1, tol=0.0, verbose=False).fit(
-        path, batch_size=batch_size)
-  seconds = time.perf_counter() - start
-  trace = est.fit_result_.restarts[0]
-  return dict(passes=trace.e_steps, seconds=seconds, seconds_per_pass=seconds / trace.e_steps,
-              peak_rss_mb=_rss_mb(), baseline_rss_mb=baseline,
+  baseline = _rss_mb()  # TensorFlow and tfp_em imported, nothing read yet
+  kw = dict(batch_size=batch_size) if batch_size else {}
+  seconds, cpu_seconds, e_steps = [], [], []
+  for n_passes in (2, 2 + passes):
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      est = GaussianMixture(k, max_iter=n_passes - 1, tol=0.0, verbose=False).fit(path, **kw)
+    seconds.append(time.perf_counter() - start)
+    cpu_seconds.append(_cpu_seconds() - cpu_start)
+    e_steps.append(est.fit_result_.restarts[0].e_steps)
+  default_batch = inspect.signature(GaussianMixture.fit).parameters["batch_size"].default
+  more = e_steps[1] - e_steps[0]  # well-separated data may converge (tol=0) before 2 + passes
+  return dict(seconds_per_pass=(seconds[1] - seconds[0]) / more,
+              cpu_seconds_per_pass=(cpu_seconds[1] - cpu_seconds[0]) / more,
+              fit_seconds=seconds, fit_passes=e_steps, peak_rss_mb=_rss_mb(),
+              baseline_rss_mb=baseline, batch_size=batch_size or default_batch,
+              default_batch=not batch_size, load_1min=os.getloadavg()[0],
               mean_loglik=est.log_likelihood_ / est.fit_result_.num_observations,
               n=est.fit_result_.num_observations)
 
 
 def bench_stream(args):
-  d, k = 16, 8
-  path = os.path.join(OUT, f"stream_{args.n}.parquet")
+  """Time per pass and peak RSS of `GaussianMixture.fit(path)` against the
+  data's size; the Parquet file is written first and removed afterwards
+  (unless --keep-data)."""
+  d, k = args.d, 8
+  path = os.path.join(OUT, f"stream_{args.n}x{d}.parquet")
   os.makedirs(OUT, exist_ok=True)
-  if not os.path.exists(path):
+  wrote = not os.path.exists(path)
+  if wrote:
     print(f"writing {args.n:,} x {d} points to {path} ...", flush=True)
     write_parquet(path, args.n, d, k)
-  r = _subprocess("stream-worker", path, str(k), str(args.passes), str(args.batch_size))
-  r.update(file_mb=os.path.getsize(path) / 2 ** 20, in_memory_mb=args.n * d * 8 / 2 ** 20,
-           d=d, k=k, batch_size=args.batch_size)
-  print(f"N={int(r['n']):,} D={d} K={k}: {r['seconds_per_pass']:.2f} s per pass "
-        f"({r['passes']} passes, first includes tracing); peak RSS {r['peak_rss_mb']:.0f} MB "
-        f"(TensorFlow baseline {r['baseline_rss_mb']:.0f} MB) vs data {r['in_memory_mb']:.0f} MB "
-        f"in memory, {r['file_mb']:.0f} MB on disk")
-  _save("stream", [r], ["N", "s/pass", "peak RSS MB", "baseline MB", "data MB"],
-        lambda r: [f"{int(r['n']):,}", f"{r['seconds_per_pass']:.2f}", f"{r['peak_rss_mb']:.0f}",
-                   f"{r['baseline_rss_mb']:.0f}", f"{r['in_memory_mb']:.0f}"])
+  file_mb = os.path.getsize(path) / 2 ** 20
+  try:
+    r = _subprocess("stream-worker", path, str(k), str(args.passes), str(args.batch_size))
+  finally:
+    if wrote and not args.keep_data:
+      os.remove(path)
+  data_mb = args.n * d * 8 / 2 ** 20
+  r.update(file_mb=file_mb, in_memory_mb=data_mb, d=d, k=k,
+           peak_over_data=r["peak_rss_mb"] / data_mb,
+           above_baseline_mb=r["peak_rss_mb"] - r["baseline_rss_mb"])
+  batch = f"{r['batch_size']:,} rows" + (" (fit's default)" if r["default_batch"] else "")
+  print(f"N={int(r['n']):,} D={d} K={k}, batches of {batch}; data {data_mb:,.0f} MB in memory "
+        f"(float64), {file_mb:,.0f} MB on disk (Parquet)\n"
+        f"  time per pass {r['seconds_per_pass']:.2f} s (from fits of {r['fit_passes'][0]} and "
+        f"{r['fit_passes'][1]} passes: {r['fit_seconds'][0]:.1f} s and {r['fit_seconds'][1]:.1f} s;"
+        f" load {r['load_1min']:.1f}); CPU time per pass {r['cpu_seconds_per_pass']:.2f} s\n"
+        f"  peak RSS {r['peak_rss_mb']:,.0f} MB = TensorFlow + tfp_em import "
+        f"{r['baseline_rss_mb']:,.0f} MB + {r['above_baseline_mb']:,.0f} MB; "
+        f"peak / data in memory {r['peak_over_data']:.2f}")
+  _save("stream", [r], ["N", "D", "batch", "s/pass", "CPU s/pass", "peak RSS MB", "import MB",
+                        "data MB", "file MB", "peak / data"],
+        lambda r: [f"{int(r['n']):,}", str(r["d"]), f"{r['batch_size']:,}",
+                   f"{r['seconds_per_pass']:.2f}", f"{r['cpu_seconds_per_pass']:.2f}",
+                   f"{r['peak_rss_mb']:,.0f}", f"{r['baseline_rss_mb']:,.0f}",
+                   f"{r['in_memory_mb']:,.0f}",
+                   f"{r['file_mb']:,.0f}", f"{r['peak_over_data']:.2f}"])
 
 
 # ---------------------------------------------------------------- SQUAREM
@@ -344,7 +382,11 @@ def main():
   parser.add_argument("bench", choices=["stream", "squarem", "converge", "lmm"])
   parser.add_argument("--n", type=int, default=10_000_000)
   parser.add_argument("--passes", type=int, default=3)
-  parser.add_argument("--batch-size", type=int, default=262_144)
+  parser.add_argument("--batch-size", type=int, default=0,
+                      help="stream: rows per batch (default: GaussianMixture.fit's)")
+  parser.add_argument("--d", type=int, default=16, help="stream: number of features")
+  parser.add_argument("--keep-data", action="store_true",
+                      help="stream: keep the Parquet file in validation/out")
   args = parser.parse_args()
   {"stream": bench_stream, "squarem": bench_squarem, "converge": bench_converge,
    "lmm": bench_lmm}[args.bench](args)
