@@ -330,3 +330,23 @@ def test_fast_cluster_encoding_equals_the_generic_one(labels):
   assert fast[1].dtype == np.int32
   with pytest.raises(ValueError, match="missing label"):
     mx.encode_clusters(np.array([1., np.nan, 2., 1., 1.]), 5)
+
+
+def test_a_failed_fused_cycle_falls_back_to_the_step_by_step_cycle():
+  # In graph mode a failed Cholesky raises; the iteration then redoes the cycle
+  # step by step, where a failing candidate only counts as rejected.
+  model, data = _mixture()
+  it = _Iteration(model, data, "graph", "squarem", None)
+
+  def failing(params, data):
+    raise tf.errors.InvalidArgumentError(None, None, "Cholesky decomposition was not successful")
+  it.fused = failing
+  params0 = model.initialize(data, 0)
+  stats, ll0, new, used = it.evaluate(params0, last=False)
+  assert new is None and used == 1 and stats is not None
+  got, extra = it.advance(params0, stats, float(ll0), new)
+  want, want_extra = _Iteration(_Unfused(model), data, "graph", "squarem", None).advance(
+      params0, stats, float(ll0), None)
+  assert extra == want_extra >= 2
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-12)

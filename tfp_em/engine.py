@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import tensorflow as tf
 
+from tfp_em import squarem
 from tfp_em.passes import InMemoryPass, compiled, make_pass
 
 ON_DECREASE_OPTIONS = ("raise", "warn", "revert")
@@ -301,7 +302,6 @@ class _Iteration:
                and getattr(model, "fuse_steps", True))
     self.fused, self.stepper = None, None
     if accelerate == "squarem":
-      from tfp_em import squarem
       self.stepper = squarem.SquaremStepper(model, self.e_pass, self.m_step,
                                             fuse=compile if fusable else None)
       if fusable:
@@ -315,13 +315,12 @@ class _Iteration:
       if self.stepper is None:
         new, ll = self.fused(params, self.e_pass.data)
         return None, ll, new, 1
-      from tfp_em.squarem import FUSED_E_STEPS
       try:
         cycle = self.fused(params, self.e_pass.data)
       except tf.errors.InvalidArgumentError:  # a factorization failed: go step by step
         pass
       else:
-        return None, cycle.loglik0, cycle, FUSED_E_STEPS
+        return None, cycle.loglik0, cycle, squarem.FUSED_E_STEPS
     stats, ll = self.e_pass(params)
     return stats, ll, None, 1
 
