@@ -350,3 +350,14 @@ def test_a_failed_fused_cycle_falls_back_to_the_step_by_step_cycle():
   assert extra == want_extra >= 2
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_float32_squarem_reaches_the_float64_optimum():
+  model, data = _mixture()
+  data32 = mixture_em.MixtureData(tf.cast(data.x, tf.float32), tf.cast(data.weights, tf.float32))
+  fast = _fit(model, data32, max_iter=500, tol=1e-6)
+  ref = _fit(model, data, max_iter=500, tol=1e-10)
+  assert fast.converged and fast.params[-1].means.dtype == np.float32
+  ll = fast.log_likelihood
+  assert np.all(np.diff(ll) >= -1e-4 * (np.abs(ll[1:]) + 300))
+  np.testing.assert_allclose(fast.final_log_likelihood, ref.final_log_likelihood, rtol=1e-5)
