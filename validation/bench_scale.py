@@ -205,7 +205,8 @@ SQUAREM_CASES = [("mixture", ("1e-8", "1e-10", "1e-12"), "1e-13"), ("lmm", ("1e-
 
 def bench_squarem(args):
   rows = []
-  print("SQUAREM vs plain EM, seconds to the same tolerance (steps traced beforehand). "
+  print(f"SQUAREM vs plain EM, seconds to the same tolerance (steps traced beforehand; best of "
+        f"{args.repeats} interleaved runs). "
         "mixture: N=20,000 2-D, two overlapping components; lmm: n=100,000, 1,000 clusters, "
         "random intercept + slope, plain EM without the PX step.")
   print(f"{'problem':>8} {'tol':>6} {'method':>8} {'iters':>6} {'E-steps':>8} {'seconds':>8} "
@@ -213,7 +214,12 @@ def bench_squarem(args):
   for problem, tols, ref_tol in SQUAREM_CASES:
     reference = _subprocess("squarem-worker", problem, "none", ref_tol)
     for tol in tols:
-      res = {m: _subprocess("squarem-worker", problem, m, tol) for m in ("none", "squarem")}
+      res = {}
+      for _ in range(args.repeats):  # interleaved; the fastest run of each method counts
+        for m in ("none", "squarem"):
+          r = _subprocess("squarem-worker", problem, m, tol)
+          if m not in res or r["seconds"] < res[m]["seconds"]:
+            res[m] = r
       for m, r in res.items():
         print(f"{problem:>8} {tol:>6} {m:>8} {r['iterations']:>6} {r['e_steps']:>8} "
               f"{r['seconds']:>8.2f} {r['loglik']:>18.8f}")
@@ -380,6 +386,7 @@ def main():
     return
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("bench", choices=["stream", "squarem", "converge", "lmm"])
+  parser.add_argument("--repeats", type=int, default=2, help="squarem: runs per method and tol")
   parser.add_argument("--n", type=int, default=10_000_000)
   parser.add_argument("--passes", type=int, default=3)
   parser.add_argument("--batch-size", type=int, default=0,
