@@ -1,5 +1,7 @@
 """SQUAREM (the fused cycle against the step-by-step one, the safeguard, every
 model) and the speed paths: compiled steps reused across fits, the LMM fit's setup."""
+import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -285,6 +287,18 @@ def test_changed_attributes_and_instance_methods_get_new_functions():
   first = _Iteration(model, data, "graph", None, None).fused
   assert _Iteration(model, data, "graph", None, None).fused is not first
   _same_fit(fit_em(model, data, **kw), fit_em(MixedEffectsEM("full", expand=True), data, **kw))
+
+
+@pytest.mark.filterwarnings("ignore:.*did not converge")
+def test_fitted_models_copy_and_pickle_without_their_compiled_steps():
+  model, data = _mixed_effects()
+  kw = dict(max_iter=4, tol=0., progress=False)
+  ref = fit_em(model, data, **kw)
+  step = _Iteration(model, data, "graph", None, None).fused
+  for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), copy.copy(model)):
+    assert _Iteration(other, data, "graph", None, None).fused is not step  # bound to `other`
+    _same_fit(fit_em(other, data, **kw), ref)
+  assert _Iteration(model, data, "graph", None, None).fused is step
 
 
 def _lmm_arrays(seed, n=300, groups=20):

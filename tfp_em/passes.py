@@ -45,6 +45,18 @@ def compile_fn(fn, mode: str, autograph: bool = True):
 _MEMO = "_tfp_em_compiled"  # where `compiled` keeps a model's functions
 
 
+class _Memo(dict):
+  """A model's compiled functions, by key. Copies and pickles of the model get
+  an empty one (a `tf.function` neither pickles nor belongs to the copy)."""
+
+  def __init__(self, owner=None):
+    super().__init__()
+    self.owner = owner
+
+  def __reduce__(self):
+    return _Memo, ()
+
+
 def compiled(model, name: str, build, mode: str):
   """`compile_fn(build(), mode)`, kept on `model` for its later fits.
 
@@ -53,8 +65,9 @@ def compiled(model, name: str, build, mode: str):
   reuses the traced function: no tracing, no graph optimization. The key is
   `(name, mode, the model's attributes)`: setting an attribute, or a method on
   the instance, gives a new function. Like any `tf.function`, it does not see
-  later edits of module globals or class methods. Models whose attributes
-  are not hashable, and mode 'eager', are not memoized. A model attribute
+  later edits of module globals or class methods. Copies and pickles of the
+  model start with no functions. Models whose attributes are not hashable,
+  and mode 'eager', are not memoized. A model attribute
   `autograph = False` (default True) traces without AutoGraph's source
   conversion, for steps without Python control flow on tensors.
   """
@@ -67,7 +80,9 @@ def compiled(model, name: str, build, mode: str):
     hash(key)
   except TypeError:  # no __dict__, or an unhashable attribute
     return compile_fn(build(), mode, autograph)
-  memo = state.setdefault(_MEMO, {})
+  memo = state.get(_MEMO)
+  if memo is None or memo.owner is not model:  # first fit, or a copy of a fitted model
+    memo = state[_MEMO] = _Memo(model)
   if key not in memo:
     memo[key] = compile_fn(build(), mode, autograph)
   return memo[key]
