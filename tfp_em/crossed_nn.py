@@ -68,7 +68,8 @@ from tfp_em.crossed_regressor import (CrossedPredictions, PosteriorPrecision, bl
 from tfp_em.engine import FitResult, RestartTrace, default_decrease_tol, fit_em
 from tfp_em.mixed_effects_em import update_noise_variance
 from tfp_em.mixed_effects_nn import (Network, NetworkFit, _cluster_minibatches,
-                                     _EarlyStopper, _minibatches, mse_epoch)
+                                     _EarlyStopper, _minibatches, minibatch_epoch,
+                                     mse_epoch)
 
 tfd = tfp.distributions
 
@@ -243,7 +244,7 @@ def fit_crossed_network_em(net: Network, train: CrossedNetData, val, init_params
     new_variances = cx.update_variances(second, num_levels)
     target = train.y - evaluator.z @ mean                                # [N]
     for _ in range(epochs_per_step):
-      train_epoch(tf.constant(target, dtype), *map(tf.constant, _minibatches(rng, n, batch_size)))
+      train_epoch(*map(tf.constant, _minibatches(rng, n, batch_size)), tf.constant(target, dtype))
     resid_ss = float(np.sum((target - evaluator.f(train.x)) ** 2))
     params = ce.CrossedParams(
         beta=params.beta, variances=tf.constant(new_variances, tf.float64),
@@ -277,17 +278,13 @@ def fit_crossed_network_nll(net: Network, train: CrossedNetData, val,
   def current_params():
     return constrain(ce.CrossedParams(init_params.beta, free_var, free_noise), specs)
 
-  @tf.function(reduce_retracing=True)
-  def train_epoch(order, starts, ends, scale):
-    for i in tf.range(tf.size(starts)):
-      idx = order[starts[i]:ends[i]]
-      with tf.GradientTape() as tape:
-        f, _ = net(tf.gather(x, idx), training=True)
-        params = current_params()
-        loss = -scale * batch_log_prob(tf.gather(y, idx) - f, tf.gather(codes, idx),
-                                       params.variances, params.noise_variance)
-      grads = tape.gradient(loss, variables)
-      optimizer.apply_gradients(zip(grads, variables))
+  def batch_loss(idx, start, end, scale):
+    f, _ = net(tf.gather(x, idx), training=True)
+    params = current_params()
+    return -scale * batch_log_prob(tf.gather(y, idx) - f, tf.gather(codes, idx),
+                                   params.variances, params.noise_variance)
+
+  train_epoch = minibatch_epoch(batch_loss, variables, optimizer)
 
   for it in range(max_iter + 1):
     params = current_params()

@@ -223,23 +223,29 @@ class _EarlyStopper:
                       seconds=time.perf_counter() - self.start)
 
 
-def mse_epoch(net: Network, x, optimizer):
-  """A compiled epoch of `optimizer` steps on mean((target - f(x))^2).
-
-  The returned `train_epoch(target [N], order, starts, ends)` takes one step
-  per mini-batch order[starts[i]:ends[i]] of the rows of x [N, p].
+def minibatch_epoch(batch_loss, variables, optimizer):
+  """A compiled epoch: `train_epoch(order, starts, ends, *args)` takes one
+  `optimizer` step on `variables` per mini-batch, minimizing
+  `batch_loss(idx, start, end, *args)` with idx = order[start:end].
   """
   @tf.function(reduce_retracing=True)
-  def train_epoch(target, order, starts, ends):
+  def train_epoch(order, starts, ends, *args):
     for i in tf.range(tf.size(starts)):
-      idx = order[starts[i]:ends[i]]
       with tf.GradientTape() as tape:
-        f, _ = net(tf.gather(x, idx), training=True)
-        loss = tf.reduce_mean(tf.square(tf.gather(target, idx) - f))
-      grads = tape.gradient(loss, net.trainable_variables)
-      optimizer.apply_gradients(zip(grads, net.trainable_variables))
+        loss = batch_loss(order[starts[i]:ends[i]], starts[i], ends[i], *args)
+      optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
 
   return train_epoch
+
+
+def mse_epoch(net: Network, x, optimizer):
+  """`minibatch_epoch` of f's weights on mean((target - f(x))^2) over rows of x [N, p];
+  called as `train_epoch(order, starts, ends, target [N])`."""
+  def batch_loss(idx, start, end, target):
+    f, _ = net(tf.gather(x, idx), training=True)
+    return tf.reduce_mean(tf.square(tf.gather(target, idx) - f))
+
+  return minibatch_epoch(batch_loss, net.trainable_variables, optimizer)
 
 
 def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_type: str,
@@ -293,7 +299,7 @@ def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_typ
                                        tf.cast(train.num_clusters, dtype), covariance_type)
     target = train.y - tf.reduce_sum(z * tf.gather(mean, train.cluster), -1)
     for _ in range(epochs_per_step):
-      train_epoch(target, *map(tf.constant, _minibatches(rng, n, batch_size)))
+      train_epoch(*map(tf.constant, _minibatches(rng, n, batch_size)), target)
     params = me.MixedEffectsParams(beta=params.beta, covariance=covariance,
                                    noise_variance=noise_update(mean, post.covariance))
   return stopper.result(n_iter=it)
@@ -320,23 +326,17 @@ def fit_network_nll(net: Network, train: me.MixedEffectsData, val, covariance_ty
   def current_params():
     return constrain(me.MixedEffectsParams(init_params.beta, free_cov, free_noise), specs)
 
-  @tf.function(reduce_retracing=True)
-  def train_epoch(order, starts, ends, local, scale):
-    for i in tf.range(tf.size(starts)):
-      idx = order[starts[i]:ends[i]]
-      cluster = local[starts[i]:ends[i]]
-      with tf.GradientTape() as tape:
-        f, hidden = net(tf.gather(train.x, idx), training=True)
-        z = net.design(hidden, tf.gather(train.z, idx))
-        params = current_params()
-        stats = me.cluster_stats(z, tf.gather(train.y, idx) - f, cluster,
-                                 tf.reduce_max(cluster) + 1)
-        post = me.cluster_posterior(
-            me.covariance_matrix(params.covariance, covariance_type),
-            params.noise_variance, stats)
-        loss = -tf.reduce_sum(post.log_prob) * scale
-      grads = tape.gradient(loss, variables)
-      optimizer.apply_gradients(zip(grads, variables))
+  def batch_loss(idx, start, end, local, scale):
+    cluster = local[start:end]
+    f, hidden = net(tf.gather(train.x, idx), training=True)
+    z = net.design(hidden, tf.gather(train.z, idx))
+    params = current_params()
+    stats = me.cluster_stats(z, tf.gather(train.y, idx) - f, cluster, tf.reduce_max(cluster) + 1)
+    post = me.cluster_posterior(me.covariance_matrix(params.covariance, covariance_type),
+                                params.noise_variance, stats)
+    return -tf.reduce_sum(post.log_prob) * scale
+
+  train_epoch = minibatch_epoch(batch_loss, variables, optimizer)
 
   for it in range(max_iter + 1):
     params = current_params()
