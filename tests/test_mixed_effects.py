@@ -23,11 +23,15 @@ def _data(x, y, z, cluster, dtype=np.float64):
       cluster=tf.constant(cluster, tf.int32), num_clusters=tf.constant(cluster.max() + 1))
 
 
-def _simulate(seed=0, num_clusters=6, max_size=5, q=2, p=2):
-  """Small LMM data with unequal clusters (one of size 1); z = [1, t], x = [1, x1]."""
+def _simulate(seed=0, num_clusters=6, max_size=5, q=2, p=2, singleton=True):
+  """Small LMM data with unequal clusters; z = [1, t], x = [1, x1].
+
+  singleton: cluster 0 has one row (default); otherwise every cluster has >= 2.
+  """
   rng = np.random.default_rng(seed)
-  sizes = rng.integers(1, max_size + 1, num_clusters)
-  sizes[0] = 1
+  sizes = rng.integers(1 if singleton else 2, max_size + 1, num_clusters)
+  if singleton:
+    sizes[0] = 1
   cluster = np.repeat(np.arange(num_clusters), sizes)
   n = cluster.size
   t = rng.uniform(0, 3, n)
