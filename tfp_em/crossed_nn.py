@@ -64,7 +64,7 @@ from models.specs import constrain, unconstrain
 from tfp_em import crossed_effects as cx
 from tfp_em import validation as val
 from tfp_em.crossed_regressor import (CrossedPredictions, PosteriorPrecision, blup_sum,
-                                      encode_factors, is_factor_list)
+                                      encode_factors, is_factor_list, sum_at_positions)
 from tfp_em.engine import FitResult, RestartTrace, default_decrease_tol, fit_em
 from tfp_em.mixed_effects_em import update_noise_variance
 from tfp_em.mixed_effects_nn import (Network, NetworkFit, _cluster_minibatches,
@@ -101,12 +101,9 @@ def exact_limit_ok(num_levels, max_dense: int) -> bool:
 def blup_by_code(codes, num_levels, mean):
   """sum_k m_k[level_k] per row [N], 0 for levels >= q_k (unseen in training)."""
   codes = np.asarray(codes)
-  offsets = np.concatenate([[0], np.cumsum(num_levels)])
-  out = np.zeros(codes.shape[0])
-  for k in range(codes.shape[1]):
-    seen = codes[:, k] < num_levels[k]
-    out[seen] += mean[offsets[k] + codes[seen, k]]
-  return out
+  offsets = np.concatenate([[0], np.cumsum(num_levels)[:-1]])
+  positions = np.where(codes < np.asarray(num_levels), codes + offsets, -1)  # [N, K]
+  return sum_at_positions(positions, mean)
 
 
 def batch_log_prob(resid, codes, variances, noise_variance):

@@ -76,11 +76,15 @@ def level_positions(levels, clusters, n: int) -> np.ndarray:
   return out
 
 
+def sum_at_positions(positions, mean) -> np.ndarray:
+  """sum_k mean[positions[:, k]] per row [n], skipping positions -1."""
+  mean = np.asarray(mean, np.float64)
+  return np.sum(np.where(positions >= 0, mean[np.maximum(positions, 0)], 0.), axis=1)
+
+
 def blup_sum(levels, blups, clusters, n: int):
   """sum_k BLUP_k(level) per row [n]: 0 for a level unseen in fit, or for clusters=None."""
-  positions = level_positions(levels, clusters, n)
-  flat = np.concatenate([np.asarray(b, np.float64) for b in blups])
-  return np.sum(np.where(positions >= 0, flat[np.maximum(positions, 0)], 0.), axis=1)
+  return sum_at_positions(level_positions(levels, clusters, n), np.concatenate(blups))
 
 
 class PosteriorPrecision(NamedTuple):
