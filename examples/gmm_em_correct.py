@@ -5,7 +5,7 @@ Check them against the model's log_prob and autodiff with
 
     tfp-em verify examples/gmm_em_correct.py
 
-or, from Python, `tfp_em.verify.verify_file("examples/gmm_em_correct.py")`.
+or, from Python, `tfp_em.verification.verify_file("examples/gmm_em_correct.py")`.
 The names below are the ones `verify_file` looks for.
 """
 import numpy as np

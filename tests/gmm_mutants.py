@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.gaussian_mixture import GaussianMixtureParams
-from tfp_em.mixture_em import (MIN_COUNT_EPS, GaussianMixtureEM, GaussianMixtureStats,
+from tfp_em.mixture.em import (MIN_COUNT_EPS, GaussianMixtureEM, GaussianMixtureStats,
                                component_log_prob, estimate_covariances, estimate_means,
                                estimate_weights, scatter_about)
 

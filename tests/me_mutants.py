@@ -6,7 +6,7 @@ arguments as `MixedEffectsEM`.
 """
 import tensorflow as tf
 
-from tfp_em.mixed_effects_em import MixedEffectsEM
+from tfp_em.mixed_effects.em import MixedEffectsEM
 
 
 class InnerProductSecondMoment(MixedEffectsEM):

@@ -12,7 +12,7 @@ must flag it.
 """
 import tensorflow as tf
 
-from tfp_em import bernoulli_mlp as bm
+from tfp_em.bernoulli_mlp import em as bm
 
 
 class PrecedenceHiddenGradient(bm.BernoulliMLPEM):

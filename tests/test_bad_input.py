@@ -9,7 +9,7 @@ finite parameters.
 import numpy as np
 import pytest
 
-from tfp_em._robustness_cases import Case, all_cases, run_case
+from robustness_cases import Case, all_cases, run_case
 
 CASES = all_cases()
 

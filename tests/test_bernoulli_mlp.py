@@ -13,8 +13,9 @@ import tensorflow as tf
 
 from models import bernoulli_mlp as mlp
 from models.specs import constrain, unconstrain
-from tfp_em import bernoulli_mlp as bm
-from tfp_em.engine import fit_em
+from tfp_em.bernoulli_mlp import em as bm
+from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
+from tfp_em.engine.loop import fit_em
 
 from mlp_mutants import CORRECT, EXPECTED_CATCHES, MUTANTS
 
@@ -293,7 +294,7 @@ def _blobs(n_per=25, seed=0):
 def _fit(x, y, **kw):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    return bm.BernoulliMLPClassifier(**kw).fit(x, y)
+    return BernoulliMLPClassifier(**kw).fit(x, y)
 
 
 @pytest.mark.parametrize("method", ["em", pytest.param("autodiff", marks=pytest.mark.slow)])
@@ -349,7 +350,7 @@ def test_l2_objective_is_penalized_loglik(method):
 
 def test_bad_input_is_rejected():
   x, y = _blobs()
-  est = bm.BernoulliMLPClassifier(n_hidden=2, max_iter=5)
+  est = BernoulliMLPClassifier(n_hidden=2, max_iter=5)
   with pytest.raises(ValueError, match="labels but X has"):
     est.fit(x, y[:-1])
   with pytest.raises(ValueError, match="single class"):
@@ -361,11 +362,11 @@ def test_bad_input_is_rejected():
   with pytest.raises(ValueError, match="NaN"):
     est.fit(x, np.where(np.arange(len(y)) == 2, np.nan, y.astype(float)))
   with pytest.raises(ValueError, match="supported limit of 16.*2\\^m"):
-    bm.BernoulliMLPClassifier(n_hidden=17).fit(x, y)
+    BernoulliMLPClassifier(n_hidden=17).fit(x, y)
   with pytest.raises(ValueError, match="supported limit"):
     bm.BernoulliMLPEM(20, 3)
   with pytest.raises(ValueError, match="method"):
-    bm.BernoulliMLPClassifier(method="sgd").fit(x, y)
+    BernoulliMLPClassifier(method="sgd").fit(x, y)
   with pytest.raises(ValueError, match="not fitted"):
     est.predict(x)
   fitted = _fit(x, y, n_hidden=2, max_iter=5)

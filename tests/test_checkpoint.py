@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfp_em.engine import fit_em
-from tfp_em.mixture_em import GaussianMixtureEM, MixtureData
-from tfp_em.mixture_init import initial_responsibilities
+from tfp_em.engine.loop import fit_em
+from tfp_em.mixture.em import GaussianMixtureEM, MixtureData
+from tfp_em.mixture.initialization import initial_responsibilities
 
 
 class Interrupt(Exception):

@@ -6,8 +6,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from tfp_em import io
-from tfp_em.cli import main
+from tfp_em.engine import outputs
+from tfp_em.cli.main import main
 
 
 def _write(path, text):
@@ -122,7 +122,7 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, match):
 def test_atomic_json_write_leaves_no_partial_file(tmp_path):
   target = tmp_path / "x.json"
   with pytest.raises(TypeError):
-    io.write_json(target, {"bad": object()})
+    outputs.write_json(target, {"bad": object()})
   assert not target.exists() and not list(tmp_path.iterdir())
-  io.write_json(target, {"a": np.arange(3)})
+  outputs.write_json(target, {"a": np.arange(3)})
   assert json.loads(target.read_text()) == {"a": [0, 1, 2]}

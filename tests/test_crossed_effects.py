@@ -4,10 +4,10 @@ import pytest
 import tensorflow as tf
 
 from models import crossed_effects as ce
-from tfp_em import crossed_effects as cx
-from tfp_em.crossed_regressor import CrossedEffectsRegressor, is_factor_list
-from tfp_em.engine import fit_em
-from tfp_em.mixed_effects import MixedEffectsRegressor
+from tfp_em.mixed_effects import crossed_em as cx
+from tfp_em.mixed_effects.crossed_estimator import CrossedEffectsRegressor, is_factor_list
+from tfp_em.engine.loop import fit_em
+from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
 
 NUM_LEVELS = (5, 7, 3)
 
@@ -43,7 +43,7 @@ def test_posterior_equals_dense_mvn_conditioning(seed, max_dense):
 
 def test_posterior_equals_tfp_joint_gaussian_conditioning():
   """The same posterior from the JointDistribution alone (autodiff Hessian)."""
-  from tfp_em.verify_exact import marginalize_gaussian
+  from tfp_em.verification.exact import marginalize_gaussian
   data, params = _simulate(3), _params()
   exact = marginalize_gaussian(ce.joint_distribution(params, data), ["u"], {"y": data.y})
   post = cx.CrossedEffectsEM().posterior(params, data)

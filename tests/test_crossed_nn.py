@@ -7,10 +7,10 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from models import crossed_effects as ce
-from tfp_em import crossed_effects as cx
-from tfp_em import crossed_nn as cn
-from tfp_em.mixed_effects import MixedEffectsRegressor
-from tfp_em.mixed_effects_nn import Network
+from tfp_em.mixed_effects import crossed_em as cx
+from tfp_em.mixed_effects import crossed_networks as cn
+from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
+from tfp_em.mixed_effects.networks import Network
 
 tfd = tfp.distributions
 

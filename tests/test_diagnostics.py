@@ -9,12 +9,12 @@ import pytest
 
 import arviz as az
 
-from tfp_em.adapters import hungarian_permutation
-from tfp_em.diagnostics import load_fitted, to_inference_data
-from tfp_em.mixture import GaussianMixture
-from tfp_em.stderr import bootstrap_standard_errors, standard_errors, summary
+from tfp_em.diagnostics.adapters import hungarian_permutation
+from tfp_em.diagnostics.inference_data import load_fitted, to_inference_data
+from tfp_em.mixture.estimator import GaussianMixture
+from tfp_em.diagnostics.standard_errors import bootstrap_standard_errors, standard_errors, summary
 
-DATA = Path(__file__).resolve().parents[1] / "tfp_em" / "data" / "old_faithful.csv"
+DATA = Path(__file__).resolve().parents[1] / "tfp_em" / "cli" / "data" / "old_faithful.csv"
 
 
 def old_faithful():
@@ -31,7 +31,7 @@ def faithful():
 
 @pytest.fixture(scope="module")
 def faithful_hmc(faithful):
-  from tfp_em.hmc import sample_posterior
+  from tfp_em.diagnostics.hmc import sample_posterior
   fitted, x = faithful
   return sample_posterior(fitted, x.values, num_chains=4, num_results=300, num_burnin=300,
                           seed=1, progress=False)
@@ -231,7 +231,7 @@ def test_hmc_quick(faithful, faithful_hmc):
 
 @pytest.mark.slow
 def test_hmc_rhat_and_mode_on_demo_model(faithful):
-  from tfp_em.hmc import compare_with_em, sample_posterior
+  from tfp_em.diagnostics.hmc import compare_with_em, sample_posterior
   fitted, x = faithful
   idata = sample_posterior(fitted, x.values, num_chains=4, num_results=1000, num_burnin=1000,
                            seed=0, progress=False)
@@ -265,7 +265,7 @@ def _check_report(path: Path):
 
 
 def _report_and_reload(fitted, x, tmp_path, hmc):
-  from tfp_em.report import write_report
+  from tfp_em.diagnostics.report import write_report
   path = write_report(fitted, x, tmp_path / "report", hmc=hmc, progress=False)
   page = _check_report(path)
   for name in ("loglik_traces.png", "parameter_traces.png", "mixture_ellipses.png", "ppc.png",
@@ -283,7 +283,7 @@ def _report_and_reload(fitted, x, tmp_path, hmc):
 
 
 def test_report_and_report_from_netcdf(faithful, tmp_path):
-  from tfp_em.report import write_report
+  from tfp_em.diagnostics.report import write_report
   page = _report_and_reload(*faithful, tmp_path, hmc=False)
   assert "hmc_trace.png" not in page
   # regenerated in place from its own netCDF; a stale file there is not linked
@@ -303,7 +303,7 @@ def test_report_with_hmc(faithful, faithful_hmc, tmp_path):
 # -- mixed effects and Bernoulli MLP -------------------------------------------
 
 def _mixed_case():
-  from tfp_em.mixed_effects import MixedEffectsRegressor
+  from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
   rng = np.random.default_rng(0)
   g, n = 12, 10
   clusters = np.repeat(np.arange(g), n)
@@ -330,7 +330,7 @@ def test_mixed_effects_inference_data_and_se():
   # direct parametrization (beta, Sigma_u entries, sigma^2): at the MLE the
   # delta-method SEs do not depend on the parametrization.
   from models import mixed_effects as me
-  from tfp_em.diagnostics import resolve_data
+  from tfp_em.diagnostics.inference_data import resolve_data
   import tensorflow as tf
   data = resolve_data(fitted, X, y, **kw)
   p = fitted.params_
@@ -357,9 +357,9 @@ def test_mixed_effects_inference_data_and_se():
 
 def test_bernoulli_mlp_louis_equals_hessian_and_heatmap(tmp_path):
   from PIL import Image
-  from tfp_em import plots
-  from tfp_em.bernoulli_mlp import BernoulliMLPClassifier
-  from tfp_em.diagnostics import resolve_data
+  from tfp_em.diagnostics import plots as plots
+  from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
+  from tfp_em.diagnostics.inference_data import resolve_data
   rng = np.random.default_rng(0)
   X = rng.normal(size=(150, 2))
   y = (rng.uniform(size=150) < 1 / (1 + np.exp(-(1.5 * X[:, 0] - X[:, 1])))).astype(int)
@@ -384,7 +384,7 @@ def test_bernoulli_mlp_louis_equals_hessian_and_heatmap(tmp_path):
 
 @pytest.mark.slow
 def test_mixed_effects_hmc_variance_components():
-  from tfp_em.hmc import compare_with_em, sample_posterior
+  from tfp_em.diagnostics.hmc import compare_with_em, sample_posterior
   fitted, X, y, kw = _mixed_case()
   idata = sample_posterior(fitted, X, y, num_results=1000, num_burnin=1000, seed=0,
                            progress=False, **kw)
@@ -399,8 +399,8 @@ def test_mixed_effects_hmc_variance_components():
 def test_bernoulli_mlp_alignment_undoes_exact_symmetries():
   """Permuting and flipping hidden units leaves p(y | x) unchanged; align undoes both."""
   from models import bernoulli_mlp as mlp
-  from tfp_em.adapters import get_adapter
-  from tfp_em.bernoulli_mlp import BernoulliMLPClassifier
+  from tfp_em.diagnostics.adapters import get_adapter
+  from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
   rng = np.random.default_rng(1)
   X = rng.normal(size=(60, 2))
   y = rng.integers(0, 3, 60)
@@ -429,8 +429,8 @@ def tf_constant(a):
 
 @pytest.mark.slow
 def test_bernoulli_mlp_hmc():
-  from tfp_em.bernoulli_mlp import BernoulliMLPClassifier
-  from tfp_em.hmc import compare_with_em, sample_posterior
+  from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
+  from tfp_em.diagnostics.hmc import compare_with_em, sample_posterior
   rng = np.random.default_rng(0)
   X = rng.normal(size=(300, 2))
   logit = 1.5 * X[:, 0] - X[:, 1] + 0.8 * X[:, 0] * X[:, 1]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfp_em import engine
-from tfp_em.engine import (ConvergenceWarning, LikelihoodDecreaseError,
+from tfp_em.engine import loop as engine
+from tfp_em.engine.loop import (ConvergenceWarning, LikelihoodDecreaseError,
                            LikelihoodDecreaseWarning, NumericalFailureError, fit_em)
 
 

@@ -8,10 +8,10 @@ import tensorflow as tf
 from models import mixed_effects as me
 from models.specs import constrain, unconstrain
 from me_mutants import MUTANTS  # tests/ is on sys.path (rootdir-relative import)
-from tfp_em.engine import ConvergenceWarning, fit_em
-from tfp_em.mixed_effects import MixedEffectsRegressor, encode_clusters
-from tfp_em.mixed_effects_em import MixedEffectsEM, fit_marginal_lbfgs
-from tfp_em.mixed_effects_nn import _cluster_minibatches
+from tfp_em.engine.loop import ConvergenceWarning, fit_em
+from tfp_em.mixed_effects.estimator import MixedEffectsRegressor, encode_clusters
+from tfp_em.mixed_effects.em import MixedEffectsEM, fit_marginal_lbfgs
+from tfp_em.mixed_effects.networks import _cluster_minibatches
 
 COV_TYPES = me.COVARIANCE_TYPES
 
@@ -115,7 +115,7 @@ def test_posterior_equals_gaussian_conditioning(cov):
 
 
 def test_verification_oracle_agrees_with_the_e_step():
-  verify_exact = pytest.importorskip("tfp_em.verify_exact")
+  verify_exact = pytest.importorskip("tfp_em.verification.exact")
   data = _simulate()
   params = _params("full")
   model = MixedEffectsEM("full")
@@ -177,7 +177,7 @@ def test_m_step_is_stationary_and_increases_q(cov):
 
 
 def test_m_step_blocks_directly():
-  from tfp_em import mixed_effects_em as mem
+  from tfp_em.mixed_effects import em as mem
   mean = tf.constant([[1., 2.], [0., -1.]], tf.float64)
   cov = tf.constant([[[1., .5], [.5, 2.]]] * 2, tf.float64)
   np.testing.assert_allclose(mem.posterior_second_moment(mean, cov),

@@ -8,7 +8,7 @@ import tensorflow as tf
 from models import gaussian_mixture as gm
 from models.specs import constrain, unconstrain
 from tfp_em import GaussianMixture, NumericalFailureError
-from tfp_em import mixture_em as me
+from tfp_em.mixture import em as me
 
 COV_TYPES = gm.COVARIANCE_TYPES
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tfp_em import GaussianMixture, NumericalFailureError
-from tfp_em import mixture_reseed as mr
+from tfp_em.mixture import reseed as mr
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
 
@@ -124,7 +124,7 @@ def test_identical_points_give_finite_params_and_a_warning():
 
 
 def test_reseed_puts_the_component_on_the_worst_fitted_point():
-  from tfp_em.mixture_em import GaussianMixtureEM
+  from tfp_em.mixture.em import GaussianMixtureEM
   from models.gaussian_mixture import GaussianMixtureParams
   x = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [4.0, 4.0]])
   w = np.array([1.0, 1.0, 1.0, 2.0])
@@ -158,7 +158,7 @@ def _slopes_data(slope_ratio):
 
 @pytest.mark.parametrize("slope_ratio,cov", [(0.0, "full"), (0.5, "full"), (0.0, "diag")])
 def test_near_singular_sigma_u_is_handled(slope_ratio, cov):
-  from tfp_em.mixed_effects import MixedEffectsRegressor
+  from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
   x, y, cluster, t = _slopes_data(slope_ratio)
   fits = {}
   for method in ("em", "nll"):
@@ -189,7 +189,7 @@ def _mlp_data():
 @pytest.mark.parametrize("factor", [1e3, 1e6])
 def test_mlp_logits_saturate_without_overflow(factor):
   from models.bernoulli_mlp import BernoulliMLPParams
-  from tfp_em.bernoulli_mlp import BernoulliMLPEM
+  from tfp_em.bernoulli_mlp.em import BernoulliMLPEM
   x, y = _mlp_data()
   model = BernoulliMLPEM(3, 3)
   params = model.initialize((tf.constant(x), tf.constant(y)), seed=1)
@@ -210,7 +210,7 @@ def test_mlp_logits_saturate_without_overflow(factor):
 
 
 def test_mlp_on_inputs_scaled_by_1e3_and_separable_classes():
-  from tfp_em.bernoulli_mlp import BernoulliMLPClassifier
+  from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
   x, y = _mlp_data()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -50,7 +50,7 @@ def test_gmm_properties(k, d, n_per, cov, seed, spread):
        cov=st.sampled_from(["full", "diag"]), seed=st.integers(0, 2 ** 16),
        sd_u=st.floats(0.0, 3.0))
 def test_mixed_model_properties(g, n_per, q, cov, seed, sd_u):
-  from tfp_em.mixed_effects import MixedEffectsRegressor
+  from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
   rng = np.random.default_rng(seed)
   n = g * n_per
   cluster = np.repeat(np.arange(g), n_per)
@@ -78,7 +78,7 @@ def test_mixed_model_properties(g, n_per, q, cov, seed, sd_u):
 @given(m=st.integers(1, 3), classes=st.integers(2, 3), n=st.integers(12, 40),
        seed=st.integers(0, 2 ** 16), l2=st.sampled_from([0.0, 0.5]))
 def test_bernoulli_mlp_properties(m, classes, n, seed, l2):
-  from tfp_em.bernoulli_mlp import BernoulliMLPClassifier
+  from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, 2))
   y = np.arange(n) % classes  # every class present
@@ -106,11 +106,11 @@ CELL = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
        columns=st.sampled_from([None, ["a"], ["a", "b"]]))
 def test_csv_loader_returns_finite_numbers_or_a_named_error(tmp_path_factory, header, rows,
                                                             columns):
-  from tfp_em import io
+  from tfp_em.cli import readers
   path = tmp_path_factory.mktemp("csv") / "f.csv"
   path.write_text("\n".join([",".join(header)] + [",".join(r) for r in rows]), encoding="utf-8")
   try:
-    x, names = io.load_csv(path, columns)
+    x, names = readers.load_csv(path, columns)
   except ValueError as e:
     assert str(path) in str(e) or "does not exist" in str(e)  # names the file
     return

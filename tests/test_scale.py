@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from tfp_em import GaussianMixture
-from tfp_em import mixture_em as me
-from tfp_em.streams import features_dataset, write_tfrecord
+from tfp_em.mixture import em as me
+from tfp_em.engine.streams import features_dataset, write_tfrecord
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -189,8 +189,8 @@ def test_split_by_cluster_keeps_clusters_whole_and_stats_add_up(num_shards):
   sys.path.insert(0, HERE)
   from distributed_fit import lmm_problem
   from models.mixed_effects import split_by_cluster
-  from tfp_em.mixed_effects_em import MixedEffectsEM
-  from tfp_em.passes import add_stats
+  from tfp_em.mixed_effects.em import MixedEffectsEM
+  from tfp_em.engine.passes import add_stats
   data = lmm_problem()
   keep = np.flatnonzero(data.cluster.numpy() < 10)                     # 10 clusters
   data = type(data)(*[tf.gather(t, keep) for t in data[:4]], tf.constant(10, tf.int32))
@@ -217,9 +217,9 @@ def test_mixed_model_streams_over_batches_of_whole_clusters():
   sys.path.insert(0, HERE)
   from distributed_fit import lmm_problem
   from models.mixed_effects import split_by_cluster
-  from tfp_em.engine import fit_em
-  from tfp_em.mixed_effects_em import MixedEffectsEM
-  from tfp_em.passes import dataset_of
+  from tfp_em.engine.loop import fit_em
+  from tfp_em.mixed_effects.em import MixedEffectsEM
+  from tfp_em.engine.passes import dataset_of
   data = lmm_problem()
   model = MixedEffectsEM(expand=True)
   init = model.initialize(data, 0)

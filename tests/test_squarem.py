@@ -11,13 +11,13 @@ import tensorflow as tf
 from models import bernoulli_mlp as mlp
 from models import crossed_effects as ce
 from models import mixed_effects as lmm
-from tfp_em import bernoulli_mlp as bm
-from tfp_em import crossed_effects as cx
-from tfp_em import mixture_em
-from tfp_em import squarem
-from tfp_em import mixed_effects as mx
-from tfp_em.engine import _Iteration, fit_em
-from tfp_em.mixed_effects_em import MixedEffectsEM
+from tfp_em.bernoulli_mlp import em as bm
+from tfp_em.mixed_effects import crossed_em as cx
+from tfp_em.mixture import em as mixture_em
+from tfp_em.engine import squarem as squarem
+from tfp_em.mixed_effects import estimator as mx
+from tfp_em.engine.loop import _Iteration, fit_em
+from tfp_em.mixed_effects.em import MixedEffectsEM
 
 
 def _mixture():
@@ -247,7 +247,7 @@ def test_crossed_effects_squarem_is_monotone_and_reaches_plain_em():
   np.testing.assert_allclose(fast.final_log_likelihood, plain.final_log_likelihood, rtol=1e-8)
 
 
-# -- compiled steps reused across fits (`tfp_em.passes.compiled`) ---------------
+# -- compiled steps reused across fits (`tfp_em.engine.passes.compiled`) ---------------
 
 def _same_fit(a, b, rtol=1e-12):
   np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=rtol)

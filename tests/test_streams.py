@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfp_em import mixture_em as me
-from tfp_em import streams
+from tfp_em.mixture import em as me
+from tfp_em.engine import streams as streams
 
 
 def test_parquet_batches_are_bounded_and_exact(tmp_path):

@@ -16,30 +16,26 @@ _EXPORTS = {
     "NumericalFailureError": "tfp_em.engine",
     "RestartTrace": "tfp_em.engine",
     "fit_em": "tfp_em.engine",
+    "fit_online_em": "tfp_em.engine",
     "GaussianMixture": "tfp_em.mixture",
-    "EmptyComponentWarning": "tfp_em.mixture_reseed",
+    "EmptyComponentWarning": "tfp_em.mixture",
     "BernoulliMLPClassifier": "tfp_em.bernoulli_mlp",
     "MixedEffectsRegressor": "tfp_em.mixed_effects",
-    "CrossedEffectsRegressor": "tfp_em.crossed_regressor",
-    "VerificationReport": "tfp_em.verify_report",
-    "to_inference_data": "tfp_em.diagnostics",
-    "load_fitted": "tfp_em.diagnostics",
-    "standard_errors": "tfp_em.stderr",
-    "summary": "tfp_em.stderr",
-    "sample_posterior": "tfp_em.hmc",
-    "write_report": "tfp_em.report",
-    "fit_online_em": "tfp_em.online",
+    "CrossedEffectsRegressor": "tfp_em.mixed_effects",
+    "verify": "tfp_em.verification",
+    "VerificationReport": "tfp_em.verification",
+    "to_inference_data": "tfp_em.diagnostics.inference_data",
+    "load_fitted": "tfp_em.diagnostics.inference_data",
+    "standard_errors": "tfp_em.diagnostics.standard_errors",
+    "summary": "tfp_em.diagnostics.standard_errors",
+    "sample_posterior": "tfp_em.diagnostics.hmc",
+    "write_report": "tfp_em.diagnostics.report",
 }
-# Submodules reachable as attributes; `tfp_em.verify` is itself callable:
-# tfp_em.verify(model_or_joint, data, ...) -> VerificationReport.
-_SUBMODULES = ("verify",)
 
-__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-  if name in _SUBMODULES:
-    return importlib.import_module(f"tfp_em.{name}")
   if name in _EXPORTS:
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value

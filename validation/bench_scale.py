@@ -170,8 +170,8 @@ def _mixture_fit_args(accelerate):
 def _lmm_fit_args(accelerate):
   """Plain EM (no PX step) on the LMM benchmark data, prepared as the estimator does."""
   from tfp_em import MixedEffectsRegressor
-  from tfp_em import mixed_effects as mx
-  from tfp_em.mixed_effects_em import MixedEffectsEM
+  from tfp_em.mixed_effects import estimator as mx
+  from tfp_em.mixed_effects.em import MixedEffectsEM
   X, y, g, t = lmm_problem()
   est = MixedEffectsRegressor("slopes", degree=1)
   _, codes = mx.encode_clusters(g, len(y))
@@ -183,7 +183,7 @@ def _lmm_fit_args(accelerate):
 
 def squarem_worker(problem, accelerate, tol):
   """Seconds to `tol` with the compiled steps traced beforehand (a 3-step fit on the same model)."""
-  from tfp_em.engine import fit_em
+  from tfp_em.engine.loop import fit_em
   accelerate = None if accelerate == "none" else accelerate
   model, data, kw = {"mixture": _mixture_fit_args, "lmm": _lmm_fit_args}[problem](accelerate)
   with warnings.catch_warnings():

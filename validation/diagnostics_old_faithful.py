@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tfp_em import GaussianMixture, io
-from tfp_em.hmc import compare_with_em, sample_posterior
-from tfp_em.report import write_report
-from tfp_em.stderr import bootstrap_standard_errors, standard_errors
+from tfp_em import GaussianMixture
+from tfp_em.cli import readers
+from tfp_em.diagnostics.hmc import compare_with_em, sample_posterior
+from tfp_em.diagnostics.report import write_report
+from tfp_em.diagnostics.standard_errors import bootstrap_standard_errors, standard_errors
 
 
 def main():
@@ -28,7 +29,7 @@ def main():
   parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "old_faithful_report"))
   args = parser.parse_args()
 
-  x, names = io.load_old_faithful()
+  x, names = readers.load_old_faithful()
   x = (x - x.mean(0)) / x.std(0)
   fitted = GaussianMixture(2, n_init=4, seed=0, tol=1e-8).fit(x)
   print(f"log-likelihood {fitted.log_likelihood_:.6f}, n_iter {fitted.n_iter_}")

@@ -40,7 +40,7 @@ from sklearn import datasets  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.model_selection import StratifiedKFold  # noqa: E402
 
-from tfp_em import bernoulli_mlp as bm  # noqa: E402
+from tfp_em.bernoulli_mlp import em as bm# noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 

@@ -4,7 +4,7 @@
 
 Targets:
   csv  random text files (digits, separators, quotes, blank lines, nan/inf,
-       letters, non-UTF-8 bytes) through `tfp_em.io.load_csv`: the only
+       letters, non-UTF-8 bytes) through `tfp_em.readers.load_csv`: the only
        allowed outcomes are a finite float array or a ValueError.
   cli  random, mostly valid option sets for `tfp-em fit gmm` (valid and
        invalid values, random CSV files as --data, stray tokens), and
@@ -38,8 +38,9 @@ import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tfp_em import io  # noqa: E402
-from tfp_em.cli import main as cli_main  # noqa: E402
+from tfp_em.engine import outputs
+from tfp_em.cli import readers# noqa: E402
+from tfp_em.cli.main import main as cli_main  # noqa: E402
 
 OUTCOMES = collections.Counter()
 CELLS = st.one_of(st.integers(-5, 5).map(str), st.floats(allow_nan=True).map(repr),
@@ -59,7 +60,7 @@ def _check_csv(folder, data: bytes, columns):
   with open(path, "wb") as f:
     f.write(data)
   try:
-    x, names = io.load_csv(path, columns)
+    x, names = readers.load_csv(path, columns)
   except ValueError:
     OUTCOMES["csv: ValueError"] += 1
     return None
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         f"{len(crashes)} crashes")
   print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(OUTCOMES.items())))
   if args.json:
-    io.write_json(args.json, dict(seconds=seconds, cases=counter, outcomes=dict(OUTCOMES),
+    outputs.write_json(args.json, dict(seconds=seconds, cases=counter, outcomes=dict(OUTCOMES),
                                   crashes=crashes))
   return 1 if crashes else 0
 

@@ -30,8 +30,8 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import crossed_effects as ce  # noqa: E402
-from tfp_em import crossed_effects as cx  # noqa: E402
-from tfp_em.engine import fit_em  # noqa: E402
+from tfp_em.mixed_effects import crossed_em as cx# noqa: E402
+from tfp_em.engine.loop import fit_em  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 LME4_SD = {"s": 0.32, "d": 0.52, "dept:service": 0.21, "residual": 1.18}  # brief's rough figures

@@ -40,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfp_em.mixed_effects import MixedEffectsRegressor, default_mlp  # noqa: E402
+from tfp_em.mixed_effects.estimator import MixedEffectsRegressor, default_mlp  # noqa: E402
 
 PAPER_LMMNN = {(0.1, 100): 1.14, (0.1, 1000): 1.14, (0.1, 10000): 1.17,
                (1.0, 100): 1.09, (1.0, 1000): 1.14, (1.0, 10000): 1.27,

@@ -21,8 +21,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from tfp_em import io  # noqa: E402
-from tfp_em._robustness_cases import all_cases, run_case  # noqa: E402
+from tfp_em.engine import outputs# noqa: E402
+from robustness_cases import all_cases, run_case  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
   print(f"{len(cases)} tried, {counts['clear error']} clear errors, {counts['handled']} handled, "
         f"{counts['crash']} crashes ({seconds:.1f} s)")
   if args.json:
-    io.write_json(args.json, dict(rows=rows, tried=len(cases), clear=counts["clear error"],
+    outputs.write_json(args.json, dict(rows=rows, tried=len(cases), clear=counts["clear error"],
                                   handled=counts["handled"], crashes=counts["crash"],
                                   seconds=seconds))
   return 1 if counts["crash"] else 0

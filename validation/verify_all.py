@@ -35,7 +35,7 @@ import tensorflow as tf  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from tfp_em.verify import verify, verify_file  # noqa: E402
+from tfp_em.verification.api import verify, verify_file  # noqa: E402
 
 OUT = os.path.join(ROOT, "validation", "out")
 
@@ -45,7 +45,7 @@ OUT = os.path.join(ROOT, "validation", "out")
 
 def gmm_data(seed=0, n_per_cluster=40):
   """Three overlapping 2-D clusters (overlap makes mutants visible)."""
-  from tfp_em.mixture_em import MixtureData
+  from tfp_em.mixture.em import MixtureData
   rng = np.random.default_rng(seed)
   centres = np.array([[0.0, 0.0], [2.0, 1.0], [0.0, 2.5]])
   x = np.concatenate([c + 0.8 * rng.standard_normal((n_per_cluster, 2)) for c in centres])
@@ -53,13 +53,13 @@ def gmm_data(seed=0, n_per_cluster=40):
 
 
 def gmm_init(k):
-  from tfp_em.mixture_init import initial_responsibilities
+  from tfp_em.mixture.initialization import initial_responsibilities
   return lambda x, w, seed: initial_responsibilities("kmeans++", x, w, k, seed)
 
 
 def gmm_cases(quick):
   import gmm_mutants
-  from tfp_em.mixture_em import GaussianMixtureEM
+  from tfp_em.mixture.em import GaussianMixtureEM
   data, k = gmm_data(), 3
   types = ("full",) if quick else gmm_mutants.ALL_TYPES
   cases = [(f"GaussianMixtureEM[{t}]", False,
@@ -114,7 +114,7 @@ def me_cases(quick):
   try:
     import me_mutants
     from models import mixed_effects as me
-    from tfp_em.mixed_effects_em import MixedEffectsEM
+    from tfp_em.mixed_effects.em import MixedEffectsEM
   except ImportError:
     return []
   data = me_data()

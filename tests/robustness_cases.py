@@ -1,0 +1,761 @@
+"""The catalogue of bad-input cases, shared by `tests/test_bad_input.py` and
+`validation/robustness.py`.
+
+Each `Case` runs one bad input through an estimator, the CSV loader or the
+`tfp-em` command, and `run_case` classifies what happened:
+
+  'clear error'  a `ValueError` whose one-line message matches `case.match`
+                 (for the CLI: exit code 2, one line on stderr, nothing on
+                 stdout, no file written);
+  'handled'      a case that is not an error (`expect='handled'`) finished
+                 and its `check` found finite, sensible output;
+  'crash'        anything else: another exception, a message that does not
+                 name the problem, a traceback, partial output, or silence.
+
+Cases take a scratch folder `tmp` (a `pathlib.Path`) for the files they need.
+Data sets are tiny so that the whole table runs in seconds.
+"""
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import pathlib
+import re
+import warnings
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+
+class Case(NamedTuple):
+  name: str                      # 'target: what is wrong'
+  target: str                    # 'GaussianMixture', ..., 'load_csv', 'cli'
+  run: Callable                  # run(tmp) for estimators; argv(tmp) -> list for the CLI
+  match: str = ""                # regex the error message must contain
+  expect: str = "error"          # 'error' or 'handled'
+  check: Callable | None = None  # for 'handled': check(result, warnings) -> problem or None
+
+
+class Outcome(NamedTuple):
+  kind: str    # 'clear error' | 'handled' | 'crash'
+  detail: str
+
+
+# ---- Small data. ------------------------------------------------------------
+
+def _x(n=40, d=2, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def _labels(n=40):
+  return (_x(n)[:, 0] > 0).astype(int)
+
+
+def _clusters(n=40):
+  return np.repeat(np.arange(8), n // 8)
+
+
+def _y_reg(n=40):
+  x = _x(n)
+  return x @ np.array([1.0, -0.5]) + np.repeat(np.linspace(-1, 1, 8), n // 8) \
+      + 0.1 * np.random.default_rng(1).normal(size=n)
+
+
+def _with(a, index, value):
+  a = np.array(a, dtype=float)
+  a[index] = value
+  return a
+
+
+# Bad X shared by every estimator: (label, value, regex).
+BAD_X = [
+    ("X is 1-D", lambda: _x()[:, 0], "2-D"),
+    ("X is 3-D", lambda: _x().reshape(40, 2, 1), "2-D"),
+    ("X has NaN", lambda: _with(_x(), (3, 1), np.nan), "NaN"),
+    ("X has inf", lambda: _with(_x(), (5, 0), np.inf), "inf"),
+    ("X has -inf", lambda: _with(_x(), (0, 0), -np.inf), "inf"),
+    ("X is empty (0 rows)", lambda: np.zeros((0, 2)), "at least"),
+    ("X has no columns", lambda: np.zeros((40, 0)), "column"),
+    ("X is strings", lambda: np.array([["a", "b"]] * 40), "numeric"),
+    ("X is a ragged list", lambda: [[1.0, 2.0], [3.0]] * 20, "X"),
+    ("X is complex", lambda: _x() + 1j, "real"),
+    ("X is None", lambda: None, "X"),
+    ("X is a scalar", lambda: 3.0, "2-D"),
+    ("X near the float64 limit (1e300)", lambda: _x() * 1e300, "too large"),
+]
+
+
+# ---- Estimators. ------------------------------------------------------------
+
+def _gmm(**kw):
+  from tfp_em import GaussianMixture
+  base = dict(n_components=2, max_iter=20, verbose=False)
+  base.update(kw)
+  return GaussianMixture(**base)
+
+
+def _mlp(**kw):
+  from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
+  base = dict(n_hidden=2, max_iter=5)
+  base.update(kw)
+  return BernoulliMLPClassifier(**base)
+
+
+def _me(**kw):
+  from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
+  base = dict(max_iter=20)
+  base.update(kw)
+  return MixedEffectsRegressor(**base)
+
+
+def _ce(**kw):
+  from tfp_em.mixed_effects.crossed_estimator import CrossedEffectsRegressor
+  base = dict(max_iter=20)
+  base.update(kw)
+  return CrossedEffectsRegressor(**base)
+
+
+def _factors(n=40):
+  return [np.repeat(np.arange(8), n // 8), np.tile(np.arange(5), n // 5)]
+
+
+def _fit_ce(X=None, y=None, clusters=None, **kw):
+  return lambda tmp: _ce(**kw).fit(_x() if X is None else X(), _y_reg() if y is None else y(),
+                                   _factors() if clusters is None else clusters())
+
+
+_FITTED = {}
+
+
+def _fitted(kind):
+  """A small fitted estimator of each kind (cached: predict-side cases reuse it)."""
+  if kind not in _FITTED:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      _FITTED[kind] = {"gmm": lambda: _gmm().fit(_x()),
+                       "mlp": lambda: _mlp().fit(_x(), _labels()),
+                       "me": lambda: _me().fit(_x(), _y_reg(), _clusters()),
+                       "ce": lambda: _ce().fit(_x(), _y_reg(), _factors())}[kind]()
+  return _FITTED[kind]
+
+
+def _fit_gmm(X=None, **kw):
+  return lambda tmp: _gmm(**kw).fit(_x() if X is None else X())
+
+
+def _fit_mlp(X=None, y=None, **kw):
+  return lambda tmp: _mlp(**kw).fit(_x() if X is None else X(), _labels() if y is None else y())
+
+
+def _fit_me(X=None, y=None, clusters=None, fit_kw=None, **kw):
+  return lambda tmp: _me(**kw).fit(_x() if X is None else X(), _y_reg() if y is None else y(),
+                                   _clusters() if clusters is None else clusters(),
+                                   **(fit_kw or {}))
+
+
+def _finite_fit(est, w):
+  values = [np.asarray(getattr(est, a)) for a in ("weights_", "means_", "covariances_",
+                                                  "params_", "sigma2_", "coef_")
+            if hasattr(est, a) and not isinstance(getattr(est, a), tuple)]
+  if hasattr(est, "params_") and isinstance(est.params_, tuple):
+    values += [np.asarray(p) for p in est.params_]
+  if not all(np.all(np.isfinite(v)) for v in values):
+    return "non-finite fitted parameters"
+  return None
+
+
+def _finite_and_warned(text):
+  def check(est, caught):
+    if not any(text in str(w.message) for w in caught):
+      return f"finished without a warning mentioning {text!r}"
+    return _finite_fit(est, caught)
+  return check
+
+
+def _estimator_cases():
+  cases = []
+  for label, bad, rx in BAD_X:
+    cases.append(Case(f"GaussianMixture.fit: {label}", "GaussianMixture", _fit_gmm(bad), rx))
+    cases.append(Case(f"BernoulliMLPClassifier.fit: {label}", "BernoulliMLPClassifier",
+                      _fit_mlp(bad), rx))
+    cases.append(Case(f"MixedEffectsRegressor.fit: {label}", "MixedEffectsRegressor",
+                      _fit_me(bad), rx))
+    cases.append(Case(f"CrossedEffectsRegressor.fit: {label}", "CrossedEffectsRegressor",
+                      _fit_ce(bad), rx))
+    for kind, target in (("gmm", "GaussianMixture"), ("mlp", "BernoulliMLPClassifier"),
+                         ("me", "MixedEffectsRegressor"), ("ce", "CrossedEffectsRegressor")):
+      if label in ("X is empty (0 rows)",):
+        rx_pred = "at least"
+      else:
+        rx_pred = rx
+      cases.append(Case(f"{target}.predict: {label}", target,
+                        lambda tmp, kind=kind, bad=bad: _fitted(kind).predict(bad()), rx_pred))
+
+  g = "GaussianMixture"
+  cases += [
+      Case(f"{g}: more components than points", g, _fit_gmm(lambda: _x(3), n_components=5),
+           "at least as many points"),
+      Case(f"{g}: n_components=0", g, _fit_gmm(n_components=0), "n_components"),
+      Case(f"{g}: n_components='2'", g, _fit_gmm(n_components="2"), "n_components"),
+      Case(f"{g}: n_components=2.5", g, _fit_gmm(n_components=2.5), "n_components"),
+      Case(f"{g}: covariance_type unknown", g, _fit_gmm(covariance_type="banana"),
+           "covariance_type"),
+      Case(f"{g}: tol negative", g, _fit_gmm(tol=-1.0), "tol"),
+      Case(f"{g}: tol NaN", g, _fit_gmm(tol=float("nan")), "tol"),
+      Case(f"{g}: reg_covar negative", g, _fit_gmm(reg_covar=-1e-3), "reg_covar"),
+      Case(f"{g}: reg_covar inf", g, _fit_gmm(reg_covar=float("inf")), "reg_covar"),
+      Case(f"{g}: max_iter negative", g, _fit_gmm(max_iter=-1), "max_iter"),
+      Case(f"{g}: n_init=0", g, _fit_gmm(n_init=0), "n_init"),
+      Case(f"{g}: init_params unknown", g, _fit_gmm(init_params="magic"), "init_params"),
+      Case(f"{g}: seed negative", g, _fit_gmm(seed=-3), "seed"),
+      Case(f"{g}: seed a string", g, _fit_gmm(seed="0"), "seed"),
+      Case(f"{g}: dtype float16", g, _fit_gmm(dtype="float16"), "dtype"),
+      Case(f"{g}: on_decrease unknown", g, _fit_gmm(on_decrease="ignore"), "on_decrease"),
+      Case(f"{g}: compile unknown", g, _fit_gmm(compile="jit"), "compile"),
+      Case(f"{g}: accelerate unknown", g, _fit_gmm(accelerate="anderson"), "accelerate"),
+      Case(f"{g}: means_init wrong shape", g, _fit_gmm(means_init=np.zeros((3, 2))),
+           "means_init"),
+      Case(f"{g}: means_init NaN", g, _fit_gmm(means_init=np.full((2, 2), np.nan)),
+           "means_init"),
+      Case(f"{g}: weights_init not summing to 1", g, _fit_gmm(weights_init=[0.2, 0.2]),
+           "weights_init"),
+      Case(f"{g}: precisions_init not PD", g,
+           _fit_gmm(precisions_init=-np.stack([np.eye(2)] * 2)), "precisions_init"),
+      Case(f"{g}: sample_weight wrong length", g,
+           lambda tmp: _gmm().fit(_x(), sample_weight=np.ones(5)), "length"),
+      Case(f"{g}: sample_weight negative", g,
+           lambda tmp: _gmm().fit(_x(), sample_weight=-np.ones(40)), "negative"),
+      Case(f"{g}: sample_weight NaN", g,
+           lambda tmp: _gmm().fit(_x(), sample_weight=_with(np.ones(40), 2, np.nan)), "NaN"),
+      Case(f"{g}: sample_weight all zero", g,
+           lambda tmp: _gmm().fit(_x(), sample_weight=np.zeros(40)), "sample_weight"),
+      Case(f"{g}: batch_size=0", g, lambda tmp: _gmm().fit(_x(), batch_size=0), "batch_size"),
+      Case(f"{g}: online on an array", g, lambda tmp: _gmm().fit(_x(), online=True), "online"),
+      Case(f"{g}: resume without checkpoint_dir", g, lambda tmp: _gmm().fit(_x(), resume=True),
+           "checkpoint_dir"),
+      Case(f"{g}: checkpoint_every=0", g,
+           lambda tmp: _gmm().fit(_x(), checkpoint_dir=tmp / "ck", checkpoint_every=0),
+           "checkpoint_every"),
+      Case(f"{g}: checkpoint_dir under a regular file", g,
+           lambda tmp: _gmm().fit(_x(), checkpoint_dir=_plain_file(tmp) / "ck"),
+           "cannot be created|not a directory"),
+      Case(f"{g}: resume from a checkpoint of another fit", g,
+           lambda tmp: _resume_other_fit(tmp), "another fit"),
+      Case(f"{g}: resume from a corrupt checkpoint", g,
+           lambda tmp: _resume_corrupt(tmp), "checkpoint"),
+      Case(f"{g}: fit from a missing file", g, lambda tmp: _gmm().fit(str(tmp / "none.csv")),
+           "does not exist"),
+      Case(f"{g}: fit from a file of unknown format", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.txt", "a,b\n1,2\n")), "format"),
+      Case(f"{g}: fit from a CSV with a non-numeric cell", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.csv", _csv_rows(30) + "3,x\n")),
+           "not a valid"),
+      Case(f"{g}: streamed fit, a bad cell in a later batch", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.csv", _csv_rows(30) + "3,x\n"), batch_size=8),
+           "not a valid"),
+      Case(f"{g}: online fit, a bad cell in a later batch", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.csv", _csv_rows(30) + "3,x\n"), batch_size=8,
+                                  online=True), "not a valid"),
+      Case(f"{g}: online fit, NaN in a later batch", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.csv", _csv_rows(30) + "nan,1\n"), batch_size=8,
+                                  online=True), "NaN"),
+      Case(f"{g}: fit from a CSV with a ragged row", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.csv", _csv_rows(30) + "3\n")), "field|line"),
+      Case(f"{g}: fit from an empty CSV", g, lambda tmp: _gmm().fit(_write(tmp, "d.csv", "")),
+           "empty"),
+      Case(f"{g}: fit from a header-only CSV", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.csv", "a,b\n")), "rows|empty"),
+      Case(f"{g}: fit from a CSV with a NaN cell", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.csv", _csv_rows(30) + "3,nan\n")),
+           "NaN|finite"),
+      Case(f"{g}: fit from a CSV missing a column", g,
+           lambda tmp: _gmm().fit(_write(tmp, "d.csv", _csv_rows(30)), columns=["a", "z"]),
+           "not found"),
+      Case(f"{g}: predict before fit", g, lambda tmp: _gmm().predict(_x()), "not fitted"),
+      Case(f"{g}: predict with 3 features", g, lambda tmp: _fitted("gmm").predict(_x(d=3)),
+           "features"),
+      Case(f"{g}: sample(n_samples=0)", g, lambda tmp: _fitted("gmm").sample(0), "n_samples"),
+      Case(f"{g}: collapse onto one point with reg_covar=0", g,
+           _fit_gmm(lambda: np.array([[1.0, 2.0]] * 20 + [[5, 5], [6, 5.5], [5.5, 7], [7, 6]]),
+                    reg_covar=0.0, init_params="kmeans"), "reg_covar"),
+      Case(f"{g}: collapse onto one point with reg_covar>0", g,
+           _fit_gmm(lambda: np.array([[1.0, 2.0]] * 20 + [[5, 5], [6, 5.5], [5.5, 7], [7, 6]]),
+                    reg_covar=1e-3, init_params="kmeans"), expect="handled", check=_finite_fit),
+      Case(f"{g}: all points identical", g, _fit_gmm(lambda: np.ones((30, 2)), n_components=1),
+           expect="handled", check=_finite_fit),
+      Case(f"{g}: integer X", g, _fit_gmm(lambda: np.arange(80).reshape(40, 2) % 7),
+           expect="handled", check=_finite_fit),
+      Case(f"{g}: boolean X", g, _fit_gmm(lambda: _x() > 0, n_components=1),
+           expect="handled", check=_finite_fit),
+      Case(f"{g}: fewer distinct points than components", g,
+           _fit_gmm(lambda: np.repeat([[0.0, 0.0], [3.0, 1.0]], 10, axis=0), n_components=3),
+           expect="handled", check=_finite_fit),
+      Case(f"{g}: fewer distinct points than components, reg_covar=0", g,
+           _fit_gmm(lambda: np.repeat([[0.0, 0.0], [3.0, 1.0]], 10, axis=0), n_components=3,
+                    reg_covar=0.0), "reg_covar"),
+      Case(f"{g}: a component loses all its points", g,
+           _fit_gmm(means_init=[[0.0, 0.0], [1e3, 1e3]]), expect="handled",
+           check=_finite_and_warned("lost all their points")),
+      Case(f"{g}: float32 data offset by 1e6", g, _fit_gmm(lambda: _x() + 1e6, dtype="float32"),
+           expect="handled", check=_finite_and_warned("float64")),
+      Case(f"{g}: data scaled by 1e-6", g, _fit_gmm(lambda: _x() * 1e-6, reg_covar=1e-18),
+           expect="handled", check=_finite_fit),
+      Case(f"{g}: data scaled by 1e6", g, _fit_gmm(lambda: _x() * 1e6), expect="handled",
+           check=_finite_fit),
+  ]
+
+  m = "BernoulliMLPClassifier"
+  cases += [
+      Case(f"{m}: y length mismatch", m, _fit_mlp(y=lambda: _labels()[:-1]), "labels but X has"),
+      Case(f"{m}: y is 2-D", m, _fit_mlp(y=lambda: _labels()[:, None].repeat(2, 1)), "1-D"),
+      Case(f"{m}: y has NaN", m, _fit_mlp(y=lambda: _with(_labels(), 2, np.nan)), "NaN"),
+      Case(f"{m}: y has None", m, _fit_mlp(y=lambda: [None] + list(_labels()[1:])), "missing"),
+      Case(f"{m}: y is a single class", m, _fit_mlp(y=lambda: np.zeros(40, int)), "single class"),
+      Case(f"{m}: y is None", m, _fit_mlp(y=lambda: None), "y"),
+      Case(f"{m}: one row", m, _fit_mlp(X=lambda: _x(1), y=lambda: [0]), "at least"),
+      Case(f"{m}: n_hidden=0", m, _fit_mlp(n_hidden=0), "n_hidden"),
+      Case(f"{m}: n_hidden=17", m, _fit_mlp(n_hidden=17), "supported limit"),
+      Case(f"{m}: n_hidden=2.0", m, _fit_mlp(n_hidden=2.0), "n_hidden"),
+      Case(f"{m}: l2 negative", m, _fit_mlp(l2=-1.0), "l2"),
+      Case(f"{m}: l2 NaN", m, _fit_mlp(l2=float("nan")), "l2"),
+      Case(f"{m}: tol negative", m, _fit_mlp(tol=-1.0), "tol"),
+      Case(f"{m}: max_iter negative", m, _fit_mlp(max_iter=-2), "max_iter"),
+      Case(f"{m}: n_init=0", m, _fit_mlp(n_init=0), "n_init"),
+      Case(f"{m}: seed negative", m, _fit_mlp(seed=-1), "seed"),
+      Case(f"{m}: method unknown", m, _fit_mlp(method="sgd"), "method"),
+      Case(f"{m}: dtype int32", m, _fit_mlp(dtype="int32"), "dtype"),
+      Case(f"{m}: memory_budget_mb=0", m, _fit_mlp(memory_budget_mb=0), "memory_budget_mb"),
+      Case(f"{m}: predict before fit", m, lambda tmp: _mlp().predict(_x()), "not fitted"),
+      Case(f"{m}: predict with 3 features", m, lambda tmp: _fitted("mlp").predict(_x(d=3)),
+           "features"),
+      Case(f"{m}: score with y of wrong length", m,
+           lambda tmp: _fitted("mlp").score(_x(), _labels()[:-3]), "shape|length"),
+      Case(f"{m}: log_likelihood with unseen labels", m,
+           lambda tmp: _fitted("mlp").log_likelihood(_x(), _labels() + 7), "not seen"),
+      Case(f"{m}: constant feature", m,
+           _fit_mlp(X=lambda: np.c_[_x(), np.ones(40)]), expect="handled", check=_finite_fit),
+      Case(f"{m}: X scaled by 1e6 and offset", m, _fit_mlp(X=lambda: _x() * 1e6 + 1e9),
+           expect="handled", check=_finite_fit),
+      Case(f"{m}: string labels", m, _fit_mlp(y=lambda: np.where(_labels() > 0, "yes", "no")),
+           expect="handled", check=_finite_fit),
+  ]
+
+  r = "MixedEffectsRegressor"
+  cases += [
+      Case(f"{r}: y length mismatch", r, _fit_me(y=lambda: _y_reg()[:-1]), "y has length"),
+      Case(f"{r}: clusters length mismatch", r, _fit_me(clusters=lambda: _clusters()[:-1]),
+           "clusters has length"),
+      Case(f"{r}: y has NaN", r, _fit_me(y=lambda: _with(_y_reg(), 4, np.nan)), "NaN"),
+      Case(f"{r}: y has inf", r, _fit_me(y=lambda: _with(_y_reg(), 4, np.inf)), "inf"),
+      Case(f"{r}: y is 2-D", r, _fit_me(y=lambda: _y_reg()[:, None]), "1-D"),
+      Case(f"{r}: y is strings", r, _fit_me(y=lambda: _y_reg().astype(str)), "numeric"),
+      Case(f"{r}: clusters has None", r, _fit_me(clusters=lambda: [None] + list(_clusters()[1:])),
+           "missing"),
+      Case(f"{r}: clusters has NaN", r, _fit_me(clusters=lambda: _with(_clusters(), 0, np.nan)),
+           "missing"),
+      Case(f"{r}: clusters is None", r, _fit_me(clusters=lambda: None), "clusters"),
+      Case(f"{r}: clusters is 2-D", r,
+           _fit_me(clusters=lambda: _clusters()[:, None].repeat(2, 1)), "clusters"),
+      Case(f"{r}: a single cluster", r, _fit_me(clusters=lambda: np.zeros(40)), "single level"),
+      Case(f"{r}: random_effects unknown", r, _fit_me(random_effects="quadratic"),
+           "random_effects"),
+      Case(f"{r}: covariance unknown", r, _fit_me(covariance="spherical"), "covariance"),
+      Case(f"{r}: method unknown", r, _fit_me(method="reml"), "method"),
+      Case(f"{r}: degree negative", r, _fit_me(degree=-1), "degree"),
+      Case(f"{r}: max_iter negative", r, _fit_me(max_iter=-1), "max_iter"),
+      Case(f"{r}: tol NaN", r, _fit_me(tol=float("nan")), "tol"),
+      Case(f"{r}: seed negative", r, _fit_me(seed=-1), "seed"),
+      Case(f"{r}: dtype float16", r, _fit_me(dtype="float16"), "dtype"),
+      Case(f"{r}: learning_rate 0", r, _fit_me(learning_rate=0.0), "learning_rate"),
+      Case(f"{r}: batch_size 0", r, _fit_me(batch_size=0), "batch_size"),
+      Case(f"{r}: f unknown string", r, _fit_me(f="resnet"), "f must be"),
+      Case(f"{r}: features without a network", r, _fit_me(random_effects="features"),
+           "network"),
+      Case(f"{r}: slopes without time", r, _fit_me(random_effects="slopes"), "needs time"),
+      Case(f"{r}: time of wrong length", r,
+           _fit_me(random_effects="slopes", fit_kw=dict(time=np.arange(39.0))), "time has length"),
+      Case(f"{r}: time has NaN", r,
+           _fit_me(random_effects="slopes", fit_kw=dict(time=_with(np.arange(40.0), 1, np.nan))),
+           "NaN"),
+      Case(f"{r}: time given for intercept", r, _fit_me(fit_kw=dict(time=np.arange(40.0))),
+           "only used"),
+      Case(f"{r}: custom without Z", r, _fit_me(random_effects="custom"), "needs Z"),
+      Case(f"{r}: Z of wrong length", r,
+           _fit_me(random_effects="custom", fit_kw=dict(Z=np.ones((39, 1)))), "Z has 39 rows"),
+      Case(f"{r}: Z is 1-D", r, _fit_me(random_effects="custom", fit_kw=dict(Z=np.ones(40))),
+           "2-D"),
+      Case(f"{r}: validation_data malformed", r,
+           _fit_me(f="mlp", fit_kw=dict(validation_data=(1, 2))), "validation_data"),
+      Case(f"{r}: predict before fit", r, lambda tmp: _me().predict(_x()), "not fitted"),
+      Case(f"{r}: predict with 3 features", r, lambda tmp: _fitted("me").predict(_x(d=3)),
+           "features"),
+      Case(f"{r}: predict with clusters of wrong length", r,
+           lambda tmp: _fitted("me").predict(_x(), _clusters()[:-2]), "clusters has length"),
+      Case(f"{r}: predict_interval level 1.5", r,
+           lambda tmp: _fitted("me").predict_interval(_x(), level=1.5), "level"),
+      Case(f"{r}: collinear X columns", r, _fit_me(X=lambda: np.c_[_x(), _x()[:, 0]]),
+           "rank 3 < 4 columns: drop collinear"),
+      Case(f"{r}: constant X column with an intercept", r,
+           _fit_me(X=lambda: np.c_[_x(), np.ones(40)]), "rank 3 < 4"),
+      Case(f"{r}: more coefficients than rows", r,
+           _fit_me(X=lambda: _x(40, 45), y=lambda: _y_reg()), "rank 40 < 46"),
+      Case(f"{r}: random slopes on a time-scaled response", r,
+           _fit_me(y=lambda: _y_reg() * (1 + 0.5 * np.tile(np.arange(5.0), 8)),
+                   random_effects="slopes", max_iter=100,
+                   fit_kw=dict(time=np.tile(np.arange(5.0), 8))),
+           expect="handled", check=_finite_fit),
+      Case(f"{r}: one point per cluster", r, _fit_me(clusters=lambda: np.arange(40)),
+           expect="handled", check=_finite_fit),
+      Case(f"{r}: no cluster effect (Sigma_u -> 0)", r,
+           _fit_me(y=lambda: _x() @ np.array([1.0, -0.5])
+                   + 0.1 * np.random.default_rng(2).normal(size=40), max_iter=200),
+           expect="handled", check=_finite_fit),
+  ]
+  return cases
+
+
+# ---- The CSV loader. ---------------------------------------------------------
+
+def _write(tmp, name, text, mode="w"):
+  path = pathlib.Path(tmp) / name
+  if mode == "wb":
+    path.write_bytes(text)
+  else:
+    path.write_text(text)
+  return str(path)
+
+
+def _csv_rows(n=30):
+  x = _x(n)
+  return "a,b\n" + "".join(f"{p:.6f},{q:.6f}\n" for p, q in x)
+
+
+def _plain_file(tmp):
+  path = pathlib.Path(tmp) / "plain.txt"
+  path.write_text("not a folder")
+  return path
+
+
+def _resume_other_fit(tmp):
+  ck = pathlib.Path(tmp) / "ck"
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _gmm(max_iter=3).fit(_x(), checkpoint_dir=ck, checkpoint_every=1)
+  return _gmm(max_iter=3, seed=7).fit(_x(), checkpoint_dir=ck, resume=True)
+
+
+def _resume_corrupt(tmp):
+  ck = pathlib.Path(tmp) / "ck"
+  ck.mkdir()
+  (ck / "latest.json").write_text("{not json")
+  return _gmm(max_iter=3).fit(_x(), checkpoint_dir=ck, resume=True)
+
+
+MALFORMED_CSV = [
+    # (label, file content (str or bytes), regex)
+    ("empty file", "", "empty"),
+    ("blank lines only", "\n\n  \n", "empty"),
+    ("header only", "a,b\n", "no data rows"),
+    ("ragged row (short)", "a,b\n1,2\n3\n", "line 3 has 1 fields"),
+    ("ragged row (long)", "a,b\n1,2\n3,4,5\n", "line 3 has 3 fields"),
+    ("non-numeric cell", "a,b\n1,2\n3,x\n", "'x' is not a number"),
+    ("empty cell", "a,b\n1,2\n3,\n", "'' is not a number"),
+    ("row of empty cells", "a,b\n1,2\n,\n3,4\n", "line 3, column 'a': '' is not a number"),
+    ("NaN cell", "a,b\n1,2\n3,nan\n", "not finite"),
+    ("inf cell", "a,b\n1,2\ninf,3\n", "not finite"),
+    ("missing column", "a,c\n1,2\n3,4\n", r"column\(s\) \['b'\] not found"),
+    ("duplicate header", "a,a,b\n1,2,3\n", "duplicate"),
+    ("binary (not UTF-8)", b"\xff\xfe\x00a,b\n\x81\x82", "UTF-8"),
+    ("NUL byte", "a,b\n1,\x002\n", "malformed|not a number"),
+]
+
+
+def _loader_cases():
+  from tfp_em.engine import outputs
+  from tfp_em.cli import readers
+  cases = []
+  for label, content, rx in MALFORMED_CSV:
+    mode = "wb" if isinstance(content, bytes) else "w"
+    cases.append(Case(f"load_csv: {label}", "load_csv",
+                      lambda tmp, c=content, m=mode: readers.load_csv(_write(tmp, "bad.csv", c, m),
+                                                                 ["a", "b"]), rx))
+  cases += [
+      Case("load_csv: non-existent path", "load_csv", lambda tmp: readers.load_csv(tmp / "no.csv"),
+           "does not exist"),
+      Case("load_csv: a directory", "load_csv", lambda tmp: readers.load_csv(tmp), "directory"),
+      Case("check_output_dir: under a regular file", "io",
+           lambda tmp: outputs.check_output_dir(_plain_file(tmp) / "out"), "cannot be created"),
+      Case("check_output_dir: an existing file", "io",
+           lambda tmp: outputs.check_output_dir(_plain_file(tmp)), "not a directory"),
+      Case("write_report: out_dir under a regular file", "report",
+           lambda tmp: _report().write_report(_fitted("gmm"), _x(), _plain_file(tmp) / "r",
+                                              hmc=False), "cannot be created"),
+      Case("write_report: non-existent netCDF", "report",
+           lambda tmp: _report().write_report(tmp / "none.nc", out_dir=tmp / "r", hmc=False),
+           "does not exist"),
+      Case("write_report: a CSV instead of netCDF", "report",
+           lambda tmp: _report().write_report(_write(tmp, "d.nc", _csv_rows(5)),
+                                              out_dir=tmp / "r", hmc=False), "netCDF"),
+      Case("load_fitted: non-existent file", "diagnostics",
+           lambda tmp: _diagnostics().load_fitted(tmp / "none.nc"), "does not exist"),
+  ]
+  c = "CrossedEffectsRegressor"
+  cases += [
+      Case(f"{c}: y length mismatch", c, _fit_ce(y=lambda: _y_reg()[:-1]), "y has length"),
+      Case(f"{c}: y has NaN", c, _fit_ce(y=lambda: _with(_y_reg(), 3, np.nan)), "NaN"),
+      Case(f"{c}: a factor of wrong length", c,
+           _fit_ce(clusters=lambda: [_factors()[0], _factors()[1][:-1]]), "length"),
+      Case(f"{c}: a factor with None", c,
+           _fit_ce(clusters=lambda: [_factors()[0], [None] + list(_factors()[1][1:])]),
+           "missing"),
+      Case(f"{c}: clusters is None", c, _fit_ce(clusters=lambda: None), "clusters"),
+      Case(f"{c}: clusters is one flat array", c, _fit_ce(clusters=lambda: _factors()[0]),
+           "clusters|factor"),
+      Case(f"{c}: method unknown", c, _fit_ce(method="reml"), "method"),
+      Case(f"{c}: max_iter negative", c, _fit_ce(max_iter=-1), "max_iter"),
+      Case(f"{c}: tol NaN", c, _fit_ce(tol=float("nan")), "tol"),
+      Case(f"{c}: seed negative", c, _fit_ce(seed=-1), "seed"),
+      Case(f"{c}: dtype float16", c, _fit_ce(dtype="float16"), "dtype"),
+      Case(f"{c}: accelerate unknown", c, _fit_ce(accelerate="anderson"), "accelerate"),
+      Case(f"{c}: on_decrease unknown", c, _fit_ce(on_decrease="ignore"), "on_decrease"),
+      Case(f"{c}: collinear X columns", c, _fit_ce(X=lambda: np.c_[_x(), _x()[:, 0]]),
+           "collinear|rank"),
+      Case(f"{c}: predict before fit", c, lambda tmp: _ce().predict(_x()), "not fitted"),
+      Case(f"{c}: predict with 3 features", c, lambda tmp: _fitted("ce").predict(_x(d=3)),
+           "features"),
+      Case(f"{c}: predict with one factor of two", c,
+           lambda tmp: _fitted("ce").predict(_x(), [_factors()[0]]), "grouping factors"),
+  ]
+  return cases
+
+
+def _report():
+  from tfp_em.diagnostics import report as report
+  return report
+
+
+def _diagnostics():
+  from tfp_em.diagnostics import inference_data as diagnostics
+  return diagnostics
+
+
+# ---- The CLI. ----------------------------------------------------------------
+
+def _cli_fit(*extra, data=None):
+  def argv(tmp):
+    path = data(tmp) if data else _write(tmp, "ok.csv", _csv_rows(30))
+    return ["fit", "gmm", "--data", path, "--components", "2", *extra,
+            *(() if "--out" in extra else ("--out", str(pathlib.Path(tmp) / "out")))]
+  return argv
+
+
+def _cli_cases():
+  cases = []
+  for label, content, rx in MALFORMED_CSV:
+    mode = "wb" if isinstance(content, bytes) else "w"
+    cases.append(Case(f"tfp-em fit gmm: {label}", "cli",
+                      _cli_fit("--columns", "a", "b",
+                               data=lambda tmp, c=content, m=mode: _write(tmp, "bad.csv", c, m)),
+                      rx))
+  cases += [
+      Case("tfp-em fit gmm: non-existent --data", "cli",
+           _cli_fit(data=lambda tmp: str(pathlib.Path(tmp) / "none.csv")), "does not exist"),
+      Case("tfp-em fit gmm: --data is a directory", "cli",
+           _cli_fit(data=lambda tmp: str(tmp)), "directory"),
+      Case("tfp-em fit gmm: --out under a regular file", "cli",
+           lambda tmp: _cli_fit("--out", str(_plain_file(tmp) / "sub"))(tmp),
+           "cannot be created"),
+      Case("tfp-em fit gmm: --out is a regular file", "cli",
+           lambda tmp: _cli_fit("--out", str(_plain_file(tmp)))(tmp), "not a directory"),
+      Case("tfp-em fit gmm: --components 0", "cli",
+           lambda tmp: _replace(_cli_fit()(tmp), "--components", "0"), "n_components"),
+      Case("tfp-em fit gmm: --components -3", "cli",
+           lambda tmp: _replace(_cli_fit()(tmp), "--components", "-3"), "n_components"),
+      Case("tfp-em fit gmm: --components two", "cli",
+           lambda tmp: _replace(_cli_fit()(tmp), "--components", "two"), "invalid int"),
+      Case("tfp-em fit gmm: more components than rows", "cli",
+           lambda tmp: _replace(_cli_fit()(tmp), "--components", "99"), "at least as many"),
+      Case("tfp-em fit gmm: --covariance unknown", "cli", _cli_fit("--covariance", "x"),
+           "invalid choice"),
+      Case("tfp-em fit gmm: --n-init 0", "cli", _cli_fit("--n-init", "0"), "n_init"),
+      Case("tfp-em fit gmm: --max-iter -1", "cli", _cli_fit("--max-iter", "-1"), "max_iter"),
+      Case("tfp-em fit gmm: --seed -1", "cli", _cli_fit("--seed", "-1"), "seed"),
+      Case("tfp-em fit gmm: --seed 1.5", "cli", _cli_fit("--seed", "1.5"), "invalid int"),
+      Case("tfp-em fit gmm: --checkpoint-every 0", "cli", _cli_fit("--checkpoint-every", "0"),
+           "checkpoint"),
+      Case("tfp-em fit gmm: --columns names a missing column", "cli",
+           _cli_fit("--columns", "a", "zz"), "not found"),
+      Case("tfp-em fit gmm: --columns with no names", "cli", _cli_fit("--columns"),
+           "expected at least one"),
+      Case("tfp-em fit gmm: unknown option", "cli", _cli_fit("--frobnicate"),
+           "unrecognized"),
+      Case("tfp-em fit gmm: missing --components", "cli",
+           lambda tmp: ["fit", "gmm", "--data", _write(tmp, "ok.csv", _csv_rows(30)),
+                        "--out", str(pathlib.Path(tmp) / "out")], "required"),
+      Case("tfp-em fit gmm: missing --data", "cli",
+           lambda tmp: ["fit", "gmm", "--components", "2"], "required"),
+      Case("tfp-em fit gmm: --resume with a corrupt checkpoint", "cli",
+           lambda tmp: _corrupt_checkpoint_argv(tmp), "checkpoint"),
+      Case("tfp-em fit: unknown model", "cli", lambda tmp: ["fit", "svm"], "invalid choice"),
+      Case("tfp-em fit: no model", "cli", lambda tmp: ["fit"], "required"),
+      Case("tfp-em: unknown command", "cli", lambda tmp: ["frobnicate"], "invalid choice"),
+      Case("tfp-em: no command", "cli", lambda tmp: [], "required"),
+      Case("tfp-em demo: --max-components 0", "cli",
+           lambda tmp: ["demo", "--max-components", "0", "--out", str(pathlib.Path(tmp) / "o")],
+           "max-components"),
+      Case("tfp-em demo: --max-components x", "cli",
+           lambda tmp: ["demo", "--max-components", "x", "--out", str(pathlib.Path(tmp) / "o")],
+           "invalid int"),
+      Case("tfp-em demo: --seed -1", "cli",
+           lambda tmp: ["demo", "--seed", "-1", "--max-components", "1",
+                        "--out", str(pathlib.Path(tmp) / "o")], "seed"),
+      Case("tfp-em demo: --out under a regular file", "cli",
+           lambda tmp: ["demo", "--out", str(_plain_file(tmp) / "o")], "cannot be created"),
+      Case("tfp-em demo: unknown option", "cli", lambda tmp: ["demo", "--fast"], "unrecognized"),
+      Case("tfp-em report: non-existent source", "cli",
+           lambda tmp: ["report", str(pathlib.Path(tmp) / "none.nc"), "--out", _out(tmp)],
+           "does not exist"),
+      Case("tfp-em report: source is a directory", "cli",
+           lambda tmp: ["report", str(tmp), "--out", _out(tmp)], "not a file"),
+      Case("tfp-em report: source is a CSV, not netCDF", "cli",
+           lambda tmp: ["report", _write(tmp, "d.nc", _csv_rows(5)), "--out", _out(tmp)],
+           "netCDF"),
+      Case("tfp-em report: --out under a regular file", "cli",
+           lambda tmp: ["report", _write(tmp, "d.nc", "x"), "--out",
+                        str(_plain_file(tmp) / "r")], "cannot be created"),
+      Case("tfp-em report: --hmc-draws 5", "cli",
+           lambda tmp: ["report", _write(tmp, "d.nc", "x"), "--hmc-draws", "5",
+                        "--out", _out(tmp)], "hmc-draws"),
+      Case("tfp-em report: --hmc-draws x", "cli",
+           lambda tmp: ["report", _write(tmp, "d.nc", "x"), "--hmc-draws", "x"], "invalid int"),
+      Case("tfp-em report: no source", "cli", lambda tmp: ["report"], "required"),
+      Case("tfp-em verify: non-existent file", "cli",
+           lambda tmp: ["verify", str(pathlib.Path(tmp) / "none.py")], "does not exist"),
+      Case("tfp-em verify: a directory", "cli", lambda tmp: ["verify", str(tmp)], "not a file"),
+      Case("tfp-em verify: empty file", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", "")], "em.py"),
+      Case("tfp-em verify: syntax error", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", "def e_step(:\n")], "em.py"),
+      Case("tfp-em verify: file raises on import", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", "raise RuntimeError('boom')\n")],
+           "em.py"),
+      Case("tfp-em verify: not Python (binary)", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", b"\xff\xfe\x00\x81", "wb")], "em.py"),
+      Case("tfp-em verify: required names of the wrong kind", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", "".join(
+               f"{n} = None\n" for n in ("joint_distribution", "data", "e_step", "m_step",
+                                         "init_params", "param_specs")))],
+           "EMModel or a function"),
+      Case("tfp-em verify: the user's e_step raises", "cli",
+           lambda tmp: ["verify", _write(tmp, "em.py", _BROKEN_E_STEP)],
+           r"em.py, line 7, in e_step: RuntimeError: my e-step is broken"),
+      Case("tfp-em verify: no path", "cli", lambda tmp: ["verify"], "required"),
+  ]
+  return cases
+
+
+_BROKEN_E_STEP = """import tensorflow_probability as tfp
+tfd, tfb = tfp.distributions, tfp.bijectors
+def joint_distribution(params):
+  return tfd.JointDistributionNamed(dict(x=tfd.Sample(tfd.Normal(params["mu"], 1.), 5)))
+data = {"x": [0., 1., 2., 3., 4.]}
+def e_step(params, data):
+  raise RuntimeError("my e-step is broken")
+def m_step(params, stats):
+  return params
+def expected_log_joint(params, stats):
+  return 0.
+init_params = {"mu": 0.5}
+param_specs = {"mu": tfb.Identity()}
+"""
+
+
+def _out(tmp):
+  return str(pathlib.Path(tmp) / "out")
+
+
+def _replace(argv, flag, value):
+  argv = list(argv)
+  argv[argv.index(flag) + 1] = value
+  return argv
+
+
+def _corrupt_checkpoint_argv(tmp):
+  out = pathlib.Path(tmp) / "out"
+  (out / "checkpoint").mkdir(parents=True)
+  (out / "checkpoint" / "latest.json").write_text("{not json")
+  return _cli_fit("--resume")(tmp)
+
+
+# ---- Running and classifying. -------------------------------------------------
+
+def all_cases() -> list[Case]:
+  return _estimator_cases() + _loader_cases() + _cli_cases()
+
+
+def _one_line(e) -> str:
+  return " ".join(str(e).split())
+
+
+def _snapshot(tmp) -> set:
+  return {str(p.relative_to(tmp)) for p in pathlib.Path(tmp).rglob("*")}
+
+
+def run_case(case: Case, tmp) -> Outcome:
+  """Runs `case` in the scratch folder `tmp` and classifies the outcome."""
+  tmp = pathlib.Path(tmp)
+  if case.target == "cli":
+    return _run_cli(case, tmp)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      result = case.run(tmp)
+    except ValueError as e:
+      msg = _one_line(e)
+      if case.expect == "error" and re.search(case.match, msg):
+        return Outcome("clear error", msg)
+      return Outcome("crash", f"ValueError not naming the problem /{case.match}/: {msg}")
+    except Exception as e:  # noqa: BLE001 - anything else is what we are looking for
+      return Outcome("crash", f"{type(e).__name__}: {_one_line(e)[:300]}")
+  if case.expect == "handled":
+    problem = case.check(result, caught) if case.check else None
+    if problem:
+      return Outcome("crash", problem)
+    notes = "; ".join(sorted({_one_line(w.message)[:80] for w in caught
+                              if not issubclass(w.category, DeprecationWarning)}))
+    return Outcome("handled", f"finished{' with warning: ' + notes if notes else ''}")
+  return Outcome("crash", "no error raised")
+
+
+def _run_cli(case: Case, tmp) -> Outcome:
+  from tfp_em.cli.main import main
+  argv = case.run(tmp)
+  before = _snapshot(tmp)
+  out, err = _io.StringIO(), _io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+        warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      rc = main(argv)
+  except SystemExit as e:
+    return Outcome("crash", f"SystemExit({e.code}) escaped main; stderr: {err.getvalue()[:200]}")
+  except Exception as e:  # noqa: BLE001
+    return Outcome("crash", f"{type(e).__name__} escaped main: {_one_line(e)[:300]}")
+  lines = err.getvalue().strip().splitlines()
+  written = sorted(_snapshot(tmp) - before)
+  problems = []
+  if rc != 2:
+    problems.append(f"exit code {rc}")
+  if len(lines) != 1 or not lines[0].startswith("tfp-em: error:"):
+    problems.append(f"stderr is not one error line: {err.getvalue()[:200]!r}")
+  elif not re.search(case.match, lines[0]):
+    problems.append(f"message does not name the problem /{case.match}/: {lines[0]}")
+  if "Traceback" in err.getvalue():
+    problems.append("traceback printed")
+  if out.getvalue().strip():
+    problems.append(f"partial output on stdout: {out.getvalue()[:100]!r}")
+  if written:
+    problems.append(f"files written: {written[:5]}")
+  if problems:
+    return Outcome("crash", "; ".join(problems))
+  return Outcome("clear error", lines[0].removeprefix("tfp-em: error: "))

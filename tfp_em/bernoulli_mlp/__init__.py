@@ -1,0 +1,5 @@
+"""The MLP with Bernoulli hidden units: exact E-step, Newton M-step, estimator."""
+from tfp_em.bernoulli_mlp.em import BernoulliMLPEM, BernoulliMLPStats, fit_autodiff
+from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
+
+__all__ = ["BernoulliMLPClassifier", "BernoulliMLPEM", "BernoulliMLPStats", "fit_autodiff"]

@@ -1,0 +1,508 @@
+"""Exact EM for the MLP with Bernoulli hidden units, and its estimator.
+
+The model (`models.bernoulli_mlp`) has m binary hidden units per point. EM
+enumerates all K = 2^m hidden configurations:
+
+  E-step: log tau_j(z) = log p(z | x_j) + log p(y_j | z) - loglik_j, with
+    loglik_j = logsumexp_z of the same sum. Vectorized as one
+    [N, m+C] x [m+C, K] matmul, chunked over N (a `tf.while_loop`) to stay
+    under a memory budget.
+  Stats: hidden targets t_hj = E[z_hj | x_j, y_j] (per point) and the
+    configuration-by-class counts C[z, i] = sum_j tau_j(z) y_ji (a sum).
+  M-step: (1) m independent logistic regressions of t_h on x~, batched over
+    h; (2) a multinomial logistic regression over the K configurations with
+    counts C, whose cost does not depend on N. Both are concave and solved by
+    damped Newton (`damped_newton`): a full step is kept when it increases Q,
+    otherwise the best of the step sizes 1, 1/2, ..., 1/512 and 0, so Q never
+    decreases.
+
+With `l2 > 0` every non-bias weight gets a Gaussian penalty (l2 / 2) w^2; EM
+then increases the penalized objective log p(y | x) - penalty, which is what
+`e_step` returns as its loglik (so the engine's monotonicity guard applies to
+it), what `expected_log_joint` uses and what `marginal_log_prob` returns.
+
+#### References
+
+[1] S.-K. Ng and G. J. McLachlan. Using the EM algorithm to train neural
+    networks: misconceptions and a new algorithm for multiclass
+    classification. IEEE Transactions on Neural Networks, 15(3):738-749, 2004.
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from models import bernoulli_mlp as mlp
+from models.bernoulli_mlp import BernoulliMLPParams
+from tfp_em.engine import inputs as v
+from tfp_em.engine.loop import FitResult, RestartTrace, restart_seeds, to_tensors
+
+MAX_HIDDEN = 16
+DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2 ** 20
+NUM_HALVINGS = 10
+
+
+class BernoulliMLPStats(NamedTuple):
+  """E-step output. `config_counts` is a sum over points; `hidden_targets`
+  and `inputs` are per point (batches concatenate them along N)."""
+  config_counts: tf.Tensor   # [K, C]   sum_j tau_j(z) y_ji
+  hidden_targets: tf.Tensor  # [N, m]   E[z_hj | x_j, y_j]
+  inputs: tf.Tensor          # [N, D+1] x~_j
+
+
+def check_num_hidden(num_hidden) -> int:
+  """Validates m; above `MAX_HIDDEN` the exact E-step is out of reach."""
+  m = v.check_int("n_hidden", num_hidden, minimum=1)
+  if m > MAX_HIDDEN:
+    raise ValueError(
+        f"n_hidden={m} is above the supported limit of {MAX_HIDDEN}: the exact "
+        f"E-step enumerates all 2^m = {2 ** m:,} hidden configurations per point, "
+        "so time and memory grow as 2^m. Use n_hidden <= 16 (typically 4-10 "
+        "suffice), or reduce the inputs (e.g. PCA) instead of widening the layer.")
+  return m
+
+
+def _penalty_mask(num_rows: int, dtype) -> tf.Tensor:
+  """[num_rows] ones with a zero for the bias row 0."""
+  return tf.concat([tf.zeros([1], dtype), tf.ones([num_rows - 1], dtype)], 0)
+
+
+def l2_penalty(params: BernoulliMLPParams, l2: float) -> tf.Tensor:
+  """(l2 / 2) * sum of squared non-bias weights."""
+  return 0.5 * l2 * (tf.reduce_sum(tf.square(params.hidden_weights[1:]))
+                     + tf.reduce_sum(tf.square(params.output_weights[1:])))
+
+
+# ---- Hidden units: m weighted logistic regressions, weights as [m, D+1]. ----
+
+def hidden_unit_objective(weights_t, inputs, targets, l2=0.):
+  """Per-unit Q: sum_j t log s(a) + (1 - t) log s(-a) - (l2/2)|w[1:]|^2.
+
+  Args:
+    weights_t: [..., m, D+1] (unit first; leading dims batch candidates).
+    inputs: [N, D+1] x~.
+    targets: [N, m] soft targets t.
+    l2: penalty on non-bias weights.
+
+  Returns:
+    [..., m].
+  """
+  m, p = weights_t.shape[-2], weights_t.shape[-1]
+  batch = tf.shape(weights_t)[:-2]
+  a = tf.matmul(inputs, tf.reshape(weights_t, [-1, p]), transpose_b=True)  # [N, S m]
+  a = tf.reshape(a, [tf.shape(inputs)[0], -1, m])                        # [N, S, m]
+  fit = tf.reduce_sum(targets[:, tf.newaxis, :] * a - tf.nn.softplus(a), axis=0)  # [S, m]
+  fit = tf.reshape(fit, tf.concat([batch, [m]], 0))
+  return fit - 0.5 * l2 * tf.reduce_sum(tf.square(weights_t[..., 1:]), -1)
+
+
+def hidden_unit_gradient(weights_t, inputs, targets, l2=0.):
+  """d Q_h / d w_h = sum_j (t_hj - u_hj) x~_j - l2 w_h[1:], shape [m, D+1]."""
+  probs = tf.sigmoid(tf.matmul(inputs, weights_t, transpose_b=True))   # [N, m]
+  mask = _penalty_mask(weights_t.shape[-1], weights_t.dtype)
+  return tf.matmul(targets - probs, inputs, transpose_a=True) - l2 * mask * weights_t
+
+
+def hidden_unit_neg_hessian(weights_t, inputs, l2=0.):
+  """-d^2 Q_h / d w_h^2 = X~^T diag(u (1 - u)) X~ + l2 I', shape [m, D+1, D+1]."""
+  probs = tf.sigmoid(tf.matmul(inputs, weights_t, transpose_b=True))   # [N, m]
+  curvature = probs * (1. - probs)                                     # [N, m]
+  weighted = tf.transpose(curvature)[:, :, tf.newaxis] * inputs         # [m, N, D+1]
+  hess = tf.matmul(weighted, inputs, transpose_a=True)                 # [m, D+1, D+1]
+  return hess + l2 * tf.linalg.diag(_penalty_mask(weights_t.shape[-1], weights_t.dtype))
+
+
+# ---- Output layer: multinomial regression over configurations, V [m+1, C]. --
+
+def output_layer_objective(weights, configs_tilde, counts, l2=0.):
+  """Q_V = sum_{z, i} C[z, i] log softmax(z~^T V)_i - (l2/2)|V[1:]|^2.
+
+  Args:
+    weights: [..., m+1, C].
+    configs_tilde: [K, m+1] configurations with the bias column.
+    counts: [K, C].
+    l2: penalty on non-bias rows.
+
+  Returns:
+    [...].
+  """
+  num_rows, num_classes = weights.shape[-2], weights.shape[-1]
+  batch = tf.shape(weights)[:-2]
+  flat = tf.reshape(tf.transpose(tf.reshape(weights, [-1, num_rows, num_classes]), [1, 0, 2]),
+                    [num_rows, -1])                                    # [A, S C]
+  logits = tf.reshape(tf.matmul(configs_tilde, flat),
+                      [tf.shape(configs_tilde)[0], -1, num_classes])   # [K, S, C]
+  fit = tf.reduce_sum(counts[:, tf.newaxis, :] * tf.nn.log_softmax(logits), axis=[0, 2])
+  fit = tf.reshape(fit, batch)
+  return fit - 0.5 * l2 * tf.reduce_sum(tf.square(weights[..., 1:, :]), axis=[-2, -1])
+
+
+def output_layer_gradient(weights, configs_tilde, counts, l2=0.):
+  """d Q_V / d V = Z~^T (C - n p) - l2 V[1:], shape [m+1, C]."""
+  probs = tf.nn.softmax(tf.matmul(configs_tilde, weights))             # [K, C]
+  totals = tf.reduce_sum(counts, -1, keepdims=True)                    # [K, 1]
+  mask = _penalty_mask(weights.shape[0], weights.dtype)[:, tf.newaxis]
+  return tf.matmul(configs_tilde, counts - totals * probs, transpose_a=True) - l2 * mask * weights
+
+
+def output_layer_neg_hessian(weights, configs_tilde, counts, l2=0.):
+  """-d^2 Q_V / d vec(V)^2 = sum_z n_z (z~ z~^T) kron (diag p_z - p_z p_z^T) + l2 I'.
+
+  vec(V) is row-major (index a * C + i); shape [(m+1) C, (m+1) C].
+  """
+  num_rows, num_classes = weights.shape[0], weights.shape[1]
+  probs = tf.nn.softmax(tf.matmul(configs_tilde, weights))             # [K, C]
+  totals = tf.reduce_sum(counts, -1)                                   # [K]
+  cov = tf.linalg.diag(probs) - probs[:, :, tf.newaxis] * probs[:, tf.newaxis, :]
+  cov = totals[:, tf.newaxis, tf.newaxis] * cov                        # [K, C, C]
+  outer = configs_tilde[:, :, tf.newaxis] * configs_tilde[:, tf.newaxis, :]  # [K, A, A]
+  k = tf.shape(configs_tilde)[0]
+  hess = tf.matmul(tf.reshape(outer, [k, -1]), tf.reshape(cov, [k, -1]), transpose_a=True)
+  hess = tf.reshape(hess, [num_rows, num_rows, num_classes, num_classes])
+  hess = tf.reshape(tf.transpose(hess, [0, 2, 1, 3]),
+                    [num_rows * num_classes, num_rows * num_classes])
+  mask = tf.repeat(_penalty_mask(num_rows, weights.dtype), num_classes)
+  return hess + l2 * tf.linalg.diag(mask)
+
+
+def center_output_weights(weights):
+  """Removes the softmax's free shift: each row of V sums to zero over classes."""
+  return weights - tf.reduce_mean(weights, axis=-1, keepdims=True)
+
+
+# ---- Damped Newton for a batch of independent concave problems. ------------
+
+def newton_direction(gradient, neg_hessian):
+  """Solves (-H + delta I) d = g for a batch: [B, P], [B, P, P] -> [B, P].
+
+  delta = 1000 eps max(diag(-H)) only guards singular directions (the
+  softmax shift, saturated units); the line search keeps ascent exact.
+  """
+  dtype = gradient.dtype
+  eps = np.finfo(dtype.as_numpy_dtype).eps
+  diag = tf.linalg.diag_part(neg_hessian)
+  delta = 1e3 * eps * tf.reduce_max(tf.abs(diag), -1) + np.finfo(dtype.as_numpy_dtype).tiny
+  system = neg_hessian + delta[:, tf.newaxis, tf.newaxis] * tf.eye(
+      tf.shape(gradient)[-1], dtype=dtype)
+  return tf.linalg.solve(system, gradient[..., tf.newaxis])[..., 0]
+
+
+def damped_newton(objective, gradient, neg_hessian, theta, *,
+                  direction=newton_direction, max_iter=50):
+  """Maximizes B independent concave objectives by damped Newton.
+
+  Each iteration takes the full Newton step if it increases every objective;
+  otherwise it tries the step sizes 1, 1/2, ..., 2^-(NUM_HALVINGS-1) and 0
+  and keeps, per problem, the best. So the objective never decreases. Stops
+  when no problem improved by more than rtol = 100 eps relative, when every
+  Newton decrement g.d/2 fell below sqrt(rtol) relative (the step just taken
+  then lands within ~rtol of the optimum), or after `max_iter` iterations.
+
+  Args:
+    objective: [S, B, P] -> [S, B].
+    gradient: [B, P] -> [B, P].
+    neg_hessian: [B, P] -> [B, P, P].
+    theta: [B, P] starting point.
+    direction: (gradient, neg_hessian) -> ascent direction [B, P].
+    max_iter: maximum number of Newton iterations.
+
+  Returns:
+    theta [B, P] at the last iterate.
+  """
+  dtype = theta.dtype
+  rtol = 100. * np.finfo(dtype.as_numpy_dtype).eps
+  steps = tf.constant(np.append(0.5 ** np.arange(NUM_HALVINGS), 0.), dtype)  # [S]
+  f0 = objective(theta[tf.newaxis])[0]                                 # [B]
+
+  def line_search(theta, d):
+    candidates = theta + steps[:, tf.newaxis, tf.newaxis] * d          # [S, B, P]
+    values = objective(candidates)                                     # [S, B]
+    # An overflowing step (Hessian ~0 at saturated logits) must lose to step 0.
+    values = tf.where(tf.math.is_finite(values), values, tf.constant(-np.inf, dtype))
+    best = tf.argmax(values, axis=0, output_type=tf.int32)             # [B]
+    return (tf.gather(tf.transpose(candidates, [1, 0, 2]), best, batch_dims=1),
+            tf.reduce_max(values, axis=0))
+
+  def body(i, theta, f, _):
+    g = gradient(theta)
+    d = direction(g, neg_hessian(theta))                               # [B, P]
+    # A zero Hessian (every logit saturated) makes d overflow: take g instead.
+    d = tf.where(tf.reduce_all(tf.math.is_finite(d), -1, keepdims=True), d, g)
+    full = objective((theta + d)[tf.newaxis])[0]                       # [B]
+    # The full step is kept when it helps every problem; else search.
+    new_theta, new_f = tf.cond(tf.reduce_all(full > f),
+                               lambda: (theta + d, full),
+                               lambda: line_search(theta, d))
+    scale = tf.abs(f) + 1.
+    # Stop once no problem improves, or once every Newton decrement g.d/2
+    # is below sqrt(rtol): quadratic convergence leaves ~rtol after it.
+    improved = new_f - f > rtol * scale
+    far = 0.5 * tf.reduce_sum(g * d, -1) > np.sqrt(rtol) * scale
+    return i + 1, new_theta, new_f, tf.reduce_any(improved & far)
+
+  _, theta, _, _ = tf.while_loop(
+      lambda i, theta, f, still: (i < max_iter) & still, body,
+      (tf.constant(0), theta, f0, tf.constant(True)))
+  return theta
+
+
+class BernoulliMLPEM:
+  """EMModel for the Bernoulli hidden-unit MLP; data = (x [N, D], y [N] int).
+
+  Args:
+    num_hidden: m, at most `MAX_HIDDEN` (16).
+    num_classes: C >= 2.
+    l2: non-negative L2 penalty on non-bias weights (default 0).
+    memory_budget_bytes: bound on the E-step's [chunk, 2^m] work arrays
+      (default 256 MiB); the E-step loops over chunks of rows.
+    compile: how `fit_em` compiles the steps (default 'graph').
+    max_newton_iter: Newton iterations per M-step block (default 50).
+    init_scale: standard deviation of the initial weights, divided by
+      sqrt(D+1) for the hidden layer (default 2).
+  """
+  name = "BernoulliMLP"
+  failure_hint = ("Standardize the inputs, add an L2 penalty (l2 > 0), reduce "
+                  "n_hidden, or use float64.")
+
+  def __init__(self, num_hidden: int, num_classes: int, l2: float = 0.,
+               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+               compile: str = "graph", max_newton_iter: int = 50,
+               init_scale: float = 2.):
+    self.num_hidden = check_num_hidden(num_hidden)
+    self.num_classes = v.check_int("num_classes", num_classes, minimum=2)
+    self.l2 = v.check_float("l2", l2, minimum=0.)
+    self.memory_budget_bytes = v.check_int("memory_budget_bytes", memory_budget_bytes, minimum=1)
+    self.compile = v.check_option("compile", compile, ("eager", "graph", "xla"))
+    self.max_newton_iter = v.check_int("max_newton_iter", max_newton_iter, minimum=1)
+    self.init_scale = v.check_float("init_scale", init_scale, minimum=0.)
+    self.param_specs = mlp.param_specs()  # for SQUAREM and the autodiff checks
+
+  @property
+  def num_configurations(self) -> int:
+    return 2 ** self.num_hidden
+
+  def configurations(self, dtype=tf.float64) -> tf.Tensor:
+    """[2^m, m] hidden configurations, in the column order of `tau`."""
+    return mlp.hidden_configurations(self.num_hidden, dtype)
+
+  def chunk_rows(self, dtype=tf.float64) -> int:
+    """Rows per E-step chunk: four [rows, 2^m] arrays fit the budget."""
+    itemsize = tf.as_dtype(dtype).size
+    return max(1, self.memory_budget_bytes // (4 * self.num_configurations * itemsize))
+
+  def num_observations(self, data) -> float:
+    return float(data[0].shape[0])
+
+  def initialize(self, data, seed: int) -> BernoulliMLPParams:
+    x = data[0]
+    dim = x.shape[-1]
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(0., self.init_scale / np.sqrt(dim + 1), [dim + 1, self.num_hidden])
+    output = rng.normal(0., 1., [self.num_hidden + 1, self.num_classes])
+    output -= output.mean(axis=-1, keepdims=True)
+    return BernoulliMLPParams(tf.constant(hidden, x.dtype), tf.constant(output, x.dtype))
+
+  # -- E-step ---------------------------------------------------------------
+
+  def log_joint(self, params, inputs, labels_onehot, configs):
+    """log p(z = configs[k], y_j | x_j) for a chunk, [n, K], one matmul:
+
+    [a_j, y_j] [configs, log p(y | z)]^T - sum_h softplus(a_jh).
+    """
+    logits = tf.matmul(inputs, params.hidden_weights)                  # [n, m]
+    log_out = mlp.configuration_log_output(params, configs)            # [K, C]
+    return (tf.matmul(tf.concat([logits, labels_onehot], -1),
+                      tf.concat([configs, log_out], -1), transpose_b=True)
+            - tf.reduce_sum(tf.nn.softplus(logits), -1, keepdims=True))
+
+  def normalize(self, log_joint):
+    """(tau [n, K], loglik [n]) from the log joint over configurations."""
+    peak = tf.stop_gradient(tf.reduce_max(log_joint, axis=-1, keepdims=True))
+    unnormalized = tf.exp(log_joint - peak)
+    total = tf.reduce_sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / total, (peak + tf.math.log(total))[:, 0]
+
+  def _chunk_stats(self, params, inputs, labels_onehot, configs):
+    tau, loglik = self.normalize(self.log_joint(params, inputs, labels_onehot, configs))
+    return (tf.matmul(tau, labels_onehot, transpose_a=True),           # [K, C]
+            tf.matmul(tau, configs),                                   # [n, m]
+            loglik)
+
+  def e_step(self, params, data):
+    x, y = data
+    dtype = params.hidden_weights.dtype
+    m = self.num_hidden
+    configs = self.configurations(dtype)
+    inputs = mlp.add_bias(x)
+    onehot = tf.one_hot(y, self.num_classes, dtype=dtype)
+    rows = self.chunk_rows(dtype)
+    n = x.shape[0]
+    if n is not None and n <= rows:
+      counts, targets, loglik = self._chunk_stats(params, inputs, onehot, configs)
+      total = tf.reduce_sum(loglik)
+    else:  # Loop over chunks of `rows` points; the last one is zero-padded.
+      n = tf.shape(x)[0] if n is None else n
+      num_chunks = (n + rows - 1) // rows
+      pad = num_chunks * rows - n
+      xs = tf.reshape(tf.pad(inputs, [[0, pad], [0, 0]]), [num_chunks, rows, -1])
+      ys = tf.reshape(tf.pad(onehot, [[0, pad], [0, 0]]), [num_chunks, rows, -1])
+      ws = tf.reshape(tf.pad(tf.ones([n], dtype), [[0, pad]]), [num_chunks, rows])
+
+      def body(i, counts, total, parts):
+        c, t, ll = self._chunk_stats(params, xs[i], ys[i], configs)
+        return i + 1, counts + c, total + tf.reduce_sum(ws[i] * ll), parts.write(i, t)
+
+      parts = tf.TensorArray(dtype, size=num_chunks, element_shape=[rows, m])
+      _, counts, total, parts = tf.while_loop(
+          lambda i, *_: i < num_chunks, body,
+          (tf.constant(0), tf.zeros([2 ** m, self.num_classes], dtype),
+           tf.zeros([], dtype), parts))
+      targets = tf.reshape(parts.stack(), [-1, m])[:n]
+    stats = BernoulliMLPStats(counts, targets, inputs)
+    return stats, total - l2_penalty(params, self.l2)
+
+  def posterior(self, params, data) -> dict:
+    """Exact posterior over configurations, unchunked (O(N 2^m) memory).
+
+    Returns:
+      dict with 'tau' [N, K] (columns ordered as `configurations()`),
+      'hidden_marginals' [N, m] = E[z_hj | x_j, y_j] and 'loglik' [N].
+    """
+    x, y = data
+    dtype = params.hidden_weights.dtype
+    configs = self.configurations(dtype)
+    tau, loglik = self.normalize(self.log_joint(
+        params, mlp.add_bias(x), tf.one_hot(y, self.num_classes, dtype=dtype), configs))
+    return {"tau": tau, "hidden_marginals": tf.matmul(tau, configs), "loglik": loglik}
+
+  def joint_distribution(self, params, data):
+    """The TFP JointDistribution over (z [N, m], y [N]); batch shape [N]."""
+    return mlp.joint(params, data[0])
+
+  # -- M-step ---------------------------------------------------------------
+
+  hidden_gradient = staticmethod(hidden_unit_gradient)
+  direction = staticmethod(newton_direction)
+
+  def _configs_tilde(self, dtype):
+    return mlp.add_bias(self.configurations(dtype))
+
+  def m_step(self, params, stats):
+    l2 = self.l2
+    inputs, targets, counts = stats.inputs, stats.hidden_targets, stats.config_counts
+    hidden_t = damped_newton(
+        lambda w: hidden_unit_objective(w, inputs, targets, l2),
+        lambda w: self.hidden_gradient(w, inputs, targets, l2),
+        lambda w: hidden_unit_neg_hessian(w, inputs, l2),
+        tf.transpose(params.hidden_weights), direction=self.direction,
+        max_iter=self.max_newton_iter)
+
+    shape = params.output_weights.shape
+    configs_tilde = self._configs_tilde(counts.dtype)
+
+    def unflatten(theta):
+      return tf.reshape(theta, tf.concat([tf.shape(theta)[:-1], shape], 0))  # [..., B, A, C]
+
+    output = damped_newton(
+        lambda th: output_layer_objective(unflatten(th), configs_tilde, counts, l2),
+        lambda th: tf.reshape(output_layer_gradient(unflatten(th)[0], configs_tilde, counts, l2), [1, -1]),
+        lambda th: output_layer_neg_hessian(unflatten(th)[0], configs_tilde, counts, l2)[tf.newaxis],
+        tf.reshape(params.output_weights, [1, -1]), direction=self.direction,
+        max_iter=self.max_newton_iter)
+    return BernoulliMLPParams(tf.transpose(hidden_t),
+                              center_output_weights(tf.reshape(output, shape)))
+
+  def expected_log_joint(self, params, stats):
+    """Q(params | old) - penalty; differs from the loglik by the entropy of tau."""
+    hidden = hidden_unit_objective(tf.transpose(params.hidden_weights), stats.inputs,
+                                   stats.hidden_targets, self.l2)
+    output = output_layer_objective(
+        params.output_weights, self._configs_tilde(params.output_weights.dtype),
+        stats.config_counts, self.l2)
+    return tf.reduce_sum(hidden) + output
+
+  def marginal_log_prob(self, params, data):
+    """Penalized log p(y | x) from the TFP model (unchunked, differentiable)."""
+    x, y = data
+    return (tf.reduce_sum(mlp.marginal_log_prob(params, x, y))
+            - l2_penalty(params, self.l2))
+
+  def predict_log_proba(self, params, x):
+    """log p(y = i | x_j), [N, C], unchunked."""
+    dtype = params.hidden_weights.dtype
+    configs = self.configurations(dtype)
+    log_prior = mlp.configuration_log_prior(mlp.hidden_logits(params, x), configs)
+    log_out = mlp.configuration_log_output(params, configs)
+    return tf.reduce_logsumexp(log_prior[:, :, tf.newaxis] + log_out, axis=1)
+
+
+# ---- Gradient-based fit of the same marginal, for comparison. ---------------
+
+def fit_autodiff(model: BernoulliMLPEM, data, *, max_iter: int = 1000,
+                 tol: float = 1e-6, n_init: int = 1, seed: int | None = 0,
+                 init_params=None, callback=None) -> FitResult:
+  """Maximizes `model.marginal_log_prob` by L-BFGS from `model.initialize`.
+
+  Restart seeds match `fit_em`, so both methods start from the same params.
+  The trace holds the objective after every L-BFGS iteration.
+  """
+  n_obs = model.num_observations(data)
+  restarts = []
+  for r, s in enumerate(restart_seeds(seed, n_init)):
+    params = init_params if (r == 0 and init_params is not None) else model.initialize(data, s)
+    restarts.append(_lbfgs_restart(model, data, params, s, r, max_iter, tol, callback))
+  best = int(np.argmax([t.final_log_likelihood for t in restarts]))
+  chosen = restarts[best]
+  return FitResult(
+      params=to_tensors(chosen.final_params),
+      log_likelihood=chosen.final_log_likelihood, n_iter=chosen.n_iter,
+      converged=chosen.converged, best_restart=best, restarts=tuple(restarts),
+      num_observations=n_obs)
+
+
+def _lbfgs_restart(model, data, params, seed, restart, max_iter, tol, callback):
+  start = time.perf_counter()
+  shapes = [p.shape for p in params]
+  sizes = [int(np.prod(s)) for s in shapes]
+
+  def unflatten(vec):
+    return BernoulliMLPParams(*[tf.reshape(p, s) for p, s in zip(tf.split(vec, sizes), shapes)])
+
+  def value_and_gradient(vec):
+    return tfp.math.value_and_gradient(lambda u: -model.marginal_log_prob(unflatten(u), data), vec)
+
+  @tf.function
+  def run(previous, max_iterations):
+    return tfp.optimizer.lbfgs_minimize(
+        value_and_gradient, initial_position=None, previous_optimizer_results=previous,
+        max_iterations=max_iterations, f_relative_tolerance=tol, tolerance=0.)
+
+  results = tfp.optimizer.lbfgs_minimize(
+      value_and_gradient, initial_position=tf.concat([tf.reshape(p, [-1]) for p in params], 0),
+      max_iterations=0)
+  lls = [-float(results.objective_value)]
+  if callback is not None:
+    callback(restart, 0, params, lls[-1])
+  for it in range(1, max_iter + 1):
+    done = int(results.num_iterations)
+    results = run(results, tf.constant(it))
+    if int(results.num_iterations) == done:  # stopped without an iteration
+      break
+    lls.append(-float(results.objective_value))
+    if callback is not None:
+      callback(restart, it, unflatten(results.position), lls[-1])
+    if bool(results.converged) or bool(results.failed):
+      break
+  final = unflatten(results.position)
+  converged = bool(results.converged)
+  return RestartTrace(
+      seed=seed, log_likelihood=np.asarray(lls), params=[
+          type(params)(*[np.array(p) for p in params]),
+          type(final)(*[np.array(p) for p in final])],
+      converged=converged, n_iter=len(lls) - 1,
+      stop_reason="converged" if converged else ("failed" if bool(results.failed) else "max_iter"),
+      seconds=time.perf_counter() - start)

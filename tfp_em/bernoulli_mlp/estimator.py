@@ -1,0 +1,189 @@
+"""`BernoulliMLPClassifier`: the estimator around `BernoulliMLPEM`."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from models import bernoulli_mlp as mlp
+from models.bernoulli_mlp import BernoulliMLPParams
+from tfp_em.bernoulli_mlp.em import BernoulliMLPEM, check_num_hidden, fit_autodiff
+from tfp_em.diagnostics.mixin import DiagnosticsMixin
+from tfp_em.engine import inputs as v
+from tfp_em.engine.loop import FitResult, fit_em
+
+
+METHODS = ("em", "autodiff")
+
+
+def _check_labels(y, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+  """Labels (int or str) -> (classes [C], indices [N] int32)."""
+  if hasattr(y, "numpy") and callable(y.numpy):
+    y = y.numpy()
+  y = np.array(y, copy=True)
+  if y.ndim != 1:
+    raise ValueError(f"y must be 1-D (one label per row of X), got shape {y.shape}")
+  if y.shape[0] != num_rows:
+    raise ValueError(f"y has {y.shape[0]} labels but X has {num_rows} rows")
+  if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+    raise ValueError("y contains NaN or inf; every row needs a class label")
+  if y.dtype == object and any(e is None or (isinstance(e, float) and np.isnan(e)) for e in y):
+    raise ValueError("y contains missing labels (None or NaN); every row needs a class label")
+  try:
+    classes, indices = np.unique(y, return_inverse=True)
+  except TypeError as e:
+    raise ValueError(f"y labels could not be sorted (mixed types?): {e}") from None
+  return classes, indices.astype(np.int32).reshape(-1)
+
+
+class BernoulliMLPClassifier(DiagnosticsMixin):
+  """Classifier: MLP with m stochastic binary hidden units, fitted by exact EM.
+
+  p(y | x) = sum_z p(z | x) p(y | z) over the 2^m hidden configurations;
+  `predict` is its argmax. Inputs are standardized internally (`mean_`,
+  `scale_`); labels may be integers or strings.
+
+  Args:
+    n_hidden: number of hidden units m, 1..16 (default 5).
+    max_iter: maximum EM iterations, or L-BFGS iterations for 'autodiff'
+      (default 200).
+    tol: relative tolerance on the mean per-point objective (default 1e-6).
+    l2: L2 penalty on non-bias weights, >= 0 (default 0).
+    n_init: restarts from random weights; the best objective wins (default 1).
+    seed: integer seed or None (default 0).
+    dtype: 'float64' (default) or 'float32'.
+    method: 'em' (default) or 'autodiff' (L-BFGS on the same TFP marginal).
+    memory_budget_mb: bound on the E-step's work arrays (default 256).
+
+  Attributes (after `fit`):
+    classes_, mean_, scale_, n_features_in_, params_ (BernoulliMLPParams,
+    numpy), fit_result_ (`tfp_em.FitResult`; per-iteration objective of every
+    restart in `fit_result_.restarts[i].log_likelihood`), iteration_seconds_
+    (seconds since the start of the chosen restart at each trace entry),
+    n_iter_, converged_, objective_ (penalized loglik the fit maximized),
+    log_likelihood_ (unpenalized log p(y | x) on the training data).
+  """
+
+  def __init__(self, n_hidden: int = 5, max_iter: int = 200, tol: float = 1e-6,
+               l2: float = 0., n_init: int = 1, seed: int | None = 0,
+               dtype: str = "float64", method: str = "em",
+               memory_budget_mb: float = 256.):
+    self.n_hidden = n_hidden
+    self.max_iter = max_iter
+    self.tol = tol
+    self.l2 = l2
+    self.n_init = n_init
+    self.seed = seed
+    self.dtype = dtype
+    self.method = method
+    self.memory_budget_mb = memory_budget_mb
+
+  def _model(self, num_classes: int) -> BernoulliMLPEM:
+    budget = v.check_float("memory_budget_mb", self.memory_budget_mb, minimum=0., strict=True)
+    return BernoulliMLPEM(self.n_hidden, num_classes, l2=self.l2,
+                          memory_budget_bytes=int(budget * 2 ** 20))
+
+  def fit(self, X, y):
+    check_num_hidden(self.n_hidden)
+    v.check_int("max_iter", self.max_iter, minimum=0)
+    v.check_float("tol", self.tol, minimum=0.)
+    v.check_int("n_init", self.n_init, minimum=1)
+    seed = v.check_seed(self.seed)
+    method = v.check_option("method", self.method, METHODS)
+    dtype = v.check_dtype(self.dtype)
+    X = v.check_array(X, "X", dtype=np.float64, min_rows=2)
+    classes, labels = _check_labels(y, X.shape[0])
+    if len(classes) < 2:
+      raise ValueError(f"y has a single class ({classes[0]!r}); a classifier needs at least 2")
+    model = self._model(len(classes))
+    self.mean_ = X.mean(axis=0)
+    scale = X.std(axis=0)
+    self.scale_ = np.where(scale > 0, scale, 1.)
+    data = (tf.constant((X - self.mean_) / self.scale_, dtype), tf.constant(labels))
+    times = {}
+
+    def clock(restart, it, params, ll):
+      times.setdefault(restart, []).append(time.perf_counter())
+
+    if method == "em":
+      result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
+                      seed=seed, compile=model.compile, callback=clock)
+    else:
+      result = fit_autodiff(model, data, max_iter=self.max_iter, tol=self.tol,
+                            n_init=self.n_init, seed=seed, callback=clock)
+    chosen = result.restarts[result.best_restart]
+    stamps = np.asarray(times[result.best_restart][:len(chosen.log_likelihood)])
+    # The restart began about `seconds` before its last trace entry.
+    self.iteration_seconds_ = stamps - (stamps[-1] - chosen.seconds)
+    self.classes_ = classes
+    self.n_features_in_ = X.shape[1]
+    self.params_ = BernoulliMLPParams(*[np.array(p) for p in result.params])
+    self.fit_result_ = result
+    self.n_iter_ = result.n_iter
+    self.converged_ = result.converged
+    self.objective_ = result.log_likelihood
+    self._em_model = model
+    self.log_likelihood_ = self._log_likelihood(data[0], labels)
+    return self
+
+  # -- prediction -------------------------------------------------------------
+
+  def _inputs(self, X) -> np.ndarray:
+    v.check_is_fitted(self, "params_")
+    X = v.check_array(X, "X", dtype=np.float64)
+    v.check_n_features(X, self.n_features_in_)
+    return (X - self.mean_) / self.scale_
+
+  def _batches(self, n: int):
+    rows = max(1, self._em_model.chunk_rows() // max(1, len(self.classes_)))
+    return [slice(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+  def _params(self):
+    dtype = v.check_dtype(self.dtype)
+    return BernoulliMLPParams(*[tf.constant(p, dtype) for p in self.params_])
+
+  def predict_proba(self, X) -> np.ndarray:
+    """p(y = classes_[i] | x), shape [N, C]."""
+    Xs = self._inputs(X)
+    params = self._params()
+    out = [np.exp(self._em_model.predict_log_proba(params, tf.constant(Xs[b], params[0].dtype)).numpy())
+           for b in self._batches(Xs.shape[0])]
+    return np.concatenate(out, axis=0)
+
+  def predict(self, X) -> np.ndarray:
+    """argmax_i p(y = classes_[i] | x)."""
+    proba = self.predict_proba(X)
+    return self.classes_[np.argmax(proba, axis=1)]
+
+  def score(self, X, y) -> float:
+    """Accuracy of `predict(X)` against `y`."""
+    pred = self.predict(X)
+    y = np.asarray(y)
+    if y.shape != pred.shape:
+      raise ValueError(f"y has shape {y.shape} but X gives {pred.shape[0]} predictions")
+    return float(np.mean(pred == y))
+
+  def _log_likelihood(self, Xs, labels) -> float:
+    params = self._params()
+    Xs = np.asarray(Xs)
+    total = 0.
+    for b in self._batches(Xs.shape[0]):
+      total += float(tf.reduce_sum(mlp.marginal_log_prob(
+          params, tf.constant(Xs[b], params[0].dtype), tf.constant(labels[b]))))
+    return total
+
+  def log_likelihood(self, X, y) -> float:
+    """Unpenalized log p(y | X) = sum_j log p(y_j | x_j) at the fitted params."""
+    Xs = self._inputs(X)
+    return self._log_likelihood(Xs, self._label_codes(y, Xs.shape[0]))
+
+  def _label_codes(self, y, n: int) -> np.ndarray:
+    """Codes in `classes_` of n labels y, each seen in fit; int32 [n]."""
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+      raise ValueError(f"y must have one label per row of X ({n}), got shape {y.shape}")
+    unknown = ~np.isin(y, self.classes_)
+    if np.any(unknown):
+      raise ValueError(f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}")
+    return np.searchsorted(self.classes_, y).astype(np.int32)

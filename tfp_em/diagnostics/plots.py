@@ -1,0 +1,249 @@
+"""Diagnostic plots for EM fits and their HMC cross-checks.
+
+Every function returns a `matplotlib.figure.Figure` built without pyplot (no
+global state, no GUI backend needed); save it with `fig.savefig(path)`.
+
+    loglik_traces(em_idata)            l per iteration for every restart
+    parameter_traces(em_idata)         EM trajectories of every parameter
+    mixture_ellipses(fitted, data)     1- and 2-sigma ellipses over the data
+    posterior_predictive(em_idata)     az.plot_ppc (needs add_posterior_predictive)
+    hmc_trace(hmc_idata), hmc_rank(hmc_idata)
+"""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure
+from matplotlib.patches import Ellipse
+
+import arviz as az
+
+from tfp_em.diagnostics.adapters import get_adapter
+
+COLORS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+STYLES = ["-", "--", ":", "-."]  # overlapping restarts stay visible
+
+
+def _valid(em_idata, chain):
+  """Number of real (unpadded) draws of a chain."""
+  return int(em_idata.sample_stats["n_iter"].values[chain]) + 1
+
+
+def loglik_traces(em_idata) -> Figure:
+  """Left: l(theta_t) per restart. Right: gap to the best final l (log scale)."""
+  lp = em_idata.sample_stats["lp"].values
+  best = int(em_idata.posterior.attrs.get("best_restart", np.argmax(lp[:, -1])))
+  top = np.max(lp[:, -1])
+  fig = Figure(figsize=(10, 3.6), layout="constrained")
+  left, right = fig.subplots(1, 2)
+  for c in range(lp.shape[0]):
+    n = _valid(em_idata, c)
+    steps = np.diff(lp[c, :n])
+    label = f"restart {c}" + (" (best)" if c == best else "")
+    if steps.size and steps.min() < 0:
+      label += f", drop {-steps.min():.2g}"
+    kw = dict(color=COLORS[c % 10], lw=2.4 if c == best else 1.2, marker="o", ms=3,
+              ls="-" if c == best else STYLES[1 + c % 3], zorder=3 if c == best else 2)
+    left.plot(np.arange(n), lp[c, :n], label=label, **kw)
+    gap = np.maximum(top - lp[c, :n], 1e-12)
+    right.semilogy(np.arange(n), gap, **kw)
+  left.set(xlabel="EM iteration", ylabel="log-likelihood", title="Log-likelihood per restart")
+  right.set(xlabel="EM iteration", ylabel="best final l - l(t)", title="Distance to the best optimum")
+  left.legend(fontsize=8)
+  return fig
+
+
+def parameter_traces(em_idata, max_entries: int = 8) -> Figure:
+  """One panel per parameter; a line per entry (first `max_entries`) and restart."""
+  post = em_idata.posterior
+  names = list(post.data_vars)
+  best = int(post.attrs.get("best_restart", 0))
+  fig = Figure(figsize=(10, 2.6 * len(names)), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(len(names), 1))
+  for ax, name in zip(axes, names):
+    values = post[name].values                      # [chain, draw, ...]
+    flat = values.reshape(values.shape[0], values.shape[1], -1)
+    entries = min(flat.shape[-1], max_entries)
+    for c in range(flat.shape[0]):
+      n = _valid(em_idata, c)
+      for e in range(entries):
+        ax.plot(np.arange(n), flat[c, :n, e], color=COLORS[c % 10], alpha=0.85,
+                lw=2.0 if c == best else 1.2, ls="-" if c == best else STYLES[1 + c % 3],
+                zorder=3 if c == best else 2,
+                label=(f"restart {c}" + (" (best)" if c == best else "")) if e == 0 else None)
+    shown = "" if entries == flat.shape[-1] else f" (first {entries} of {flat.shape[-1]} entries)"
+    ax.set(title=f"{name}{shown}", xlabel="EM iteration")
+  axes[0].legend(fontsize=8, ncol=min(4, post.sizes["chain"]))
+  return fig
+
+
+def _covariance_matrices(params, covariance_type, k, d):
+  cov = np.asarray(params.covariances)
+  if covariance_type == "full":
+    return cov
+  if covariance_type == "tied":
+    return np.broadcast_to(cov, (k, d, d))
+  if covariance_type == "diag":
+    return np.stack([np.diag(c) for c in cov])
+  return cov[:, None, None] * np.eye(d)[None]
+
+
+def mixture_ellipses(fitted, data, features=(0, 1), feature_names=None) -> Figure:
+  """Data coloured by most probable component, with 1- and 2-sigma ellipses.
+
+  Uses the first two features (or `features`); a 1-D mixture gets a histogram
+  with the weighted component densities.
+  """
+  x = np.asarray(data.x)
+  params = get_adapter(fitted).params(fitted)
+  weights, means = np.asarray(params.weights), np.asarray(params.means)
+  k, d = means.shape
+  covs = _covariance_matrices(params, fitted.covariance_type, k, d)
+  labels = fitted.predict(x)
+  names = feature_names or [f"feature {j}" for j in range(d)]
+  fig = Figure(figsize=(6.4, 5.2), layout="constrained")
+  ax = fig.subplots()
+  if d == 1:
+    grid = np.linspace(x.min() - 1, x.max() + 1, 400)
+    ax.hist(x[:, 0], bins=40, density=True, color="0.8")
+    for j in range(k):
+      sd = np.sqrt(covs[j, 0, 0])
+      dens = weights[j] * np.exp(-0.5 * ((grid - means[j, 0]) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+      ax.plot(grid, dens, color=COLORS[j % 10], label=f"component {j} (w={weights[j]:.2f})")
+    ax.set(xlabel=names[0], ylabel="density", title="Fitted mixture")
+    ax.legend(fontsize=8)
+    return fig
+  a, b = features
+  for j in range(k):
+    mask = labels == j
+    ax.scatter(x[mask, a], x[mask, b], s=10, color=COLORS[j % 10], alpha=0.6)
+    sub = covs[j][np.ix_([a, b], [a, b])]
+    vals, vecs = np.linalg.eigh(sub)
+    angle = np.degrees(np.arctan2(vecs[1, -1], vecs[0, -1]))
+    for n_sd, style in ((1, "-"), (2, "--")):
+      ax.add_patch(Ellipse((means[j, a], means[j, b]), 2 * n_sd * np.sqrt(vals[-1]),
+                           2 * n_sd * np.sqrt(vals[0]), angle=angle, fill=False,
+                           ls=style, lw=1.8, color=COLORS[j % 10]))
+    ax.plot(means[j, a], means[j, b], "kx", ms=9, mew=2)
+    ax.plot([], [], color=COLORS[j % 10], label=f"component {j} (w={weights[j]:.2f})")
+  ax.plot([], [], "k-", label="1 sd"), ax.plot([], [], "k--", label="2 sd")
+  ax.set(xlabel=names[a], ylabel=names[b], title="Fitted mixture: 1- and 2-sd ellipses")
+  ax.legend(fontsize=8)
+  return fig
+
+
+def add_posterior_predictive(em_idata, fitted, data, num_draws: int = 100, seed: int = 0):
+  """Adds a posterior_predictive group: `num_draws` data sets from the fitted model.
+
+  Draws come from the fitted JointDistribution at theta_hat (chain=1), each
+  with as many points as observed_data.
+  """
+  adapter = get_adapter(fitted)
+  draws = adapter.posterior_predictive(fitted, adapter.params(fitted), data, num_draws, seed)
+  group = xr.Dataset(
+      {n: (("chain", "draw") + em_idata.observed_data[n].dims, np.asarray(a)[None])
+       for n, a in draws.items()},
+      coords={"chain": [0], "draw": np.arange(num_draws),
+              **{c: em_idata.observed_data.coords[c] for c in em_idata.observed_data.coords}})
+  if "posterior_predictive" in em_idata.groups():
+    del em_idata.posterior_predictive
+  em_idata.add_groups(posterior_predictive=group)
+  return em_idata
+
+
+def posterior_predictive(em_idata, num_pp_samples: int = 50) -> Figure:
+  """az.plot_ppc of observed vs replicated data, one panel per feature."""
+  obs = em_idata.observed_data
+  first = list(obs.data_vars)[0]
+  extra = [dim for dim in obs[first].dims if dim != "obs"]
+  panels = int(np.prod([obs.sizes[dim] for dim in extra])) if extra else 1
+  fig = Figure(figsize=(5 * min(panels, 3), 3.6 * -(-panels // 3)), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(-(-panels // 3), min(panels, 3))).ravel()
+  az.plot_ppc(em_idata, var_names=[first], flatten=["obs"], ax=axes[:panels],
+              num_pp_samples=num_pp_samples, random_seed=0, show=False)
+  return fig
+
+
+def hmc_trace(hmc_idata) -> Figure:
+  """az.plot_trace (compact) of the NUTS draws."""
+  names = list(hmc_idata.posterior.data_vars)
+  fig = Figure(figsize=(11, 2.4 * len(names)), layout="constrained")
+  axes = fig.subplots(len(names), 2, squeeze=False)
+  az.plot_trace(hmc_idata, var_names=names, compact=True, axes=axes, show=False)
+  return fig
+
+
+def _symmetric_duplicate(dims, idx):
+  """Upper-triangle entry of a symmetric [d, d_bis] matrix (covariances)."""
+  return len(dims) >= 2 and dims[-1] == dims[-2] + "_bis" and idx[-2] < idx[-1]
+
+
+def hmc_rank(hmc_idata, max_panels: int = 16) -> Figure:
+  """az.plot_rank of the NUTS draws (uniform bars = well-mixed chains).
+
+  One panel per scalar (symmetric duplicates skipped), at most `max_panels`.
+  """
+  post = hmc_idata.posterior
+  flat = [(n, idx) for n in post.data_vars for idx in np.ndindex(*post[n].shape[2:])
+          if not _symmetric_duplicate(post[n].dims[2:], idx)][:max_panels]
+  cols = min(4, len(flat))
+  rows = -(-len(flat) // cols)
+  fig = Figure(figsize=(3.2 * cols, 2.4 * rows), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+  for ax, (name, idx) in zip(axes, flat):
+    dims = hmc_idata.posterior[name].dims[2:]
+    sel = dict(zip(dims, idx))
+    az.plot_rank(hmc_idata, var_names=[name], coords=sel, ax=ax, show=False)
+    ax.set_title(f"{name}[{', '.join(map(str, idx))}]" if idx else name, fontsize=9)
+  for ax in axes[len(flat):]:
+    ax.set_visible(False)
+  return fig
+
+
+def caterpillar(fitted, level: float = 0.95, max_clusters: int = 60) -> Figure:
+  """Random effects E[u_i | y] per cluster with `level` posterior intervals.
+
+  One panel per random-effect column, clusters sorted by their mean; at most
+  `max_clusters` (evenly spaced in that order) are drawn.
+  """
+  from scipy.stats import norm
+  mean = np.asarray(fitted.random_effects_mean_)                        # [G, q]
+  sd = np.sqrt(np.diagonal(np.asarray(fitted.random_effects_covariance_), axis1=1, axis2=2))
+  labels = np.asarray(fitted.cluster_labels_).astype(str)
+  g, q = mean.shape
+  half = norm.ppf(0.5 + level / 2) * sd
+  names = ["intercept"] + [f"effect {j}" for j in range(1, q)]
+  fig = Figure(figsize=(4.2 * q, 1.4 + 0.18 * min(g, max_clusters)), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, q))
+  for j, ax in enumerate(axes):
+    order = np.argsort(mean[:, j])
+    if g > max_clusters:
+      order = order[np.linspace(0, g - 1, max_clusters).astype(int)]
+    pos = np.arange(len(order))
+    ax.errorbar(mean[order, j], pos, xerr=half[order, j], fmt="o", ms=3, color="C0",
+                ecolor="0.5", elinewidth=1)
+    ax.axvline(0.0, color="k", lw=0.8, ls="--")
+    ax.set_yticks(pos, labels[order] if len(order) <= 40 else [""] * len(order), fontsize=7)
+    ax.set(xlabel=f"u[{names[j]}]", title=f"Random effects: {names[j]} ({level:.0%} intervals)")
+  return fig
+
+
+def hidden_unit_heatmap(fitted, data) -> Figure:
+  """E[z_hj | x_j, y_j] for a Bernoulli-MLP: points (rows, grouped by class)
+  by hidden units (columns), with the class of each row in a side strip."""
+  adapter = get_adapter(fitted)
+  model = adapter.model(fitted)
+  post = model.posterior(adapter.params(fitted), data)["hidden_marginals"].numpy()  # [N, m]
+  labels = np.asarray(data[1])
+  order = np.lexsort((post[:, 0], labels))
+  fig = Figure(figsize=(2.2 + 0.6 * post.shape[1], 5.2), layout="constrained")
+  strip, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, max(2, post.shape[1])]})
+  strip.imshow(labels[order, None], aspect="auto", cmap="tab10", vmin=0, vmax=9,
+               interpolation="nearest")
+  strip.set(xticks=[], ylabel="data point (sorted by class)", title="class")
+  image = ax.imshow(post[order], aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                    interpolation="nearest")
+  ax.set(xticks=np.arange(post.shape[1]), yticks=[], xlabel="hidden unit",
+         title="E[z | x, y]")
+  fig.colorbar(image, ax=ax, shrink=0.8)
+  return fig

@@ -1,0 +1,298 @@
+"""Standard errors of EM estimates: observed information, Louis, bootstrap.
+
+All three work in the unconstrained coordinates u = b^{-1}(theta) given by
+each parameter's `ParamSpec.bijector` (weights: SoftmaxCentered, so K-1
+free numbers; full covariances: the Cholesky fill, D(D+1)/2 numbers), where
+the information matrix is non-singular, and map back by the delta method:
+
+    Cov(theta_hat) = J I(u_hat)^{-1} J^T,   J = d theta / d u   (autodiff)
+
+* 'hessian': I(u) = -d^2 l(u) / du du^T, the autodiff Hessian of the TFP
+  marginal log-likelihood (`model.marginal_log_prob`).
+* 'louis' (models with enumerable discrete latents): Louis' identity
+  I_obs = I_complete - I_missing with
+      I_complete = -d^2/du^2 sum_n sum_k r_nk log p(x_n, k | u)   (r fixed)
+      I_missing  = sum_n Cov_{k ~ r_n}[ d/du log p(x_n, k | u) ],
+  computed from the complete-data table; it equals the Hessian exactly (up to
+  round-off), so comparing the two checks both.
+* `bootstrap_standard_errors`: parametric bootstrap (simulate from theta_hat,
+  refit from theta_hat, align labels, take the standard deviation).
+
+At the MLE the delta-method SEs do not depend on the choice of bijectors.
+Intervals are Wald intervals estimate +- z SE on the constrained scale.
+
+#### References
+
+[1] T. A. Louis. Finding the observed information matrix when using the EM
+    algorithm. JRSS B, 44(2):226-233, 1982.
+[2] G. J. McLachlan and T. Krishnan. The EM Algorithm and Extensions, 2nd
+    ed., chapter 4. Wiley, 2008.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from scipy.stats import norm
+
+from tfp_em.engine import inputs as v
+from tfp_em.diagnostics.adapters import get_adapter
+from tfp_em.diagnostics.inference_data import resolve_data
+
+METHODS = ("hessian", "louis")
+
+
+class Flattener:
+  """Maps params <-> one flat unconstrained vector (trainable fields only)."""
+
+  def __init__(self, params, specs):
+    self.template = type(params)(*[tf.cast(p, tf.float64) for p in params])
+    self.specs = specs
+    self.fields = [i for i, s in enumerate(specs) if s.trainable]
+    parts = [specs[i].bijector.inverse(self.template[i]) for i in self.fields]
+    self.shapes = [p.shape for p in parts]
+    self.sizes = [int(np.prod(s)) for s in self.shapes]
+    self.u_hat = tf.concat([tf.reshape(p, [-1]) for p in parts], 0)  # [P]
+
+  def params(self, u):
+    """Constrained params NamedTuple from the flat vector u [P]."""
+    values = list(self.template)
+    for i, part, shape in zip(self.fields, tf.split(u, self.sizes), self.shapes):
+      values[i] = self.specs[i].bijector.forward(tf.reshape(part, shape))
+    return type(self.template)(*values)
+
+  def constrained(self, params):
+    """Flat vector of every entry of the trainable (constrained) fields [Q]."""
+    return tf.concat([tf.reshape(params[i], [-1]) for i in self.fields], 0)
+
+  def labels(self):
+    """az.summary-style names of the constrained entries, e.g. 'means[0, 1]'."""
+    out = []
+    for i in self.fields:
+      name, shape = self.template._fields[i], self.template[i].shape
+      out += ([f"{name}[{', '.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
+              if len(shape) else [name])
+    return out
+
+  def jacobian(self):
+    """d theta / d u at u_hat, [Q, P]."""
+    u = self.u_hat
+    with tf.GradientTape() as tape:
+      tape.watch(u)
+      theta = self.constrained(self.params(u))
+    return tape.jacobian(theta, u)
+
+
+def _as_float64(data):
+  cast = [tf.cast(d, tf.float64) if d.dtype.is_floating else d for d in data]
+  return type(data)(*cast) if hasattr(data, "_fields") else tuple(cast)
+
+
+def hessian_information(model, flat: Flattener, data):
+  """-Hessian of the marginal log-likelihood at u_hat, [P, P]."""
+  u = flat.u_hat
+  with tf.GradientTape() as outer:
+    outer.watch(u)
+    with tf.GradientTape() as inner:
+      inner.watch(u)
+      loglik = model.marginal_log_prob(flat.params(u), data)
+    grad = inner.gradient(loglik, u)
+  return -outer.jacobian(grad, u)
+
+
+def louis_information(table_fn, flat: Flattener, data):
+  """Louis' observed information at u_hat, [P, P].
+
+  `table_fn(params, data)` returns log p(obs_n, latent = k | params), [N, K].
+  """
+  weights = tf.cast(data.weights if hasattr(data, "weights") else 1.0, tf.float64)
+  u = flat.u_hat
+  with tf.GradientTape(persistent=True) as outer:
+    outer.watch(u)
+    with tf.GradientTape(persistent=True) as inner:
+      inner.watch(u)
+      table = table_fn(flat.params(u), data)                        # [N, K]
+      resp = tf.stop_gradient(tf.nn.softmax(table, axis=-1))        # [N, K]
+      q = tf.reduce_sum(weights * tf.reduce_sum(resp * table, -1))  # Q(u | u_hat)
+    grad_q = inner.gradient(q, u)
+    scores = inner.jacobian(table, u)  # [N, K, P]
+  complete = -outer.jacobian(grad_q, u)
+  mean_score = tf.einsum("nk,nkp->np", resp, scores)                 # [N, P]
+  centred = scores - mean_score[:, tf.newaxis, :]
+  w = weights * tf.ones_like(resp[:, 0])
+  missing = tf.einsum("n,nk,nkp,nkq->pq", w, resp, centred, centred)
+  return complete - missing
+
+
+class StandardErrors(NamedTuple):
+  """Delta-method standard errors.
+
+  Attributes:
+    labels: names of the constrained entries ('means[0, 1]', ...), [Q].
+    estimate: the estimates, [Q].
+    se: standard errors, [Q].
+    covariance: their covariance, [Q, Q].
+    information: the observed information in unconstrained coordinates, [P, P].
+    method: 'hessian', 'louis' or 'bootstrap'.
+  """
+  labels: list
+  estimate: np.ndarray
+  se: np.ndarray
+  covariance: np.ndarray
+  information: np.ndarray | None
+  method: str
+
+
+def standard_errors(fitted, X=None, y=None, *, method: str = "hessian",
+                    **data_kwargs) -> StandardErrors:
+  """Standard errors of a fitted estimator's params (see the module docstring).
+
+  Args:
+    fitted: a fitted estimator with a registered adapter.
+    X, y: the training data (optional if the fit kept it).
+    method: 'hessian' (default) or 'louis'.
+    data_kwargs: further data `fit` took (sample_weight; clusters, time, Z).
+  """
+  v.check_option("method", method, METHODS)
+  with _quiet_retracing():
+    return _standard_errors(fitted, resolve_data(fitted, X, y, **data_kwargs), method)
+
+
+@contextlib.contextmanager
+def _quiet_retracing():
+  """Eager `tape.jacobian` wraps pfor in a fresh tf.function per call, which
+  trips TF's retracing warning on repeated use; it is harmless here."""
+  logger = tf.get_logger()
+  level = logger.level
+  logger.setLevel("ERROR")
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _standard_errors(fitted, data, method):
+  adapter = get_adapter(fitted)
+  data = _as_float64(data)
+  model = adapter.model(fitted)
+  flat = Flattener(adapter.params(fitted), adapter.param_specs(fitted))
+  if method == "hessian":
+    info = hessian_information(model, flat, data)
+  else:
+    if not adapter.latent_states:
+      raise ValueError(f"method='louis' needs enumerable discrete latents; "
+                       f"{type(fitted).__name__} does not have them: use method='hessian'")
+    table_fn = lambda p, d: adapter.complete_log_prob_table(fitted, p, d)  # noqa: E731
+    info = louis_information(table_fn, flat, data)
+  info = info.numpy()
+  cov_u = _inverse_information(info, type(fitted).__name__, adapter.gauge_dimension(fitted))
+  jac = flat.jacobian().numpy()
+  cov = jac @ cov_u @ jac.T
+  estimate = flat.constrained(flat.template).numpy()
+  return StandardErrors(flat.labels(), estimate, np.sqrt(np.clip(np.diag(cov), 0, None)),
+                        cov, info, method)
+
+
+def _inverse_information(info, name, gauge: int = 0):
+  """Inverse, or pseudo-inverse when the model has `gauge` flat directions
+  (e.g. softmax weights shifted across classes): then the SEs are those of the
+  parametrization orthogonal to them (centred weights)."""
+  info = 0.5 * (info + info.T)
+  eigenvalues = np.linalg.eigvalsh(info)
+  tiny = 1e-8 * max(abs(eigenvalues[-1]), 1.0)
+  if gauge and np.sum(np.abs(eigenvalues) <= tiny) <= gauge and eigenvalues[gauge] > tiny:
+    return np.linalg.pinv(info, rcond=1e-8, hermitian=True)
+  if eigenvalues[0] <= 1e-10 * max(abs(eigenvalues[-1]), 1.0):
+    warnings.warn(f"{name}: the observed information is not positive definite (smallest "
+                  f"eigenvalue {eigenvalues[0]:.3g}); the fit is not at a strict local maximum "
+                  "or the model is not identified, so the standard errors are unreliable "
+                  "(a pseudo-inverse is used).", RuntimeWarning, stacklevel=3)
+    return np.linalg.pinv(info)
+  return np.linalg.inv(info)
+
+
+class _CompiledOnce:
+  """A model whose steps are traced once and reused across many `fit_em` calls."""
+
+  def __init__(self, model):
+    self._model = model
+    self.e_step = tf.function(model.e_step, reduce_retracing=True)
+    self.m_step = tf.function(model.m_step, reduce_retracing=True)
+
+  def __getattr__(self, name):
+    return getattr(self._model, name)
+
+
+def bootstrap_standard_errors(fitted, X=None, y=None, *, n_boot: int = 100, seed: int = 0,
+                              max_iter: int = 500, progress: bool | None = None,
+                              **data_kwargs) -> StandardErrors:
+  """Parametric-bootstrap standard errors.
+
+  Each replicate simulates a data set of the same size from theta_hat,
+  refits by EM starting from theta_hat (the engine's tolerance, `max_iter`
+  iterations), aligns latent labels to theta_hat and records the estimate.
+
+  Args:
+    n_boot: number of replicates (default 100).
+    seed: integer seed (default 0).
+    max_iter: EM iterations per replicate (default 500).
+    progress: progress bar; None means on, except under pytest.
+  """
+  from tfp_em.engine.loop import _show_progress, fit_em
+  n_boot = v.check_int("n_boot", n_boot, minimum=2)
+  seed = v.check_seed(seed)
+  adapter = get_adapter(fitted)
+  data = resolve_data(fitted, X, y, **data_kwargs)
+  model = _CompiledOnce(adapter.model(fitted))
+  params = adapter.params(fitted)
+  numpy_params = type(params)(*[np.asarray(p) for p in params])
+  flat = Flattener(params, adapter.param_specs(fitted))
+  rng = np.random.SeedSequence(seed).spawn(n_boot)
+  draws = []
+  iterator = range(n_boot)
+  if _show_progress(progress):
+    from tqdm.auto import tqdm
+    iterator = tqdm(iterator, desc=f"{type(fitted).__name__} bootstrap", leave=False)
+  for b in iterator:
+    replicate = adapter.simulate(fitted, params, data, int(rng[b].generate_state(1)[0]))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      result = fit_em(model, replicate, max_iter=max_iter, tol=getattr(fitted, "tol", 1e-6),
+                      init_params=params, compile="eager", progress=False)
+    aligned = adapter.align(fitted, numpy_params, type(params)(*[np.asarray(p) for p in result.params]))
+    draws.append(flat.constrained(type(params)(*[tf.constant(p, tf.float64) for p in aligned])).numpy())
+  draws = np.stack(draws)
+  cov = np.cov(draws, rowvar=False)
+  return StandardErrors(flat.labels(), flat.constrained(flat.template).numpy(),
+                        np.sqrt(np.diag(cov)), cov, None, "bootstrap")
+
+
+def summary(fitted, X=None, y=None, *, method: str = "hessian", ci: float = 0.95,
+            round_to: int | None = None, **data_kwargs) -> pd.DataFrame:
+  """Table of estimate, standard error and Wald interval, in az.summary style.
+
+  Rows are named like `az.summary` ('weights[0]', 'means[1, 0]', ...).
+  Columns: estimate, se, and the interval bounds 'ci_2.5%', 'ci_97.5%' (for
+  the default ci=0.95).
+
+  Args:
+    fitted: a fitted estimator; X, y, data_kwargs (sample_weight; clusters,
+      time, Z): its training data (optional when the fit kept it).
+    method: 'hessian' (default) or 'louis'.
+    ci: interval probability (default 0.95).
+    round_to: decimals to round to (default None: no rounding).
+  """
+  ci = v.check_float("ci", ci, minimum=0.0, strict=True)
+  if ci >= 1:
+    raise ValueError(f"ci must be in (0, 1), got {ci}")
+  se = standard_errors(fitted, X, y, method=method, **data_kwargs)
+  z = norm.ppf(0.5 + ci / 2)
+  lo, hi = f"ci_{100 * (1 - ci) / 2:g}%", f"ci_{100 * (1 + ci) / 2:g}%"
+  table = pd.DataFrame({"estimate": se.estimate, "se": se.se,
+                        lo: se.estimate - z * se.se, hi: se.estimate + z * se.se},
+                       index=se.labels)
+  return table.round(round_to) if round_to is not None else table

@@ -1,0 +1,460 @@
+"""The EM protocol and the generic fit loop.
+
+Every model implements `EMModel`; `fit_em` runs restarts, tracks the
+log-likelihood at the parameters it returns, guards monotonicity and warns
+when the iteration limit is hit.
+
+Loop invariant: `loglik[t]` is log p(data | params_t), computed by the E-step
+at params_t. The loop stops *before* an M-step, so the returned parameters are
+always the ones at which the returned log-likelihood was computed (unlike
+scikit-learn's `lower_bound_`, which lags one M-step).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_em.engine import squarem as squarem
+from tfp_em.engine.passes import InMemoryPass, compiled, make_pass
+
+ON_DECREASE_OPTIONS = ("raise", "warn", "revert")
+
+
+class ConvergenceWarning(UserWarning):
+  """EM stopped at `max_iter` before the tolerance was met."""
+
+
+class LikelihoodDecreaseWarning(RuntimeWarning):
+  """The log-likelihood decreased between two EM iterations."""
+
+
+class LikelihoodDecreaseError(RuntimeError):
+  """Raised by `on_decrease='raise'` when the log-likelihood decreases."""
+
+
+class NumericalFailureError(ValueError):
+  """The fit produced a non-finite log-likelihood or failed a factorization."""
+
+
+@runtime_checkable
+class EMModel(Protocol):
+  """What `fit_em` needs from a model.
+
+  `Params` and `Stats` are NamedTuples of tensors. Stats are sums over data
+  points, so partial stats from batches or replicas add up. Fields listed in
+  an optional `shared_stats_fields` attribute (a centring point, say) are the
+  same in every batch of one pass and are taken, not added.
+
+  Optional attributes: `compile` (the mode `fit_em` should use),
+  `failure_hint` (what to try when the fit goes non-finite), `param_specs`
+  (needed for SQUAREM and the autodiff checks), `fuse_steps` (False when the
+  M-step cannot share a compiled function with the E-step), `autograph`
+  (False when the steps have no Python control flow on tensors: tracing then
+  skips AutoGraph's source conversion, about 1.5 s the first time for the
+  mixed model).
+
+  `fit_em` keeps the compiled steps in the model's `_tfp_em_compiled`
+  attribute (`tfp_em.engine.passes.compiled`), so a later fit of the same instance,
+  on new data too, skips tracing; they are rebuilt when an attribute changes.
+  """
+  name: str
+
+  def initialize(self, data, seed: int):
+    """Initial params for one restart (deterministic given `seed`)."""
+
+  def e_step(self, params, data):
+    """Returns `(stats, loglik)`; `loglik` is the objective at `params`."""
+
+  def m_step(self, params, stats):
+    """Returns argmax_theta Q(theta | params) (or a non-decreasing step)."""
+
+  def expected_log_joint(self, params, stats):
+    """Q(params | params_old), where `stats` came from the E-step at params_old."""
+
+  def marginal_log_prob(self, params, data):
+    """Differentiable log p(data | params) built from the TFP model."""
+
+  def num_observations(self, data) -> float:
+    """Total weight of the data; the tolerance applies to loglik / this."""
+
+
+class RestartTrace(NamedTuple):
+  """Everything one restart did.
+
+  Attributes:
+    seed: the integer seed handed to `model.initialize`.
+    log_likelihood: [T+1] loglik at params_0 .. params_T (float64 numpy).
+    params: list of params (numpy) at each iteration, or just [initial, final]
+      when the trajectory was not kept.
+    converged: whether the tolerance was met.
+    n_iter: number of M-steps kept (T).
+    stop_reason: 'converged', 'max_iter' or 'reverted'.
+    seconds: wall time of the restart.
+    e_steps: number of E-step passes over the data (SQUAREM uses several per
+      iteration; plain EM uses n_iter + 1).
+  """
+  seed: int
+  log_likelihood: np.ndarray
+  params: list
+  converged: bool
+  n_iter: int
+  stop_reason: str
+  seconds: float
+  e_steps: int = 0
+
+  @property
+  def final_params(self):
+    return self.params[-1]
+
+  @property
+  def final_log_likelihood(self) -> float:
+    return float(self.log_likelihood[-1])
+
+
+class FitResult(NamedTuple):
+  """Result of `fit_em`: the best restart plus every restart's trace.
+
+  Attributes:
+    params: params (as tensors) of the best restart.
+    log_likelihood: log p(data | params), exactly at `params`.
+    n_iter, converged: of the best restart.
+    best_restart: index into `restarts`.
+    restarts: tuple of `RestartTrace`, one per restart.
+    num_observations: the data's total weight.
+  """
+  params: Any
+  log_likelihood: float
+  n_iter: int
+  converged: bool
+  best_restart: int
+  restarts: tuple
+  num_observations: float
+
+  @property
+  def mean_log_likelihood(self) -> float:
+    return self.log_likelihood / self.num_observations
+
+
+def restart_seeds(seed: int | None, n_init: int) -> list[int]:
+  """Independent integer seeds for `n_init` restarts, reproducible from `seed`."""
+  children = np.random.SeedSequence(seed).spawn(n_init)
+  return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
+
+
+def _to_numpy(params):
+  return type(params)(*[np.array(p) for p in params])
+
+
+def to_tensors(params):
+  """A params NamedTuple (of arrays or tensors) as a NamedTuple of tensors."""
+  return type(params)(*[tf.constant(p) for p in params])
+
+
+def _all_finite(params) -> bool:
+  return all(np.all(np.isfinite(np.asarray(p))) for p in params)
+
+
+def _show_progress(progress: bool | None) -> bool:
+  if progress is not None:
+    return bool(progress)
+  return "PYTEST_CURRENT_TEST" not in os.environ
+
+
+def default_decrease_tol(dtype) -> float:
+  """Relative slack below which a drop in loglik counts as round-off.
+
+  1000 machine epsilons of the compute dtype: 2.2e-13 in float64, 1.2e-4 in
+  float32. Sums over N points carry O(log N * eps) relative error.
+  """
+  return 1e3 * float(np.finfo(np.dtype(dtype)).eps)
+
+
+def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
+           n_init: int = 1, seed: int | None = 0, init_params=None,
+           on_decrease: str = "warn", decrease_tol: float | None = None,
+           compile: str = "graph", keep_trajectory: bool = True,
+           progress: bool | None = None, callback: Callable | None = None,
+           accelerate: str | None = None, strategy=None,
+           checkpoint_dir=None, checkpoint_every: int = 10,
+           resume: bool = False) -> FitResult:
+  """Fits `model` to `data` by EM with restarts.
+
+  Args:
+    model: an `EMModel`.
+    data: what the model's steps take (a NamedTuple of tensors), or a
+      `tf.data.Dataset` of such batches: each iteration is then one pass that
+      adds the per-batch stats, with memory bounded by the batch size, and
+      `model.initialize` sees the first batch.
+    max_iter: maximum number of M-steps per restart.
+    tol: convergence when 0 <= mean_t - mean_{t-1} <= tol * max(1, |mean_t|),
+      where mean_t is the log-likelihood per observation. Relative, so it
+      does not depend on N.
+    n_init: number of restarts; the best final log-likelihood wins.
+    seed: integer seed; restart i gets `restart_seeds(seed, n_init)[i]`.
+    init_params: params to start the first restart from (others still use
+      `model.initialize`).
+    on_decrease: what to do when loglik drops by more than round-off:
+      'raise' (LikelihoodDecreaseError), 'warn' (warn, keep iterating, never
+      call it convergence) or 'revert' (return the params before the drop).
+    decrease_tol: relative round-off slack; defaults to
+      `default_decrease_tol(dtype)`.
+    compile: 'eager', 'graph' (tf.function) or 'xla' (jit_compile=True).
+    keep_trajectory: keep the params of every iteration (for diagnostics).
+    progress: show a progress bar; None means on, except under pytest.
+    callback: optional `callback(restart, iteration, params, loglik)`.
+    accelerate: None (plain EM) or 'squarem' (`tfp_em.squarem`; needs the
+      model's `param_specs`). SQUAREM iterations use several E-steps each;
+      `RestartTrace.e_steps` counts them.
+    strategy: a `tf.distribute` strategy; the E-step runs on every replica
+      and the stats are all-reduced by SUM.
+    checkpoint_dir: save the engine state there (`tfp_em.checkpoint`) every
+      `checkpoint_every` iterations and when a restart ends.
+    resume: continue from the checkpoint in `checkpoint_dir` if there is
+      one (the same fit must be asked for); otherwise start afresh.
+
+  Returns:
+    A `FitResult`.
+
+  Raises:
+    LikelihoodDecreaseError: on a decrease with `on_decrease='raise'`.
+    NumericalFailureError: when the loglik becomes non-finite or a
+      factorization fails; the message carries the model's hint.
+  """
+  if on_decrease not in ON_DECREASE_OPTIONS:
+    raise ValueError(f"on_decrease must be one of {ON_DECREASE_OPTIONS}, got {on_decrease!r}")
+  if not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+    raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+  if not isinstance(n_init, (int, np.integer)) or n_init < 1:
+    raise ValueError(f"n_init must be a positive integer, got {n_init!r}")
+  if not (np.isfinite(tol) and tol >= 0):
+    raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+  if accelerate not in (None, "squarem"):
+    raise ValueError(f"accelerate must be None or 'squarem', got {accelerate!r}")
+
+  iteration = _Iteration(model, data, compile, accelerate, strategy)
+  show = _show_progress(progress)
+
+  seeds = restart_seeds(seed, n_init)
+  saver, saved = None, None
+  if checkpoint_dir is not None:
+    from tfp_em.engine.checkpoint import Checkpointer
+    fingerprint = dict(model=model.name, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol,
+                       accelerate=accelerate, keep_trajectory=keep_trajectory)
+    saver = Checkpointer(checkpoint_dir, checkpoint_every, fingerprint)
+    saved = saver.load(_params_type(model, init_params)) if resume else None
+  elif resume:
+    raise ValueError("resume=True needs a checkpoint_dir")
+
+  restarts = list(saved["finished"]) if saved else []
+  for r in range(len(restarts), n_init):
+    resume_state = saved if saved and saved["restart"] == r else None
+    if resume_state is not None:
+      params = to_tensors(resume_state["trajectory"][-1])
+    else:
+      params = (init_params if (r == 0 and init_params is not None)
+                else model.initialize(iteration.e_pass.first_batch(), seeds[r]))
+    restarts.append(_run_restart(
+        model, iteration, params, seeds[r], r, max_iter, tol,
+        on_decrease, decrease_tol, keep_trajectory, show, callback,
+        _Saver(saver, seeds, restarts, keep_trajectory), resume_state))
+
+  n_obs = iteration.e_pass.num_observations
+  best = int(np.argmax([t.final_log_likelihood for t in restarts]))
+  chosen = restarts[best]
+  if not chosen.converged and max_iter > 0 and chosen.stop_reason == "max_iter":
+    warnings.warn(
+        f"{model.name}: EM did not converge in max_iter={max_iter} iterations "
+        f"(tol={tol:g}; last change in mean loglik "
+        f"{_last_mean_change(chosen, n_obs):.3g}). Increase max_iter, loosen tol, "
+        "or try another initialization.", ConvergenceWarning, stacklevel=2)
+  return FitResult(
+      params=to_tensors(chosen.final_params),
+      log_likelihood=chosen.final_log_likelihood, n_iter=chosen.n_iter,
+      converged=chosen.converged, best_restart=best, restarts=tuple(restarts),
+      num_observations=n_obs)
+
+
+def _last_mean_change(trace: RestartTrace, n_obs: float) -> float:
+  ll = trace.log_likelihood
+  return float((ll[-1] - ll[-2]) / n_obs) if len(ll) > 1 else float("nan")
+
+
+class _Iteration:
+  """E-pass, M-step and how to go from one iterate to the next.
+
+  Over in-memory data (compiled, `model.fuse_steps` not False) one compiled
+  call does a whole iteration: plain EM returns (M(E(params)), loglik(params));
+  SQUAREM returns a `squarem.Cycle` (three E-steps), which the stepper then
+  accepts or backtracks from. The call is skipped for the last iteration
+  (`last=True`: a plain E-pass), and the loop discards the step when it
+  stops, so the reported loglik is always at the returned params.
+  """
+
+  def __init__(self, model, data, compile, accelerate, strategy):
+    self.e_pass = make_pass(model, data, compile, strategy)
+    self.m_step = compiled(model, "m_step", lambda: model.m_step, compile)
+    fusable = (isinstance(self.e_pass, InMemoryPass) and compile != "eager"
+               and getattr(model, "fuse_steps", True))
+    self.fused, self.stepper = None, None
+    if accelerate == "squarem":
+      self.stepper = squarem.SquaremStepper(model, self.e_pass, self.m_step,
+                                            fuse=compile if fusable else None)
+      if fusable:
+        self.fused = compiled(model, "squarem_cycle", lambda: squarem.fused_cycle(model), compile)
+    elif fusable:
+      self.fused = compiled(model, "em_step", lambda: _em_step(model), compile)
+
+  def evaluate(self, params, last: bool):
+    """(stats or None, loglik at params, fused step or None, E-passes used)."""
+    if self.fused is not None and not last:
+      if self.stepper is None:
+        new, ll = self.fused(params, self.e_pass.data)
+        return None, ll, new, 1
+      try:
+        cycle = self.fused(params, self.e_pass.data)
+      except tf.errors.InvalidArgumentError:  # a factorization failed: go step by step
+        pass
+      else:
+        return None, cycle.loglik0, cycle, squarem.FUSED_E_STEPS
+    stats, ll = self.e_pass(params)
+    return stats, ll, None, 1
+
+  def advance(self, params, stats, ll, new):
+    """(next params, extra E-passes used)."""
+    if new is not None:
+      return self.stepper.finish(params, ll, new) if self.stepper is not None else (new, 0)
+    if self.stepper is not None:
+      return self.stepper(params, stats, ll)
+    return self.m_step(params, stats), 0
+
+
+def _em_step(model):
+  """`(params, data) -> (M(E(params)), loglik(params))`, to be compiled."""
+  def step(params, data):
+    stats, ll = model.e_step(params, data)
+    return model.m_step(params, stats), ll
+  return step
+
+
+def _params_type(model, init_params):
+  if init_params is not None:
+    return type(init_params)
+  specs = getattr(model, "param_specs", None)
+  if specs is None:
+    raise ValueError(f"{model.name}: resuming needs `param_specs` or `init_params` to know "
+                     "the params type")
+  return type(specs)
+
+
+class _Saver:
+  """Packs the loop's state for the checkpointer (no-op without one)."""
+
+  def __init__(self, checkpointer, seeds, finished, keep_trajectory):
+    self.checkpointer, self.seeds = checkpointer, seeds
+    self.finished, self.keep_trajectory = finished, keep_trajectory
+
+  def __call__(self, restart, it, lls, trajectory, previous, params, e_steps):
+    if self.checkpointer is None:
+      return
+    saved = (trajectory if self.keep_trajectory else
+             [trajectory[0]] + ([previous] if previous is not None else []) + [_to_numpy(params)])
+    self.checkpointer.maybe_save(dict(restart=restart, iteration=it, seeds=self.seeds,
+                                      e_steps=e_steps, log_likelihood=lls, trajectory=saved,
+                                      finished=self.finished), it)
+
+
+def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
+                 on_decrease, decrease_tol, keep_trajectory, show,
+                 callback, save=None, resume_state=None) -> RestartTrace:
+  start = time.perf_counter()
+  rtol = default_decrease_tol(_params_dtype(params)) if decrease_tol is None else decrease_tol
+  lls, trajectory, previous, first, e_steps = [], [_to_numpy(params)], None, 0, 0
+  if resume_state is not None:
+    saved = resume_state["trajectory"]
+    lls, first, e_steps = list(resume_state["log_likelihood"]), resume_state["iteration"], \
+        resume_state["e_steps"]
+    trajectory = list(saved) if keep_trajectory else saved[:1]
+    if first > 0 and len(saved) >= 2:
+      previous = to_tensors(saved[-2])
+  converged, stop_reason = False, "max_iter"
+  bar = _progress_bar(show, max_iter, model.name, restart)
+  for it in range(first, max_iter + 1):
+    if save is not None and (it > first or resume_state is None):
+      save(restart, it, lls, trajectory, None if previous is None else _to_numpy(previous),
+           params, e_steps)
+    stats, ll, new, used = _guarded(model, lambda: iteration.evaluate(params, it == max_iter))
+    ll, e_steps = float(ll), e_steps + used
+    n_obs = iteration.e_pass.num_observations  # known after the first pass
+    if not np.isfinite(ll):
+      raise NumericalFailureError(
+          f"{model.name}: log-likelihood became {ll} at iteration {it}. "
+          f"{getattr(model, 'failure_hint', '')}".strip())
+    if callback is not None:
+      callback(restart, it, params, ll)
+    if lls:
+      change, slack = ll - lls[-1], rtol * (abs(lls[-1]) + n_obs)
+      if change < -slack:
+        message = (f"{model.name}: log-likelihood decreased by {-change:.6g} "
+                   f"(from {lls[-1]:.10g} to {ll:.10g}) at iteration {it}, "
+                   f"beyond round-off slack {slack:.3g}.")
+        if on_decrease == "raise":
+          raise LikelihoodDecreaseError(message)
+        if on_decrease == "revert":
+          params, stop_reason = previous, "reverted"
+          if keep_trajectory:
+            trajectory.pop()
+          break
+        warnings.warn(message + " Continuing (on_decrease='warn').",
+                      LikelihoodDecreaseWarning, stacklevel=3)
+      elif change / n_obs <= tol * max(1.0, abs(ll) / n_obs):
+        lls.append(ll)
+        converged, stop_reason = True, "converged"
+        break
+    lls.append(ll)
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(mean_loglik=f"{ll / n_obs:.6g}")
+    if it == max_iter:
+      break
+    previous = params
+    params, extra = _guarded(model, lambda: iteration.advance(params, stats, ll, new))
+    e_steps += extra
+    if keep_trajectory:
+      trajectory.append(_to_numpy(params))
+  if bar is not None:
+    bar.close()
+  final = _to_numpy(params)
+  trajectory = trajectory if keep_trajectory else [trajectory[0], final]
+  return RestartTrace(seed=seed, log_likelihood=np.asarray(lls, np.float64),
+                      params=trajectory, converged=converged,
+                      n_iter=len(lls) - 1, stop_reason=stop_reason,
+                      seconds=time.perf_counter() - start, e_steps=e_steps)
+
+
+def _params_dtype(params):
+  first = params[0]
+  dtype = getattr(first, "dtype", np.float64)
+  return np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
+
+
+def _guarded(model, thunk):
+  try:
+    return thunk()
+  except tf.errors.InvalidArgumentError as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise NumericalFailureError(
+        f"{model.name}: a numerical operation failed ({first_line[:200]}). "
+        f"{getattr(model, 'failure_hint', '')}".strip()) from None
+
+
+def _progress_bar(show: bool, total: int, name: str, restart: int):
+  if not show:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total + 1, desc=f"{name} restart {restart}", delay=2.0,
+              leave=False, disable=None)

@@ -1,0 +1,220 @@
+"""E-step passes over data: in memory, streamed over tf.data, or distributed.
+
+Stats are sums over data points, so a pass over batches (or replicas) adds
+the per-batch stats. Fields named in `model.shared_stats_fields` (a centring
+point, say) are the same in every batch of one pass and are taken, not added.
+In-memory data under a strategy is cut into one shard per replica by
+`model.split_data(data, num_shards)` when the model has it (the mixed model
+keeps whole clusters together) and into row blocks otherwise.
+
+    pass_ = make_pass(model, data, compile='graph', strategy=None)
+    stats, loglik = pass_(params)
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_em.engine.streams import checked_batches
+
+
+def shared_fields(model) -> tuple:
+  return tuple(getattr(model, "shared_stats_fields", ()))
+
+
+def add_stats(model, a, b):
+  """a + b for every field except the shared ones (taken from b)."""
+  shared = shared_fields(model)
+  return type(a)(*[vb if name in shared else va + vb
+                   for name, va, vb in zip(a._fields, a, b)])
+
+
+def is_stream(data) -> bool:
+  return isinstance(data, tf.data.Dataset)
+
+
+def compile_fn(fn, mode: str, autograph: bool = True):
+  if mode == "eager":
+    return fn
+  if mode not in ("graph", "xla"):
+    raise ValueError(f"compile mode must be 'eager', 'graph' or 'xla', got {mode!r}")
+  return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=True,
+                     autograph=autograph)
+
+
+_MEMO = "_tfp_em_compiled"  # where `compiled` keeps a model's functions
+
+
+class _Memo(dict):
+  """A model's compiled functions, by key. Copies and pickles of the model get
+  an empty one (a `tf.function` neither pickles nor belongs to the copy)."""
+
+  def __init__(self, owner=None):
+    super().__init__()
+    self.owner = owner
+
+  def __reduce__(self):
+    return _Memo, ()
+
+
+def compiled(model, name: str, build, mode: str):
+  """`compile_fn(build(), mode)`, kept on `model` for its later fits.
+
+  `build()` must return a function of `model` and of its arguments only (data
+  passed in, never captured), so a later fit with the same model instance
+  reuses the traced function: no tracing, no graph optimization. The key is
+  `(name, mode, the model's attributes)`: setting an attribute, or a method on
+  the instance, gives a new function. Like any `tf.function`, it does not see
+  later edits of module globals or class methods. Copies and pickles of the
+  model start with no functions. Models whose attributes are not hashable,
+  and mode 'eager', are not memoized. A model attribute
+  `autograph = False` (default True) traces without AutoGraph's source
+  conversion, for steps without Python control flow on tensors.
+  """
+  if mode == "eager":
+    return build()
+  autograph = getattr(model, "autograph", True)
+  try:
+    state = vars(model)
+    key = (name, mode, tuple(sorted((k, v) for k, v in state.items() if k != _MEMO)))
+    hash(key)
+  except TypeError:  # no __dict__, or an unhashable attribute
+    return compile_fn(build(), mode, autograph)
+  memo = state.get(_MEMO)
+  if memo is None or memo.owner is not model:  # first fit, or a copy of a fitted model
+    memo = state[_MEMO] = _Memo(model)
+  if key not in memo:
+    memo[key] = compile_fn(build(), mode, autograph)
+  return memo[key]
+
+
+def compiled_e_step(model, mode: str):
+  return compiled(model, "e_step", lambda: model.e_step, mode)
+
+
+class InMemoryPass:
+  """One compiled E-step over data held in memory."""
+
+  def __init__(self, model, data, compile: str):
+    self.data = data
+    self._e_step = compiled_e_step(model, compile)
+    self.num_observations = float(model.num_observations(data))
+
+  def __call__(self, params):
+    return self._e_step(params, self.data)
+
+  def first_batch(self):
+    return self.data
+
+
+class _BatchedPass:
+  """Adds per-batch stats over one pass; counts observations on the first."""
+  num_observations = None
+
+  def _accumulate(self, batches, step):
+    total, n_obs = None, 0.0
+    for batch in checked_batches(batches):
+      stats, ll = step(batch)
+      if self.num_observations is None:
+        n_obs += float(self.model.num_observations(batch))
+      total = (stats, ll) if total is None else (add_stats(self.model, total[0], stats),
+                                                 total[1] + ll)
+    if total is None:
+      raise ValueError("the dataset is empty: one pass produced no batches")
+    if self.num_observations is None:
+      self.num_observations = n_obs
+    return total
+
+  def first_batch(self):
+    return next(checked_batches(self.dataset))
+
+
+class StreamPass(_BatchedPass):
+  """Accumulates per-batch stats over one pass of a `tf.data.Dataset`.
+
+  Memory is bounded by the batch size: one batch is resident at a time.
+  """
+
+  def __init__(self, model, dataset: tf.data.Dataset, compile: str):
+    self.model = model
+    self.dataset = dataset
+    self._e_step = compiled_e_step(model, compile)
+
+  def __call__(self, params):
+    return self._accumulate(self.dataset, lambda batch: self._e_step(params, batch))
+
+
+class DistributedPass(_BatchedPass):
+  """E-step per replica under a `tf.distribute` strategy, all-reduced by SUM.
+
+  Every replica evaluates the same params, so shared fields agree and are
+  taken from the first replica.
+  """
+
+  def __init__(self, model, dataset: tf.data.Dataset, strategy, compile: str, shards=None,
+               whole=None):
+    self.model = model
+    self.strategy = strategy
+    self.dataset = dataset
+    self._whole = whole
+    if shards is None:
+      self._dist = strategy.experimental_distribute_dataset(dataset)
+    else:  # one self-contained shard per replica, in replica order; `whole` for initialize
+      self.dataset = dataset_of(shards)
+
+      def shard_dataset(context):
+        mine = shards[context.input_pipeline_id::context.num_input_pipelines]
+        return dataset_of(mine)
+
+      self._dist = strategy.distribute_datasets_from_function(shard_dataset)
+    e_step = compile_fn(model.e_step, compile if compile != "xla" else "graph")
+    shared = shared_fields(model)
+
+    @tf.function
+    def step(params, batch):
+      stats, ll = strategy.run(e_step, args=(params, batch))
+      reduced = [strategy.experimental_local_results(v)[0] if name in shared
+                 else strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                 for name, v in zip(stats._fields, stats)]
+      return type(stats)(*reduced), strategy.reduce(tf.distribute.ReduceOp.SUM, ll, axis=None)
+
+    self._step = step
+    # Batches here are PerReplica values: count once on the undistributed data.
+    self.num_observations = float(sum(float(model.num_observations(b))
+                                      for b in checked_batches(self.dataset)))
+
+  def __call__(self, params):
+    return self._accumulate(self._dist, lambda batch: self._step(params, batch))
+
+  def first_batch(self):
+    return self._whole if self._whole is not None else super().first_batch()
+
+
+def dataset_of(parts) -> tf.data.Dataset:
+  """A dataset whose elements are `parts` (tuples of tensors; shapes may differ)."""
+  out = tf.data.Dataset.from_tensors(parts[0])
+  for part in parts[1:]:
+    out = out.concatenate(tf.data.Dataset.from_tensors(part))
+  return out
+
+
+def split_rows(data, num_shards: int):
+  """Row blocks of a tuple of [N, ...] tensors, as equal as possible."""
+  n = int(np.shape(data[0])[0])
+  bounds = np.linspace(0, n, num_shards + 1).astype(int)
+  return [type(data)(*[t[a:b] for t in data]) if hasattr(data, "_fields")
+          else tuple(t[a:b] for t in data) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def make_pass(model, data, compile: str = "graph", strategy=None):
+  """Chooses the pass for `data`: a tuple of tensors or a `tf.data.Dataset`."""
+  if strategy is not None:
+    if is_stream(data):
+      return DistributedPass(model, data, strategy, compile)
+    split = getattr(model, "split_data", None) or split_rows
+    shards = split(data, strategy.num_replicas_in_sync)
+    return DistributedPass(model, None, strategy, compile, shards=shards, whole=data)
+  if is_stream(data):
+    return StreamPass(model, data, compile)
+  return InMemoryPass(model, data, compile)
+

@@ -1,0 +1,393 @@
+"""`GaussianMixture`: a scikit-learn-style estimator fitted by `fit_em`.
+
+Differences from `sklearn.mixture.GaussianMixture`, all deliberate:
+  * `log_likelihood_` is the total log-likelihood *at the returned params*
+    (scikit-learn's `lower_bound_` is the mean one step before them);
+  * a decrease of the log-likelihood is never taken for convergence;
+  * `fit` takes `sample_weight`;
+  * `tol` is relative to the mean log-likelihood per point;
+  * 'random_from_data' assigns every point to its nearest random centre.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from models import gaussian_mixture as gm
+from models.gaussian_mixture import GaussianMixtureParams
+from tfp_em.engine import inputs as v
+from tfp_em.diagnostics.mixin import DiagnosticsMixin
+from tfp_em.engine.loop import ON_DECREASE_OPTIONS, default_decrease_tol, fit_em, restart_seeds
+from tfp_em.mixture.em import GaussianMixtureEM, MixtureData, precision_cholesky
+from tfp_em.mixture.initialization import INIT_METHODS, initial_responsibilities
+
+XLA_MIN_WORK = 2 ** 20  # N * K * D above which XLA's compile time pays off
+INFERENCE_CHUNK = 65536  # rows per chunk in predict / score_samples
+
+
+class GaussianMixture(DiagnosticsMixin):
+  """Gaussian mixture fitted by exact EM on TensorFlow Probability.
+
+  Args:
+    n_components: number of components K (default 1).
+    covariance_type: 'full' (default), 'tied', 'diag' or 'spherical'.
+    tol: convergence tolerance on the change of the mean log-likelihood per
+      point, relative to max(1, |mean loglik|) (default 1e-6).
+    reg_covar: non-negative value added to covariance diagonals (default 1e-6),
+      in squared data units: scale it with the data. A component that
+      collapses onto one point (or onto duplicates) keeps covariance
+      reg_covar * I; with reg_covar=0 the fit stops with a
+      `NumericalFailureError` naming reg_covar. A component that loses all
+      its points (N_k -> 0) is re-seeded at the worst-fitted point, with an
+      `EmptyComponentWarning` (`tfp_em.mixture_reseed`). In float32, data
+      far from the origin relative to their spread get a warning to use
+      float64; the fit never returns NaN parameters.
+    max_iter: maximum EM iterations per restart (default 100).
+    n_init: number of restarts; the best log-likelihood wins (default 1).
+    init_params: 'kmeans++' (default), 'kmeans', 'random' or
+      'random_from_data'.
+    weights_init, means_init, precisions_init: optional user-given initial
+      weights [K], means [K, D] and precisions (the shape of
+      `covariances_`); they override the corresponding part of `init_params`.
+    seed: integer seed (default 0); the same seed gives the same fit.
+    dtype: 'float64' (default; use for validation) or 'float32' (faster).
+    on_decrease: 'warn' (default), 'raise' or 'revert' when the
+      log-likelihood decreases (see `tfp_em.fit_em`).
+    compile: 'auto' (default: 'xla' when N * K * D >= 2**20, where XLA's
+      fused E-step is ~2.7x faster, else 'graph', which compiles faster),
+      'xla', 'graph' or 'eager'.
+    accelerate: None (default, plain EM) or 'squarem' (`tfp_em.squarem`).
+    verbose: None shows a progress bar on long fits (off under pytest);
+      True/False force it.
+
+  Attributes (after `fit`):
+    weights_, means_, covariances_, precisions_, precisions_cholesky_:
+      numpy arrays in scikit-learn's conventions.
+    log_likelihood_: total (weighted) log-likelihood at the fitted params.
+    n_iter_, converged_: of the best restart.
+    fit_result_: the engine's `FitResult` with every restart's trace.
+    fit_data_: the (validated copy of the) in-memory training data, used by
+      `summary()` and `to_inference_data()` when no X is given; None for
+      streamed fits.
+
+  #### References
+
+  [1] scikit-learn's `sklearn.mixture.GaussianMixture`, whose interface this
+      follows.
+  """
+
+  def __init__(self, n_components: int = 1, *, covariance_type: str = "full",
+               tol: float = 1e-6, reg_covar: float = 1e-6, max_iter: int = 100,
+               n_init: int = 1, init_params: str = "kmeans++", weights_init=None,
+               means_init=None, precisions_init=None, seed: int | None = 0,
+               dtype="float64", on_decrease: str = "warn", compile: str = "auto",
+               accelerate: str | None = None, verbose: bool | None = None):
+    self.n_components = n_components
+    self.covariance_type = covariance_type
+    self.tol = tol
+    self.reg_covar = reg_covar
+    self.max_iter = max_iter
+    self.n_init = n_init
+    self.init_params = init_params
+    self.weights_init = weights_init
+    self.means_init = means_init
+    self.precisions_init = precisions_init
+    self.seed = seed
+    self.dtype = dtype
+    self.on_decrease = on_decrease
+    self.compile = compile
+    self.accelerate = accelerate
+    self.verbose = verbose
+
+  # -- fitting ---------------------------------------------------------------
+  def _check_options(self):
+    v.check_int("n_components", self.n_components, minimum=1)
+    gm.check_covariance_type(self.covariance_type)
+    v.check_float("tol", self.tol, minimum=0.0)
+    v.check_float("reg_covar", self.reg_covar, minimum=0.0)
+    v.check_int("max_iter", self.max_iter, minimum=0)
+    v.check_int("n_init", self.n_init, minimum=1)
+    v.check_option("init_params", self.init_params, INIT_METHODS)
+    v.check_option("on_decrease", self.on_decrease, ON_DECREASE_OPTIONS)
+    v.check_option("compile", self.compile, ("auto", "graph", "xla", "eager"))
+    if self.accelerate is not None:
+      v.check_option("accelerate", self.accelerate, ("squarem",))
+    v.check_seed(self.seed)
+    return v.check_dtype(self.dtype)
+
+  def _model(self, n_points=None, n_features=None):
+    return GaussianMixtureEM(self.n_components, self.covariance_type, self.reg_covar,
+                             init=self._initial_responsibilities,
+                             compile=self._compile_mode(n_points, n_features))
+
+  def _compile_mode(self, n_points, n_features) -> str:
+    if self.compile != "auto":
+      return self.compile
+    if n_points is None:  # streamed: batches are large by construction
+      return "xla"
+    return "xla" if n_points * n_features * self.n_components >= XLA_MIN_WORK else "graph"
+
+  def _initial_responsibilities(self, x, weights, seed):
+    return initial_responsibilities(self.init_params, x, weights, self.n_components, seed)
+
+  def fit(self, X, y=None, sample_weight=None, *, online: bool = False, strategy=None,
+          columns=None, batch_size: int = 65536, checkpoint_dir=None,
+          checkpoint_every: int = 10, resume: bool = False):
+    """Fits the mixture; returns self.
+
+    Args:
+      X: [N, D] array; or, for data that need not fit in memory, a
+        `tf.data.Dataset` of [B, D] batches or a path/glob of CSV, Parquet
+        or TFRecord files (see `tfp_em.streams`). Streamed input makes one
+        pass per EM iteration with memory bounded by `batch_size`.
+      y: ignored (scikit-learn convention).
+      sample_weight: optional non-negative [N] weights (arrays only).
+      online: one-pass stochastic EM (`tfp_em.online`; streamed input only).
+      strategy: a `tf.distribute` strategy whose replicas share the E-step.
+      columns: columns to read from files (default all).
+      batch_size: rows per batch for files and datasets (default 65536).
+      checkpoint_dir, checkpoint_every, resume: save the fit's state every
+        `checkpoint_every` iterations and, with `resume=True`, continue from
+        it (see `tfp_em.fit_em`).
+    """
+    dtype = self._check_options()
+    v.check_int("batch_size", batch_size, minimum=1)
+    if _is_stream_source(X):
+      if sample_weight is not None:
+        raise ValueError("sample_weight is only supported for in-memory arrays")
+      data, first = self._stream(X, columns, batch_size, dtype)
+      n_features = first.x.shape[1]
+      model = self._model(None, n_features)
+      init = self._user_init(model, first, dtype)
+      del first  # only one batch is held at a time
+    else:
+      if online:
+        raise ValueError("online=True needs streamed input (a tf.data.Dataset or files)")
+      data = self._in_memory(X, sample_weight, dtype)
+      n_features = data.x.shape[1]
+      model = self._model(*data.x.shape)
+      init = self._user_init(model, data, dtype)
+    if online:
+      from tfp_em.engine.online import fit_online_em
+      result = fit_online_em(model, data, seed=self.seed, init_params=init,
+                             compile=model.compile)
+    else:
+      result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
+                      seed=self.seed, init_params=init, on_decrease=self.on_decrease,
+                      compile=model.compile, progress=self.verbose,
+                      accelerate=self.accelerate, strategy=strategy,
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                      resume=resume)
+      if isinstance(data, MixtureData):
+        result = self._revive_empty(model, data, result)
+      else:
+        _warn_empty_streamed(result)
+    self._set_fitted(result.params, n_features)
+    # In-memory training data (already a private copy) for summary() and reports.
+    self.fit_data_ = data if isinstance(data, MixtureData) else None
+    self.log_likelihood_ = result.log_likelihood
+    self.n_iter_ = result.n_iter
+    self.converged_ = result.converged
+    self.fit_result_ = result
+    return self
+
+  def _revive_empty(self, model, data, result):
+    """Re-seeds components that lost all their points (`tfp_em.mixture_reseed`);
+    each continuation is appended to `result.restarts`."""
+    from tfp_em.mixture import reseed as mr
+    x, w = data.x.numpy(), data.weights.numpy()
+    for _ in range(self.n_components):
+      empty = mr.empty_components(result.params.weights, w)
+      if not empty.any():
+        break
+      params = mr.reseed(result.params, model.log_prob_components, x, w, empty,
+                         self.covariance_type, self.reg_covar)
+      more = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
+                    init_params=params, on_decrease=self.on_decrease,
+                    compile=model.compile, progress=self.verbose)
+      slack = default_decrease_tol(x.dtype) * (abs(result.log_likelihood) + w.sum())
+      kept = more.log_likelihood >= result.log_likelihood - slack
+      warnings.warn(
+          f"GaussianMixture: component(s) {np.flatnonzero(empty).tolist()} lost all their "
+          f"points (N_k below {mr.MIN_COUNT} of a point); re-seeded at the worst-fitted "
+          f"point(s) and EM continued: log-likelihood {result.log_likelihood:.8g} -> "
+          f"{more.log_likelihood:.8g}" + ("" if kept else
+                                          "; kept the fit with the empty component"),
+          mr.EmptyComponentWarning, stacklevel=3)
+      if not kept:
+        break
+      result = result._replace(
+          params=more.params, log_likelihood=more.log_likelihood,
+          n_iter=result.n_iter + more.n_iter, converged=more.converged,
+          best_restart=len(result.restarts), restarts=result.restarts + more.restarts)
+    return result
+
+  def _in_memory(self, X, sample_weight, dtype) -> MixtureData:
+    x = v.check_array(X, "X", dtype=dtype, min_rows=1)
+    if x.shape[0] < self.n_components:
+      raise ValueError(f"X has {x.shape[0]} points but n_components={self.n_components}; "
+                       "need at least as many points as components")
+    w = v.check_sample_weight(sample_weight, x.shape[0], dtype=dtype)
+    if dtype == np.float32:
+      _warn_float32_offset(x)
+    if np.count_nonzero(w) < self.n_components:
+      raise ValueError(f"only {np.count_nonzero(w)} points have positive sample_weight "
+                       f"but n_components={self.n_components}")
+    return MixtureData(tf.constant(x), tf.constant(w))
+
+  def _stream(self, source, columns, batch_size, dtype):
+    from tfp_em.engine.streams import checked_batches, features_dataset
+    features, _ = features_dataset(source, columns, batch_size, dtype)
+    first = next(checked_batches(features), None)
+    if first is None or first.shape[0] < self.n_components:
+      raise ValueError(f"the first batch has {0 if first is None else first.shape[0]} rows but "
+                       f"n_components={self.n_components}; use a larger batch_size")
+    data = features.map(_unit_weights)
+    return data, _unit_weights(first)
+
+  def _user_init(self, model, data, dtype):
+    given = (self.weights_init, self.means_init, self.precisions_init)
+    if all(g is None for g in given):
+      return None
+    k, d = self.n_components, data.x.shape[1]
+    if any(g is None for g in given):
+      base = model.initialize(data, restart_seeds(self.seed, 1)[0])
+      weights, means, covariances = (np.asarray(p) for p in base)
+    if self.weights_init is not None:
+      weights = v.check_array(self.weights_init, "weights_init", ndim=1, dtype=dtype)
+      if weights.shape != (k,) or np.any(weights < 0) or not np.isclose(weights.sum(), 1.0):
+        raise ValueError(f"weights_init must be {k} non-negative numbers summing to 1, "
+                         f"got {weights}")
+    if self.means_init is not None:
+      means = v.check_array(self.means_init, "means_init", dtype=dtype)
+      if means.shape != (k, d):
+        raise ValueError(f"means_init must have shape {(k, d)}, got {means.shape}")
+    if self.precisions_init is not None:
+      covariances = _covariances_from_precisions(self.precisions_init, self.covariance_type,
+                                                 k, d, dtype)
+    return GaussianMixtureParams(tf.constant(weights), tf.constant(means),
+                                 tf.constant(covariances))
+
+  def _set_fitted(self, params, n_features):
+    self.n_features_in_ = n_features
+    self.params_ = params
+    self.weights_ = params.weights.numpy()
+    self.means_ = params.means.numpy()
+    self.covariances_ = params.covariances.numpy()
+    self.precisions_cholesky_ = precision_cholesky(params.covariances,
+                                                   self.covariance_type).numpy()
+    u = self.precisions_cholesky_
+    if self.covariance_type in ("full", "tied"):
+      self.precisions_ = u @ np.swapaxes(u, -1, -2)
+    else:
+      self.precisions_ = u ** 2
+
+  # -- inference -------------------------------------------------------------
+  def _checked_x(self, X):
+    v.check_is_fitted(self, "params_")
+    x = v.check_array(X, "X", dtype=v.check_dtype(self.dtype))
+    v.check_n_features(x, self.n_features_in_)
+    return tf.constant(x)
+
+  def _log_joint(self, X):
+    """log w_k + log N(x_n | k), shape [N, K], in chunks so that memory stays
+    O(N K) rather than O(N K D)."""
+    x = self._checked_x(X)
+    model = self._model()
+    step = INFERENCE_CHUNK
+    return tf.concat([model.log_prob_components(self.params_, x[i:i + step])
+                      for i in range(0, max(int(x.shape[0]), 1), step)], axis=0)
+
+  def score_samples(self, X):
+    """log p(x_n) for each row, shape [N]."""
+    return tf.reduce_logsumexp(self._log_joint(X), axis=-1).numpy()
+
+  def score(self, X, y=None):
+    """Mean log-likelihood per point."""
+    return float(np.mean(self.score_samples(X)))
+
+  def predict_proba(self, X):
+    """Posterior responsibilities p(z_n = k | x_n), shape [N, K]."""
+    return tf.nn.softmax(self._log_joint(X), axis=-1).numpy()
+
+  def predict(self, X):
+    """Most probable component of each row, shape [N]."""
+    return np.argmax(self._log_joint(X).numpy(), axis=-1)
+
+  def fit_predict(self, X, y=None, sample_weight=None):
+    return self.fit(X, sample_weight=sample_weight).predict(X)
+
+  def sample(self, n_samples: int = 1, seed: int | None = None):
+    """Draws (X [n, D], labels [n]) from the fitted JointDistribution."""
+    v.check_is_fitted(self, "params_")
+    n = v.check_int("n_samples", n_samples, minimum=1)
+    seed = v.check_seed(seed)
+    joint = gm.joint(self.params_, self.covariance_type, n)
+    draw = joint.sample(seed=tf.constant([0 if seed is None else seed, 1]))
+    return draw["x"].numpy(), draw["z"].numpy()
+
+  def _n_parameters(self) -> int:
+    k, d = self.n_components, self.n_features_in_
+    cov = {"full": k * d * (d + 1) / 2, "diag": k * d, "tied": d * (d + 1) / 2,
+           "spherical": k}[self.covariance_type]
+    return int(cov + k * d + k - 1)
+
+  def bic(self, X) -> float:
+    """Bayesian information criterion on X (lower is better)."""
+    n = np.asarray(X).shape[0]
+    return -2 * self.score(X) * n + self._n_parameters() * math.log(n)
+
+  def aic(self, X) -> float:
+    """Akaike information criterion on X (lower is better)."""
+    return -2 * self.score(X) * np.asarray(X).shape[0] + 2 * self._n_parameters()
+
+
+def _unit_weights(x) -> MixtureData:
+  return MixtureData(x, tf.ones(tf.shape(x)[:1], x.dtype))
+
+
+def _warn_empty_streamed(result) -> None:
+  """Streamed fits are not re-seeded (that needs the data in memory): warn only."""
+  from tfp_em.mixture import reseed as mr
+  weights = np.asarray(result.params.weights)
+  empty = np.flatnonzero(weights * result.num_observations < mr.MIN_COUNT)
+  if empty.size:
+    warnings.warn(f"GaussianMixture: component(s) {empty.tolist()} lost all their points; "
+                  "streamed fits are not re-seeded: refit with another seed or fewer "
+                  "components", mr.EmptyComponentWarning, stacklevel=3)
+
+
+def _warn_float32_offset(x) -> None:
+  """Warns when float32 cannot resolve the data's spread next to its offset."""
+  offset = np.abs(x.mean(axis=0, dtype=np.float64))
+  spread = x.std(axis=0, dtype=np.float64)
+  ratio = float(np.max(offset / spread, initial=0.0, where=spread > 0))
+  if ratio > 1e3:
+    warnings.warn(f"X is far from the origin relative to its spread (|mean| / std up to "
+                  f"{ratio:.3g}); float32 keeps ~7 significant digits, so the data lose "
+                  "precision: use dtype='float64' or centre X first.", UserWarning, stacklevel=4)
+
+
+def _is_stream_source(X) -> bool:
+  return isinstance(X, (str, os.PathLike, tf.data.Dataset))
+
+
+def _covariances_from_precisions(precisions, covariance_type, k, d, dtype):
+  shapes = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}
+  p = v.check_array(precisions, "precisions_init", ndim=len(shapes[covariance_type]), dtype=dtype)
+  if p.shape != shapes[covariance_type]:
+    raise ValueError(f"precisions_init for covariance_type={covariance_type!r} must have "
+                     f"shape {shapes[covariance_type]}, got {p.shape}")
+  if covariance_type in ("full", "tied"):
+    try:
+      np.linalg.cholesky(p)
+    except np.linalg.LinAlgError:
+      raise ValueError("precisions_init must be symmetric positive definite") from None
+    return np.linalg.inv(p)
+  if np.any(p <= 0):
+    raise ValueError("precisions_init must be positive")
+  return 1.0 / p
