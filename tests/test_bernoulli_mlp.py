@@ -15,7 +15,7 @@ from models import bernoulli_mlp as mlp
 from models.specs import constrain, unconstrain
 from tfp_em.bernoulli_mlp import em as bm
 from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
-from tfp_em.engine.loop import fit_em
+from tfp_em.engine import fit_em
 
 from mlp_mutants import CORRECT, EXPECTED_CATCHES, MUTANTS
 

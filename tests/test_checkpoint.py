@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfp_em.engine.loop import fit_em
+from tfp_em.engine import fit_em
 from tfp_em.mixture.em import GaussianMixtureEM, MixtureData
 from tfp_em.mixture.initialization import initial_responsibilities
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfp_em.engine import loop as engine
-from tfp_em.engine.loop import (ConvergenceWarning, LikelihoodDecreaseError,
+from tfp_em.engine import (ConvergenceWarning, EMModel, LikelihoodDecreaseError,
                            LikelihoodDecreaseWarning, NumericalFailureError, fit_em)
 
 
@@ -21,7 +21,7 @@ class MeanStats(NamedTuple):
   count: tf.Tensor
 
 
-class RelaxedMean:
+class RelaxedMean(EMModel):
   """x_n ~ N(mu, 1); the 'M-step' moves mu a fraction `step` of the way to
   the sample mean. step=1 is exact; 0 < step < 2 increases the likelihood;
   step > 2 overshoots and decreases it."""

@@ -217,7 +217,7 @@ def test_mixed_model_streams_over_batches_of_whole_clusters():
   sys.path.insert(0, HERE)
   from distributed_fit import lmm_problem
   from models.mixed_effects import split_by_cluster
-  from tfp_em.engine.loop import fit_em
+  from tfp_em.engine import fit_em
   from tfp_em.mixed_effects.em import MixedEffectsEM
   from tfp_em.engine.passes import dataset_of
   data = lmm_problem()

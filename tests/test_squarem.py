@@ -16,7 +16,8 @@ from tfp_em.mixed_effects import crossed_em as cx
 from tfp_em.mixture import em as mixture_em
 from tfp_em.engine import squarem as squarem
 from tfp_em.mixed_effects import estimator as mx
-from tfp_em.engine.loop import _Iteration, fit_em
+from tfp_em.engine import fit_em
+from tfp_em.engine.loop import Iteration
 from tfp_em.mixed_effects.em import MixedEffectsEM
 
 
@@ -57,15 +58,11 @@ def _bernoulli_mlp():
 MODELS = {"mixture": _mixture, "mixed_effects": _mixed_effects, "bernoulli_mlp": _bernoulli_mlp}
 
 
-class _Unfused:
-  """The same model with `fuse_steps = False`: SQUAREM goes step by step."""
-  fuse_steps = False
-
-  def __init__(self, model):
-    self._model = model
-
-  def __getattr__(self, name):
-    return getattr(self._model, name)
+def _unfused(model):
+  """A copy of `model` with `fuse_steps = False`: SQUAREM goes step by step."""
+  copy = copy.copy(model)
+  copy.fuse_steps = False
+  return copy
 
 
 def _fit(model, data, **kw):
@@ -91,11 +88,11 @@ def _assert_same_iterates(a, b, rtol=1e-12):
 
 def test_the_fused_cycle_is_used_in_memory_and_not_for_streams():
   model, data = _mixture()
-  assert _Iteration(model, data, "graph", "squarem", None).fused is not None
-  assert _Iteration(_Unfused(model), data, "graph", "squarem", None).fused is None
-  assert _Iteration(model, data, "eager", "squarem", None).fused is None
+  assert Iteration(model, data, "graph", "squarem", None).fused is not None
+  assert Iteration(_unfused(model), data, "graph", "squarem", None).fused is None
+  assert Iteration(model, data, "eager", "squarem", None).fused is None
   stream = tf.data.Dataset.from_tensor_slices(data).batch(100)
-  assert _Iteration(model, stream, "graph", "squarem", None).fused is None
+  assert Iteration(model, stream, "graph", "squarem", None).fused is None
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -103,8 +100,8 @@ def test_one_fused_cycle_equals_the_unfused_cycle(name):
   # From the same theta_0 (several points of a trajectory), the fused call plus
   # `finish` and the step-by-step stepper agree to round-off, E-steps included.
   model, data = MODELS[name]()
-  fused = _Iteration(model, data, "graph", "squarem", None)
-  unfused = _Iteration(_Unfused(model), data, "graph", "squarem", None)
+  fused = Iteration(model, data, "graph", "squarem", None)
+  unfused = Iteration(_unfused(model), data, "graph", "squarem", None)
   for params0 in _fit(model, data, max_iter=6, accelerate=None, keep_trajectory=True).params[::2]:
     params0 = type(params0)(*[tf.constant(p) for p in params0])
     _, ll0, cycle, used = fused.evaluate(params0, last=False)
@@ -122,7 +119,7 @@ def test_fused_and_unfused_fits_give_the_same_iterates(name):
   # Round-off differences of one cycle (1e-14) grow by alpha^2 in later
   # extrapolations, so whole trajectories agree to 1e-9.
   model, data = MODELS[name]()
-  fused, unfused = _fit(model, data), _fit(_Unfused(model), data)
+  fused, unfused = _fit(model, data), _fit(_unfused(model), data)
   _assert_same_iterates(fused, unfused, rtol=1e-9)
   _assert_monotone(fused)
   # Stopped at max_iter (a plain E-pass last): both did the same E-steps, 3 or more per cycle.
@@ -133,7 +130,7 @@ def test_fused_and_unfused_fits_give_the_same_iterates(name):
 def test_fused_cycle_counts_its_three_e_steps_when_the_loop_stops():
   model, data = _mixture()
   fused = _fit(model, data, max_iter=10000, tol=1e-9)
-  unfused = _fit(_Unfused(model), data, max_iter=10000, tol=1e-9)
+  unfused = _fit(_unfused(model), data, max_iter=10000, tol=1e-9)
   assert fused.converged and unfused.converged
   _assert_same_iterates(fused, unfused, rtol=1e-8)
   # The last cycle's E(theta_1) and E(theta') were computed before the loop stopped.
@@ -179,13 +176,13 @@ def test_overshooting_candidates_are_rejected_and_l_never_decreases(monkeypatch)
   assert searched, "the safeguard never triggered"
   _assert_monotone(fused)
   searched.clear()
-  unfused = _fit(_Unfused(model), data, max_iter=15, on_decrease="raise")
+  unfused = _fit(_unfused(model), data, max_iter=15, on_decrease="raise")
   _assert_same_iterates(fused, unfused, rtol=1e-9)
 
 
 def test_finish_accepts_an_improving_candidate_and_backtracks_otherwise():
   model, data = _mixture()
-  it = _Iteration(model, data, "graph", "squarem", None)
+  it = Iteration(model, data, "graph", "squarem", None)
   params0 = model.initialize(data, 0)
   cycle = it.fused(params0, data)
   ll0 = float(cycle.loglik0)
@@ -213,7 +210,7 @@ def test_sqs3_alpha_and_backtracking_schedule():
 
 def test_candidate_at_alpha_minus_one_is_the_double_step():
   model, data = _mixture()
-  it = _Iteration(model, data, "graph", "squarem", None)
+  it = Iteration(model, data, "graph", "squarem", None)
   p0 = model.initialize(data, 0)
   p1 = it.m_step(p0, it.e_pass(p0)[0])
   p2 = it.m_step(p1, it.e_pass(p1)[0])
@@ -239,7 +236,7 @@ def test_crossed_effects_squarem_is_monotone_and_reaches_plain_em():
   data = ce.CrossedData(tf.constant(x), tf.constant(y), tf.constant(codes),
                            tf.constant([5, 7], tf.int32))
   model = cx.CrossedEffectsEM(intercept=0)
-  assert _Iteration(model, data, model.compile, "squarem", None).fused is None  # eager E-step
+  assert Iteration(model, data, model.compile, "squarem", None).fused is None  # eager E-step
   fast = _fit(model, data, compile=model.compile, max_iter=300, tol=1e-11)
   plain = _fit(model, data, compile=model.compile, max_iter=300, tol=1e-11, accelerate=None)
   assert fast.converged and plain.converged
@@ -263,10 +260,10 @@ def test_a_refit_on_new_data_reuses_the_traced_step_and_sees_the_new_data(accele
       size=data.y.shape), tf.float64))  # same shapes, other values
   kw = dict(max_iter=5, tol=0., accelerate=accelerate, progress=False)
   fit_em(model, data, **kw)
-  step = _Iteration(model, data, "graph", accelerate, None).fused
+  step = Iteration(model, data, "graph", accelerate, None).fused
   traces = step.experimental_get_tracing_count()
   again = fit_em(model, other, **kw)
-  assert _Iteration(model, other, "graph", accelerate, None).fused is step
+  assert Iteration(model, other, "graph", accelerate, None).fused is step
   assert step.experimental_get_tracing_count() == traces
   _same_fit(again, fit_em(MixedEffectsEM("full"), other, **kw))
 
@@ -275,17 +272,17 @@ def test_a_refit_on_new_data_reuses_the_traced_step_and_sees_the_new_data(accele
 def test_changed_attributes_and_instance_methods_get_new_functions():
   model, data = _mixed_effects()
   kw = dict(max_iter=5, tol=0., progress=False)
-  step = _Iteration(model, data, "graph", None, None).fused
+  step = Iteration(model, data, "graph", None, None).fused
   model.expand = True
-  assert _Iteration(model, data, "graph", None, None).fused is not step
+  assert Iteration(model, data, "graph", None, None).fused is not step
   _same_fit(fit_em(model, data, **kw), fit_em(MixedEffectsEM("full", expand=True), data, **kw))
   model.m_step = lambda params, stats: params  # a step that does nothing
   stuck = fit_em(model, data, **kw)
   assert np.ptp(stuck.restarts[0].log_likelihood) == 0.
   model.tags = ["unhashable"]  # not memoized, still correct
   del model.m_step
-  first = _Iteration(model, data, "graph", None, None).fused
-  assert _Iteration(model, data, "graph", None, None).fused is not first
+  first = Iteration(model, data, "graph", None, None).fused
+  assert Iteration(model, data, "graph", None, None).fused is not first
   _same_fit(fit_em(model, data, **kw), fit_em(MixedEffectsEM("full", expand=True), data, **kw))
 
 
@@ -294,11 +291,11 @@ def test_fitted_models_copy_and_pickle_without_their_compiled_steps():
   model, data = _mixed_effects()
   kw = dict(max_iter=4, tol=0., progress=False)
   ref = fit_em(model, data, **kw)
-  step = _Iteration(model, data, "graph", None, None).fused
+  step = Iteration(model, data, "graph", None, None).fused
   for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), copy.copy(model)):
-    assert _Iteration(other, data, "graph", None, None).fused is not step  # bound to `other`
+    assert Iteration(other, data, "graph", None, None).fused is not step  # bound to `other`
     _same_fit(fit_em(other, data, **kw), ref)
-  assert _Iteration(model, data, "graph", None, None).fused is step
+  assert Iteration(model, data, "graph", None, None).fused is step
 
 
 def _lmm_arrays(seed, n=300, groups=20):
@@ -350,7 +347,7 @@ def test_a_failed_fused_cycle_falls_back_to_the_step_by_step_cycle():
   # In graph mode a failed Cholesky raises; the iteration then redoes the cycle
   # step by step, where a failing candidate only counts as rejected.
   model, data = _mixture()
-  it = _Iteration(model, data, "graph", "squarem", None)
+  it = Iteration(model, data, "graph", "squarem", None)
 
   def failing(params, data):
     raise tf.errors.InvalidArgumentError(None, None, "Cholesky decomposition was not successful")
@@ -359,7 +356,7 @@ def test_a_failed_fused_cycle_falls_back_to_the_step_by_step_cycle():
   stats, ll0, new, used = it.evaluate(params0, last=False)
   assert new is None and used == 1 and stats is not None
   got, extra = it.advance(params0, stats, float(ll0), new)
-  want, want_extra = _Iteration(_Unfused(model), data, "graph", "squarem", None).advance(
+  want, want_extra = Iteration(_unfused(model), data, "graph", "squarem", None).advance(
       params0, stats, float(ll0), None)
   assert extra == want_extra >= 2
   for a, b in zip(got, want):

@@ -183,7 +183,7 @@ def _lmm_fit_args(accelerate):
 
 def squarem_worker(problem, accelerate, tol):
   """Seconds to `tol` with the compiled steps traced beforehand (a 3-step fit on the same model)."""
-  from tfp_em.engine.loop import fit_em
+  from tfp_em.engine import fit_em
   accelerate = None if accelerate == "none" else accelerate
   model, data, kw = {"mixture": _mixture_fit_args, "lmm": _lmm_fit_args}[problem](accelerate)
   with warnings.catch_warnings():

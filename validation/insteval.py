@@ -30,8 +30,9 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import crossed_effects as ce  # noqa: E402
-from tfp_em.mixed_effects import crossed_em as cx# noqa: E402
-from tfp_em.engine.loop import fit_em  # noqa: E402
+from tfp_em.mixed_effects import crossed_em as cx  # noqa: E402
+from tfp_em.mixed_effects import crossed_posterior as cp  # noqa: E402
+from tfp_em.engine import fit_em  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 LME4_SD = {"s": 0.32, "d": 0.52, "dept:service": 0.21, "residual": 1.18}  # brief's rough figures
@@ -54,7 +55,7 @@ def splu_loglik(data, params):
   import scipy.sparse.linalg as spla
   x, y = data.x.numpy(), data.y.numpy()
   num_levels = data.num_levels.numpy()
-  z = cx.design_matrix(data.codes.numpy(), num_levels)
+  z = cp.design_matrix(data.codes.numpy(), num_levels)
   var = np.repeat(params.variances.numpy(), num_levels)
   s2 = float(params.noise_variance)
   precision = (z.T @ z / s2 + sp.diags(1. / var)).tocsc()

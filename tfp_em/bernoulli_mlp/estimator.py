@@ -11,7 +11,7 @@ from models.bernoulli_mlp import BernoulliMLPParams
 from tfp_em.bernoulli_mlp.em import BernoulliMLPEM, check_num_hidden, fit_autodiff
 from tfp_em.diagnostics.mixin import DiagnosticsMixin
 from tfp_em.engine import inputs as v
-from tfp_em.engine.loop import FitResult, fit_em
+from tfp_em.engine import FitResult, fit_em
 
 
 METHODS = ("em", "autodiff")
@@ -79,7 +79,8 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
     self.method = method
     self.memory_budget_mb = memory_budget_mb
 
-  def _model(self, num_classes: int) -> BernoulliMLPEM:
+  def em_model(self, num_classes: int) -> BernoulliMLPEM:
+    """The `BernoulliMLPEM` this estimator fits, for `num_classes` classes."""
     budget = v.check_float("memory_budget_mb", self.memory_budget_mb, minimum=0., strict=True)
     return BernoulliMLPEM(self.n_hidden, num_classes, l2=self.l2,
                           memory_budget_bytes=int(budget * 2 ** 20))
@@ -96,7 +97,7 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
     classes, labels = _check_labels(y, X.shape[0])
     if len(classes) < 2:
       raise ValueError(f"y has a single class ({classes[0]!r}); a classifier needs at least 2")
-    model = self._model(len(classes))
+    model = self.em_model(len(classes))
     self.mean_ = X.mean(axis=0)
     scale = X.std(axis=0)
     self.scale_ = np.where(scale > 0, scale, 1.)
@@ -108,7 +109,7 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
 
     if method == "em":
       result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
-                      seed=seed, compile=model.compile, callback=clock)
+                      seed=seed, callback=clock)
     else:
       result = fit_autodiff(model, data, max_iter=self.max_iter, tol=self.tol,
                             n_init=self.n_init, seed=seed, callback=clock)
@@ -129,7 +130,8 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
 
   # -- prediction -------------------------------------------------------------
 
-  def _inputs(self, X) -> np.ndarray:
+  def standardized_inputs(self, X) -> np.ndarray:
+    """X checked against the fit and standardized with `mean_`, `scale_` (float64)."""
     v.check_is_fitted(self, "params_")
     X = v.check_array(X, "X", dtype=np.float64)
     v.check_n_features(X, self.n_features_in_)
@@ -139,14 +141,15 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
     rows = max(1, self._em_model.chunk_rows() // max(1, len(self.classes_)))
     return [slice(i, min(n, i + rows)) for i in range(0, n, rows)]
 
-  def _params(self):
+  def em_params(self) -> BernoulliMLPParams:
+    """`params_` as tensors of the estimator's dtype."""
     dtype = v.check_dtype(self.dtype)
     return BernoulliMLPParams(*[tf.constant(p, dtype) for p in self.params_])
 
   def predict_proba(self, X) -> np.ndarray:
     """p(y = classes_[i] | x), shape [N, C]."""
-    Xs = self._inputs(X)
-    params = self._params()
+    Xs = self.standardized_inputs(X)
+    params = self.em_params()
     out = [np.exp(self._em_model.predict_log_proba(params, tf.constant(Xs[b], params[0].dtype)).numpy())
            for b in self._batches(Xs.shape[0])]
     return np.concatenate(out, axis=0)
@@ -165,7 +168,7 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
     return float(np.mean(pred == y))
 
   def _log_likelihood(self, Xs, labels) -> float:
-    params = self._params()
+    params = self.em_params()
     Xs = np.asarray(Xs)
     total = 0.
     for b in self._batches(Xs.shape[0]):
@@ -175,10 +178,10 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
 
   def log_likelihood(self, X, y) -> float:
     """Unpenalized log p(y | X) = sum_j log p(y_j | x_j) at the fitted params."""
-    Xs = self._inputs(X)
-    return self._log_likelihood(Xs, self._label_codes(y, Xs.shape[0]))
+    Xs = self.standardized_inputs(X)
+    return self._log_likelihood(Xs, self.label_codes(y, Xs.shape[0]))
 
-  def _label_codes(self, y, n: int) -> np.ndarray:
+  def label_codes(self, y, n: int) -> np.ndarray:
     """Codes in `classes_` of n labels y, each seen in fit; int32 [n]."""
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != n:

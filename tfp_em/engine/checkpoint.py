@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_em.engine import outputs
+from tfp_em.engine.results import RestartTrace
 
 LATEST = "latest.json"
 
@@ -80,7 +81,6 @@ class Checkpointer:
       raise ValueError(f"checkpoint in {self.directory!r} belongs to another fit "
                        f"({meta['fingerprint']}); expected {self.fingerprint}. "
                        "Use another checkpoint_dir or delete it.")
-    from tfp_em.engine.loop import RestartTrace
     finished = []
     for i, info in enumerate(meta["finished"]):
       ll, traj = _get_restart(get, f"finished{i}", params_type, meta["fields"])

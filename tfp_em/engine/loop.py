@@ -1,6 +1,6 @@
-"""The EM protocol and the generic fit loop.
+"""The generic fit loop.
 
-Every model implements `EMModel`; `fit_em` runs restarts, tracks the
+Every model subclasses `EMModel` (`tfp_em.engine.protocol`); `fit_em` runs restarts, tracks the
 log-likelihood at the parameters it returns, guards monotonicity and warns
 when the iteration limit is hit.
 
@@ -14,152 +14,23 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from tfp_em.engine import squarem as squarem
+from tfp_em.engine import squarem
+from tfp_em.engine.checkpoint import Checkpointer
 from tfp_em.engine.passes import InMemoryPass, compiled, make_pass
+from tfp_em.engine.protocol import (ConvergenceWarning, EMModel, LikelihoodDecreaseError,
+                                    LikelihoodDecreaseWarning, NumericalFailureError)
+from tfp_em.engine.results import FitResult, RestartTrace, restart_seeds, to_numpy, to_tensors
 
 ON_DECREASE_OPTIONS = ("raise", "warn", "revert")
 
 
-class ConvergenceWarning(UserWarning):
-  """EM stopped at `max_iter` before the tolerance was met."""
-
-
-class LikelihoodDecreaseWarning(RuntimeWarning):
-  """The log-likelihood decreased between two EM iterations."""
-
-
-class LikelihoodDecreaseError(RuntimeError):
-  """Raised by `on_decrease='raise'` when the log-likelihood decreases."""
-
-
-class NumericalFailureError(ValueError):
-  """The fit produced a non-finite log-likelihood or failed a factorization."""
-
-
-@runtime_checkable
-class EMModel(Protocol):
-  """What `fit_em` needs from a model.
-
-  `Params` and `Stats` are NamedTuples of tensors. Stats are sums over data
-  points, so partial stats from batches or replicas add up. Fields listed in
-  an optional `shared_stats_fields` attribute (a centring point, say) are the
-  same in every batch of one pass and are taken, not added.
-
-  Optional attributes: `compile` (the mode `fit_em` should use),
-  `failure_hint` (what to try when the fit goes non-finite), `param_specs`
-  (needed for SQUAREM and the autodiff checks), `fuse_steps` (False when the
-  M-step cannot share a compiled function with the E-step), `autograph`
-  (False when the steps have no Python control flow on tensors: tracing then
-  skips AutoGraph's source conversion, about 1.5 s the first time for the
-  mixed model).
-
-  `fit_em` keeps the compiled steps in the model's `_tfp_em_compiled`
-  attribute (`tfp_em.engine.passes.compiled`), so a later fit of the same instance,
-  on new data too, skips tracing; they are rebuilt when an attribute changes.
-  """
-  name: str
-
-  def initialize(self, data, seed: int):
-    """Initial params for one restart (deterministic given `seed`)."""
-
-  def e_step(self, params, data):
-    """Returns `(stats, loglik)`; `loglik` is the objective at `params`."""
-
-  def m_step(self, params, stats):
-    """Returns argmax_theta Q(theta | params) (or a non-decreasing step)."""
-
-  def expected_log_joint(self, params, stats):
-    """Q(params | params_old), where `stats` came from the E-step at params_old."""
-
-  def marginal_log_prob(self, params, data):
-    """Differentiable log p(data | params) built from the TFP model."""
-
-  def num_observations(self, data) -> float:
-    """Total weight of the data; the tolerance applies to loglik / this."""
-
-
-class RestartTrace(NamedTuple):
-  """Everything one restart did.
-
-  Attributes:
-    seed: the integer seed handed to `model.initialize`.
-    log_likelihood: [T+1] loglik at params_0 .. params_T (float64 numpy).
-    params: list of params (numpy) at each iteration, or just [initial, final]
-      when the trajectory was not kept.
-    converged: whether the tolerance was met.
-    n_iter: number of M-steps kept (T).
-    stop_reason: 'converged', 'max_iter' or 'reverted'.
-    seconds: wall time of the restart.
-    e_steps: number of E-step passes over the data (SQUAREM uses several per
-      iteration; plain EM uses n_iter + 1).
-  """
-  seed: int
-  log_likelihood: np.ndarray
-  params: list
-  converged: bool
-  n_iter: int
-  stop_reason: str
-  seconds: float
-  e_steps: int = 0
-
-  @property
-  def final_params(self):
-    return self.params[-1]
-
-  @property
-  def final_log_likelihood(self) -> float:
-    return float(self.log_likelihood[-1])
-
-
-class FitResult(NamedTuple):
-  """Result of `fit_em`: the best restart plus every restart's trace.
-
-  Attributes:
-    params: params (as tensors) of the best restart.
-    log_likelihood: log p(data | params), exactly at `params`.
-    n_iter, converged: of the best restart.
-    best_restart: index into `restarts`.
-    restarts: tuple of `RestartTrace`, one per restart.
-    num_observations: the data's total weight.
-  """
-  params: Any
-  log_likelihood: float
-  n_iter: int
-  converged: bool
-  best_restart: int
-  restarts: tuple
-  num_observations: float
-
-  @property
-  def mean_log_likelihood(self) -> float:
-    return self.log_likelihood / self.num_observations
-
-
-def restart_seeds(seed: int | None, n_init: int) -> list[int]:
-  """Independent integer seeds for `n_init` restarts, reproducible from `seed`."""
-  children = np.random.SeedSequence(seed).spawn(n_init)
-  return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
-
-
-def _to_numpy(params):
-  return type(params)(*[np.array(p) for p in params])
-
-
-def to_tensors(params):
-  """A params NamedTuple (of arrays or tensors) as a NamedTuple of tensors."""
-  return type(params)(*[tf.constant(p) for p in params])
-
-
-def _all_finite(params) -> bool:
-  return all(np.all(np.isfinite(np.asarray(p))) for p in params)
-
-
-def _show_progress(progress: bool | None) -> bool:
+def progress_enabled(progress: bool | None) -> bool:
+  """Whether to show a progress bar: `progress`, or when None, on except under pytest."""
   if progress is not None:
     return bool(progress)
   return "PYTEST_CURRENT_TEST" not in os.environ
@@ -177,7 +48,7 @@ def default_decrease_tol(dtype) -> float:
 def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
            n_init: int = 1, seed: int | None = 0, init_params=None,
            on_decrease: str = "warn", decrease_tol: float | None = None,
-           compile: str = "graph", keep_trajectory: bool = True,
+           compile: str | None = None, keep_trajectory: bool = True,
            progress: bool | None = None, callback: Callable | None = None,
            accelerate: str | None = None, strategy=None,
            checkpoint_dir=None, checkpoint_every: int = 10,
@@ -203,7 +74,8 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
       call it convergence) or 'revert' (return the params before the drop).
     decrease_tol: relative round-off slack; defaults to
       `default_decrease_tol(dtype)`.
-    compile: 'eager', 'graph' (tf.function) or 'xla' (jit_compile=True).
+    compile: 'eager', 'graph' (tf.function) or 'xla' (jit_compile=True);
+      None (default) uses the model's own `compile`.
     keep_trajectory: keep the params of every iteration (for diagnostics).
     progress: show a progress bar; None means on, except under pytest.
     callback: optional `callback(restart, iteration, params, loglik)`.
@@ -225,6 +97,10 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
     NumericalFailureError: when the loglik becomes non-finite or a
       factorization fails; the message carries the model's hint.
   """
+  if not isinstance(model, EMModel):
+    raise TypeError(f"fit_em needs a tfp_em.EMModel instance (subclass tfp_em.EMModel), got "
+                    f"{type(model).__name__}")
+  compile = model.compile if compile is None else compile
   if on_decrease not in ON_DECREASE_OPTIONS:
     raise ValueError(f"on_decrease must be one of {ON_DECREASE_OPTIONS}, got {on_decrease!r}")
   if not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
@@ -236,13 +112,12 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
   if accelerate not in (None, "squarem"):
     raise ValueError(f"accelerate must be None or 'squarem', got {accelerate!r}")
 
-  iteration = _Iteration(model, data, compile, accelerate, strategy)
-  show = _show_progress(progress)
+  iteration = Iteration(model, data, compile, accelerate, strategy)
+  show = progress_enabled(progress)
 
   seeds = restart_seeds(seed, n_init)
   saver, saved = None, None
   if checkpoint_dir is not None:
-    from tfp_em.engine.checkpoint import Checkpointer
     fingerprint = dict(model=model.name, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol,
                        accelerate=accelerate, keep_trajectory=keep_trajectory)
     saver = Checkpointer(checkpoint_dir, checkpoint_every, fingerprint)
@@ -284,7 +159,7 @@ def _last_mean_change(trace: RestartTrace, n_obs: float) -> float:
   return float((ll[-1] - ll[-2]) / n_obs) if len(ll) > 1 else float("nan")
 
 
-class _Iteration:
+class Iteration:
   """E-pass, M-step and how to go from one iterate to the next.
 
   Over in-memory data (compiled, `model.fuse_steps` not False) one compiled
@@ -299,7 +174,7 @@ class _Iteration:
     self.e_pass = make_pass(model, data, compile, strategy)
     self.m_step = compiled(model, "m_step", lambda: model.m_step, compile)
     fusable = (isinstance(self.e_pass, InMemoryPass) and compile != "eager"
-               and getattr(model, "fuse_steps", True))
+               and model.fuse_steps)
     self.fused, self.stepper = None, None
     if accelerate == "squarem":
       self.stepper = squarem.SquaremStepper(model, self.e_pass, self.m_step,
@@ -344,7 +219,7 @@ def _em_step(model):
 def _params_type(model, init_params):
   if init_params is not None:
     return type(init_params)
-  specs = getattr(model, "param_specs", None)
+  specs = model.param_specs
   if specs is None:
     raise ValueError(f"{model.name}: resuming needs `param_specs` or `init_params` to know "
                      "the params type")
@@ -362,7 +237,7 @@ class _Saver:
     if self.checkpointer is None:
       return
     saved = (trajectory if self.keep_trajectory else
-             [trajectory[0]] + ([previous] if previous is not None else []) + [_to_numpy(params)])
+             [trajectory[0]] + ([previous] if previous is not None else []) + [to_numpy(params)])
     self.checkpointer.maybe_save(dict(restart=restart, iteration=it, seeds=self.seeds,
                                       e_steps=e_steps, log_likelihood=lls, trajectory=saved,
                                       finished=self.finished), it)
@@ -373,7 +248,7 @@ def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
                  callback, save=None, resume_state=None) -> RestartTrace:
   start = time.perf_counter()
   rtol = default_decrease_tol(_params_dtype(params)) if decrease_tol is None else decrease_tol
-  lls, trajectory, previous, first, e_steps = [], [_to_numpy(params)], None, 0, 0
+  lls, trajectory, previous, first, e_steps = [], [to_numpy(params)], None, 0, 0
   if resume_state is not None:
     saved = resume_state["trajectory"]
     lls, first, e_steps = list(resume_state["log_likelihood"]), resume_state["iteration"], \
@@ -385,7 +260,7 @@ def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
   bar = _progress_bar(show, max_iter, model.name, restart)
   for it in range(first, max_iter + 1):
     if save is not None and (it > first or resume_state is None):
-      save(restart, it, lls, trajectory, None if previous is None else _to_numpy(previous),
+      save(restart, it, lls, trajectory, None if previous is None else to_numpy(previous),
            params, e_steps)
     stats, ll, new, used = _guarded(model, lambda: iteration.evaluate(params, it == max_iter))
     ll, e_steps = float(ll), e_steps + used
@@ -393,7 +268,7 @@ def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
     if not np.isfinite(ll):
       raise NumericalFailureError(
           f"{model.name}: log-likelihood became {ll} at iteration {it}. "
-          f"{getattr(model, 'failure_hint', '')}".strip())
+          f"{model.failure_hint}".strip())
     if callback is not None:
       callback(restart, it, params, ll)
     if lls:
@@ -425,10 +300,10 @@ def _run_restart(model, iteration, params, seed, restart, max_iter, tol,
     params, extra = _guarded(model, lambda: iteration.advance(params, stats, ll, new))
     e_steps += extra
     if keep_trajectory:
-      trajectory.append(_to_numpy(params))
+      trajectory.append(to_numpy(params))
   if bar is not None:
     bar.close()
-  final = _to_numpy(params)
+  final = to_numpy(params)
   trajectory = trajectory if keep_trajectory else [trajectory[0], final]
   return RestartTrace(seed=seed, log_likelihood=np.asarray(lls, np.float64),
                       params=trajectory, converged=converged,
@@ -449,7 +324,7 @@ def _guarded(model, thunk):
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise NumericalFailureError(
         f"{model.name}: a numerical operation failed ({first_line[:200]}). "
-        f"{getattr(model, 'failure_hint', '')}".strip()) from None
+        f"{model.failure_hint}".strip()) from None
 
 
 def _progress_bar(show: bool, total: int, name: str, restart: int):

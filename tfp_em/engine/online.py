@@ -24,8 +24,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfp_em.engine.loop import FitResult, RestartTrace, _to_numpy, restart_seeds, to_tensors
-from tfp_em.engine.passes import StreamPass, compile_fn, shared_fields
+from tfp_em.engine.passes import StreamPass, compile_fn
+from tfp_em.engine.results import FitResult, RestartTrace, restart_seeds, to_numpy, to_tensors
 from tfp_em.engine.streams import checked_batches
 
 
@@ -36,7 +36,7 @@ def step_size(t: int, kappa: float = 0.6, t0: float = 1.0) -> float:
 
 def blend_stats(model, old, new, gamma):
   """(1 - gamma) old + gamma new, shared fields taken from `new`."""
-  shared = shared_fields(model)
+  shared = model.shared_stats_fields
   if old is None:
     return new
   if shared:
@@ -46,14 +46,14 @@ def blend_stats(model, old, new, gamma):
 
 
 def scale_stats(model, stats, factor):
-  shared = shared_fields(model)
+  shared = model.shared_stats_fields
   return type(stats)(*[v if name in shared else v * factor
                        for name, v in zip(stats._fields, stats)])
 
 
 def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: float = 0.6,
                   t0: float = 1.0, seed: int | None = 0, init_params=None,
-                  compile: str = "graph", final_pass: bool = True) -> FitResult:
+                  compile: str | None = None, final_pass: bool = True) -> FitResult:
   """Online EM: one M-step per batch, `epochs` passes over `dataset`.
 
   Args:
@@ -63,7 +63,7 @@ def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: fl
     kappa, t0: step-size schedule gamma_t = (t + t0) ** -kappa.
     seed: seed for `model.initialize` (which sees the first batch).
     init_params: start here instead of `model.initialize`.
-    compile: 'graph' (default), 'xla' or 'eager'.
+    compile: 'graph', 'xla' or 'eager'; None (default) uses the model's own `compile`.
     final_pass: run one exact E-pass at the final params so that the
       reported log-likelihood is at the returned params (default True).
 
@@ -79,6 +79,7 @@ def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: fl
   if not isinstance(epochs, int) or epochs < 1:
     raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
   start = time.perf_counter()
+  compile = model.compile if compile is None else compile
   e_step = compile_fn(model.e_step, compile)
   m_step = compile_fn(model.m_step, compile)
   first = next(checked_batches(dataset), None)
@@ -86,7 +87,7 @@ def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: fl
     raise ValueError("the dataset is empty: no batches")
   seed_r = restart_seeds(seed, 1)[0]
   params = init_params if init_params is not None else model.initialize(first, seed_r)
-  running, t, batch_lls, trajectory = None, 0, [], [_to_numpy(params)]
+  running, t, batch_lls, trajectory = None, 0, [], [to_numpy(params)]
   for _ in range(epochs):
     for batch in checked_batches(dataset):
       t += 1
@@ -96,7 +97,7 @@ def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: fl
       running = blend_stats(model, running, scale_stats(model, stats, 1.0 / n),
                             step_size(t, kappa, t0))
       params = m_step(params, running)
-      trajectory.append(_to_numpy(params))
+      trajectory.append(to_numpy(params))
   lls = np.asarray(batch_lls, np.float64)
   n_obs = None
   if final_pass:

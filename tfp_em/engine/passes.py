@@ -4,8 +4,8 @@ Stats are sums over data points, so a pass over batches (or replicas) adds
 the per-batch stats. Fields named in `model.shared_stats_fields` (a centring
 point, say) are the same in every batch of one pass and are taken, not added.
 In-memory data under a strategy is cut into one shard per replica by
-`model.split_data(data, num_shards)` when the model has it (the mixed model
-keeps whole clusters together) and into row blocks otherwise.
+`model.split_data(data, num_shards)` (row blocks by default; the mixed model
+keeps whole clusters together).
 
     pass_ = make_pass(model, data, compile='graph', strategy=None)
     stats, loglik = pass_(params)
@@ -18,13 +18,9 @@ import tensorflow as tf
 from tfp_em.engine.streams import checked_batches
 
 
-def shared_fields(model) -> tuple:
-  return tuple(getattr(model, "shared_stats_fields", ()))
-
-
 def add_stats(model, a, b):
   """a + b for every field except the shared ones (taken from b)."""
-  shared = shared_fields(model)
+  shared = model.shared_stats_fields
   return type(a)(*[vb if name in shared else va + vb
                    for name, va, vb in zip(a._fields, a, b)])
 
@@ -73,7 +69,7 @@ def compiled(model, name: str, build, mode: str):
   """
   if mode == "eager":
     return build()
-  autograph = getattr(model, "autograph", True)
+  autograph = model.autograph
   try:
     state = vars(model)
     key = (name, mode, tuple(sorted((k, v) for k, v in state.items() if k != _MEMO)))
@@ -168,7 +164,7 @@ class DistributedPass(_BatchedPass):
 
       self._dist = strategy.distribute_datasets_from_function(shard_dataset)
     e_step = compile_fn(model.e_step, compile if compile != "xla" else "graph")
-    shared = shared_fields(model)
+    shared = model.shared_stats_fields
 
     @tf.function
     def step(params, batch):
@@ -198,21 +194,12 @@ def dataset_of(parts) -> tf.data.Dataset:
   return out
 
 
-def split_rows(data, num_shards: int):
-  """Row blocks of a tuple of [N, ...] tensors, as equal as possible."""
-  n = int(np.shape(data[0])[0])
-  bounds = np.linspace(0, n, num_shards + 1).astype(int)
-  return [type(data)(*[t[a:b] for t in data]) if hasattr(data, "_fields")
-          else tuple(t[a:b] for t in data) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def make_pass(model, data, compile: str = "graph", strategy=None):
   """Chooses the pass for `data`: a tuple of tensors or a `tf.data.Dataset`."""
   if strategy is not None:
     if is_stream(data):
       return DistributedPass(model, data, strategy, compile)
-    split = getattr(model, "split_data", None) or split_rows
-    shards = split(data, strategy.num_replicas_in_sync)
+    shards = model.split_data(data, strategy.num_replicas_in_sync)
     return DistributedPass(model, None, strategy, compile, shards=shards, whole=data)
   if is_stream(data):
     return StreamPass(model, data, compile)

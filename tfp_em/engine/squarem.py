@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from models.specs import constrain, unconstrain
 from tfp_em.engine.passes import compiled
+from tfp_em.engine.unconstrained import Flattener
 
 MAX_BACKTRACKS = 4
 FUSED_E_STEPS = 3  # E(theta_0), E(theta_1), E(theta')
@@ -89,14 +89,10 @@ def accept(loglik_candidate: float, loglik0: float) -> bool:
   return bool(np.isfinite(loglik_candidate) and loglik_candidate >= loglik0)
 
 
-def _flat(params, specs):
-  u = unconstrain(params, specs)
-  return tf.concat([tf.reshape(t, [-1]) for t, s in zip(u, specs) if s.trainable], 0)
-
-
 def extrapolate(specs, params0, params1, params2) -> Extrapolation:
   """The SQUAREM line through theta_0, theta_1 = M(theta_0), theta_2 = M(theta_1)."""
-  u0, u1, u2 = (_flat(p, specs) for p in (params0, params1, params2))
+  flat = Flattener(params0, specs)
+  u0, u1, u2 = (flat.flatten(p) for p in (params0, params1, params2))
   r = u1 - u0
   v = u2 - 2. * u1 + u0
   return Extrapolation(u0, r, v, sqs3_alpha(r, v))
@@ -105,17 +101,7 @@ def extrapolate(specs, params0, params1, params2) -> Extrapolation:
 def candidate(specs, template, extrapolation: Extrapolation, alpha):
   """theta' at u_0 - 2 alpha r + alpha^2 v; untrained fields come from `template`."""
   u0, r, v = extrapolation.u0, extrapolation.r, extrapolation.v
-  flat = u0 - 2. * alpha * r + alpha ** 2 * v                           # [P]
-  u = unconstrain(template, specs)
-  out, offset = [], 0
-  for t, s in zip(u, specs):
-    if s.trainable:
-      size = tf.size(t)
-      out.append(tf.reshape(flat[offset:offset + size], tf.shape(t)))
-      offset += size
-    else:
-      out.append(t)
-  return constrain(type(u)(*out), specs)
+  return Flattener(template, specs).unflatten(u0 - 2. * alpha * r + alpha ** 2 * v)
 
 
 def fused_trial(model):
@@ -156,7 +142,7 @@ class SquaremStepper:
   """
 
   def __init__(self, model, e_pass, m_step, fuse: str | None = None):
-    specs = getattr(model, "param_specs", None)
+    specs = model.param_specs
     if specs is None:
       raise ValueError(f"{model.name}: SQUAREM needs `param_specs` (bijectors to "
                        "unconstrained space) on the model")

@@ -19,10 +19,13 @@ import tensorflow as tf
 
 from models import gaussian_mixture as gm
 from models.gaussian_mixture import GaussianMixtureParams
-from tfp_em.engine import inputs as v
 from tfp_em.diagnostics.mixin import DiagnosticsMixin
-from tfp_em.engine.loop import ON_DECREASE_OPTIONS, default_decrease_tol, fit_em, restart_seeds
+from tfp_em.engine import (ON_DECREASE_OPTIONS, default_decrease_tol, fit_em, fit_online_em,
+                           restart_seeds)
+from tfp_em.engine import inputs as v
+from tfp_em.engine.streams import checked_batches, features_dataset
 from tfp_em.mixture.em import GaussianMixtureEM, MixtureData, precision_cholesky
+from tfp_em.mixture import reseed as mr
 from tfp_em.mixture.initialization import INIT_METHODS, initial_responsibilities
 
 XLA_MIN_WORK = 2 ** 20  # N * K * D above which XLA's compile time pays off
@@ -119,7 +122,9 @@ class GaussianMixture(DiagnosticsMixin):
     v.check_seed(self.seed)
     return v.check_dtype(self.dtype)
 
-  def _model(self, n_points=None, n_features=None):
+  def em_model(self, n_points=None, n_features=None) -> GaussianMixtureEM:
+    """The `GaussianMixtureEM` this estimator fits; its compile mode suits
+    n_points x n_features data (None: streamed)."""
     return GaussianMixtureEM(self.n_components, self.covariance_type, self.reg_covar,
                              init=self._initial_responsibilities,
                              compile=self._compile_mode(n_points, n_features))
@@ -161,7 +166,7 @@ class GaussianMixture(DiagnosticsMixin):
         raise ValueError("sample_weight is only supported for in-memory arrays")
       data, first = self._stream(X, columns, batch_size, dtype)
       n_features = first.x.shape[1]
-      model = self._model(None, n_features)
+      model = self.em_model(None, n_features)
       init = self._user_init(model, first, dtype)
       del first  # only one batch is held at a time
     else:
@@ -169,24 +174,21 @@ class GaussianMixture(DiagnosticsMixin):
         raise ValueError("online=True needs streamed input (a tf.data.Dataset or files)")
       data = self._in_memory(X, sample_weight, dtype)
       n_features = data.x.shape[1]
-      model = self._model(*data.x.shape)
+      model = self.em_model(*data.x.shape)
       init = self._user_init(model, data, dtype)
     if online:
-      from tfp_em.engine.online import fit_online_em
-      result = fit_online_em(model, data, seed=self.seed, init_params=init,
-                             compile=model.compile)
+      result = fit_online_em(model, data, seed=self.seed, init_params=init)
     else:
       result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
                       seed=self.seed, init_params=init, on_decrease=self.on_decrease,
-                      compile=model.compile, progress=self.verbose,
-                      accelerate=self.accelerate, strategy=strategy,
+                      progress=self.verbose, accelerate=self.accelerate, strategy=strategy,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                       resume=resume)
       if isinstance(data, MixtureData):
         result = self._revive_empty(model, data, result)
       else:
         _warn_empty_streamed(result)
-    self._set_fitted(result.params, n_features)
+    self.set_fitted_params(result.params, n_features)
     # In-memory training data (already a private copy) for summary() and reports.
     self.fit_data_ = data if isinstance(data, MixtureData) else None
     self.log_likelihood_ = result.log_likelihood
@@ -198,7 +200,6 @@ class GaussianMixture(DiagnosticsMixin):
   def _revive_empty(self, model, data, result):
     """Re-seeds components that lost all their points (`tfp_em.mixture_reseed`);
     each continuation is appended to `result.restarts`."""
-    from tfp_em.mixture import reseed as mr
     x, w = data.x.numpy(), data.weights.numpy()
     for _ in range(self.n_components):
       empty = mr.empty_components(result.params.weights, w)
@@ -207,8 +208,7 @@ class GaussianMixture(DiagnosticsMixin):
       params = mr.reseed(result.params, model.log_prob_components, x, w, empty,
                          self.covariance_type, self.reg_covar)
       more = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
-                    init_params=params, on_decrease=self.on_decrease,
-                    compile=model.compile, progress=self.verbose)
+                    init_params=params, on_decrease=self.on_decrease, progress=self.verbose)
       slack = default_decrease_tol(x.dtype) * (abs(result.log_likelihood) + w.sum())
       kept = more.log_likelihood >= result.log_likelihood - slack
       warnings.warn(
@@ -240,7 +240,6 @@ class GaussianMixture(DiagnosticsMixin):
     return MixtureData(tf.constant(x), tf.constant(w))
 
   def _stream(self, source, columns, batch_size, dtype):
-    from tfp_em.engine.streams import checked_batches, features_dataset
     features, _ = features_dataset(source, columns, batch_size, dtype)
     first = next(checked_batches(features), None)
     if first is None or first.shape[0] < self.n_components:
@@ -272,7 +271,8 @@ class GaussianMixture(DiagnosticsMixin):
     return GaussianMixtureParams(tf.constant(weights), tf.constant(means),
                                  tf.constant(covariances))
 
-  def _set_fitted(self, params, n_features):
+  def set_fitted_params(self, params, n_features: int):
+    """Sets `params_` (tensors) and the attributes derived from them, as `fit` does."""
     self.n_features_in_ = n_features
     self.params_ = params
     self.weights_ = params.weights.numpy()
@@ -297,7 +297,7 @@ class GaussianMixture(DiagnosticsMixin):
     """log w_k + log N(x_n | k), shape [N, K], in chunks so that memory stays
     O(N K) rather than O(N K D)."""
     x = self._checked_x(X)
-    model = self._model()
+    model = self.em_model()
     step = INFERENCE_CHUNK
     return tf.concat([model.log_prob_components(self.params_, x[i:i + step])
                       for i in range(0, max(int(x.shape[0]), 1), step)], axis=0)
@@ -352,7 +352,6 @@ def _unit_weights(x) -> MixtureData:
 
 def _warn_empty_streamed(result) -> None:
   """Streamed fits are not re-seeded (that needs the data in memory): warn only."""
-  from tfp_em.mixture import reseed as mr
   weights = np.asarray(result.params.weights)
   empty = np.flatnonzero(weights * result.num_observations < mr.MIN_COUNT)
   if empty.size:

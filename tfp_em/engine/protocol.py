@@ -1,0 +1,122 @@
+"""The EM protocol: what `fit_em`, SQUAREM, the verifier and diagnostics need from a model.
+
+A model subclasses `EMModel`, implements its six abstract methods, and
+overrides the hooks below only where its defaults do not fit. Every hook is
+declared here once, with its default: nothing in tfp_em probes a model for
+optional attributes.
+
+`Params` and `Stats` are NamedTuples of tensors. Stats are sums over data
+points (or clusters), so partial stats from batches or replicas add up.
+"""
+from __future__ import annotations
+
+import abc
+import types
+
+import numpy as np
+
+
+class ConvergenceWarning(UserWarning):
+  """EM stopped at `max_iter` before the tolerance was met."""
+
+
+class LikelihoodDecreaseWarning(RuntimeWarning):
+  """The log-likelihood decreased between two EM iterations."""
+
+
+class LikelihoodDecreaseError(RuntimeError):
+  """Raised by `on_decrease='raise'` when the log-likelihood decreases."""
+
+
+class NumericalFailureError(ValueError):
+  """The fit produced a non-finite log-likelihood or failed a factorization."""
+
+
+def split_rows(data, num_shards: int):
+  """Row blocks of a tuple of [N, ...] tensors, as equal as possible."""
+  n = int(np.shape(data[0])[0])
+  bounds = np.linspace(0, n, num_shards + 1).astype(int)
+  return [type(data)(*[t[a:b] for t in data]) if hasattr(data, "_fields")
+          else tuple(t[a:b] for t in data) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class EMModel(abc.ABC):
+  """Base class of every model that `fit_em` fits and `tfp_em.verify` checks.
+
+  Hooks (class attributes; override in a subclass or set on an instance):
+    name: how messages and progress bars name the model.
+    compile: how `fit_em` compiles the steps by default: 'eager', 'graph'
+      (tf.function) or 'xla'.
+    autograph: False when the steps have no Python control flow on tensors:
+      tracing then skips AutoGraph's source conversion (faster first fit).
+    fuse_steps: False when the M-step cannot share one compiled function
+      with the E-step (for instance an M-step that runs eagerly).
+    failure_hint: what to try when the fit goes non-finite; appended to
+      `NumericalFailureError` messages.
+    param_specs: NamedTuple of `models.specs.ParamSpec` parallel to the
+      params (trainable flag, bijector to unconstrained space); needed by
+      SQUAREM, standard errors and the autodiff checks. None: not offered.
+    shared_stats_fields: stats fields that are the same in every batch of a
+      pass (a centring point, say): taken, not added.
+    generalized_m_step_fields: params whose M-step is iterative (a
+      generalized M-step that must not decrease Q) rather than an argmax; the
+      verifier checks Q increases there instead of a zero gradient.
+    component_axes: {param field: axis} of fields whose components can be
+      relabelled (mixtures); the verifier matches labels along these axes.
+    verification_tolerances: `tfp_em.verification` tolerances for this model,
+      or None for the defaults.
+  """
+  name: str = "EMModel"
+  compile: str = "graph"
+  autograph: bool = True
+  fuse_steps: bool = True
+  failure_hint: str = ""
+  param_specs = None
+  shared_stats_fields: tuple = ()
+  generalized_m_step_fields: tuple = ()
+  component_axes = types.MappingProxyType({})
+  verification_tolerances = None
+
+  @abc.abstractmethod
+  def initialize(self, data, seed: int):
+    """Initial params for one restart (deterministic given `seed`)."""
+
+  @abc.abstractmethod
+  def e_step(self, params, data):
+    """Returns `(stats, loglik)`; `loglik` is the objective at `params`."""
+
+  @abc.abstractmethod
+  def m_step(self, params, stats):
+    """Returns argmax_theta Q(theta | params) (or a non-decreasing step)."""
+
+  @abc.abstractmethod
+  def expected_log_joint(self, params, stats):
+    """Q(params | params_old), where `stats` came from the E-step at params_old."""
+
+  @abc.abstractmethod
+  def marginal_log_prob(self, params, data):
+    """Differentiable log p(data | params) built from the TFP model."""
+
+  @abc.abstractmethod
+  def num_observations(self, data) -> float:
+    """Total weight of the data; the tolerance applies to loglik / this."""
+
+  def split_data(self, data, num_shards: int) -> list:
+    """In-memory data cut into one self-contained shard per replica (row blocks)."""
+    return split_rows(data, num_shards)
+
+  def rebase_stats(self, stats, like):
+    """`stats` re-expressed at the shared fields of `like` (online EM); identity
+    for models without `shared_stats_fields`."""
+    return stats
+
+  def posterior(self, params, data):
+    """The E-step's posterior of the latents for the verifier's check 2, or
+    None when the model does not expose it."""
+    return None
+
+  def verification_oracle(self, params, data):
+    """Exact log p(data) and latent posterior from the model itself (an
+    `tfp_em.verification.exact.ExactPosterior`), or None: the verifier then has
+    no reference for checks 1-2 beyond `marginal_log_prob`."""
+    return None

@@ -1,0 +1,135 @@
+"""Params <-> one flat vector in unconstrained space, and the one L-BFGS driver.
+
+Each params field has a `models.specs.ParamSpec`: trainable or fixed, and the
+TFP bijector that maps unconstrained reals onto its support. `Flattener`
+stacks the trainable fields, mapped to unconstrained space, into one vector
+u [P]; fixed fields come back from the template unchanged. SQUAREM
+extrapolates there, standard errors differentiate there, and the verifier,
+the Bernoulli MLP's autodiff fit, the mixed models' NLL fits and the HMC MAP
+minimize there with `minimize_lbfgs`.
+
+    flat = Flattener(params, specs)
+    u = flat.flatten(params)           # [P]
+    params = flat.unflatten(u)         # trainable fields from u, fixed from the template
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+
+class Flattener:
+  """Maps params (NamedTuple) <-> one flat unconstrained vector of the trainable fields.
+
+  Works eagerly and inside `tf.function` (shapes must be static).
+
+  Args:
+    template: params NamedTuple; its fixed fields are returned by `unflatten`.
+    specs: NamedTuple of `ParamSpec` parallel to `template`.
+    dtype: cast the template's floating fields to this dtype first (None:
+      keep them).
+  """
+
+  def __init__(self, template, specs, dtype=None):
+    if dtype is not None:
+      template = type(template)(*[tf.cast(p, dtype) for p in template])
+    self.template = template
+    self.specs = specs
+    self.fields = [i for i, s in enumerate(specs) if s.trainable]
+    parts = [specs[i].bijector.inverse(template[i]) for i in self.fields]
+    self.shapes = [p.shape for p in parts]
+    self.sizes = [int(np.prod(s)) for s in self.shapes]
+    self.u_hat = self._concat(parts)                                     # [P]
+
+  @property
+  def size(self) -> int:
+    """P, the number of free numbers."""
+    return sum(self.sizes)
+
+  def _concat(self, parts):
+    if not parts:
+      return tf.zeros([0], self.template[0].dtype)
+    return tf.concat([tf.reshape(p, [-1]) for p in parts], 0)
+
+  def flatten(self, params):
+    """u [P]: the trainable fields of `params` in unconstrained space, stacked."""
+    return self._concat([self.specs[i].bijector.inverse(params[i]) for i in self.fields])
+
+  def unflatten(self, u):
+    """Params with the trainable fields from u [P] and the fixed ones from the template."""
+    values = list(self.template)
+    for i, part, shape in zip(self.fields, tf.split(u, self.sizes), self.shapes):
+      values[i] = self.specs[i].bijector.forward(tf.reshape(part, shape))
+    return type(self.template)(*values)
+
+  def constrained(self, params):
+    """Every entry of the trainable fields on their own scale, stacked [Q]."""
+    return self._concat([params[i] for i in self.fields])
+
+  def labels(self) -> list[str]:
+    """Names of the entries of `constrained`, az.summary style: 'means[0, 1]'."""
+    out = []
+    for i in self.fields:
+      name, shape = self.template._fields[i], self.template[i].shape
+      out += ([f"{name}[{', '.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
+              if len(shape) else [name])
+    return out
+
+  def jacobian(self):
+    """d theta / d u at u_hat, [Q, P]."""
+    u = self.u_hat
+    with tf.GradientTape() as tape:
+      tape.watch(u)
+      theta = self.constrained(self.unflatten(u))
+    return tape.jacobian(theta, u)
+
+
+def minimize_lbfgs(value_and_gradient, u0, *, max_iterations: int = 500,
+                   tolerance: float = 1e-8, f_relative_tolerance: float = 0.,
+                   x_tolerance: float = 0., num_correction_pairs: int = 10,
+                   compile: bool = False, callback=None):
+  """Minimizes f(u) by L-BFGS (`tfp.optimizer.lbfgs_minimize`) from u0 [P].
+
+  Args:
+    value_and_gradient: u [P] -> (f(u) [], grad f(u) [P]).
+    u0: starting point [P].
+    max_iterations, tolerance (on the gradient's sup norm),
+      f_relative_tolerance, x_tolerance, num_correction_pairs: as in
+      `tfp.optimizer.lbfgs_minimize`.
+    compile: trace `value_and_gradient` once with `tf.function`; the L-BFGS
+      loop itself runs eagerly (tracing its line search costs more than it
+      saves). Falls back to eager when the function cannot be traced.
+    callback: `callback(iteration, position, objective_value)` after every
+      iteration; L-BFGS then runs one iteration per call, resuming its state.
+
+  Returns:
+    tfp's `LBfgsOptimizerResults` (position, objective_value, converged,
+    failed, num_iterations, ...).
+  """
+  u0 = tf.convert_to_tensor(u0)
+  fn = value_and_gradient
+  if compile:
+    traced = tf.function(value_and_gradient)
+    try:
+      traced(u0)
+      fn = traced
+    except Exception:  # untraceable (user) code: stay eager
+      fn = value_and_gradient
+  options = dict(tolerance=tolerance, f_relative_tolerance=f_relative_tolerance,
+                 x_tolerance=x_tolerance, num_correction_pairs=num_correction_pairs)
+  if callback is None:
+    return tfp.optimizer.lbfgs_minimize(fn, initial_position=u0, max_iterations=max_iterations,
+                                        **options)
+  results = tfp.optimizer.lbfgs_minimize(fn, initial_position=u0, max_iterations=0, **options)
+  for it in range(1, max_iterations + 1):
+    done = int(results.num_iterations)
+    results = tfp.optimizer.lbfgs_minimize(fn, initial_position=None,
+                                           previous_optimizer_results=results,
+                                           max_iterations=it, **options)
+    if int(results.num_iterations) == done:  # stopped without another iteration
+      break
+    callback(it, results.position, results.objective_value)
+    if bool(results.converged) or bool(results.failed):
+      break
+  return results
