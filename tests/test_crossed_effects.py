@@ -4,10 +4,12 @@ import pytest
 import tensorflow as tf
 
 from models import crossed_effects as ce
+from tfp_em.engine import fit_em
 from tfp_em.mixed_effects import crossed_em as cx
-from tfp_em.mixed_effects.crossed_estimator import CrossedEffectsRegressor, is_factor_list
-from tfp_em.engine.loop import fit_em
+from tfp_em.mixed_effects import crossed_posterior as cp
+from tfp_em.mixed_effects.crossed_estimator import CrossedEffectsRegressor
 from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
+from tfp_em.mixed_effects.labels import is_factor_list
 
 NUM_LEVELS = (5, 7, 3)
 
@@ -29,7 +31,7 @@ def _params(beta=(0.5, 1.5), variances=(0.8, 0.3, 1.5), noise=0.6, dtype=tf.floa
                           tf.constant(noise, dtype))
 
 
-@pytest.mark.parametrize("seed,max_dense", [(0, cx.MAX_DENSE), (1, cx.MAX_DENSE), (2, 100)])
+@pytest.mark.parametrize("seed,max_dense", [(0, cp.MAX_DENSE), (1, cp.MAX_DENSE), (2, 100)])
 def test_posterior_equals_dense_mvn_conditioning(seed, max_dense):
   data, params = _simulate(seed), _params(variances=(0.8 + seed, 0.3, 1.5))
   post = cx.CrossedEffectsEM(max_dense=max_dense).posterior(params, data)
@@ -72,24 +74,24 @@ def test_cg_hutchinson_path():
   assert np.isnan(approx.log_prob)
 
 
-@pytest.mark.parametrize("max_dense", [cx.MAX_DENSE, 0])
+@pytest.mark.parametrize("max_dense", [cp.MAX_DENSE, 0])
 def test_covariance_entries_equal_dense_mvn_posterior(max_dense):
   """Selected entries of P^-1 and Var[sum_k u_k] equal the dense TFP posterior covariance."""
   data, params = _simulate(5), _params()
-  x, y, z, ztz, num_levels = cx.CrossedEffectsEM()._arrays(data)
-  fac = cx.factorize(ztz, num_levels, params.variances.numpy(), float(params.noise_variance),
+  x, y, z, ztz, num_levels = cx.CrossedEffectsEM().arrays(data)
+  fac = cp.factorize(ztz, num_levels, params.variances.numpy(), float(params.noise_variance),
                      max_dense)
   assert fac.exact == (max_dense > 0)
   _, cov = (t.numpy() for t in ce.dense_posterior(params, data))
   rng = np.random.default_rng(0)
   rows, cols = rng.integers(0, cov.shape[0], (2, 300))
-  np.testing.assert_allclose(cx.covariance_entries(fac, rows, cols), cov[rows, cols], atol=1e-12)
+  np.testing.assert_allclose(cp.covariance_entries(fac, rows, cols), cov[rows, cols], atol=1e-12)
   positions = data.codes.numpy() + np.concatenate([[0], np.cumsum(num_levels)[:-1]])
   positions[:5, 1] = -1                                                 # factor 1 unseen
   weights = np.zeros((len(positions), cov.shape[0]))
   for i, row in enumerate(positions):
     weights[i, row[row >= 0]] = 1.
-  np.testing.assert_allclose(cx.predictive_variance(fac, positions),
+  np.testing.assert_allclose(cp.predictive_variance(fac, positions),
                              np.einsum("nq,qr,nr->n", weights, cov, weights), rtol=1e-10)
 
 

@@ -7,10 +7,10 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from models import crossed_effects as ce
-from tfp_em.mixed_effects import crossed_em as cx
 from tfp_em.mixed_effects import crossed_networks as cn
+from tfp_em.mixed_effects import crossed_posterior as cp
 from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
-from tfp_em.mixed_effects.networks import Network
+from tfp_em.mixed_effects.training import Network
 
 tfd = tfp.distributions
 
@@ -72,8 +72,8 @@ def test_fisher_identity_for_f_outputs():
   with tf.GradientTape() as tape:
     tape.watch(f_)
     lp = _dense_mvn(f_, codes, tf.constant(variances), tf.constant(noise, tf.float64)).log_prob(y)
-  z = cx.design_matrix(codes, num_levels)
-  post = cx.posterior(np.zeros((40, 0)), y - f, z, (z.T @ z).tocsr(), num_levels, np.zeros(0),
+  z = cp.design_matrix(codes, num_levels)
+  post = cp.posterior(np.zeros((40, 0)), y - f, z, (z.T @ z).tocsr(), num_levels, np.zeros(0),
                       variances, noise)
   np.testing.assert_allclose(tape.gradient(lp, f_).numpy(), (y - f - z @ post.mean) / noise,
                              rtol=1e-8)
@@ -97,7 +97,7 @@ def test_em_exact_loglik_monotone_with_linear_f():
   y = 3. * X[:, 0] - 2. * X[:, 1] + rng.normal(size=12)[codes[:, 0]] + 0.5 * rng.normal(size=300)
   net = _linear_net()
   train = _net_data(X, y, codes)
-  init = cn.initial_params(net, train, seed=0, max_dense=cx.MAX_DENSE)
+  init = cn.initial_params(net, train, seed=0, max_dense=cp.MAX_DENSE)
   fit = cn.fit_crossed_network_em(net, train, None, init, max_iter=25, epochs_per_step=1,
                                   batch_size=300, learning_rate=1e-2, patience=100, seed=0)
   trace = fit.trace
@@ -164,9 +164,9 @@ def test_beyond_exact_limit_uses_mse_criterion():
                                   max_dense=2, num_probes=16)
   assert np.all(np.isnan(fit.trace)) and np.isnan(fit.log_likelihood)
   # the criterion at the returned (best) state: validation MSE of f + CG BLUPs
-  z = cx.design_matrix(train.codes, train.num_levels)
+  z = cp.design_matrix(train.codes, train.num_levels)
   f_train = np.asarray(net(tf.constant(train.x))[0])
-  post = cx.posterior(np.zeros((160, 0)), train.y - f_train, z, (z.T @ z).tocsr(),
+  post = cp.posterior(np.zeros((160, 0)), train.y - f_train, z, (z.T @ z).tocsr(),
                       train.num_levels, np.zeros(0), fit.params.variances.numpy(),
                       float(fit.params.noise_variance), max_dense=2, num_probes=16)
   pred = np.asarray(net(tf.constant(valid.x))[0]) + cn.blup_by_code(valid.codes,
@@ -217,7 +217,7 @@ def test_recovers_variances_and_beats_network_without_random_effects(method):
   assert est.sigma2_ == pytest.approx(noise, rel=0.15)
   mse = np.mean((est.predict(X[te], facs(te)) - y[te]) ** 2)
   keras.utils.set_random_seed(1)
-  plain = cn.Network(keras.Sequential([keras.Input((2,)), keras.layers.Dense(32, "relu"),
+  plain = Network(keras.Sequential([keras.Input((2,)), keras.layers.Dense(32, "relu"),
                                        keras.layers.Dense(16, "relu"), keras.layers.Dense(1)]),
                      False, tf.float64).model
   plain.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse")

@@ -8,10 +8,11 @@ import tensorflow as tf
 from models import mixed_effects as me
 from models.specs import constrain, unconstrain
 from me_mutants import MUTANTS  # tests/ is on sys.path (rootdir-relative import)
-from tfp_em.engine.loop import ConvergenceWarning, fit_em
-from tfp_em.mixed_effects.estimator import MixedEffectsRegressor, encode_clusters
+from tfp_em.engine import ConvergenceWarning, fit_em
 from tfp_em.mixed_effects.em import MixedEffectsEM, fit_marginal_lbfgs
-from tfp_em.mixed_effects.networks import _cluster_minibatches
+from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
+from tfp_em.mixed_effects.labels import encode_clusters
+from tfp_em.mixed_effects.training import cluster_minibatches
 
 COV_TYPES = me.COVARIANCE_TYPES
 
@@ -157,7 +158,7 @@ def test_e_step_loglik_and_fisher_identity(cov):
   params = _params(cov)
   stats, ll = model.e_step(params, data)
   np.testing.assert_allclose(ll, model.marginal_log_prob(params, data), rtol=1e-12)
-  specs = model.specs()
+  specs = model.param_specs
   g_q = _grad(lambda p: model.expected_log_joint(p, stats), params, specs)
   g_l = _grad(lambda p: model.marginal_log_prob(p, data), params, specs)
   assert np.max(np.abs(g_l)) > 1e-2  # a point where the check has teeth
@@ -171,7 +172,7 @@ def test_m_step_is_stationary_and_increases_q(cov):
   params = _params(cov)
   stats, _ = model.e_step(params, data)
   new = model.m_step(params, stats)
-  g = _grad(lambda p: model.expected_log_joint(p, stats), new, model.specs())
+  g = _grad(lambda p: model.expected_log_joint(p, stats), new, model.param_specs)
   assert np.max(np.abs(g)) < 1e-9
   assert model.expected_log_joint(new, stats) > model.expected_log_joint(params, stats)
 
@@ -211,7 +212,7 @@ def test_em_and_lbfgs_meet_at_the_same_optimum(cov):
   for a, b in zip(em.params, params):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert np.max(np.abs(_grad(lambda p: model.marginal_log_prob(p, data), em.params,
-                             model.specs()))) < 1e-4
+                             model.param_specs))) < 1e-4
 
 
 # ---------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def test_float32_fit_is_close_to_float64(sleepstudy):
 def _checks(model, data, ref):
   """Fisher identity, M-step stationarity, monotone l, and the statsmodels optimum."""
   params = model.initialize(data, 0)
-  specs = model.specs()
+  specs = model.param_specs
   stats, _ = model.e_step(params, data)
   g_q = _grad(lambda p: model.expected_log_joint(p, stats), params, specs)
   g_l = _grad(lambda p: model.marginal_log_prob(p, data), params, specs)
@@ -326,6 +327,32 @@ def _lmm_arrays(seed=0, num_clusters=30, size=8, sigma_b=2.):
   b = rng.normal(0, sigma_b, num_clusters)
   y = 1. + x @ [2., -1.] + b[cluster] + rng.normal(size=cluster.size)
   return x, y, cluster, b
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(random_effects="slopes"), dict(method="nll")])
+def test_one_factor_in_a_list_is_the_same_fit(kw):
+  """clusters=[g] runs the single-factor fit: the same numbers to the bit."""
+  x, y, cluster, _ = _lmm_arrays()
+  time = x[:, 0] if kw.get("random_effects") == "slopes" else None
+  a = MixedEffectsRegressor(**kw).fit(x, y, cluster, time=time)
+  b = MixedEffectsRegressor(**kw).fit(x, y, [cluster], time=time)
+  assert b.crossed_ is None
+  np.testing.assert_allclose(b.coef_, a.coef_, rtol=1e-13)
+  assert b.intercept_ == pytest.approx(a.intercept_, rel=1e-13)
+  np.testing.assert_allclose(b.cov_random_effects_, a.cov_random_effects_, rtol=1e-13)
+  assert b.sigma2_ == pytest.approx(a.sigma2_, rel=1e-13)
+  assert b.log_likelihood_ == pytest.approx(a.log_likelihood_, rel=1e-13)
+  np.testing.assert_allclose(b.predict(x, [cluster], time=time), a.predict(x, cluster, time=time),
+                             rtol=1e-13)
+  with pytest.raises(ValueError, match="one grouping factor"):
+    a.predict(x, [cluster, cluster], time=time)
+
+
+def test_validation_data_with_linear_f_raises():
+  x, y, cluster, _ = _lmm_arrays()
+  for clusters in (cluster, [cluster], [cluster, cluster % 7]):
+    with pytest.raises(ValueError, match="validation_data .*only used with a network f"):
+      MixedEffectsRegressor().fit(x, y, clusters, validation_data=(x, y, clusters))
 
 
 def test_string_labels_give_the_same_fit_as_integers():
@@ -439,7 +466,7 @@ def test_cluster_minibatches_hold_whole_clusters():
   rng = np.random.default_rng(0)
   cluster = rng.integers(0, 40, 500)
   cluster[cluster == 7] = 8  # an empty cluster id
-  order, starts, ends, local = _cluster_minibatches(rng, cluster, 40, 64)
+  order, starts, ends, local = cluster_minibatches(rng, cluster, 40, 64)
   assert np.array_equal(np.sort(order), np.arange(500))
   assert starts[0] == 0 and ends[-1] == 500 and np.all(starts[1:] == ends[:-1])
   seen = set()

@@ -52,7 +52,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import lmmnn_simulation  # noqa: E402
-from tfp_em.mixed_effects.crossed_em import MAX_DENSE  # noqa: E402
+from tfp_em.mixed_effects.crossed_posterior import MAX_DENSE  # noqa: E402
 from tfp_em.mixed_effects.crossed_estimator import CrossedEffectsRegressor  # noqa: E402
 from tfp_em.mixed_effects.estimator import MixedEffectsRegressor  # noqa: E402
 

@@ -4,130 +4,29 @@
 
 fitted by maximum likelihood, with exact sparse EM (`method='em'`, PX-EM
 step, optionally SQUAREM) or L-BFGS on the exact marginal (`method='nll'`).
-The maths is in `tfp_em.crossed_effects`.
+The maths is in `crossed_em` and `crossed_posterior`.
 
 Prediction rule, for each factor independently: a level seen in `fit` adds
 its BLUP E[u_k | y_train]; an unseen level adds 0 (the prior mean).
 
 `MixedEffectsRegressor.fit(X, y, clusters=[g1, g2, ...])` dispatches here
-through `fit_crossed` when given a list of K grouping factors.
+through `fit_crossed` when given K >= 2 grouping factors.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
-import scipy.sparse as sp
-import scipy.stats as sps
 import tensorflow as tf
 
 from models import crossed_effects as ce
+from tfp_em.engine import fit_em
 from tfp_em.engine import inputs as val
-from tfp_em.mixed_effects.crossed_em import (MAX_DENSE, CrossedEffectsEM, factorize, fit_em_large, fit_nll,
-                                   predictive_variance)
-from tfp_em.engine.loop import fit_em
+from tfp_em.mixed_effects.crossed_em import CrossedEffectsEM, fit_em_large, fit_nll
+from tfp_em.mixed_effects.crossed_networks import fit_estimator
+from tfp_em.mixed_effects.crossed_posterior import (MAX_DENSE, CrossedPredictions,
+                                                    PosteriorPrecision)
+from tfp_em.mixed_effects.labels import blup_sum, encode_factors
 
 METHODS = ("em", "nll")
-
-
-def is_factor_list(clusters) -> bool:
-  """True for a list/tuple of K >= 1 label arrays (not a list of scalar labels)."""
-  if not isinstance(clusters, (list, tuple)) or not clusters:
-    return False
-  return all(hasattr(g, "__len__") and not isinstance(g, (str, bytes)) for g in clusters)
-
-
-def encode_factors(clusters, n: int, name: str = "clusters"):
-  """K label arrays [n] -> (list of K unique-label arrays, codes [n, K] int32).
-
-  Raises ValueError unless `clusters` is a list of K >= 1 factors with one
-  label per row and at least two levels each.
-  """
-  from tfp_em.mixed_effects.estimator import encode_clusters
-  if not is_factor_list(clusters):
-    raise ValueError(f"{name} must be a list of K >= 1 grouping factors, each with one "
-                     "label per row of X")
-  levels, codes = [], []
-  for k, g in enumerate(clusters):
-    labels, c = encode_clusters(g, n, name=f"{name}[{k}]")
-    if len(labels) < 2:
-      raise ValueError(f"{name}[{k}] has a single level: its variance cannot be "
-                       "separated from the intercept; drop the factor")
-    levels.append(labels)
-    codes.append(c)
-  return levels, np.stack(codes, 1)
-
-
-def level_positions(levels, clusters, n: int) -> np.ndarray:
-  """[n, K] position in u = [u_1 ... u_K] of each row's level of each factor;
-  -1 for a level unseen in fit (all -1 for clusters=None)."""
-  if clusters is None:
-    return np.full((n, len(levels)), -1, np.int64)
-  if not is_factor_list(clusters) or len(clusters) != len(levels):
-    raise ValueError(f"clusters must be a list of {len(levels)} grouping factors, as in fit")
-  from tfp_em.mixed_effects.estimator import encode_clusters
-  offsets = np.concatenate([[0], np.cumsum([len(v) for v in levels])])
-  out = np.empty((n, len(levels)), np.int64)
-  for k, g in enumerate(clusters):
-    labels, codes = encode_clusters(g, n, name=f"clusters[{k}]")
-    pos = {v: i for i, v in enumerate(levels[k])}
-    index = np.array([pos.get(v, -1) for v in labels], np.int64)[codes]
-    out[:, k] = np.where(index >= 0, index + offsets[k], -1)
-  return out
-
-
-def sum_at_positions(positions, mean) -> np.ndarray:
-  """sum_k mean[positions[:, k]] per row [n], skipping positions -1."""
-  mean = np.asarray(mean, np.float64)
-  return np.sum(np.where(positions >= 0, mean[np.maximum(positions, 0)], 0.), axis=1)
-
-
-def blup_sum(levels, blups, clusters, n: int):
-  """sum_k BLUP_k(level) per row [n]: 0 for a level unseen in fit, or for clusters=None."""
-  return sum_at_positions(level_positions(levels, clusters, n), np.concatenate(blups))
-
-
-class PosteriorPrecision(NamedTuple):
-  """The training data's P = D^-1 + Z^T Z / sigma^2 at the fitted variances."""
-  ztz: sp.csr_matrix        # [Q, Q] Z^T Z of the training rows
-  num_levels: np.ndarray    # [K]
-  variances: np.ndarray     # [K] sigma_k^2
-  noise_variance: float     # sigma^2
-  max_dense: int
-
-  def factorize(self):
-    return factorize(*self)
-
-
-class CrossedPredictions:
-  """`random_effects` and `predict_interval` of a fitted K-factor model.
-
-  Needs `levels_`, `blups_`, `precision_` (a `PosteriorPrecision`) and
-  `predict(X, clusters)`.
-  """
-
-  def random_effects(self, k: int) -> dict:
-    """{label: BLUP} of factor k."""
-    val.check_is_fitted(self, "blups_")
-    return dict(zip(self.levels_[k], self.blups_[k]))
-
-  def predict_interval(self, X, clusters=None, level: float = 0.95):
-    """Normal predictive interval for a new observation, [n, 2] (lower, upper).
-
-    The variance is sigma^2 + Var[sum_k u_k(level_k) | y] over the factors
-    whose level was seen in fit (the exact posterior covariance, cross-factor
-    terms included) + sigma_k^2 for each unseen factor. The uncertainty of f
-    (beta or the network) is not included.
-    """
-    level = val.check_interval_level(level)
-    mean = self.predict(X, clusters)
-    positions = level_positions(self.levels_, clusters, len(mean))
-    prec = self.precision_
-    var = prec.noise_variance + np.sum(np.where(positions < 0, prec.variances, 0.), axis=1)
-    if np.any(positions >= 0):
-      var = var + predictive_variance(prec.factorize(), positions)
-    half = sps.norm.ppf(0.5 + level / 2.) * np.sqrt(var)
-    return np.stack([mean - half, mean + half], axis=-1)
 
 
 class CrossedEffectsRegressor(CrossedPredictions):
@@ -213,7 +112,7 @@ class CrossedEffectsRegressor(CrossedPredictions):
       self.log_likelihood_ = float("nan")
     elif self.method == "em":
       result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
-                      init_params=init, on_decrease=self.on_decrease, compile=model.compile,
+                      init_params=init, on_decrease=self.on_decrease,
                       accelerate=self.accelerate, keep_trajectory=False)
       params, self.log_likelihood_, self.n_iter_ = result.params, result.log_likelihood, result.n_iter
       self.fit_result_ = result
@@ -230,7 +129,7 @@ class CrossedEffectsRegressor(CrossedPredictions):
     self.variances_ = np.asarray(params.variances, np.float64).astype(dtype)
     self.sigma2_ = float(params.noise_variance)
     self.precision_ = PosteriorPrecision(
-        model._arrays(data)[3], np.array(sizes), np.asarray(params.variances, np.float64),
+        model.arrays(data)[3], np.array(sizes), np.asarray(params.variances, np.float64),
         self.sigma2_, self.max_dense)
     self.n_features_in_ = X.shape[1]
     return self
@@ -244,25 +143,23 @@ class CrossedEffectsRegressor(CrossedPredictions):
         + blup_sum(self.levels_, self.blups_, clusters, X.shape[0])
 
 
-def fit_crossed(estimator, X, y, clusters, time=None, Z=None, validation_data=None):
-  """`MixedEffectsRegressor.fit` with K grouping factors.
+def fit_crossed(estimator, X, y, clusters, time=None, Z=None, valid=None):
+  """`MixedEffectsRegressor.fit` with K >= 2 grouping factors.
 
   Linear f: fits a `CrossedEffectsRegressor` with the same options into
   `estimator.crossed_` and copies its results (coef_, intercept_, sigma2_,
-  log_likelihood_, variances_, fit_result_) onto `estimator`. A network f:
-  `tfp_em.mixed_effects.crossed_networks.fit_estimator` (MeNets EM or LMMNN NLL, early stopping on
-  `validation_data` = (X, y, [g1, ..., gK])).
+  log_likelihood_, variances_, fit_result_) onto `estimator`. A network f
+  (`network_` built, X and y checked, `valid` the checked validation data or
+  None): `crossed_networks.fit_estimator` (MeNets EM or LMMNN NLL).
   """
   if estimator.random_effects != "intercept":
     raise ValueError("several grouping factors take random intercepts only "
                      f"(random_effects='intercept'), got {estimator.random_effects!r}")
-  if time is not None or Z is not None:
+  if time is not None or Z is not None or (valid is not None and (valid.time is not None
+                                                                  or valid.Z is not None)):
     raise ValueError("time and Z are not used with several grouping factors")
   if estimator.f is not None:  # a network: MeNets EM or LMMNN NLL
-    from tfp_em.mixed_effects.crossed_networks import fit_estimator
-    return fit_estimator(estimator, X, y, clusters, validation_data)
-  if validation_data is not None:
-    raise ValueError("validation_data (early stopping) is only used with a network f")
+    return fit_estimator(estimator, X, y, clusters, valid)
   crossed = CrossedEffectsRegressor(
       method=estimator.method, fit_intercept=estimator.fit_intercept,
       max_iter=estimator.max_iter, tol=estimator.tol, seed=estimator.seed,

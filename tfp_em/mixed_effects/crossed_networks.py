@@ -32,7 +32,7 @@ beyond).
   has more than `MAX_GROUP_ROWS` rows is not used for grouping, and without
   such a factor the batches are random rows.
 
-Early stopping (`mixed_effects_nn._EarlyStopper`) is on the exact validation
+Early stopping (`training.train_with_early_stopping`) is on the exact validation
 NLL -(l(train + val) - l(train)) / N_val, or on the training -l / N without
 validation data, both from the crossed factorization in inference mode. Beyond
 the exact limit log|P| is not available: the criterion is then the mean squared
@@ -60,16 +60,17 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from models import crossed_effects as ce
-from models.specs import constrain, unconstrain
-from tfp_em.mixed_effects import crossed_em as cx
+from tfp_em.engine import fit_em
 from tfp_em.engine import inputs as val
-from tfp_em.mixed_effects.crossed_estimator import (CrossedPredictions, PosteriorPrecision, blup_sum,
-                                      encode_factors, is_factor_list, sum_at_positions)
-from tfp_em.engine.loop import FitResult, RestartTrace, default_decrease_tol, fit_em
+from tfp_em.engine.unconstrained import Flattener
+from tfp_em.mixed_effects import crossed_em as cx
+from tfp_em.mixed_effects import crossed_posterior as cp
 from tfp_em.mixed_effects.em import update_noise_variance
-from tfp_em.mixed_effects.networks import (Network, NetworkFit, _cluster_minibatches,
-                                     _EarlyStopper, _minibatches, minibatch_epoch,
-                                     mse_epoch)
+from tfp_em.mixed_effects.labels import (blup_sum, code_labels, code_positions, encode_factors,
+                                         sum_at_positions)
+from tfp_em.mixed_effects.training import (Network, NetworkFit, cluster_minibatches,
+                                           fit_summary, minibatch_epoch, minibatches, mse_epoch,
+                                           train_with_early_stopping)
 
 tfd = tfp.distributions
 
@@ -92,18 +93,9 @@ class CrossedNetData(NamedTuple):
   num_levels: np.ndarray
 
 
-def exact_limit_ok(num_levels, max_dense: int) -> bool:
-  """Whether `crossed_effects.factorize` is exact for these level counts."""
-  num_levels = np.asarray(num_levels)
-  return int(num_levels.sum() - num_levels.max()) <= max_dense
-
-
 def blup_by_code(codes, num_levels, mean):
   """sum_k m_k[level_k] per row [N], 0 for levels >= q_k (unseen in training)."""
-  codes = np.asarray(codes)
-  offsets = np.concatenate([[0], np.cumsum(num_levels)[:-1]])
-  positions = np.where(codes < np.asarray(num_levels), codes + offsets, -1)  # [N, K]
-  return sum_at_positions(positions, mean)
+  return sum_at_positions(code_positions(codes, num_levels), mean)
 
 
 def batch_log_prob(resid, codes, variances, noise_variance):
@@ -125,9 +117,9 @@ def _batches(rng, codes, num_levels, epoch: int, batch_size: int):
   groupable = [k for k in range(codes.shape[1])
                if np.bincount(codes[:, k], minlength=num_levels[k]).max() <= MAX_GROUP_ROWS]
   if not groupable:
-    return _minibatches(rng, codes.shape[0], batch_size)
+    return minibatches(rng, codes.shape[0], batch_size)
   k = groupable[epoch % len(groupable)]
-  return _cluster_minibatches(rng, codes[:, k], int(num_levels[k]), batch_size)[:3]
+  return cluster_minibatches(rng, codes[:, k], int(num_levels[k]), batch_size)[:3]
 
 
 class _Evaluator:
@@ -137,31 +129,31 @@ class _Evaluator:
                max_dense: int, num_probes: int):
     self.net, self.train, self.val = net, train, val
     self.max_dense, self.num_probes = max_dense, num_probes
-    self.z = cx.design_matrix(train.codes, train.num_levels)
+    self.z = cp.design_matrix(train.codes, train.num_levels)
     self.ztz = (self.z.T @ self.z).tocsr()
-    self.exact = exact_limit_ok(train.num_levels, max_dense)
+    self.exact = cp.exact_limit_ok(train.num_levels, max_dense)
     if val is not None:
       self.both_levels = np.maximum(train.num_levels, val.num_levels)
-      self.z_both = cx.design_matrix(np.concatenate([train.codes, val.codes]), self.both_levels)
+      self.z_both = cp.design_matrix(np.concatenate([train.codes, val.codes]), self.both_levels)
       self.ztz_both = (self.z_both.T @ self.z_both).tocsr()
-      self.exact = self.exact and exact_limit_ok(self.both_levels, max_dense)
+      self.exact = self.exact and cp.exact_limit_ok(self.both_levels, max_dense)
 
   def f(self, x):
     return np.asarray(self.net(tf.constant(x))[0], np.float64)
 
   def _posterior(self, resid, z, ztz, num_levels, params):
-    return cx.posterior(np.zeros((len(resid), 0)), resid, z, ztz, num_levels, np.zeros(0),
+    return cp.posterior(np.zeros((len(resid), 0)), resid, z, ztz, num_levels, np.zeros(0),
                         np.asarray(params.variances, np.float64),
                         float(params.noise_variance), self.max_dense, self.num_probes)
 
   def evaluate(self, params):
-    """(training l (NaN beyond the exact limit), criterion, training posterior)."""
+    """(training l (0 beyond the exact limit), criterion, training posterior)."""
     train = self.train
     post = self._posterior(train.y - self.f(train.x), self.z, self.ztz, train.num_levels, params)
     if self.val is None:
       crit = (-post.log_prob if self.exact else
               float(np.sum((post.residual - self.z @ post.mean) ** 2))) / len(train.y)
-      return post.log_prob, crit, post
+      return self.loglik(post), crit, post
     f_val = self.f(self.val.x)
     if self.exact:
       resid = np.concatenate([post.residual, self.val.y - f_val])
@@ -170,12 +162,15 @@ class _Evaluator:
     else:
       pred = f_val + blup_by_code(self.val.codes, train.num_levels, post.mean)
       crit = float(np.mean((self.val.y - pred) ** 2))
-    return post.log_prob, crit, post
+    return self.loglik(post), crit, post
+
+  def loglik(self, post):
+    """The training l, or 0 beyond the exact limit (NaN there would stop training)."""
+    return post.log_prob if self.exact else 0.
 
 
-def _finish(stopper: _EarlyStopper, evaluator: _Evaluator, n_iter: int) -> NetworkFit:
-  fit = stopper.result(n_iter=n_iter)
-  if not evaluator.exact:  # the stopper was given 0 for the unavailable l
+def _finish(fit: NetworkFit, evaluator: _Evaluator) -> NetworkFit:
+  if not evaluator.exact:  # the loop was given 0 for the unavailable l
     fit = fit._replace(log_likelihood=float("nan"), trace=np.full_like(fit.trace, np.nan))
   return fit
 
@@ -190,11 +185,11 @@ def initial_params(net: Network, train: CrossedNetData, seed: int, max_dense: in
                         tf.constant(train.codes, tf.int32), tf.constant(train.num_levels, tf.int32))
   model = cx.CrossedEffectsEM(intercept=0, max_dense=max_dense)
   init = model.initialize(data, seed)
-  if exact_limit_ok(train.num_levels, max_dense):
+  if cp.exact_limit_ok(train.num_levels, max_dense):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       params = fit_em(model, data, max_iter=50, tol=1e-6, seed=seed, init_params=init,
-                      compile=model.compile, progress=False, keep_trajectory=False).params
+                      progress=False, keep_trajectory=False).params
   else:
     params = cx.fit_em_large(model, data, init, max_iter=20, tol=1e-3)[0]
   net.shift_output(np.array([float(params.beta[0])]))
@@ -204,7 +199,7 @@ def initial_params(net: Network, train: CrossedNetData, seed: int, max_dense: in
 def fit_crossed_network_em(net: Network, train: CrossedNetData, val, init_params: ce.CrossedParams,
                            *, max_iter: int, epochs_per_step: int, batch_size: int,
                            learning_rate: float, patience: int, seed: int,
-                           max_dense: int = cx.MAX_DENSE, num_probes: int = 64,
+                           max_dense: int = cp.MAX_DENSE, num_probes: int = 64,
                            expand: bool = True) -> NetworkFit:
   """MeNets EM with K crossed random intercepts (see the module docstring).
 
@@ -213,7 +208,6 @@ def fit_crossed_network_em(net: Network, train: CrossedNetData, val, init_params
   is not a linear Dense with a bias) and the m_k are centred.
   Returns a `NetworkFit` whose params are `CrossedParams` with empty beta.
   """
-  stopper = _EarlyStopper(net, patience, "MeNets EM (crossed)", "iteration")
   evaluator = _Evaluator(net, train, val, max_dense, num_probes)
   rng = np.random.default_rng(seed)
   optimizer = keras.optimizers.Adam(learning_rate)
@@ -225,11 +219,7 @@ def fit_crossed_network_em(net: Network, train: CrossedNetData, val, init_params
 
   train_epoch = mse_epoch(net, x, optimizer)
 
-  params = init_params
-  for it in range(max_iter + 1):
-    ll, crit, post = evaluator.evaluate(params)
-    if stopper.should_stop(it, params, ll if evaluator.exact else 0., crit) or it == max_iter:
-      break
+  def step(it, params, post):
     variances, sigma2 = np.asarray(params.variances, np.float64), float(params.noise_variance)
     stats, _ = cx.CrossedEffectsEM.stats_from(post, np.zeros((n, 0)), evaluator.z, num_levels,
                                               variances, sigma2, tf.zeros([0], tf.float64))
@@ -241,62 +231,62 @@ def fit_crossed_network_em(net: Network, train: CrossedNetData, val, init_params
     new_variances = cx.update_variances(second, num_levels)
     target = train.y - evaluator.z @ mean                                # [N]
     for _ in range(epochs_per_step):
-      train_epoch(*map(tf.constant, _minibatches(rng, n, batch_size)), tf.constant(target, dtype))
+      train_epoch(*map(tf.constant, minibatches(rng, n, batch_size)), tf.constant(target, dtype))
     resid_ss = float(np.sum((target - evaluator.f(train.x)) ** 2))
-    params = ce.CrossedParams(
+    return ce.CrossedParams(
         beta=params.beta, variances=tf.constant(new_variances, tf.float64),
         noise_variance=tf.constant(update_noise_variance(resid_ss, float(stats.trace), n),
                                    tf.float64))
-  return _finish(stopper, evaluator, it)
+
+  fit = train_with_early_stopping(net, init_params, evaluate=evaluator.evaluate, step=step,
+                                  max_iter=max_iter, patience=patience,
+                                  label="MeNets EM (crossed)", unit="iteration")
+  return _finish(fit, evaluator)
 
 
 def fit_crossed_network_nll(net: Network, train: CrossedNetData, val,
                             init_params: ce.CrossedParams, *, max_iter: int, batch_size: int,
                             learning_rate: float, patience: int, seed: int,
-                            max_dense: int = cx.MAX_DENSE, num_probes: int = 64) -> NetworkFit:
+                            max_dense: int = cp.MAX_DENSE, num_probes: int = 64) -> NetworkFit:
   """LMMNN: Adam on the batch marginal NLL (a composite likelihood; module docstring).
 
   `max_iter` counts epochs. Returns a `NetworkFit` whose params are
   `CrossedParams` with empty beta.
   """
-  stopper = _EarlyStopper(net, patience, "LMMNN NLL (crossed)", "epoch")
   evaluator = _Evaluator(net, train, val, max_dense, num_probes)
   rng = np.random.default_rng(seed)
   optimizer = keras.optimizers.Adam(learning_rate)
   dtype = net.dtype
   specs = ce.param_specs()
-  free = unconstrain(init_params, specs)
-  free_var = tf.Variable(tf.cast(free.variances, dtype), name="free_variances")
-  free_noise = tf.Variable(tf.cast(free.noise_variance, dtype), name="free_noise_variance")
-  variables = list(net.trainable_variables) + [free_var, free_noise]
+  flat = Flattener(init_params, specs._replace(beta=specs.beta._replace(trainable=False)), dtype)
+  free = tf.Variable(flat.u_hat, name="free_variance_parameters")
+  variables = list(net.trainable_variables) + [free]
   x, y, codes = tf.constant(train.x), tf.constant(train.y, dtype), tf.constant(train.codes)
   n = len(train.y)
 
-  def current_params():
-    return constrain(ce.CrossedParams(init_params.beta, free_var, free_noise), specs)
-
   def batch_loss(idx, start, end, scale):
     f, _ = net(tf.gather(x, idx), training=True)
-    params = current_params()
+    params = flat.unflatten(free)
     return -scale * batch_log_prob(tf.gather(y, idx) - f, tf.gather(codes, idx),
                                    params.variances, params.noise_variance)
 
   train_epoch = minibatch_epoch(batch_loss, variables, optimizer)
 
-  for it in range(max_iter + 1):
-    params = current_params()
-    ll, crit, _ = evaluator.evaluate(params)
-    if stopper.should_stop(it, params, ll if evaluator.exact else 0., crit) or it == max_iter:
-      break
+  def step(it, params, post):
     order, starts, ends = _batches(rng, train.codes, train.num_levels, it, batch_size)
     train_epoch(*map(tf.constant, (order, starts, ends)), tf.constant(len(starts) / n, dtype))
-  return _finish(stopper, evaluator, it)
+    return flat.unflatten(free)
+
+  fit = train_with_early_stopping(net, flat.unflatten(free), evaluate=evaluator.evaluate,
+                                  step=step, max_iter=max_iter, patience=patience,
+                                  label="LMMNN NLL (crossed)", unit="epoch")
+  return _finish(fit, evaluator)
 
 
 # ---------------------------------------------------------------------------
 # `MixedEffectsRegressor(f=<network>).fit(X, y, clusters=[g1, ..., gK])`.
 
-class CrossedNetworkPredictor(CrossedPredictions):
+class CrossedNetworkPredictor(cp.CrossedPredictions):
   """A fitted network f with K crossed random intercepts: predicts
   f(x) + sum_k BLUP_k(level_k), 0 for a level unseen in fit (each factor
   independently) or for clusters=None; `predict_interval` and
@@ -307,7 +297,7 @@ class CrossedNetworkPredictor(CrossedPredictions):
   (the training posterior precision at the fitted variances).
   """
 
-  def __init__(self, network: Network, levels, blups, precision: PosteriorPrecision,
+  def __init__(self, network: Network, levels, blups, precision: cp.PosteriorPrecision,
                n_features: int):
     self.network, self.levels_, self.blups_ = network, levels, blups
     self.precision_, self.n_features_in_ = precision, n_features
@@ -319,52 +309,30 @@ class CrossedNetworkPredictor(CrossedPredictions):
     return f + blup_sum(self.levels_, self.blups_, clusters, X.shape[0])
 
 
-def _validation_set(validation_data, levels, estimator, dtype) -> CrossedNetData:
-  """(X, y, [g1, ..., gK]) with each factor coded against the training levels;
-  unseen levels get codes q_k, q_k + 1, ..."""
-  from tfp_em.mixed_effects.estimator import encode_clusters
-  if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 3:
-    raise ValueError("with several grouping factors, validation_data must be a tuple "
-                     "(X, y, clusters), clusters a list of K label arrays")
-  Xv, yv, groups = validation_data
-  Xv, yv = estimator._check_xy(Xv, yv, dtype, name=" (validation)")
-  val.check_n_features(Xv, estimator.n_features_in_, "X (validation)")
-  if not is_factor_list(groups) or len(groups) != len(levels):
-    raise ValueError(f"validation clusters must be a list of {len(levels)} grouping factors, "
-                     "as in fit")
-  codes, num_levels = [], []
-  for k, g in enumerate(groups):
-    labels, c = encode_clusters(g, Xv.shape[0], name=f"clusters[{k}] (validation)")
-    pos = {v: i for i, v in enumerate(levels[k])}
-    mapped = np.empty(len(labels), np.int64)
-    extra = 0
-    for j, lab in enumerate(labels):
-      mapped[j] = pos[lab] if lab in pos else len(levels[k]) + extra
-      extra += lab not in pos
-    codes.append(mapped[c])
-    num_levels.append(len(levels[k]) + extra)
-  return CrossedNetData(Xv, yv.astype(np.float64), np.stack(codes, 1), np.array(num_levels))
+def _validation_set(valid, levels) -> CrossedNetData:
+  """Checked validation (X, y, [g1, ..., gK]) with each factor coded against
+  the training levels; unseen levels get codes q_k, q_k + 1, ..."""
+  n = valid.X.shape[0]
+  coded = [code_labels(levels[k], g, n, f"clusters[{k}] (validation)")
+           for k, g in enumerate(valid.clusters)]
+  return CrossedNetData(valid.X, valid.y.astype(np.float64), np.stack([c for c, _ in coded], 1),
+                        np.array([q for _, q in coded]))
 
 
-def fit_estimator(estimator, X, y, clusters, validation_data=None):
-  """Fits `estimator` (a `MixedEffectsRegressor` with a network f and
-  random_effects='intercept') with K crossed factors; sets network_,
-  variances_ [K], sigma2_, log_likelihood_ (exact training marginal at the
-  returned weights and variances; NaN beyond the exact limit), history_,
-  fit_result_, n_iter_ and crossed_ (a `CrossedNetworkPredictor` holding the
+def fit_estimator(estimator, X, y, clusters, valid=None):
+  """Fits `estimator` (a `MixedEffectsRegressor` with a network f, random
+  intercepts, `network_` and `dtype_` set) on checked X, y and K crossed
+  factors; `valid` is the checked `ValidationData` or None. Sets variances_
+  [K], sigma2_, log_likelihood_ (exact training marginal at the returned
+  weights and variances; NaN beyond the exact limit), history_, fit_result_,
+  params_, n_iter_ and crossed_ (a `CrossedNetworkPredictor` holding the
   BLUPs of the final exact posterior)."""
-  from tfp_em.mixed_effects.estimator import _numpy
-  dtype = val.check_dtype(estimator.dtype)
-  estimator.dtype_ = dtype
-  X, y = estimator._check_xy(X, y, dtype)
+  dtype = estimator.dtype_
   levels, codes = encode_factors(clusters, X.shape[0])
-  estimator.n_features_in_ = X.shape[1]
   train = CrossedNetData(X, y.astype(np.float64), codes, np.array([len(v) for v in levels]))
-  valid = None if validation_data is None else _validation_set(validation_data, levels,
-                                                               estimator, dtype)
-  net = estimator._build_network(X.shape[1])
-  estimator.network_ = net
-  init = initial_params(net, train, estimator.seed, cx.MAX_DENSE)
+  valid = None if valid is None else _validation_set(valid, levels)
+  net = estimator.network_
+  init = initial_params(net, train, estimator.seed, cp.MAX_DENSE)
   common = dict(max_iter=estimator.max_iter, batch_size=estimator.batch_size,
                 learning_rate=estimator.learning_rate, patience=estimator.patience,
                 seed=estimator.seed)
@@ -374,20 +342,11 @@ def fit_estimator(estimator, X, y, clusters, validation_data=None):
   else:
     fit = fit_crossed_network_nll(net, train, valid, init, **common)
   params = ce.CrossedParams(*[tf.constant(np.asarray(p, np.float64)) for p in fit.params])
-  final = _Evaluator(net, train, None, cx.MAX_DENSE, 64)
-  log_lik, _, post = final.evaluate(params)
-  drops = -np.diff(fit.trace)
-  slack = default_decrease_tol(dtype) * (np.abs(fit.trace[1:]) + len(y))
-  estimator.history_ = {"log_likelihood": fit.trace, "criterion": fit.val_nll,
-                        "best_iteration": fit.best_iteration, "stop_reason": fit.stop_reason,
-                        "n_decreases": int(np.sum(drops > slack))}
-  trace = RestartTrace(seed=estimator.seed, log_likelihood=fit.trace[:fit.best_iteration + 1],
-                       params=[_numpy(init), _numpy(params)], converged=True,
-                       n_iter=fit.best_iteration, stop_reason=fit.stop_reason,
-                       seconds=fit.seconds)
-  estimator.fit_result_ = FitResult(params=params, log_likelihood=log_lik,
-                                    n_iter=fit.best_iteration, converged=True, best_restart=0,
-                                    restarts=(trace,), num_observations=float(len(y)))
+  final = _Evaluator(net, train, None, cp.MAX_DENSE, 64)
+  _, _, post = final.evaluate(params)
+  log_lik = post.log_prob
+  estimator.history_, estimator.fit_result_ = fit_summary(fit, init, params, log_lik, len(y),
+                                                          estimator.seed, dtype)
   estimator.params_ = params
   estimator.log_likelihood_ = float(log_lik)
   estimator.variances_ = np.asarray(params.variances, np.float64).astype(dtype)
@@ -395,7 +354,8 @@ def fit_estimator(estimator, X, y, clusters, validation_data=None):
   estimator.n_iter_ = fit.best_iteration
   offsets = np.concatenate([[0], np.cumsum(train.num_levels)])
   blups = [post.mean[offsets[k]:offsets[k + 1]].astype(dtype) for k in range(len(levels))]
-  precision = PosteriorPrecision(final.ztz, train.num_levels, estimator.variances_.astype(np.float64),
-                                 estimator.sigma2_, cx.MAX_DENSE)
+  precision = cp.PosteriorPrecision(final.ztz, train.num_levels,
+                                    estimator.variances_.astype(np.float64), estimator.sigma2_,
+                                    cp.MAX_DENSE)
   estimator.crossed_ = CrossedNetworkPredictor(net, levels, blups, precision, X.shape[1])
   return estimator

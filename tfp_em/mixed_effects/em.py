@@ -31,6 +31,9 @@ import numpy as np
 import tensorflow as tf
 
 from models import mixed_effects as me
+from tfp_em.engine import EMModel
+from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
+from tfp_em.verification.exact import marginalize_gaussian
 
 
 class MixedEffectsStats(NamedTuple):
@@ -100,8 +103,8 @@ def expected_log_likelihood(noise_variance, expected_ss, num_obs):
 
 # ---------------------------------------------------------------------------
 
-class MixedEffectsEM:
-  """EM for the linear-f mixed model (an `EMModel`).
+class MixedEffectsEM(EMModel):
+  """EM for the linear-f mixed model.
 
   `data` is a `models.mixed_effects.MixedEffectsData`; the fixed-effects
   design `x` must carry an intercept column if one is wanted. The stats add
@@ -132,8 +135,6 @@ class MixedEffectsEM:
                   "zero; use covariance='diag' or float64 if the random-effects "
                   "covariance collapses.")
 
-  component_axes = {}              # no label switching: nothing to align
-  generalized_m_step_fields = ()   # every block of the M-step is in closed form
   shared_stats_fields = ("beta_ref",)
   autograph = False  # no Python control flow on tensors: trace without converting source
   split_data = staticmethod(me.split_by_cluster)  # shards of whole clusters for tf.distribute
@@ -149,9 +150,6 @@ class MixedEffectsEM:
   @property
   def param_specs(self) -> me.MixedEffectsParams:
     return me.param_specs(self.covariance_type)
-
-  def specs(self):
-    return self.param_specs
 
   def num_observations(self, data) -> float:
     return float(tf.shape(data.y)[0])
@@ -277,7 +275,6 @@ class MixedEffectsEM:
   def verification_oracle(self, params, data):
     """Exact log p(y) and posterior of u from the JointDistribution alone
     (Gaussian conditioning by autodiff, O((Gq)^3): small data only)."""
-    from tfp_em.verification.exact import marginalize_gaussian
     return marginalize_gaussian(self.joint_distribution(params, data), ["u"], {"y": data.y})
 
 
@@ -288,29 +285,17 @@ def fit_marginal_lbfgs(model: MixedEffectsEM, data, init_params, *, max_iter: in
   The linear-f `method='nll'` path (LMMNN with f linear). Returns
   `(params, loglik, converged, num_iterations)`.
   """
-  specs = model.specs()
-  from models.specs import constrain, unconstrain
-  free = unconstrain(init_params, specs)
-  shapes = [tf.shape(p) for p in free]
-  sizes = [int(tf.size(p)) for p in free]
+  flat = Flattener(init_params, model.param_specs)
   n_obs = model.num_observations(data)
 
-  def unpack(vec):
-    parts = tf.split(vec, sizes)
-    return type(free)(*[tf.reshape(v, s) for v, s in zip(parts, shapes)])
-
-  @tf.function
-  def loss_and_grad(vec):
+  def value_and_gradient(u):
     with tf.GradientTape() as tape:
-      tape.watch(vec)
-      loss = -model.marginal_log_prob(constrain(unpack(vec), specs), data) / n_obs
-    return loss, tape.gradient(loss, vec)
+      tape.watch(u)
+      loss = -model.marginal_log_prob(flat.unflatten(u), data) / n_obs
+    return loss, tape.gradient(loss, u)
 
-  import tensorflow_probability as tfp
-  start = tf.concat([tf.reshape(p, [-1]) for p in free], 0)
-  result = tfp.optimizer.lbfgs_minimize(
-      loss_and_grad, start, max_iterations=max_iter, tolerance=tol,
-      f_relative_tolerance=tol * 1e-3)
-  params = constrain(unpack(result.position), specs)
+  result = minimize_lbfgs(value_and_gradient, flat.u_hat, max_iterations=max_iter,
+                          tolerance=tol, f_relative_tolerance=tol * 1e-3, compile=True)
+  params = flat.unflatten(result.position)
   loglik = float(model.marginal_log_prob(params, data))
   return params, loglik, bool(result.converged), int(result.num_iterations)

@@ -5,7 +5,8 @@
 with one grouping factor (cluster i). f is linear (`f=None`, a plain LMM fitted
 by exact EM or L-BFGS on the marginal) or a Keras 3 network (MeNets EM or
 LMMNN marginal NLL). The model is `models.mixed_effects`; the EM steps are in
-`tfp_em.mixed_effects_em`, the network trainers in `tfp_em.mixed_effects_nn`.
+`em`, the network trainers in `networks`; several factors go to
+`crossed_estimator.fit_crossed`. A list of one factor is that factor.
 
 Prediction rule: a point whose cluster was seen in `fit` gets
 f(x) + z^T m_i, with m_i the BLUP E[u_i | y_train]; a point of an unseen
@@ -34,12 +35,14 @@ import tensorflow as tf
 from scipy import stats as sps
 
 from models import mixed_effects as me
+from tfp_em.engine import FitResult, RestartTrace, fit_em, to_numpy
 from tfp_em.engine import inputs as val
-from tfp_em.engine.loop import FitResult, RestartTrace, default_decrease_tol, fit_em
-from tfp_em.mixed_effects.em import (MixedEffectsEM, MixedEffectsStats,
-                                     fit_marginal_lbfgs)
-from tfp_em.mixed_effects.networks import (Network, default_mlp,
-                                     fit_network_em, fit_network_nll)
+from tfp_em.mixed_effects.crossed_estimator import fit_crossed
+from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats, fit_marginal_lbfgs
+from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
+from tfp_em.mixed_effects.networks import fit_network_em, fit_network_nll
+from tfp_em.mixed_effects.training import (Network, check_validation_data, default_mlp,
+                                           fit_summary)
 
 RANDOM_EFFECTS = ("intercept", "slopes", "features", "custom")
 METHODS = ("em", "nll")
@@ -54,46 +57,13 @@ class RandomEffect(NamedTuple):
   covariance: np.ndarray  # [q, q]
 
 
-def encode_clusters(clusters, n: int, name: str = "clusters"):
-  """Any hashable labels [n] -> (unique labels [G] (object array), codes [n] int32)."""
-  if hasattr(clusters, "numpy") and callable(clusters.numpy):
-    clusters = clusters.numpy()
-  if clusters is None or isinstance(clusters, (str, bytes)) or not hasattr(clusters, "__len__"):
-    raise ValueError(f"{name} must give one cluster label per row of X, got {clusters!r}")
-  if isinstance(clusters, np.ndarray) and clusters.ndim != 1:
-    raise ValueError(f"{name} must be 1-D (one label per row of X), got shape {clusters.shape}")
-  values = list(clusters) if not isinstance(clusters, np.ndarray) else clusters
-  if len(values) != n:
-    raise ValueError(f"{name} has length {len(values)} but X has {n} rows")
-  if isinstance(values, np.ndarray) and values.dtype.kind in "biufU":  # fast path, same result
-    if values.dtype.kind == "f" and np.isnan(values).any():
-      raise ValueError(f"{name} contains a missing label (None or NaN)")
-    labels, codes = np.unique(values, return_inverse=True)
-    return labels.astype(object), codes.astype(np.int32).reshape(-1)
-  arr = np.empty(n, dtype=object)
-  arr[:] = list(values) if not isinstance(values, np.ndarray) or values.ndim != 1 else values
-  for v in arr:
-    if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
-      raise ValueError(f"{name} contains a missing label (None or NaN)")
-  try:
-    labels, codes = np.unique(arr, return_inverse=True)
-  except TypeError:  # labels of mixed, unorderable types: first-seen order
-    index = {}
-    try:
-      codes = np.array([index.setdefault(v, len(index)) for v in arr])
-    except TypeError as e:
-      raise ValueError(f"{name} labels must be hashable values: {e}") from None
-    labels = np.empty(len(index), dtype=object)
-    labels[:] = list(index)
-  return labels, codes.astype(np.int32).reshape(-1)
-
-
 class MixedEffectsRegressor:
   """Mixed-effects regression with one or several grouping factors, linear or neural f.
 
-  One factor (`clusters` = one label array) takes any random-effects design
-  below; several (`clusters=[g1, ..., gK]`) take crossed random intercepts
-  with one variance each (`tfp_em.crossed_regressor`, `tfp_em.crossed_nn`).
+  One factor (`clusters` = one label array, or a list of one) takes any
+  random-effects design below; several (`clusters=[g1, ..., gK]`, K >= 2)
+  take crossed random intercepts with one variance each (`crossed_estimator`,
+  `crossed_networks`).
 
   Args:
     random_effects: the design z_ij (default 'intercept'):
@@ -190,7 +160,7 @@ class MixedEffectsRegressor:
                        "pass f='mlp' or a Keras model")
     return val.check_dtype(self.dtype)
 
-  def _design(self, n, time_, Z, dtype, name=""):
+  def random_effects_design(self, n, time_, Z, dtype, name=""):
     """The random-effects design [n, q] (None for 'features': the network makes it)."""
     kind = self.random_effects
     if kind != "slopes" and time_ is not None:
@@ -220,13 +190,14 @@ class MixedEffectsRegressor:
       return z
     return np.zeros((n, 0), dtype)
 
-  def _fixed_design(self, X):
+  def fixed_effects_design(self, X):
     """Linear f: X with an intercept column (if fit_intercept); a network: X."""
     if self.network_ is None and self.fit_intercept:
       return np.concatenate([np.ones((X.shape[0], 1), X.dtype), X], axis=1)
     return X
 
-  def _check_xy(self, X, y, dtype, name=""):
+  def checked_xy(self, X, y, dtype, name=""):
+    """(X [n, p], y [n]) checked and cast to `dtype`; `name` tags error messages."""
     X = val.check_array(X, f"X{name}", ndim=2, dtype=dtype)
     y = val.check_array(y, f"y{name}", ndim=1, dtype=dtype)
     if y.shape[0] != X.shape[0]:
@@ -264,7 +235,7 @@ class MixedEffectsRegressor:
       time: [n] time column, for random_effects='slopes'.
       Z: [n, q] random-effects design, for random_effects='custom'.
       validation_data: optional tuple (X, y, clusters[, time[, Z]]) used for
-        early stopping of a network f (ignored, with a warning, for linear f).
+        early stopping of a network f (a ValueError for linear f).
       strategy: a `tf.distribute` strategy for linear f with one factor and
         method='em': each replica takes whole clusters and the statistics
         are all-reduced, so the fit equals the single-device one.
@@ -275,64 +246,54 @@ class MixedEffectsRegressor:
     dtype = self._check_options()
     self.__dict__.pop("n_random_effects_", None)  # a refit may change q
     self.crossed_ = None
-    from tfp_em.mixed_effects.crossed_estimator import fit_crossed, is_factor_list
-    if strategy is not None and (self.f is not None or self.method != "em"
-                                 or is_factor_list(clusters)):
+    factors = as_factors(clusters)
+    if strategy is not None and (self.f is not None or self.method != "em" or len(factors) > 1):
       raise ValueError("strategy= is supported for linear f with one grouping factor and "
                        "method='em'")
-    if is_factor_list(clusters):  # K crossed grouping factors
-      return fit_crossed(self, X, y, clusters, time, Z, validation_data)
+    valid = check_validation_data(validation_data, self.f is not None, len(factors))
+    if len(factors) > 1 and self.f is None:  # CrossedEffectsRegressor checks X and y
+      return fit_crossed(self, X, y, factors, time, Z)
     self.dtype_ = dtype
-    X, y = self._check_xy(X, y, dtype)
+    X, y = self.checked_xy(X, y, dtype)
+    self.n_features_in_ = X.shape[1]
+    if valid is not None:
+      Xv, yv = self.checked_xy(valid.X, valid.y, dtype, name=" (validation)")
+      val.check_n_features(Xv, self.n_features_in_, "X (validation)")
+      valid = valid._replace(X=Xv, y=yv)
+    if len(factors) > 1:  # K crossed grouping factors, network f
+      self.network_ = self._build_network(X.shape[1])
+      return fit_crossed(self, X, y, factors, time, Z, valid)
     n = X.shape[0]
-    labels, codes = encode_clusters(clusters, n)
+    labels, codes = encode_clusters(factors[0], n)
     if labels.shape[0] < 2:
       raise ValueError("clusters has a single level: the random-effects covariance is not "
                        "identifiable from one cluster; fit an ordinary regression instead")
     self.network_ = self._build_network(X.shape[1])
-    z = self._design(n, time, Z, dtype)
+    z = self.random_effects_design(n, time, Z, dtype)
     self.cluster_labels_ = labels
-    self._label_index = {lab: i for i, lab in enumerate(labels)}
-    self.n_features_in_ = X.shape[1]
-    train = self._data(self._fixed_design(X), y, z, codes, len(labels))
+    train = self.em_data(self.fixed_effects_design(X), y, z, codes, len(labels))
     if self.network_ is None:
-      if validation_data is not None:
-        warnings.warn("validation_data is only used for early stopping of a network f; "
-                      "ignored for linear f", UserWarning, stacklevel=2)
       self._fit_linear(train, strategy)
     else:
-      valid = None if validation_data is None else self._validation(validation_data, dtype)
-      self._fit_network(train, valid)
+      self._fit_network(train, None if valid is None else self._validation(valid, dtype))
     return self
 
-  def _data(self, x, y, z, codes, num_clusters):
+  def em_data(self, x, y, z, codes, num_clusters) -> me.MixedEffectsData:
+    """The `MixedEffectsData` the EM model takes, from numpy designs and cluster codes."""
     return me.MixedEffectsData(
         x=tf.constant(x), y=tf.constant(y), z=tf.constant(z),
         cluster=tf.constant(codes, tf.int32), num_clusters=tf.constant(num_clusters, tf.int32))
 
-  def _validation(self, validation_data, dtype):
-    if not isinstance(validation_data, (tuple, list)) or not 3 <= len(validation_data) <= 5:
-      raise ValueError("validation_data must be a tuple (X, y, clusters[, time[, Z]])")
-    Xv, yv, cv = validation_data[:3]
-    tv = validation_data[3] if len(validation_data) > 3 else None
-    zv = validation_data[4] if len(validation_data) > 4 else None
-    Xv, yv = self._check_xy(Xv, yv, dtype, name=" (validation)")
-    val.check_n_features(Xv, self.n_features_in_, "X (validation)")
-    codes = self._codes_with_new(cv, Xv.shape[0], "clusters (validation)")
-    z = self._design(Xv.shape[0], tv, zv, dtype, name=" (validation)")
-    return self._data(Xv, yv, z, codes, int(codes.max()) + 1)
+  def _validation(self, valid, dtype):
+    """`MixedEffectsData` of the checked `ValidationData`; unseen clusters get new codes."""
+    n = valid.X.shape[0]
+    codes = self.cluster_codes(valid.clusters[0], n, "clusters (validation)")
+    z = self.random_effects_design(n, valid.time, valid.Z, dtype, name=" (validation)")
+    return self.em_data(valid.X, valid.y, z, codes, int(codes.max()) + 1)
 
-  def _codes_with_new(self, clusters, n, name):
+  def cluster_codes(self, clusters, n, name):
     """Codes of seen labels; unseen labels get new codes after the seen ones."""
-    labels, codes = encode_clusters(clusters, n, name)
-    G = len(self.cluster_labels_)
-    mapped, extra = np.empty(len(labels), np.int32), 0
-    for k, lab in enumerate(labels):
-      if lab in self._label_index:
-        mapped[k] = self._label_index[lab]
-      else:
-        mapped[k], extra = G + extra, extra + 1
-    return mapped[codes]
+    return code_labels(self.cluster_labels_, clusters, n, name)[0]
 
   def _fit_linear(self, train, strategy=None):
     design = np.asarray(train.x)
@@ -345,7 +306,7 @@ class MixedEffectsRegressor:
     train = _by_cluster(train)
     if self.method == "em":
       result = fit_em(model, train, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
-                      on_decrease=self.on_decrease, compile=model.compile, progress=False,
+                      on_decrease=self.on_decrease, progress=False,
                       strategy=strategy)
     else:
       start = time.perf_counter()
@@ -354,7 +315,7 @@ class MixedEffectsRegressor:
           model, train, init, max_iter=self.max_iter, tol=self.tol)
       trace = RestartTrace(
           seed=self.seed, log_likelihood=np.array([float(model.marginal_log_prob(init, train)), ll]),
-          params=[_numpy(init), _numpy(params)], converged=converged, n_iter=n_iter,
+          params=[to_numpy(init), to_numpy(params)], converged=converged, n_iter=n_iter,
           stop_reason="converged" if converged else "max_iter",
           seconds=time.perf_counter() - start)
       result = FitResult(params=params, log_likelihood=ll, n_iter=n_iter, converged=converged,
@@ -377,18 +338,8 @@ class MixedEffectsRegressor:
                            epochs_per_step=self.epochs_per_step, **common)
     else:
       fit = fit_network_nll(net, train, valid, self.covariance, init, **common)
-    drops = -np.diff(fit.trace)
-    slack = default_decrease_tol(self.dtype_) * (np.abs(fit.trace[1:]) + train.y.shape[0])
-    self.history_ = {"log_likelihood": fit.trace, "criterion": fit.val_nll,
-                     "best_iteration": fit.best_iteration, "stop_reason": fit.stop_reason,
-                     "n_decreases": int(np.sum(drops > slack))}
-    trace = RestartTrace(seed=self.seed, log_likelihood=fit.trace[:fit.best_iteration + 1],
-                         params=[_numpy(init), _numpy(fit.params)], converged=True,
-                         n_iter=fit.best_iteration, stop_reason=fit.stop_reason,
-                         seconds=fit.seconds)
-    result = FitResult(params=fit.params, log_likelihood=fit.log_likelihood,
-                       n_iter=fit.best_iteration, converged=True, best_restart=0,
-                       restarts=(trace,), num_observations=float(train.y.shape[0]))
+    self.history_, result = fit_summary(fit, init, fit.params, fit.log_likelihood,
+                                        train.y.shape[0], self.seed, self.dtype_)
     f, hidden = net(train.x)
     self._finish(model, result, train._replace(z=net.design(hidden, train.z)), loc=f)
 
@@ -402,7 +353,7 @@ class MixedEffectsRegressor:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       start = fit_em(model, probe, max_iter=50, tol=1e-6, seed=self.seed,
-                     compile=model.compile, progress=False).params
+                     progress=False).params
     net.shift_output(np.eye(probe.z.shape[1])[0] * float(start.beta[0]))  # bias += beta_0
     return start._replace(beta=tf.zeros([0], train.y.dtype))
 
@@ -427,9 +378,9 @@ class MixedEffectsRegressor:
     X = val.check_array(X, "X", ndim=2, dtype=self.dtype_)
     val.check_n_features(X, self.n_features_in_)
     n = X.shape[0]
-    z = self._design(n, time_, Z, self.dtype_)
+    z = self.random_effects_design(n, time_, Z, self.dtype_)
     if self.network_ is None:
-      f = self._fixed_design(X) @ np.asarray(self.params_.beta)
+      f = self.fixed_effects_design(X) @ np.asarray(self.params_.beta)
     else:
       f, hidden = self.network_(tf.constant(X))
       z = np.asarray(self.network_.design(hidden, z))
@@ -437,11 +388,12 @@ class MixedEffectsRegressor:
     seen = np.zeros(n, bool)
     index = np.zeros(n, np.int64)
     if clusters is not None:
-      labels, codes = encode_clusters(clusters, n)
-      lookup = np.array([self._label_index.get(lab, -1) for lab in labels], np.int64)
-      index = lookup[codes]
-      seen = index >= 0
-      index = np.where(seen, index, 0)
+      factors = as_factors(clusters)
+      if len(factors) != 1:
+        raise ValueError(f"clusters must be one grouping factor, as in fit; got {len(factors)}")
+      codes = self.cluster_codes(factors[0], n, "clusters")
+      seen = codes < len(self.cluster_labels_)
+      index = np.where(seen, codes, 0)
     return f, z, seen, index
 
   def predict(self, X, clusters=None, time=None, Z=None):
@@ -493,6 +445,3 @@ def _linear_em(covariance: str, expand: bool) -> MixedEffectsEM:
   """
   return MixedEffectsEM(covariance, compile="graph", expand=expand)
 
-
-def _numpy(params):
-  return type(params)(*[np.asarray(p) for p in params])
