@@ -11,8 +11,9 @@ import gmm_mutants  # tests/ is on sys.path (rootdir-relative import)
 from models import gaussian_mixture as gm
 from tfp_em.mixture.em import GaussianMixtureEM, MixtureData
 from tfp_em.mixture.initialization import initial_responsibilities
-from tfp_em.verification.api import (CheckResult, VerificationError, VerificationReport, main_verify,
-                           marginalize_discrete, marginalize_gaussian, verify, verify_file)
+from tfp_em.verification import (CheckResult, VerificationError, VerificationReport, load_user_module,
+                                 main_verify, marginalize_discrete, marginalize_gaussian, verify,
+                                 verify_file)
 from tfp_em.verification.exact import expected_log_joint_discrete, expected_log_joint_gaussian
 
 tfd = tfp.distributions
@@ -379,7 +380,6 @@ def test_report_api():
 
 
 def test_user_arrays_are_not_modified():
-  from tfp_em.verification.api import load_user_module
   ex = load_user_module(os.path.join(EXAMPLES, "gmm_em_correct.py"))
   data = {"x": ex.data["x"].copy()}
   init = {k: np.array(v) for k, v in ex.init_params.items()}

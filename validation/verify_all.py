@@ -35,7 +35,7 @@ import tensorflow as tf  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from tfp_em.verification.api import verify, verify_file  # noqa: E402
+from tfp_em.verification import verify, verify_file  # noqa: E402
 
 OUT = os.path.join(ROOT, "validation", "out")
 

@@ -1,14 +1,18 @@
 """`tfp_em.verify`: check hand-coded EM updates against TFP log_prob and autodiff.
 
-Two kinds of input, no subclassing needed:
+Two kinds of input:
 
-1. Any EMModel of the package (or your own object with the EMModel methods),
+1. An `tfp_em.EMModel` (every model of the package, or your own subclass),
    with its data::
 
      report = verify(GaussianMixtureEM(3, "full", reg_covar=0.0), data)
 
+   The model's declared hooks say the rest: `param_specs`, `posterior`,
+   `verification_oracle` (the exact reference of checks 1-2),
+   `component_axes`, `generalized_m_step_fields`, `verification_tolerances`.
+
 2. Your own TFP JointDistribution, a function of the params, and your E- and
-   M-steps as plain functions::
+   M-steps as plain functions, no subclassing needed::
 
      report = verify(joint_distribution, data, e_step=e_step, m_step=m_step,
                      init_params=params0, param_specs=specs, latents={"z": 3},
@@ -37,7 +41,7 @@ coordinates) on the data you give:
   6b  the EM optimum matches an L-BFGS optimum of -loglik from the same start,
       up to label permutation (Hungarian matching on `component_axes`).
 
-Tolerances scale with the problem; see `tfp_em.verify_checks`.
+Tolerances scale with the problem; see `tfp_em.verification.Tolerances`.
 
 #### References
 
@@ -57,106 +61,18 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from models.specs import ParamSpec
 from tfp_em.engine import inputs as v
-from tfp_em.verification.checks import (Target, Tolerances, field_names, field_values, normalize_specs,
-                                  pack, run_checks, to_float64)
+from tfp_em.engine.protocol import EMModel
+from tfp_em.verification.checks import (Target, Tolerances, field_names, field_values,
+                                        normalize_specs, pack, run_checks, to_float64)
 from tfp_em.verification.exact import (GAUSSIAN, ExactPosterior, expected_log_joint_discrete,
-                                 expected_log_joint_gaussian, marginalize_discrete,
-                                 marginalize_gaussian)
-from tfp_em.verification.report import CheckResult, VerificationError, VerificationReport
+                                       expected_log_joint_gaussian, marginalize_discrete,
+                                       marginalize_gaussian)
+from tfp_em.verification.report import VerificationReport
 
-__all__ = [
-    "verify", "verify_file", "VerificationReport", "VerificationError", "CheckResult",
-    "Tolerances", "ExactPosterior", "marginalize_discrete", "marginalize_gaussian",
-    "register_oracle", "ALL_CHECKS", "ParamSpec", "load_user_module", "main_verify",
-]
+__all__ = ["ALL_CHECKS", "FILE_NAMES", "load_user_module", "main_verify", "verify", "verify_file"]
 
 ALL_CHECKS = ("1", "2", "3", "4", "5", "6")
-
-# Exact references for the package's models: {class: fn(model, params, data) -> ExactPosterior}.
-_ORACLES = {}
-
-
-_SPECS = {}
-_TOLERANCES = {}
-
-
-def register_oracle(model_class, oracle, param_specs=None, tolerances=None):
-  """Registers `oracle(model, params, data) -> ExactPosterior` for a model class.
-
-  A model can instead define a method `verification_oracle(params, data)`.
-  The posterior keys must match those of the model's `posterior(params, data)`.
-  `param_specs` serves models that have no `param_specs` attribute;
-  `tolerances` ({Tolerances field: value}) loosens checks for models whose
-  M-step is iterative (a model can instead set `verification_tolerances`).
-  """
-  _register_package_oracles()  # so that the package's defaults never override yours
-  _ORACLES[model_class] = oracle
-  if param_specs is not None:
-    _SPECS[model_class] = param_specs
-  if tolerances is not None:
-    _TOLERANCES[model_class] = dict(tolerances)
-
-
-def _registered(registry, model):
-  _register_package_oracles()
-  for cls in type(model).__mro__:
-    if cls in registry:
-      return registry[cls]
-  return None
-
-
-def _find_oracle(model):
-  _register_package_oracles()
-  if hasattr(model, "verification_oracle"):
-    return lambda p, d: model.verification_oracle(p, d)
-  for cls in type(model).__mro__:
-    if cls in _ORACLES:
-      return lambda p, d, cls=cls: _ORACLES[cls](model, p, d)
-  return None
-
-
-def _gaussian_mixture_oracle(model, params, data):
-  """Enumerates z in `models.gaussian_mixture.joint`; weighted data use the TFP mixture."""
-  from models import gaussian_mixture as gm
-  n = data.x.shape[0]
-  exact = marginalize_discrete(lambda: gm.joint(params, model.covariance_type, n),
-                               {"z": model.n_components}, {"x": data.x})
-  log_prob = exact.log_prob
-  if not np.allclose(np.asarray(data.weights), 1.0):
-    log_prob = tf.reduce_sum(data.weights * gm.marginal(params, model.covariance_type).log_prob(data.x))
-  return ExactPosterior(log_prob, {"responsibilities": exact.posterior["z"]})
-
-
-def _bernoulli_mlp_oracle(model, params, data):
-  """Enumerates the 2^m hidden configurations of `models.bernoulli_mlp.joint`."""
-  from tfp_em.bernoulli_mlp.em import l2_penalty
-  x, y = data
-  exact = marginalize_discrete(model.joint_distribution(params, data), {"z": 2}, {"y": y})
-  # Configurations come in the same order (binary digits, most significant first).
-  return ExactPosterior(exact.log_prob - l2_penalty(params, model.l2),
-                        {"tau": exact.posterior["z"], "hidden_marginals": exact.posterior["z_mean"]})
-
-
-_PACKAGE_REGISTERED = []
-
-
-def _register_package_oracles():
-  """Registers the package's models on first use (no import cycles at import time)."""
-  if _PACKAGE_REGISTERED:
-    return
-  _PACKAGE_REGISTERED.append(True)
-  from tfp_em.mixture.em import GaussianMixtureEM
-  register_oracle(GaussianMixtureEM, _gaussian_mixture_oracle)
-  try:
-    from tfp_em.bernoulli_mlp.em import BernoulliMLPEM
-  except ImportError:  # pragma: no cover - model not installed
-    return
-  # The M-step runs damped Newton until the Newton decrement is small, which
-  # leaves grad Q(theta_new) ~ 1e-7 of the gradient scale: allow 1e-5.
-  register_oracle(BernoulliMLPEM, _bernoulli_mlp_oracle, tolerances={"m_step_gradient": 1e-5})
-
 
 
 # ----------------------------------------------------------------------------
@@ -223,45 +139,25 @@ def _check_checks(checks):
 # ----------------------------------------------------------------------------
 # Input kind 1: an EMModel.
 
-def _model_target(model, data, *, init_params, param_specs, oracle, component_axes,
+def _model_target(model: EMModel, data, *, init_params, param_specs, oracle, component_axes,
                   n_points, perturbation, seed, compile):
-  for method in ("e_step", "m_step", "expected_log_joint", "marginal_log_prob"):
-    if not callable(getattr(model, method, None)):
-      raise ValueError(f"{type(model).__name__} has no {method}(); an EMModel needs e_step, "
-                       "m_step, expected_log_joint and marginal_log_prob")
   data = _float64_data(data)
   start = init_params if init_params is not None else model.initialize(data, seed)
   start = to_float64(start)
-  if param_specs is None:
-    param_specs = getattr(model, "param_specs", None)
-  if param_specs is None:
-    param_specs = _registered(_SPECS, model)
-  specs = normalize_specs(start, param_specs)
-  if component_axes is None:
-    component_axes = getattr(model, "component_axes", None)
-    from tfp_em.mixture.em import GaussianMixtureEM
-    if component_axes is None and isinstance(model, GaussianMixtureEM):
-      component_axes = {"weights": 0, "means": 0}
-      if model.covariance_type != "tied":
-        component_axes["covariances"] = 0
-  num_obs = getattr(model, "num_observations", None)
-  n_obs = float(num_obs(data)) if callable(num_obs) else float(tf.shape(tf.nest.flatten(data)[0])[0])
-  posterior = getattr(model, "posterior", None)
-  exact_fn = oracle if oracle is not None else _find_oracle(model)
-  exact = None
-  if exact_fn is not None:  # compiled: enumeration and Hessians are traced once
-    exact_compiled = _maybe_compile(lambda p: exact_fn(p, data), compile)
-    exact = lambda p, _: exact_compiled(p)
+  specs = normalize_specs(start, model.param_specs if param_specs is None else param_specs)
+  exact_fn = model.verification_oracle if oracle is None else oracle
+  # Compiled: enumeration and Hessians are traced once. None: no exact reference.
+  exact_compiled = _maybe_compile(lambda p: exact_fn(p, data), compile)
   return Target(
-      name=getattr(model, "name", type(model).__name__), data=data,
+      name=model.name, data=data,
       starts=_perturbed_starts(start, specs, n_points, perturbation, seed),
       specs=specs, e_step=model.e_step, m_step=model.m_step,
       q=lambda p, old, stats: model.expected_log_joint(p, stats),
-      marginal=model.marginal_log_prob, exact=exact,
-      posterior=(lambda p, d: posterior(p, d)) if callable(posterior) else None,
-      n_obs=n_obs, component_axes=dict(component_axes or {}),
-      generalized_fields=tuple(getattr(model, "generalized_m_step_fields", ())),
-      compile=(compile if compile is not None else getattr(model, "compile", "graph") != "eager"))
+      marginal=model.marginal_log_prob, exact=lambda p, _: exact_compiled(p),
+      posterior=model.posterior, n_obs=float(model.num_observations(data)),
+      component_axes=dict(model.component_axes if component_axes is None else component_axes),
+      generalized_fields=tuple(model.generalized_m_step_fields),
+      compile=model.compile != "eager" if compile is None else compile)
 
 
 # ----------------------------------------------------------------------------
@@ -277,9 +173,6 @@ def _jd_variables(jd):
 def _user_target(joint_distribution, data, *, e_step, m_step, init_params, param_specs, latents,
                  posterior, expected_log_joint, marginal_log_prob, component_axes, n_points,
                  perturbation, seed, compile, name):
-  if not callable(joint_distribution):
-    raise ValueError("the first argument must be an EMModel or a function params -> "
-                     "JointDistribution")
   for fn_name, fn in (("e_step", e_step), ("m_step", m_step)):
     if not callable(fn):
       raise ValueError(f"{fn_name} must be a function; verifying a JointDistribution needs "
@@ -387,8 +280,7 @@ def verify(model_or_joint, data, *, e_step=None, m_step=None, init_params=None,
   """Verifies E- and M-steps against the model's TFP log_prob and autodiff.
 
   Args:
-    model_or_joint: an EMModel (has `e_step`, `m_step`, `expected_log_joint`,
-      `marginal_log_prob`, and `param_specs`), or a function
+    model_or_joint: a `tfp_em.EMModel` instance, or a function
       `params -> JointDistribution` (or `(params, data) -> JointDistribution`)
       with named variables.
     data: the model's data (EMModel), or a dict {name: array} holding every
@@ -402,7 +294,7 @@ def verify(model_or_joint, data, *, e_step=None, m_step=None, init_params=None,
       seed)`.
     param_specs: per parameter a `ParamSpec`, a TFP bijector onto its support
       (trainable) or None (fixed); same structure as the params. Defaults to
-      `model.param_specs`.
+      the EMModel's `param_specs`.
     latents: {name: cardinality} for discrete latents or {name: 'gaussian'}
       for linear-Gaussian ones (JointDistribution input).
     posterior: `(params, data) -> dict` of the E-step's posterior: for a
@@ -410,15 +302,16 @@ def verify(model_or_joint, data, *, e_step=None, m_step=None, init_params=None,
       `'z_mean'`); for a Gaussian latent `u`, `{'u_mean': ..., 'u_cov': ...}`.
       Check 2 compares it with the exact posterior; Q is derived from it when
       `expected_log_joint` is not given. An EMModel's `posterior` method is
-      used when present.
+      used unless it returns None.
     expected_log_joint: optional `(params, stats) -> Q`.
     marginal_log_prob: optional closed-form `(params, data) -> log p(data)`
       (e.g. the MVN marginal of a mixed model); used for autodiff checks.
-    oracle: optional `(params, data) -> ExactPosterior` overriding the
-      exact reference of an EMModel (see `register_oracle`).
+    oracle: optional `(params, data) -> ExactPosterior` (see
+      `tfp_em.verification.exact`) overriding the EMModel's
+      `verification_oracle`: the exact reference of checks 1 and 2.
     component_axes: {param name: axis} of parameters whose components can be
-      relabelled, for matching the L-BFGS optimum (default for Gaussian
-      mixtures: weights, means and covariances along axis 0).
+      relabelled, for matching the L-BFGS optimum. Defaults to the EMModel's
+      `component_axes`.
     checks: subset of ('1', '2', '3', '4', '5', '6') to run (default all).
     n_points: number of parameter points for checks 1-5 (default 3): the
       start and `n_points - 1` random perturbations of it.
@@ -427,6 +320,8 @@ def verify(model_or_joint, data, *, e_step=None, m_step=None, init_params=None,
     perturbation: standard deviation of the random perturbations in
       unconstrained coordinates (default 0.5).
     tolerances: a `Tolerances` or a dict overriding some of its fields.
+      Default: `Tolerances()`, loosened by an EMModel's
+      `verification_tolerances`.
     seed: integer seed for the points and directions (default 0).
     compile: tf.function the EM loop and L-BFGS (default: True, or the
       model's `compile != 'eager'`); falls back to eager for untraceable code.
@@ -435,6 +330,11 @@ def verify(model_or_joint, data, *, e_step=None, m_step=None, init_params=None,
   Returns:
     A `VerificationReport`; call `.raise_if_failed()` to turn failures into an
     exception.
+
+  Raises:
+    TypeError: `model_or_joint` is neither an EMModel nor a function (an
+      object with E/M-step methods must subclass `tfp_em.EMModel`).
+    ValueError: bad arguments, or inputs the checks cannot use.
   """
   start_time = time.perf_counter()
   checks = _check_checks(checks)
@@ -455,16 +355,19 @@ def verify(model_or_joint, data, *, e_step=None, m_step=None, init_params=None,
   else:
     raise ValueError(f"tolerances must be a Tolerances or a dict, got {type(tolerances).__name__}")
 
-  is_model = callable(getattr(model_or_joint, "e_step", None))
-  if is_model:
-    model_tol = (getattr(model_or_joint, "verification_tolerances", None)
-                 or _registered(_TOLERANCES, model_or_joint) or {})
+  if isinstance(model_or_joint, EMModel):
     if not isinstance(tolerances, (Tolerances, dict)):
+      model_tol = model_or_joint.verification_tolerances or {}
       tol = tol._replace(**{k: max(v, getattr(tol, k)) for k, v in model_tol.items()})
     target = _model_target(model_or_joint, data, init_params=init_params,
                            param_specs=param_specs, oracle=oracle, component_axes=component_axes,
                            n_points=n_points, perturbation=perturbation, seed=seed,
                            compile=compile)
+  elif not callable(model_or_joint):
+    raise TypeError(f"verify takes a tfp_em.EMModel or a function params -> JointDistribution, "
+                    f"got a {type(model_or_joint).__name__}: make a model class subclass "
+                    "tfp_em.EMModel, or pass the joint distribution with e_step=..., m_step=... "
+                    "functions")
   else:
     target = _user_target(model_or_joint, data, e_step=e_step, m_step=m_step,
                           init_params=init_params, param_specs=param_specs, latents=latents,
@@ -567,6 +470,9 @@ def verify_file(path, **overrides) -> VerificationReport:
   options.setdefault("name", os.path.basename(os.fspath(path)))
   options.update(overrides)
   joint = kwargs.pop("model_or_joint")
+  if not callable(joint) and not isinstance(joint, EMModel):
+    raise ValueError(f"{path} defines joint_distribution as a {type(joint).__name__}; verify "
+                     "takes a tfp_em.EMModel or a function params -> JointDistribution")
   data = kwargs.pop("data")
   return verify(joint, data, **kwargs, **options)
 
@@ -581,13 +487,3 @@ def main_verify(path) -> int:
   print(report)
   return 0 if report.passed else 1
 
-
-class _CallableModule(type(sys)):
-  """Lets `tfp_em.verify(...)` call `verify` while `tfp_em.verification.verify_file`
-  and the other names stay reachable as module attributes."""
-
-  def __call__(self, *args, **kwargs):
-    return verify(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -37,6 +37,7 @@ import tensorflow_probability as tfp
 from scipy.optimize import linear_sum_assignment
 
 from models.specs import ParamSpec
+from tfp_em.verification.exact import dense_covariance
 from tfp_em.verification.report import CHECK_TITLES, CheckResult
 
 EPS = float(np.finfo(np.float64).eps)
@@ -90,8 +91,9 @@ class Target(NamedTuple):
     m_step: (params, stats) -> params.
     q: (params, old_params, stats) -> Q(params | old_params).
     marginal: (params, data) -> differentiable log p(data | params).
-    exact: (params, data) -> ExactPosterior, or None.
-    posterior: (params, data) -> dict, the E-step's posterior, or None.
+    exact: (params, data) -> ExactPosterior (None if there is none), or None.
+    posterior: (params, data) -> dict, the E-step's posterior (None if not
+      offered), or None.
     n_obs: the data's total weight N.
     component_axes: {field: axis} of fields permuted by label switching.
     generalized_fields: fields updated by a generalized (non-exact) M-step:
@@ -251,8 +253,10 @@ def check_point(target: Target, params, index: int, tol: Tolerances, acc: dict, 
     acc["1"].add(err_m, scale_ll, f"{where}: marginal_log_prob {marg:.12g} vs exact {ref:.12g}")
 
   # 2. posterior.
+  post = None
   if exact is not None and target.posterior is not None:
     post = target.posterior(params, target.data)
+  if post is not None:
     common = [k for k in post if k in exact.posterior]
     if not common:
       acc["2"].skip = (f"the E-step posterior keys {sorted(post)} match none of the exact "
@@ -261,7 +265,6 @@ def check_point(target: Target, params, index: int, tol: Tolerances, acc: dict, 
       a = np.asarray(post[k], np.float64)
       b = np.asarray(exact.posterior[k], np.float64)
       if a.shape != b.shape and k.endswith("_cov") and a.ndim == 3:
-        from tfp_em.verification.exact import dense_covariance
         a = dense_covariance(tf.constant(a), b.shape[0]).numpy()
       if a.shape != b.shape:
         acc["2"].add(np.inf, 1.0, f"{where}: posterior[{k!r}] has shape {a.shape}, exact {b.shape}")
