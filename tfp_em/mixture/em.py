@@ -32,6 +32,7 @@ import tensorflow as tf
 from models import gaussian_mixture as gm
 from models.gaussian_mixture import GaussianMixtureParams
 from tfp_em.engine.passes import add_stats
+from tfp_em.verification.exact import ExactPosterior, marginalize_discrete
 
 MIN_COUNT_EPS = 10.0  # counts get 10*eps added, as in scikit-learn
 
@@ -248,6 +249,24 @@ class GaussianMixtureEM:
     """E-step posterior: {'responsibilities': [N, K]}."""
     log_joint = self.log_prob_components(params, data.x)
     return {"responsibilities": tf.nn.softmax(log_joint, axis=-1)}
+
+  @property
+  def component_axes(self):
+    """Label switching permutes weights, means and (untied) covariances along axis 0."""
+    axes = {"weights": 0, "means": 0}
+    if self.covariance_type != "tied":
+      axes["covariances"] = 0
+    return axes
+
+  def verification_oracle(self, params, data: MixtureData) -> ExactPosterior:
+    """Enumerates z in `models.gaussian_mixture.joint`; weighted data use the TFP mixture."""
+    exact = marginalize_discrete(lambda: gm.joint(params, self.covariance_type, data.x.shape[0]),
+                                 {"z": self.n_components}, {"x": data.x})
+    log_prob = exact.log_prob
+    if not np.allclose(np.asarray(data.weights), 1.0):
+      log_prob = tf.reduce_sum(
+          data.weights * gm.marginal(params, self.covariance_type).log_prob(data.x))
+    return ExactPosterior(log_prob, {"responsibilities": exact.posterior["z"]})
 
   def params_from_responsibilities(self, data: MixtureData, resp):
     """M-step of the stats implied by `resp` (used for initialization).
