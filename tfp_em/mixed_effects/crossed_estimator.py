@@ -33,18 +33,18 @@ class CrossedEffectsRegressor(CrossedPredictions):
   """Linear f with K crossed random-intercept grouping factors.
 
   Args:
-    method: 'em' (default; exact EM with the PX-EM step) or 'nll' (L-BFGS-B
+    method: 'em' (default; exact EM with the PX-EM step) or 'nll' (L-BFGS
       on the exact marginal over the log variances, beta profiled by GLS).
     fit_intercept: add an intercept column (default True).
     max_iter: EM iterations or L-BFGS iterations (default 1000).
-    tol: EM: relative tolerance on the mean log-likelihood; NLL: L-BFGS-B
-      ftol (default 1e-10).
+    tol: EM: relative tolerance on the mean log-likelihood; NLL: L-BFGS's
+      relative tolerance on the objective (default 1e-10).
     seed: integer seed for the initial variance split (default 0).
     dtype: 'float64' (default) or 'float32' for the returned parameters (the
       sparse algebra runs in float64).
     accelerate: None (default) or 'squarem' (EM only).
     max_dense: exact-factorization limit (default 8,000 levels outside the
-      largest factor; see `tfp_em.crossed_effects`). Beyond it 'em' runs
+      largest factor; see `crossed_posterior`). Beyond it 'em' runs
       `fit_em_large` (CG means, Hutchinson traces; tol floored at 1e-6 on the
       relative change of the variances; log_likelihood_ is NaN) and 'nll'
       raises.

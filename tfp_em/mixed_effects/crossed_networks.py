@@ -2,10 +2,10 @@
 
     y = f(x) + sum_k Z_k u_k + eps,   u_k ~ N(0, sigma_k^2 I_{q_k}),   eps ~ N(0, sigma^2 I)
 
-f is a Keras model (`mixed_effects_nn.Network`); the random-intercept part is
+f is a Keras model (`training.Network`); the random-intercept part is
 that of `models.crossed_effects` with f(x) in the place of X beta, so the
 exact posterior of u given the residual y - f(x) and the exact marginal come
-from `tfp_em.crossed_effects.posterior` (the sparse factorization: exact up to
+from `crossed_posterior.posterior` (the sparse factorization: exact up to
 `max_dense` levels outside the largest factor, CG and Hutchinson traces
 beyond).
 

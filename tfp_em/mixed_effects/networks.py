@@ -4,7 +4,7 @@ Both trainers fit the same model, y_ij = f(x_ij) + z_ij^T u_i + eps_ij, with f
 a Keras 3 model:
 
 * `fit_network_em` (MeNets): EM with the closed-form Sigma_u and sigma^2
-  updates of `tfp_em.mixed_effects_em` and a generalized M-step for f: a few
+  updates of `em` and a generalized M-step for f: a few
   epochs of Adam on the mean squared error to the target y - z^T m.
   sigma^2 is updated after f, with the new f (and the new z for the 'features'
   design), so each block maximizes Q given the others.

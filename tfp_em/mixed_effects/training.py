@@ -123,7 +123,7 @@ class Network:
 
 class NetworkFit(NamedTuple):
   """What a network trainer returns."""
-  params: me.MixedEffectsParams  # beta is empty
+  params: tuple                  # MixedEffectsParams or CrossedParams; beta is empty
   log_likelihood: float          # training marginal at `params` and the returned weights
   trace: np.ndarray              # training loglik at each iteration/epoch (inference mode)
   val_nll: np.ndarray            # early-stopping criterion at each iteration/epoch
@@ -226,6 +226,9 @@ def mse_epoch(net: Network, x, optimizer):
 def train_with_early_stopping(net: Network, params, *, evaluate, step, max_iter: int,
                               patience: int, label: str, unit: str) -> NetworkFit:
   """The loop of every network trainer; returns the fit at the best criterion.
+
+  Not `fit_em`: the f step is stochastic (Adam on mini-batches, so l may
+  drop) and the stopping rule is early stopping with the best state restored.
 
   Args:
     net: the `Network`; its best weights are restored at the end.
