@@ -1,6 +1,6 @@
 """Bad input to every estimator, the CSV loader and the CLI gets an error naming the problem.
 
-The cases live in `tfp_em._robustness_cases` (shared with
+The cases live in `robustness_cases.py` beside this file (shared with
 `validation/robustness.py`); each must end as a clear error (a ValueError
 whose message names the problem; for the CLI exit code 2, one line, nothing
 written) or, for the few inputs that are legitimate, as a handled fit with

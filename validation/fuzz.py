@@ -15,7 +15,7 @@ Targets:
 
 The time is split between the targets. Crashing inputs are printed (and
 saved with --json) so that they can be added to
-`tfp_em/_robustness_cases.py` as regression cases. Exit code 1 on a crash.
+`tests/robustness_cases.py` as regression cases. Exit code 1 on a crash.
 """
 from __future__ import annotations
 

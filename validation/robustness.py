@@ -1,4 +1,4 @@
-"""Runs every bad-input case of `tfp_em._robustness_cases` and prints a table.
+"""Runs every bad-input case of `tests/robustness_cases.py` and prints a table.
 
     python validation/robustness.py [--filter TEXT] [--json OUT.json]
 
@@ -20,6 +20,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 from tfp_em.engine import outputs# noqa: E402
 from robustness_cases import all_cases, run_case  # noqa: E402

@@ -21,7 +21,8 @@ import tensorflow as tf
 
 from tfp_em.engine import squarem
 from tfp_em.engine.checkpoint import Checkpointer
-from tfp_em.engine.passes import InMemoryPass, compiled, make_pass
+from tfp_em.engine.compiling import compiled
+from tfp_em.engine.passes import InMemoryPass, make_pass
 from tfp_em.engine.protocol import (ConvergenceWarning, EMModel, LikelihoodDecreaseError,
                                     LikelihoodDecreaseWarning, NumericalFailureError)
 from tfp_em.engine.results import FitResult, RestartTrace, restart_seeds, to_numpy, to_tensors

@@ -24,7 +24,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfp_em.engine.passes import StreamPass, compile_fn
+from tfp_em.engine.compiling import compile_fn
+from tfp_em.engine.passes import StreamPass
 from tfp_em.engine.results import FitResult, RestartTrace, restart_seeds, to_numpy, to_tensors
 from tfp_em.engine.streams import checked_batches
 

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from tfp_em.engine.passes import compiled
+from tfp_em.engine.compiling import compiled
 from tfp_em.engine.unconstrained import Flattener
 
 MAX_BACKTRACKS = 4

@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_em.engine.compiling import traced_or_eager
+
 
 class Flattener:
   """Maps params (NamedTuple) <-> one flat unconstrained vector of the trainable fields.
@@ -108,14 +110,7 @@ def minimize_lbfgs(value_and_gradient, u0, *, max_iterations: int = 500,
     failed, num_iterations, ...).
   """
   u0 = tf.convert_to_tensor(u0)
-  fn = value_and_gradient
-  if compile:
-    traced = tf.function(value_and_gradient)
-    try:
-      traced(u0)
-      fn = traced
-    except Exception:  # untraceable (user) code: stay eager
-      fn = value_and_gradient
+  fn = traced_or_eager(value_and_gradient, u0) if compile else value_and_gradient
   options = dict(tolerance=tolerance, f_relative_tolerance=f_relative_tolerance,
                  x_tolerance=x_tolerance, num_correction_pairs=num_correction_pairs)
   if callback is None:
