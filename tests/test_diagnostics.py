@@ -413,7 +413,7 @@ def test_bernoulli_mlp_alignment_undoes_exact_symmetries():
   w[:, 1] = -w[:, 1]
   perm = [2, 0, 1]
   moved = type(ref)(w[:, perm], out[[0, 3, 1, 2]] + 5.0)   # + 5: softmax shift
-  xs = tf_constant(fitted._inputs(X))
+  xs = tf_constant(fitted.standardized_inputs(X))
   ll = lambda p: mlp.marginal_log_prob(type(p)(*[tf_constant(a) for a in p]), xs,
                                        tf_constant(y.astype(np.int32))).numpy()
   np.testing.assert_allclose(ll(moved), ll(ref), rtol=1e-10)

@@ -7,5 +7,6 @@ estimator needs only `mixin`):
   hmc               `sample_posterior`, `compare_with_em`
   plots             figures of traces, ellipses, predictive checks
   report            `write_report` (self-contained HTML)
-  adapters          what diagnostics need to know about each estimator
+  adapters          the `Adapter` interface and the registry by estimator class;
+                    each family registers its adapter (tfp_em.<family>.adapter)
 """

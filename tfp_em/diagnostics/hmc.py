@@ -36,10 +36,12 @@ import xarray as xr
 
 import arviz as az
 
-from tfp_em.engine import inputs as v
 from tfp_em.diagnostics.adapters import get_adapter
 from tfp_em.diagnostics.inference_data import resolve_data
-from tfp_em.diagnostics.standard_errors import Flattener, _as_float64, standard_errors
+from tfp_em.diagnostics.standard_errors import as_float64, standard_errors
+from tfp_em.engine import inputs as v
+from tfp_em.engine.loop import progress_enabled
+from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
 
 tfd = tfp.distributions
 
@@ -54,10 +56,10 @@ def _chunk_size(num_burnin, num_results, pieces=20):
 def _setup(fitted, X, y, priors, fixed, data_kwargs):
   """(adapter, float64 data, model, specs, Flattener at the estimate, priors)."""
   adapter = get_adapter(fitted)
-  data = _as_float64(resolve_data(fitted, X, y, **data_kwargs))
+  data = as_float64(resolve_data(fitted, X, y, **data_kwargs))
   model = adapter.model(fitted)
   specs = fixed_specs(adapter, fitted, fixed)
-  flat = Flattener(adapter.params(fitted), specs)
+  flat = Flattener(adapter.params(fitted), specs, dtype=tf.float64)
   priors = adapter.default_priors(fitted, data) if priors is None else dict(priors)
   return adapter, data, model, specs, flat, priors
 
@@ -184,8 +186,7 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
 
 
 def _bar(progress, total, name):
-  from tfp_em.engine.loop import _show_progress
-  if not _show_progress(progress):
+  if not progress_enabled(progress):
     return None
   from tqdm.auto import tqdm
   return tqdm(total=total, desc=f"{name} NUTS", leave=False)
@@ -247,18 +248,18 @@ def posterior_mode(fitted, X=None, y=None, *, priors=None, start=None, fixed=Non
   Returns:
     (params NamedTuple of numpy arrays, log posterior at them).
   """
-  adapter, data, model, specs, flat, priors = _setup(fitted, X, y, priors, fixed, data_kwargs)
+  _, data, model, specs, flat, priors = _setup(fitted, X, y, priors, fixed, data_kwargs)
   target = log_posterior_fn(model, flat.template, specs, priors, data)
-  start_u = flat.u_hat if start is None else Flattener(start, specs).u_hat
+  start_u = flat.u_hat if start is None else Flattener(start, specs, dtype=tf.float64).u_hat
 
-  @tf.function
   def loss_and_grad(u):
     return tfp.math.value_and_gradient(
-        lambda w: -target(*[p[None] for i, p in enumerate(flat.params(w)) if i in flat.fields])[0], u)
+        lambda w: -target(*[p[None] for i, p in enumerate(flat.unflatten(w)) if i in flat.fields])[0],
+        u)
 
-  result = tfp.optimizer.lbfgs_minimize(loss_and_grad, start_u, max_iterations=max_iterations,
-                                        tolerance=1e-10)
-  params = flat.params(result.position)
+  result = minimize_lbfgs(loss_and_grad, start_u, max_iterations=max_iterations, tolerance=1e-10,
+                          compile=True)
+  params = flat.unflatten(result.position)
   return type(params)(*[p.numpy() for p in params]), -float(result.objective_value)
 
 
@@ -285,8 +286,8 @@ def compare_with_em(fitted, hmc_idata, X=None, y=None, *, priors=None, fixed=Non
   mode, _ = posterior_mode(fitted, data, priors=priors, start=mean_params, fixed=fixed)
   # L-BFGS may land on a relabelled copy of the same optimum
   mode = adapter.align(fitted, type(estimate)(*[np.asarray(p) for p in estimate]), mode)
-  flat_mode = Flattener(mode, specs).constrained(
-      type(mode)(*[tf.constant(p, tf.float64) for p in mode])).numpy()
+  flat_mode = Flattener(mode, specs, dtype=tf.float64)
+  flat_mode = flat_mode.constrained(flat_mode.template).numpy()
   out = pd.DataFrame({
       "em_estimate": se.estimate, "em_se": se.se,
       "post_mean": table["mean"].values, "post_sd": table["sd"].values,

@@ -40,8 +40,8 @@ import xarray as xr
 
 import arviz as az
 
+from tfp_em.diagnostics.adapters import estimator_class, get_adapter
 from tfp_em.engine import inputs as v
-from tfp_em.diagnostics.adapters import get_adapter
 
 
 def resolve_data(fitted, X=None, y=None, **data_kwargs):
@@ -146,7 +146,7 @@ def to_inference_data(fitted, X=None, y=None, *, feature_names=None,
       "estimator": type(fitted).__name__,
       "config": adapter.config(fitted),
       "best_restart": int(result.best_restart),
-      "n_features": int(getattr(fitted, "n_features_in_", 0)),
+      "n_features": int(fitted.n_features_in_),
       "log_likelihood": float(result.log_likelihood),
       "draws": "EM iterations; draw 0 is the initialization; draws past n_iter repeat the final value",
   }
@@ -166,8 +166,9 @@ def to_inference_data(fitted, X=None, y=None, *, feature_names=None,
   groups["log_likelihood"] = xr.Dataset(
       {first: (("chain", "draw", adapter.pointwise_dim), pointwise[None, None])},
       coords={"chain": [0], "draw": [0], adapter.pointwise_dim: np.arange(pointwise.shape[0])})
-  weights = np.asarray(getattr(data, "weights", np.ones(pointwise.shape[0])))
-  if not np.all(weights == 1):
+  weights = adapter.sample_weight(data)
+  weights = None if weights is None else np.asarray(weights)
+  if weights is not None and not np.all(weights == 1):
     groups["constant_data"] = xr.Dataset({"sample_weight": (("obs",), weights)},
                                          coords={"obs": np.arange(weights.shape[0])})
   return az.InferenceData(**groups)
@@ -212,18 +213,19 @@ def load_fitted(source):
   if "estimator" not in attrs:
     raise ValueError(f"{source!s} was not written by tfp_em.to_inference_data "
                      "(posterior.attrs has no 'estimator')")
-  adapter = get_adapter(str(attrs["estimator"]))
+  cls = estimator_class(str(attrs["estimator"]))
+  adapter = get_adapter(cls)
   best = int(attrs["best_restart"])
   n_iter = int(idata.sample_stats["n_iter"].values[best])
   final = idata.posterior.isel(chain=best, draw=n_iter)
   params = adapter.params_type(*[final[name].values for name in adapter.params_type._fields])
-  fitted = adapter.rebuild(str(attrs["config"]), params, int(attrs["n_features"]))
+  fitted = adapter.rebuild(cls, str(attrs["config"]), params, int(attrs["n_features"]))
   fitted.log_likelihood_ = float(attrs["log_likelihood"])
   fitted.n_iter_ = n_iter
   fitted.converged_ = bool(idata.sample_stats["converged"].values[best])
   observed = {name: idata.observed_data[name].values for name in adapter.observed_names}
-  weights = (idata.constant_data["sample_weight"].values
-             if "constant_data" in idata.groups() else None)
-  data = adapter.data(fitted, *[observed[n] for n in adapter.observed_names],
-                      sample_weight=weights)
+  # constant_data holds data keywords of `fit` (sample_weight)
+  data_kwargs = ({name: values.values for name, values in idata.constant_data.items()}
+                 if "constant_data" in idata.groups() else {})
+  data = adapter.data(fitted, *[observed[n] for n in adapter.observed_names], **data_kwargs)
   return fitted, data

@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-
 from tfp_em.diagnostics import plots
-from tfp_em.engine import outputs
 from tfp_em.diagnostics.adapters import get_adapter
 from tfp_em.diagnostics.inference_data import load_fitted, read_netcdf, resolve_data, to_inference_data
-from tfp_em.diagnostics.standard_errors import Flattener, _as_float64, standard_errors
+from tfp_em.diagnostics.standard_errors import as_float64, standard_errors
+from tfp_em.engine import outputs
+from tfp_em.engine.unconstrained import Flattener
 
 RHAT_LIMIT = 1.01
 
@@ -84,11 +84,11 @@ def em_checks(fitted, em_idata, data) -> list[tuple[str, str, bool]]:
   out.append(("restarts reaching the best log-likelihood (within 1e-6 per point)",
               f"{int(at_best.sum())} of {len(final)}",
               True if at_best.sum() >= min(2, len(final)) else None))
-  flat = Flattener(adapter.params(fitted), adapter.param_specs(fitted))
+  flat = Flattener(adapter.params(fitted), adapter.param_specs(fitted), dtype=tf.float64)
   u = tf.Variable(flat.u_hat)
-  d64 = _as_float64(data)
+  d64 = as_float64(data)
   with tf.GradientTape() as tape:
-    loglik = model.marginal_log_prob(flat.params(u), d64)
+    loglik = model.marginal_log_prob(flat.unflatten(u), d64)
   grad = float(tf.reduce_max(tf.abs(tape.gradient(loglik, u)))) / n_obs
   out.append(("stationary point: max |d mean-l / du| at the estimate (shrinks with tol)",
               f"{grad:.2e}", grad < 1e-3))

@@ -39,57 +39,19 @@ import pandas as pd
 import tensorflow as tf
 from scipy.stats import norm
 
-from tfp_em.engine import inputs as v
 from tfp_em.diagnostics.adapters import get_adapter
 from tfp_em.diagnostics.inference_data import resolve_data
+from tfp_em.engine import inputs as v
+from tfp_em.engine.loop import fit_em, progress_enabled
+from tfp_em.engine.unconstrained import Flattener
 
 METHODS = ("hessian", "louis")
 
 
-class Flattener:
-  """Maps params <-> one flat unconstrained vector (trainable fields only)."""
-
-  def __init__(self, params, specs):
-    self.template = type(params)(*[tf.cast(p, tf.float64) for p in params])
-    self.specs = specs
-    self.fields = [i for i, s in enumerate(specs) if s.trainable]
-    parts = [specs[i].bijector.inverse(self.template[i]) for i in self.fields]
-    self.shapes = [p.shape for p in parts]
-    self.sizes = [int(np.prod(s)) for s in self.shapes]
-    self.u_hat = tf.concat([tf.reshape(p, [-1]) for p in parts], 0)  # [P]
-
-  def params(self, u):
-    """Constrained params NamedTuple from the flat vector u [P]."""
-    values = list(self.template)
-    for i, part, shape in zip(self.fields, tf.split(u, self.sizes), self.shapes):
-      values[i] = self.specs[i].bijector.forward(tf.reshape(part, shape))
-    return type(self.template)(*values)
-
-  def constrained(self, params):
-    """Flat vector of every entry of the trainable (constrained) fields [Q]."""
-    return tf.concat([tf.reshape(params[i], [-1]) for i in self.fields], 0)
-
-  def labels(self):
-    """az.summary-style names of the constrained entries, e.g. 'means[0, 1]'."""
-    out = []
-    for i in self.fields:
-      name, shape = self.template._fields[i], self.template[i].shape
-      out += ([f"{name}[{', '.join(map(str, idx))}]" for idx in np.ndindex(*shape)]
-              if len(shape) else [name])
-    return out
-
-  def jacobian(self):
-    """d theta / d u at u_hat, [Q, P]."""
-    u = self.u_hat
-    with tf.GradientTape() as tape:
-      tape.watch(u)
-      theta = self.constrained(self.params(u))
-    return tape.jacobian(theta, u)
-
-
-def _as_float64(data):
-  cast = [tf.cast(d, tf.float64) if d.dtype.is_floating else d for d in data]
-  return type(data)(*cast) if hasattr(data, "_fields") else tuple(cast)
+def as_float64(data):
+  """`data` (a tuple or NamedTuple of tensors) with its floating tensors cast to float64."""
+  return tf.nest.map_structure(lambda d: tf.cast(d, tf.float64) if d.dtype.is_floating else d,
+                               data)
 
 
 def hessian_information(model, flat: Flattener, data):
@@ -99,23 +61,24 @@ def hessian_information(model, flat: Flattener, data):
     outer.watch(u)
     with tf.GradientTape() as inner:
       inner.watch(u)
-      loglik = model.marginal_log_prob(flat.params(u), data)
+      loglik = model.marginal_log_prob(flat.unflatten(u), data)
     grad = inner.gradient(loglik, u)
   return -outer.jacobian(grad, u)
 
 
-def louis_information(table_fn, flat: Flattener, data):
+def louis_information(table_fn, flat: Flattener, data, weights=None):
   """Louis' observed information at u_hat, [P, P].
 
-  `table_fn(params, data)` returns log p(obs_n, latent = k | params), [N, K].
+  `table_fn(params, data)` returns log p(obs_n, latent = k | params), [N, K];
+  `weights` [N] are per-point weights (None: every point counts once).
   """
-  weights = tf.cast(data.weights if hasattr(data, "weights") else 1.0, tf.float64)
+  weights = tf.cast(1.0 if weights is None else weights, tf.float64)
   u = flat.u_hat
   with tf.GradientTape(persistent=True) as outer:
     outer.watch(u)
     with tf.GradientTape(persistent=True) as inner:
       inner.watch(u)
-      table = table_fn(flat.params(u), data)                        # [N, K]
+      table = table_fn(flat.unflatten(u), data)                        # [N, K]
       resp = tf.stop_gradient(tf.nn.softmax(table, axis=-1))        # [N, K]
       q = tf.reduce_sum(weights * tf.reduce_sum(resp * table, -1))  # Q(u | u_hat)
     grad_q = inner.gradient(q, u)
@@ -177,9 +140,9 @@ def _quiet_retracing():
 
 def _standard_errors(fitted, data, method):
   adapter = get_adapter(fitted)
-  data = _as_float64(data)
+  data = as_float64(data)
   model = adapter.model(fitted)
-  flat = Flattener(adapter.params(fitted), adapter.param_specs(fitted))
+  flat = Flattener(adapter.params(fitted), adapter.param_specs(fitted), dtype=tf.float64)
   if method == "hessian":
     info = hessian_information(model, flat, data)
   else:
@@ -187,7 +150,7 @@ def _standard_errors(fitted, data, method):
       raise ValueError(f"method='louis' needs enumerable discrete latents; "
                        f"{type(fitted).__name__} does not have them: use method='hessian'")
     table_fn = lambda p, d: adapter.complete_log_prob_table(fitted, p, d)  # noqa: E731
-    info = louis_information(table_fn, flat, data)
+    info = louis_information(table_fn, flat, data, adapter.sample_weight(data))
   info = info.numpy()
   cov_u = _inverse_information(info, type(fitted).__name__, adapter.gauge_dimension(fitted))
   jac = flat.jacobian().numpy()
@@ -215,18 +178,6 @@ def _inverse_information(info, name, gauge: int = 0):
   return np.linalg.inv(info)
 
 
-class _CompiledOnce:
-  """A model whose steps are traced once and reused across many `fit_em` calls."""
-
-  def __init__(self, model):
-    self._model = model
-    self.e_step = tf.function(model.e_step, reduce_retracing=True)
-    self.m_step = tf.function(model.m_step, reduce_retracing=True)
-
-  def __getattr__(self, name):
-    return getattr(self._model, name)
-
-
 def bootstrap_standard_errors(fitted, X=None, y=None, *, n_boot: int = 100, seed: int = 0,
                               max_iter: int = 500, progress: bool | None = None,
                               **data_kwargs) -> StandardErrors:
@@ -242,27 +193,26 @@ def bootstrap_standard_errors(fitted, X=None, y=None, *, n_boot: int = 100, seed
     max_iter: EM iterations per replicate (default 500).
     progress: progress bar; None means on, except under pytest.
   """
-  from tfp_em.engine.loop import _show_progress, fit_em
   n_boot = v.check_int("n_boot", n_boot, minimum=2)
   seed = v.check_seed(seed)
   adapter = get_adapter(fitted)
   data = resolve_data(fitted, X, y, **data_kwargs)
-  model = _CompiledOnce(adapter.model(fitted))
+  model = adapter.model(fitted)  # one instance: fit_em keeps its compiled steps across refits
   params = adapter.params(fitted)
   numpy_params = type(params)(*[np.asarray(p) for p in params])
-  flat = Flattener(params, adapter.param_specs(fitted))
+  flat = Flattener(params, adapter.param_specs(fitted), dtype=tf.float64)
   rng = np.random.SeedSequence(seed).spawn(n_boot)
   draws = []
   iterator = range(n_boot)
-  if _show_progress(progress):
+  if progress_enabled(progress):
     from tqdm.auto import tqdm
     iterator = tqdm(iterator, desc=f"{type(fitted).__name__} bootstrap", leave=False)
   for b in iterator:
     replicate = adapter.simulate(fitted, params, data, int(rng[b].generate_state(1)[0]))
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      result = fit_em(model, replicate, max_iter=max_iter, tol=getattr(fitted, "tol", 1e-6),
-                      init_params=params, compile="eager", progress=False)
+      result = fit_em(model, replicate, max_iter=max_iter, tol=fitted.tol,
+                      init_params=params, compile="graph", progress=False)
     aligned = adapter.align(fitted, numpy_params, type(params)(*[np.asarray(p) for p in result.params]))
     draws.append(flat.constrained(type(params)(*[tf.constant(p, tf.float64) for p in aligned])).numpy())
   draws = np.stack(draws)
