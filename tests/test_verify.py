@@ -11,9 +11,9 @@ import gmm_mutants  # tests/ is on sys.path (rootdir-relative import)
 from models import gaussian_mixture as gm
 from tfp_em.mixture.em import GaussianMixtureEM, MixtureData
 from tfp_em.mixture.initialization import initial_responsibilities
-from tfp_em.verification import (CheckResult, VerificationError, VerificationReport, load_user_module,
-                                 main_verify, marginalize_discrete, marginalize_gaussian, verify,
-                                 verify_file)
+from tfp_em.verification import (CheckResult, ExactPosterior, VerificationError, VerificationReport,
+                                 load_user_module, main_verify, marginalize_discrete,
+                                 marginalize_gaussian, verify, verify_file)
 from tfp_em.verification.exact import expected_log_joint_discrete, expected_log_joint_gaussian
 
 tfd = tfp.distributions
@@ -345,6 +345,33 @@ def test_verify_argument_errors():
   with pytest.raises(ValueError, match="param_specs has no entry"):
     verify(joint, {"x": np.zeros(3)}, latents={"z": 2}, posterior=lambda p, d: {},
            **{**user, "param_specs": {}})
+
+
+class _DuckTypedModel:
+  """Has the EMModel methods but does not subclass tfp_em.EMModel."""
+
+  def e_step(self, params, data):
+    return None, 0.0
+
+  def m_step(self, params, stats):
+    return params
+
+
+def test_verify_refuses_models_that_are_not_emmodels():
+  with pytest.raises(TypeError, match="subclass tfp_em.EMModel"):
+    verify(_DuckTypedModel(), _gmm_data(5))
+
+
+def test_oracle_argument_overrides_the_models_reference():
+  """`oracle=` replaces the model's `verification_oracle` (checks 1 and 2)."""
+  data, model = _gmm_data(5), _model("full")
+  shifted = lambda p, d: ExactPosterior(model.verification_oracle(p, d).log_prob + 1.0,
+                                        model.verification_oracle(p, d).posterior)
+  assert verify(model, data, oracle=model.verification_oracle, checks=("1",), n_points=1).passed
+  report = verify(model, data, oracle=shifted, checks=("1",), n_points=1)
+  assert report.failed_checks == ["1"]
+  no_reference = verify(model, data, oracle=lambda p, d: None, checks=("1", "2"), n_points=1)
+  assert no_reference["2"].passed is None and "no exact posterior" in no_reference["2"].detail
 
 
 # ----------------------------------------------------------------------------

@@ -63,8 +63,8 @@ import tensorflow as tf
 
 from tfp_em.engine import inputs as v
 from tfp_em.engine.protocol import EMModel
-from tfp_em.verification.checks import (Target, Tolerances, field_names, field_values,
-                                        normalize_specs, pack, run_checks, to_float64)
+from tfp_em.verification.checks import (Coordinates, Target, Tolerances, field_names,
+                                        field_values, normalize_specs, run_checks, to_float64)
 from tfp_em.verification.exact import (GAUSSIAN, ExactPosterior, expected_log_joint_discrete,
                                        expected_log_joint_gaussian, marginalize_discrete,
                                        marginalize_gaussian)
@@ -88,18 +88,10 @@ def _float64_data(data):
 def _perturbed_starts(start, specs, n_points: int, scale: float, seed: int):
   """The start plus n_points - 1 seeded perturbations of it in unconstrained space."""
   rng = np.random.default_rng(seed)
-  starts = [start]
-  for _ in range(n_points - 1):
-    values = []
-    for val, s in zip(field_values(start), specs):
-      if s.trainable:
-        u = s.bijector.inverse(val)
-        u = u + tf.constant(scale * rng.standard_normal(u.shape), u.dtype)
-        values.append(s.bijector.forward(u))
-      else:
-        values.append(val)
-    starts.append(pack(start, values))
-  return starts
+  coords = Coordinates(specs, start)
+  noise = [rng.standard_normal(coords.flattener.size) for _ in range(n_points - 1)]
+  return [start] + [coords.unflatten(coords.u_hat + tf.constant(scale * e, coords.u_hat.dtype))
+                    for e in noise]
 
 
 def _maybe_compile(fn, compile):

@@ -5,9 +5,9 @@ plain-callable steps) is turned into: E-step, M-step, Q, a differentiable
 marginal log-likelihood, optionally an exact posterior, and parameter specs.
 Params may be NamedTuples or dicts of tensors; all work happens in float64.
 
-Gradients are taken in unconstrained coordinates u (the ParamSpec bijectors),
-over trainable fields only, so that every coordinate is free and a stationary
-point means a zero gradient.
+Gradients are taken in unconstrained coordinates u (the ParamSpec bijectors,
+through the engine's `Flattener`), over trainable fields only, so that every
+coordinate is free and a stationary point means a zero gradient.
 
 #### Tolerances
 
@@ -37,6 +37,7 @@ import tensorflow_probability as tfp
 from scipy.optimize import linear_sum_assignment
 
 from models.specs import ParamSpec
+from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
 from tfp_em.verification.exact import dense_covariance
 from tfp_em.verification.report import CHECK_TITLES, CheckResult
 
@@ -169,31 +170,55 @@ def normalize_specs(params, specs) -> list:
   return out
 
 
-def unconstrained_trainable(target: Target, params) -> list:
-  return [s.bijector.inverse(v) for v, s in zip(field_values(params), target.specs) if s.trainable]
+class _Fields(tuple):
+  """The params' field values in order: the NamedTuple-like view `Flattener`
+  takes, since params may be dicts."""
+
+  def __new__(cls, *values):
+    return super().__new__(cls, values)
 
 
-def constrained(target: Target, template, u_list):
-  it = iter(u_list)
-  values = [s.bijector.forward(next(it)) if s.trainable else v
-            for v, s in zip(field_values(template), target.specs)]
-  return pack(template, values)
+class Coordinates:
+  """Unconstrained coordinates u [P] of the trainable fields around a template.
+
+  The engine's `Flattener`, on dict params too: `unflatten` returns params of
+  the template's kind, with its fixed fields.
+
+  Args:
+    specs: list of ParamSpec, parallel to the params' fields.
+    template: params (NamedTuple or dict); `u_hat` is u there.
+  """
+
+  def __init__(self, specs: list, template):
+    self.template = template
+    self.flattener = Flattener(_Fields(*field_values(template)), specs)
+    self.u_hat = self.flattener.u_hat
+
+  def flatten(self, params):
+    return self.flattener.flatten(_Fields(*field_values(params)))
+
+  def unflatten(self, u):
+    return pack(self.template, list(self.flattener.unflatten(u)))
+
+  def per_field(self, vector) -> list:
+    """A [P] vector cut into one array per trainable field."""
+    parts = np.split(np.asarray(vector), np.cumsum(self.flattener.sizes)[:-1])
+    return [p.reshape(tuple(s)) for p, s in zip(parts, self.flattener.shapes)]
 
 
 def trainable_names(target: Target, params) -> list:
   return [n for n, s in zip(field_names(params), target.specs) if s.trainable]
 
 
-def value_and_grad_u(target: Target, fn, params, u_list=None):
-  """fn(params) and its gradient in unconstrained trainable coordinates."""
-  u_list = unconstrained_trainable(target, params) if u_list is None else u_list
-  u_list = [tf.identity(u) for u in u_list]
+def value_and_grad_u(coords: Coordinates, fn, u=None):
+  """fn(params) at u (default: the template) and its gradient in u, per field."""
+  u = tf.identity(coords.u_hat if u is None else u)
   with tf.GradientTape() as tape:
-    tape.watch(u_list)
-    value = fn(constrained(target, params, u_list))
-  grads = tape.gradient(value, u_list)
-  grads = [tf.zeros_like(u) if g is None else tf.convert_to_tensor(g) for u, g in zip(u_list, grads)]
-  return value, [g.numpy() for g in grads]
+    tape.watch(u)
+    value = fn(coords.unflatten(u))
+  grad = tape.gradient(value, u)
+  grad = tf.zeros_like(u) if grad is None else tf.convert_to_tensor(grad)
+  return value, coords.per_field(grad.numpy())
 
 
 def _max_abs(arrays) -> float:
@@ -279,8 +304,9 @@ def check_point(target: Target, params, index: int, tol: Tolerances, acc: dict, 
 
   # 3. Fisher identity.
   names = trainable_names(target, params)
-  _, g_ll = value_and_grad_u(target, lambda p: target.marginal(p, target.data), params)
-  q_old, g_q = value_and_grad_u(target, lambda p: target.q(p, params, stats), params)
+  coords = Coordinates(target.specs, params)
+  _, g_ll = value_and_grad_u(coords, lambda p: target.marginal(p, target.data))
+  q_old, g_q = value_and_grad_u(coords, lambda p: target.q(p, params, stats))
   gscale = max(_max_abs(g_ll), _max_abs(g_q), 1e-3 * target.n_obs)
   field, err = _worst_field(names, [a - b for a, b in zip(g_q, g_ll)])
   acc["3"].add(err, gscale, f"{where}: |grad Q - grad loglik| = {err:.3g} in {field!r} "
@@ -302,18 +328,19 @@ def check_m_step(target, old, stats, new, q_old, gscale, where, tol, acc, rng):
     for c in ("4a", "4b", "4c", "4d"):
       acc[c].add(np.inf, 1.0, f"{where}: M-step returned non-finite {bad}")
     return
+  coords = Coordinates(target.specs, new)
   # tf.identity defeats the bijector cache, which would hand back `new` itself.
-  u_new = [tf.identity(u) for u in unconstrained_trainable(target, new)]
-  round_trip = constrained(target, new, u_new)
+  u_new = tf.identity(coords.u_hat)
+  round_trip = coords.unflatten(u_new)
   rt = [np.asarray(a) - np.asarray(b) for a, b, s in
         zip(field_values(round_trip), field_values(new), target.specs) if s.trainable]
   field, err = _worst_field(names, rt)
-  if not np.isfinite(err) or any(not np.all(np.isfinite(u.numpy())) for u in u_new):
+  if not np.isfinite(err) or not np.all(np.isfinite(u_new.numpy())):
     err = np.inf
   acc["4a"].add(err, max(_max_abs(values), 1e-300),
                 f"{where}: {field!r} moves by {err:.3g} when mapped to the support and back")
   q = lambda p: target.q(p, old, stats)
-  q_rt, g_new = value_and_grad_u(target, q, new, u_new)
+  q_rt, g_new = value_and_grad_u(coords, q, u_new)
   exact_fields = [i for i, n in enumerate(names) if n not in target.generalized_fields]
   if exact_fields:
     field, err = _worst_field([names[i] for i in exact_fields], [g_new[i] for i in exact_fields])
@@ -326,12 +353,14 @@ def check_m_step(target, old, stats, new, q_old, gscale, where, tol, acc, rng):
   if exact_fields:
     worst, worst_detail = 0.0, f"nothing at {where}"
     q_rt = float(q_rt)
+    shapes = [tuple(s) for s in coords.flattener.shapes]
     for _ in range(3):
-      direction = [tol.perturbation * rng.standard_normal(np.shape(u)) if i in exact_fields
-                   else np.zeros(np.shape(u)) for i, u in enumerate(u_new)]
+      direction = np.concatenate([
+          np.ravel(tol.perturbation * rng.standard_normal(shape) if i in exact_fields
+                   else np.zeros(shape)) for i, shape in enumerate(shapes)])
       for sign in (1.0, -1.0):
-        moved = [u + sign * tf.constant(d, u.dtype) for u, d in zip(u_new, direction)]
-        gain = float(q(constrained(target, new, moved))) - q_rt
+        moved = u_new + sign * tf.constant(direction, u_new.dtype)
+        gain = float(q(coords.unflatten(moved))) - q_rt
         if gain > worst or not np.isfinite(gain):
           worst, worst_detail = gain, f"{gain:.3g} at {where} (step {tol.perturbation:g} in u)"
     acc["4d"].add(max(worst, 0.0), scale_q, worst_detail)
@@ -399,40 +428,17 @@ def run_em(iterate, params, n_obs, max_iter: int, rtol: float):
 # ----------------------------------------------------------------------------
 # Check 6.
 
-def _flatten(arrays):
-  return np.concatenate([np.ravel(a) for a in arrays]) if arrays else np.zeros(0)
-
-
 def lbfgs_optimum(target: Target, start, max_iter: int):
   """L-BFGS optimum of -loglik / N in unconstrained trainable coordinates."""
-  u0 = unconstrained_trainable(target, start)
-  shapes = [u.shape for u in u0]
-  sizes = [int(np.prod(s)) for s in shapes]
+  coords = Coordinates(target.specs, start)
 
-  def unflatten(flat):
-    return [tf.reshape(p, s) for p, s in zip(tf.split(flat, sizes), shapes)]
+  def value_and_gradient(u):
+    return tfp.math.value_and_gradient(
+        lambda w: -target.marginal(coords.unflatten(w), target.data) / target.n_obs, u)
 
-  def objective(flat):
-    with tf.GradientTape() as tape:
-      tape.watch(flat)
-      value = -target.marginal(constrained(target, start, unflatten(flat)), target.data) / target.n_obs
-    return value, tape.gradient(value, flat)
-
-  value_and_gradient = objective
-  if target.compile:
-    compiled = tf.function(objective)
-    try:
-      compiled(tf.constant(_flatten([u.numpy() for u in u0])))
-      value_and_gradient = compiled
-    except Exception:  # untraceable user code: stay eager
-      pass
-  # The L-BFGS loop itself runs eagerly: tracing its line search costs more
-  # than running it on the compiled objective.
-  result = tfp.optimizer.lbfgs_minimize(
-      value_and_gradient, tf.constant(_flatten([u.numpy() for u in u0])), tolerance=1e-9,
-      x_tolerance=0.0, f_relative_tolerance=0.0, max_iterations=max_iter,
-      num_correction_pairs=20)
-  return constrained(target, start, unflatten(result.position)), result
+  result = minimize_lbfgs(value_and_gradient, coords.u_hat, max_iterations=max_iter,
+                          tolerance=1e-9, num_correction_pairs=20, compile=target.compile)
+  return coords.unflatten(result.position), result
 
 
 def match_labels(target: Target, reference, other):
@@ -467,7 +473,8 @@ def check_fixed_point(target: Target, iterate, gscale: float, tol: Tolerances,
   info["em_iterations"], info["em_converged"] = n_iter, converged
   names = trainable_names(target, theta)
   marg = lambda p: target.marginal(p, target.data)
-  ll_em, g = value_and_grad_u(target, marg, theta)
+  theta_coords = Coordinates(target.specs, theta)
+  ll_em, g = value_and_grad_u(theta_coords, marg)
   field, err = _worst_field(names, g)
   if not np.isfinite(float(ll_em)):
     note = f"; loglik became {float(ll_em)} after {n_iter} iterations"
@@ -483,7 +490,7 @@ def check_fixed_point(target: Target, iterate, gscale: float, tol: Tolerances,
   err, field = _distance(target, theta, match_labels(target, theta, theta_bfgs))
   detail = (f"max |u_EM - u_LBFGS| = {err:.3g} in {field!r}; loglik EM {float(ll_em):.12g}, "
             f"L-BFGS {info['loglik_lbfgs']:.12g}")
-  scale = 1.0 + _max_abs([u.numpy() for u in unconstrained_trainable(target, theta)])
+  scale = 1.0 + _max_abs([theta_coords.u_hat.numpy()])
   if np.isfinite(err) and err > tol.lbfgs * scale and np.isfinite(float(ll_em)):
     # Another local optimum from the same start is no error if theta_EM is a
     # local optimum itself: then L-BFGS started there must stay there.
@@ -498,10 +505,10 @@ def check_fixed_point(target: Target, iterate, gscale: float, tol: Tolerances,
 
 
 def _distance(target, a, b):
-  names = trainable_names(target, a)
-  diffs = [x.numpy() - y.numpy() for x, y in zip(unconstrained_trainable(target, a),
-                                                  unconstrained_trainable(target, b))]
-  field, err = _worst_field(names, diffs)
+  """Largest |u(a) - u(b)| over the trainable entries, and its field."""
+  coords = Coordinates(target.specs, a)
+  diff = coords.u_hat.numpy() - coords.flatten(b).numpy()
+  field, err = _worst_field(trainable_names(target, a), coords.per_field(diff))
   return err, field
 
 
