@@ -26,8 +26,9 @@ class PrecedenceHiddenGradient(bm.BernoulliMLPEM):
   def hidden_gradient(weights_t, inputs, targets, l2=0.):
     probs = tf.sigmoid(tf.matmul(inputs, weights_t, transpose_b=True))   # [N, m]
     wrong = targets[:, :, tf.newaxis] - probs[:, :, tf.newaxis] * inputs[:, tf.newaxis, :]
-    mask = bm._penalty_mask(weights_t.shape[-1], weights_t.dtype)
-    return tf.reduce_sum(wrong, axis=0) - l2 * mask * weights_t
+    # The correct gradient at targets = probs is its L2 term alone (the fit term is 0).
+    penalty = bm.hidden_unit_gradient(weights_t, inputs, probs, l2)
+    return tf.reduce_sum(wrong, axis=0) + penalty
 
 
 class UnnormalizedTau(bm.BernoulliMLPEM):
