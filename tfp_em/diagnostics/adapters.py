@@ -57,7 +57,7 @@ def estimator_class(name: str) -> type:
 
   Only estimators whose package has been imported are registered.
   """
-  matches = [cls for cls in _with_subclasses(list(_ADAPTERS)) if cls.__name__ == name]
+  matches = [cls for cls in _with_subclasses(_ADAPTERS) if cls.__name__ == name]
   if not matches:
     raise ValueError(f"no diagnostics adapter for an estimator named {name!r}; known "
                      f"estimators: {_names()} (import the package that defines it, e.g. "
@@ -65,13 +65,10 @@ def estimator_class(name: str) -> type:
   return matches[0]
 
 
-def _with_subclasses(classes: list[type]) -> list[type]:
-  out = []
-  while classes:
-    cls = classes.pop()
-    if cls not in out:
-      out.append(cls)
-      classes += cls.__subclasses__()
+def _with_subclasses(classes) -> list[type]:
+  out = list(classes)
+  for cls in out:  # grows while iterating: breadth first, the registered classes first
+    out += [sub for sub in cls.__subclasses__() if sub not in out]
   return out
 
 
