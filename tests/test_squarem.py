@@ -244,7 +244,7 @@ def test_crossed_effects_squarem_is_monotone_and_reaches_plain_em():
   np.testing.assert_allclose(fast.final_log_likelihood, plain.final_log_likelihood, rtol=1e-8)
 
 
-# -- compiled steps reused across fits (`tfp_em.engine.passes.compiled`) ---------------
+# -- compiled steps reused across fits (`tfp_em.engine.compiling.compiled`) ---------------
 
 def _same_fit(a, b, rtol=1e-12):
   np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=rtol)

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from models import gaussian_mixture as gm
 from models.gaussian_mixture import GaussianMixtureParams
+from tfp_em.engine import EMModel
 from tfp_em.engine.passes import add_stats
 from tfp_em.verification.exact import ExactPosterior, marginalize_discrete
 
@@ -164,7 +165,7 @@ def default_chunk_size(n_components: int, n_features: int) -> int:
 # ----------------------------------------------------------------------------
 # The EMModel.
 
-class GaussianMixtureEM:
+class GaussianMixtureEM(EMModel):
   """EMModel for `models.gaussian_mixture` (see `tfp_em.engine.EMModel`).
 
   Args:
