@@ -1,6 +1,8 @@
 """ArviZ export, standard errors, HMC cross-check, plots and reports."""
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,20 @@ def test_netcdf_round_trip(faithful, tmp_path):
   np.testing.assert_allclose(rebuilt.score_samples(x.values), fitted.score_samples(x.values))
   np.testing.assert_array_equal(np.asarray(data.x), x.values)
 
+
+
+def test_load_fitted_in_a_fresh_process(faithful, tmp_path):
+  """A saved fit loads where no estimator package was imported (the file names its class)."""
+  fitted, x = faithful
+  path = tmp_path / "fit.nc"
+  to_inference_data(fitted, x).to_netcdf(str(path))
+  code = ("import sys, numpy as np; from tfp_em.diagnostics.inference_data import load_fitted; "
+          f"m, _ = load_fitted({str(path)!r}); np.save(sys.argv[1], m.means_)")
+  out = tmp_path / "means.npy"
+  done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  np.testing.assert_allclose(np.load(out), fitted.means_)
 
 def test_weighted_fit_keeps_weights():
   rng = np.random.default_rng(0)

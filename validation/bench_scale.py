@@ -163,8 +163,8 @@ def _mixture_fit_args(accelerate):
   est = GaussianMixture(2, reg_covar=0.0, accelerate=accelerate, verbose=False, **init)
   dtype = est._check_options()
   data = est._in_memory(x, None, dtype)
-  model = est._model(*data.x.shape)
-  return model, data, dict(init_params=est._user_init(model, data, dtype), compile=model.compile)
+  model = est.em_model(*data.x.shape)
+  return model, data, dict(init_params=est._user_init(model, data, dtype))
 
 
 def _lmm_fit_args(accelerate):
@@ -172,12 +172,14 @@ def _lmm_fit_args(accelerate):
   from tfp_em import MixedEffectsRegressor
   from tfp_em.mixed_effects import estimator as mx
   from tfp_em.mixed_effects.em import MixedEffectsEM
+  from tfp_em.mixed_effects.labels import encode_clusters
   X, y, g, t = lmm_problem()
   est = MixedEffectsRegressor("slopes", degree=1)
-  _, codes = mx.encode_clusters(g, len(y))
+  _, codes = encode_clusters(g, len(y))
   est.network_ = None  # linear f: build the data exactly as the estimator does
-  data = mx._by_cluster(est._data(est._fixed_design(X), y, est._design(len(y), t, None, np.float64),
-                                  codes, int(codes.max()) + 1))
+  data = mx.rows_by_cluster(est.em_data(
+      est.fixed_effects_design(X), y, est.random_effects_design(len(y), t, None, np.float64),
+      codes, int(codes.max()) + 1))
   return MixedEffectsEM("full"), data, dict(compile="graph")
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import pkgutil
+import sys
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -51,12 +53,22 @@ def get_adapter(fitted):
                    f"{_names()}")
 
 
-def estimator_class(name: str) -> type:
-  """The estimator class called `name` (as stored in a netCDF file): a
-  registered class or a subclass of one.
+def estimator_class(name: str, path: str | None = None) -> type:
+  """The estimator class stored in a netCDF file: a registered class or a subclass of one.
 
-  Only estimators whose package has been imported are registered.
+  Args:
+    name: the class's `__name__`.
+    path: 'module:qualname' of the class. Importing that module registers
+      its family's adapter (a family package registers it when imported). It
+      is imported only when it belongs to tfp_em or is imported already (a
+      user's subclass): a file never makes tfp_em import arbitrary code.
   """
+  module = (path or "").partition(":")[0]
+  if module.startswith("tfp_em.") or module in sys.modules:
+    cls = pkgutil.resolve_name(path)
+    if isinstance(cls, type):
+      get_adapter(cls)  # a clear error when it has none
+      return cls
   matches = [cls for cls in _with_subclasses(_ADAPTERS) if cls.__name__ == name]
   if not matches:
     raise ValueError(f"no diagnostics adapter for an estimator named {name!r}; known "

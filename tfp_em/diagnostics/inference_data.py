@@ -144,6 +144,7 @@ def to_inference_data(fitted, X=None, y=None, *, feature_names=None,
   attrs = {
       "inference_library": "tfp_em (EM)",
       "estimator": type(fitted).__name__,
+      "estimator_path": f"{type(fitted).__module__}:{type(fitted).__qualname__}",
       "config": adapter.config(fitted),
       "best_restart": int(result.best_restart),
       "n_features": int(fitted.n_features_in_),
@@ -213,7 +214,7 @@ def load_fitted(source):
   if "estimator" not in attrs:
     raise ValueError(f"{source!s} was not written by tfp_em.to_inference_data "
                      "(posterior.attrs has no 'estimator')")
-  cls = estimator_class(str(attrs["estimator"]))
+  cls = estimator_class(str(attrs["estimator"]), attrs.get("estimator_path"))
   adapter = get_adapter(cls)
   best = int(attrs["best_restart"])
   n_iter = int(idata.sample_stats["n_iter"].values[best])

@@ -303,7 +303,7 @@ class MixedEffectsRegressor:
                        f"rank {rank} < {design.shape[1]} columns: drop collinear or constant "
                        "columns (beta is not identifiable)")
     model = _linear_em(self.covariance, expand=self.method == "em")
-    train = _by_cluster(train)
+    train = rows_by_cluster(train)
     if self.method == "em":
       result = fit_em(model, train, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
                       on_decrease=self.on_decrease, progress=False,
@@ -424,7 +424,7 @@ class MixedEffectsRegressor:
     return np.stack([mean - half, mean + half], axis=-1)
 
 
-def _by_cluster(data: me.MixedEffectsData) -> me.MixedEffectsData:
+def rows_by_cluster(data: me.MixedEffectsData) -> me.MixedEffectsData:
   """The rows of `data` in cluster order (stable).
 
   Every statistic is a sum over rows, so results change only by round-off;
@@ -440,7 +440,7 @@ def _by_cluster(data: me.MixedEffectsData) -> me.MixedEffectsData:
 def _linear_em(covariance: str, expand: bool) -> MixedEffectsEM:
   """One `MixedEffectsEM` per configuration, shared by every linear-f fit.
 
-  The model holds no data, only its compiled steps (`tfp_em.engine.passes.compiled`),
+  The model holds no data, only its compiled steps (`tfp_em.engine.compiling.compiled`),
   so a refit, on new data too, runs without tracing.
   """
   return MixedEffectsEM(covariance, compile="graph", expand=expand)
