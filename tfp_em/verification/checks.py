@@ -369,24 +369,31 @@ def check_m_step(target, old, stats, new, q_old, gscale, where, tol, acc, rng):
 # ----------------------------------------------------------------------------
 # Check 5 and EM runs.
 
+def compiled_or_eager(fn, compile):
+  """tf.function(fn) unless compile is False; eager from the first call that
+  fails to trace (numpy calls, Python control flow in user code). A genuine
+  error is raised again by the eager call."""
+  if compile is False:
+    return fn
+  compiled = tf.function(fn, reduce_retracing=True)
+  state = {"ok": True}
+
+  def call(*args):
+    if state["ok"]:
+      try:
+        return compiled(*args)
+      except Exception:  # untraceable: stay eager from now on
+        state["ok"] = False
+    return fn(*args)
+  return call
+
+
 def make_em_iteration(target: Target):
   """params -> (M-step(E-step(params)), loglik), compiled when possible."""
   def iteration(params):
     stats, ll = target.e_step(params, target.data)
     return to_float64(target.m_step(params, stats)), tf.cast(ll, tf.float64)
-  if not target.compile:
-    return iteration
-  compiled = tf.function(iteration, reduce_retracing=True)
-  state = {"ok": True}
-
-  def safe(params):
-    if state["ok"]:
-      try:
-        return compiled(params)
-      except Exception:  # user code that cannot be traced: run it eagerly
-        state["ok"] = False
-    return iteration(params)
-  return safe
+  return compiled_or_eager(iteration, bool(target.compile))
 
 
 def check_monotone(target: Target, iterate, starts, n_steps: int, acc: dict):
