@@ -64,15 +64,22 @@ def compiled_e_step(model, mode: str):
   return compiled(model, "e_step", lambda: model.e_step, mode)
 
 
-def traced_or_eager(fn, *example_args, **options):
-  """`tf.function(fn, **options)` when it traces on `example_args`, else `fn`.
+def compiled_or_eager(fn):
+  """`tf.function(fn)`, falling back to `fn` itself from the first call that fails.
 
-  For user-written functions (the verifier's targets) that may hold Python
-  code TensorFlow cannot trace: they then run eagerly, slower but correct.
+  For user-written functions (the verifier's targets, objectives handed to
+  `minimize_lbfgs`) that may hold code TensorFlow cannot trace (numpy calls,
+  Python control flow on tensors): they then run eagerly, slower but
+  correct. A genuine error is raised again by the eager call.
   """
-  traced = tf.function(fn, **options)
-  try:
-    traced(*example_args)
-  except Exception:  # untraceable user code: stay eager
-    return fn
-  return traced
+  compiled = tf.function(fn, reduce_retracing=True)
+  traceable = [True]
+
+  def call(*args):
+    if traceable[0]:
+      try:
+        return compiled(*args)
+      except Exception:  # untraceable: eager from now on
+        traceable[0] = False
+    return fn(*args)
+  return call

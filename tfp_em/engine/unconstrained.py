@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_em.engine.compiling import traced_or_eager
+from tfp_em.engine.compiling import compiled_or_eager
 
 
 class Flattener:
@@ -99,9 +99,9 @@ def minimize_lbfgs(value_and_gradient, u0, *, max_iterations: int = 500,
     max_iterations, tolerance (on the gradient's sup norm),
       f_relative_tolerance, x_tolerance, num_correction_pairs: as in
       `tfp.optimizer.lbfgs_minimize`.
-    compile: trace `value_and_gradient` once with `tf.function`; the L-BFGS
-      loop itself runs eagerly (tracing its line search costs more than it
-      saves). Falls back to eager when the function cannot be traced.
+    compile: run `value_and_gradient` as a `tf.function`, eagerly when it
+      cannot be traced (`compiled_or_eager`); the L-BFGS loop itself runs
+      eagerly (tracing its line search costs more than it saves).
     callback: `callback(iteration, position, objective_value)` after every
       iteration; L-BFGS then runs one iteration per call, resuming its state.
 
@@ -110,7 +110,7 @@ def minimize_lbfgs(value_and_gradient, u0, *, max_iterations: int = 500,
     failed, num_iterations, ...).
   """
   u0 = tf.convert_to_tensor(u0)
-  fn = traced_or_eager(value_and_gradient, u0) if compile else value_and_gradient
+  fn = compiled_or_eager(value_and_gradient) if compile else value_and_gradient
   options = dict(tolerance=tolerance, f_relative_tolerance=f_relative_tolerance,
                  x_tolerance=x_tolerance, num_correction_pairs=num_correction_pairs)
   if callback is None:

@@ -63,7 +63,7 @@ import tensorflow as tf
 
 from tfp_em.engine import inputs as v
 from tfp_em.engine.protocol import EMModel
-from tfp_em.verification.checks import (Coordinates, Target, Tolerances, compiled_or_eager,
+from tfp_em.verification.checks import (Coordinates, Target, Tolerances, maybe_compiled,
                                         field_names, field_values, normalize_specs, run_checks,
                                         to_float64)
 from tfp_em.verification.exact import (GAUSSIAN, ExactPosterior, expected_log_joint_discrete,
@@ -123,7 +123,7 @@ def _model_target(model: EMModel, data, *, init_params, param_specs, oracle, com
   specs = normalize_specs(start, model.param_specs if param_specs is None else param_specs)
   exact_fn = model.verification_oracle if oracle is None else oracle
   # Compiled: enumeration and Hessians are traced once. None: no exact reference.
-  exact_compiled = compiled_or_eager(lambda p: exact_fn(p, data), compile)
+  exact_compiled = maybe_compiled(lambda p: exact_fn(p, data), compile)
   return Target(
       name=model.name, data=data,
       starts=_perturbed_starts(start, specs, n_points, perturbation, seed),
@@ -203,12 +203,12 @@ def _user_target(joint_distribution, data, *, e_step, m_step, init_params, param
 
   if kind == "discrete":
     marginalize_discrete(lambda: jd_fn(start), latents, observed, check_factorization=True)
-  exact_compiled = compiled_or_eager(exact_fn, compile)
+  exact_compiled = maybe_compiled(exact_fn, compile)
   exact = lambda p, _: exact_compiled(p)
   if marginal_log_prob is not None:
     marginal = marginal_log_prob
   else:
-    marginal_compiled = compiled_or_eager(lambda p: exact_fn(p).log_prob, compile)
+    marginal_compiled = maybe_compiled(lambda p: exact_fn(p).log_prob, compile)
     marginal = lambda p, _: marginal_compiled(p)
 
   if expected_log_joint is not None:
@@ -221,11 +221,11 @@ def _user_target(joint_distribution, data, *, e_step, m_step, init_params, param
     if len(latents) != 1:
       raise ValueError("with several discrete latents give expected_log_joint(params, stats)")
     (lat,) = latents
-    q_tau = compiled_or_eager(lambda p, tau: expected_log_joint_discrete(
+    q_tau = maybe_compiled(lambda p, tau: expected_log_joint_discrete(
         lambda: jd_fn(p), latents, observed, tau), compile)
     q = lambda p, old, stats: q_tau(p, tf.cast(posterior(old, data)[lat], tf.float64))
   elif kind == "gaussian":
-    q_post = compiled_or_eager(lambda p, post: expected_log_joint_gaussian(
+    q_post = maybe_compiled(lambda p, post: expected_log_joint_gaussian(
         lambda: jd_fn(p), latents, observed, post), compile)
     q = lambda p, old, stats: q_post(p, to_float64(dict(posterior(old, data))))
   else:

@@ -37,6 +37,7 @@ import tensorflow_probability as tfp
 from scipy.optimize import linear_sum_assignment
 
 from models.specs import ParamSpec
+from tfp_em.engine.compiling import compiled_or_eager
 from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
 from tfp_em.verification.exact import dense_covariance
 from tfp_em.verification.report import CHECK_TITLES, CheckResult
@@ -369,23 +370,9 @@ def check_m_step(target, old, stats, new, q_old, gscale, where, tol, acc, rng):
 # ----------------------------------------------------------------------------
 # Check 5 and EM runs.
 
-def compiled_or_eager(fn, compile):
-  """tf.function(fn) unless compile is False; eager from the first call that
-  fails to trace (numpy calls, Python control flow in user code). A genuine
-  error is raised again by the eager call."""
-  if compile is False:
-    return fn
-  compiled = tf.function(fn, reduce_retracing=True)
-  state = {"ok": True}
-
-  def call(*args):
-    if state["ok"]:
-      try:
-        return compiled(*args)
-      except Exception:  # untraceable: stay eager from now on
-        state["ok"] = False
-    return fn(*args)
-  return call
+def maybe_compiled(fn, compile: bool):
+  """`fn` compiled (`tfp_em.engine.compiling.compiled_or_eager`) unless compile is False."""
+  return fn if compile is False else compiled_or_eager(fn)
 
 
 def make_em_iteration(target: Target):
@@ -393,7 +380,7 @@ def make_em_iteration(target: Target):
   def iteration(params):
     stats, ll = target.e_step(params, target.data)
     return to_float64(target.m_step(params, stats)), tf.cast(ll, tf.float64)
-  return compiled_or_eager(iteration, bool(target.compile))
+  return maybe_compiled(iteration, bool(target.compile))
 
 
 def check_monotone(target: Target, iterate, starts, n_steps: int, acc: dict):
