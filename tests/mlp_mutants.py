@@ -13,6 +13,7 @@ must flag it.
 import tensorflow as tf
 
 from tfp_em.bernoulli_mlp import em as bm
+from tfp_em.bernoulli_mlp import newton
 
 
 class PrecedenceHiddenGradient(bm.BernoulliMLPEM):
@@ -27,7 +28,7 @@ class PrecedenceHiddenGradient(bm.BernoulliMLPEM):
     probs = tf.sigmoid(tf.matmul(inputs, weights_t, transpose_b=True))   # [N, m]
     wrong = targets[:, :, tf.newaxis] - probs[:, :, tf.newaxis] * inputs[:, tf.newaxis, :]
     # The correct gradient at targets = probs is its L2 term alone (the fit term is 0).
-    penalty = bm.hidden_unit_gradient(weights_t, inputs, probs, l2)
+    penalty = newton.hidden_unit_gradient(weights_t, inputs, probs, l2)
     return tf.reduce_sum(wrong, axis=0) + penalty
 
 
@@ -43,7 +44,7 @@ class NewtonSignFlip(bm.BernoulliMLPEM):
 
   @staticmethod
   def direction(gradient, neg_hessian):
-    return -bm.newton_direction(gradient, neg_hessian)
+    return -newton.newton_direction(gradient, neg_hessian)
 
 
 class PriorAsPosterior(bm.BernoulliMLPEM):

@@ -14,6 +14,7 @@ import tensorflow as tf
 from models import bernoulli_mlp as mlp
 from models.specs import constrain, unconstrain
 from tfp_em.bernoulli_mlp import em as bm
+from tfp_em.bernoulli_mlp import newton
 from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
 from tfp_em.engine import fit_em
 
@@ -72,7 +73,7 @@ def posterior_error(model, params, data):
   post = model.posterior(params, data)
   loglik = tf.reduce_logsumexp(log_joint, axis=0)
   _, total = model.e_step(params, data)
-  penalized = tf.reduce_sum(loglik) - bm.l2_penalty(params, model.l2)
+  penalized = tf.reduce_sum(loglik) - newton.l2_penalty(params, model.l2)
   return max(_max_abs([post["tau"] - tau]),
              _max_abs([post["hidden_marginals"] - tf.matmul(tau, configs)]),
              _max_abs([post["loglik"] - loglik]),
@@ -187,12 +188,12 @@ def test_pure_newton_pieces_match_autodiff():
     outer.watch(w)
     with tf.GradientTape() as inner:
       inner.watch(w)
-      f = tf.reduce_sum(bm.hidden_unit_objective(w, inputs, targets, 0.5))
+      f = tf.reduce_sum(newton.hidden_unit_objective(w, inputs, targets, 0.5))
     g = inner.gradient(f, w)
   h = outer.jacobian(g, w)                                             # [2, 4, 2, 4]
-  np.testing.assert_allclose(bm.hidden_unit_gradient(w, inputs, targets, 0.5), g, rtol=1e-10)
+  np.testing.assert_allclose(newton.hidden_unit_gradient(w, inputs, targets, 0.5), g, rtol=1e-10)
   for unit in range(2):
-    np.testing.assert_allclose(bm.hidden_unit_neg_hessian(w, inputs, 0.5)[unit],
+    np.testing.assert_allclose(newton.hidden_unit_neg_hessian(w, inputs, 0.5)[unit],
                                -h[unit, :, unit, :], rtol=1e-10, atol=1e-12)
   configs = mlp.add_bias(mlp.hidden_configurations(2))
   counts = tf.constant(rng.uniform(size=(4, 3)) * 5)
@@ -201,11 +202,11 @@ def test_pure_newton_pieces_match_autodiff():
     outer.watch(v)
     with tf.GradientTape() as inner:
       inner.watch(v)
-      f = bm.output_layer_objective(v, configs, counts, 0.5)
+      f = newton.output_layer_objective(v, configs, counts, 0.5)
     g = inner.gradient(f, v)
   h = tf.reshape(outer.jacobian(g, v), [9, 9])
-  np.testing.assert_allclose(bm.output_layer_gradient(v, configs, counts, 0.5), g, rtol=1e-10)
-  np.testing.assert_allclose(bm.output_layer_neg_hessian(v, configs, counts, 0.5), -h,
+  np.testing.assert_allclose(newton.output_layer_gradient(v, configs, counts, 0.5), g, rtol=1e-10)
+  np.testing.assert_allclose(newton.output_layer_neg_hessian(v, configs, counts, 0.5), -h,
                              rtol=1e-10, atol=1e-12)
 
 
@@ -344,7 +345,7 @@ def test_l2_objective_is_penalized_loglik(method):
   x, y = _blobs()
   est = _fit(x, y, n_hidden=2, max_iter=30, l2=2., method=method)
   params = bm.BernoulliMLPParams(*[tf.constant(p) for p in est.params_])
-  penalty = float(bm.l2_penalty(params, 2.))
+  penalty = float(newton.l2_penalty(params, 2.))
   assert est.objective_ == pytest.approx(est.log_likelihood_ - penalty, rel=1e-9)
 
 
@@ -380,7 +381,7 @@ def test_decrease_guard_flags_a_mutant_that_skips_the_line_search():
   class Overshoot(bm.BernoulliMLPEM):
     @staticmethod
     def direction(gradient, neg_hessian):
-      return 40. * bm.newton_direction(gradient, neg_hessian)
+      return 40. * newton.newton_direction(gradient, neg_hessian)
 
   data = synthetic(n=60, m=3)
   model = Overshoot(3, 3)

@@ -60,9 +60,9 @@ MODELS = {"mixture": _mixture, "mixed_effects": _mixed_effects, "bernoulli_mlp":
 
 def _unfused(model):
   """A copy of `model` with `fuse_steps = False`: SQUAREM goes step by step."""
-  copy = copy.copy(model)
-  copy.fuse_steps = False
-  return copy
+  unfused = copy.copy(model)
+  unfused.fuse_steps = False
+  return unfused
 
 
 def _fit(model, data, **kw):

@@ -8,7 +8,7 @@ import tensorflow_probability as tfp
 from scipy.optimize import linear_sum_assignment
 
 from models import bernoulli_mlp as mlp
-from tfp_em.bernoulli_mlp.em import l2_penalty
+from tfp_em.bernoulli_mlp.newton import l2_penalty
 from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
 from tfp_em.diagnostics.adapters import Adapter, register
 from tfp_em.engine import inputs as v

@@ -11,7 +11,7 @@ from models.bernoulli_mlp import BernoulliMLPParams
 from tfp_em.bernoulli_mlp.em import BernoulliMLPEM, check_num_hidden, fit_autodiff
 from tfp_em.diagnostics.mixin import DiagnosticsMixin
 from tfp_em.engine import inputs as v
-from tfp_em.engine import FitResult, fit_em
+from tfp_em.engine import fit_em
 
 
 METHODS = ("em", "autodiff")

@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from tfp_em.cli import readers
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
 
 EXIT_USAGE = 2
@@ -104,8 +106,7 @@ def _one_line(e: Exception) -> str:
 
 
 def _fit_gmm(args) -> int:
-  from tfp_em.engine import outputs
-  from tfp_em.cli import readers
+  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
   x, names = readers.load_csv(args.data, args.columns)
   outputs.check_output_dir(args.out)
   # The checkpoint folder is created by the fit, after the input has been checked.
@@ -119,8 +120,7 @@ def _fit_gmm(args) -> int:
 
 
 def _demo(args) -> int:
-  from tfp_em.engine import outputs
-  from tfp_em.cli import readers
+  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
   if args.max_components < 1:
     raise ValueError(f"--max-components must be >= 1, got {args.max_components}")
   if args.seed < 0:
@@ -155,8 +155,7 @@ def _demo(args) -> int:
 
 
 def _report(args) -> int:
-  from tfp_em.engine import outputs
-  from tfp_em.cli import readers
+  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
   from tfp_em.diagnostics.report import write_report
   if args.hmc_draws < 10:
     raise ValueError(f"--hmc-draws must be >= 10, got {args.hmc_draws}")
@@ -190,7 +189,7 @@ def _verify(args) -> int:
 def _fit_mixture(x, k, cov, n_init, max_iter, seed, checkpoint=None):
   import warnings
 
-  from tfp_em import GaussianMixture
+  from tfp_em.mixture import GaussianMixture
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # per-fit convergence is reported in the table
     return GaussianMixture(k, covariance_type=cov, n_init=n_init, max_iter=max_iter,
@@ -198,8 +197,7 @@ def _fit_mixture(x, k, cov, n_init, max_iter, seed, checkpoint=None):
 
 
 def _write_outputs(est, x, names, out, title, selection=None) -> None:
-  from tfp_em.engine import outputs
-  from tfp_em.cli import readers
+  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
   summary = dict(
       n_components=est.n_components, covariance_type=est.covariance_type, columns=names,
       weights=est.weights_, means=est.means_, covariances=est.covariances_,
@@ -224,14 +222,13 @@ def _write_outputs(est, x, names, out, title, selection=None) -> None:
 
 
 def _plot_fit(est, x, names, path, title) -> str:
+  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
   from matplotlib.patches import Ellipse
 
-  from tfp_em.engine import outputs
-  from tfp_em.cli import readers
   full_cov = _full_covariances(est)
   fig, ax = plt.subplots(figsize=(6.5, 5))
   labels = est.predict(x)

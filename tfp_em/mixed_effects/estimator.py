@@ -172,18 +172,10 @@ class MixedEffectsRegressor:
     if kind == "intercept":
       return me.intercept_design(n, dtype)
     if kind == "slopes":
-      if time_ is None:
-        raise ValueError(f"random_effects='slopes' needs time{name}")
-      t = val.check_array(time_, f"time{name}", ndim=1, dtype=dtype)
-      if t.shape[0] != n:
-        raise ValueError(f"time{name} has length {t.shape[0]} but X has {n} rows")
+      t = _design_input(time_, f"time{name}", kind, n, 1, dtype)
       return me.polynomial_design(t, self.degree).astype(dtype)
     if kind == "custom":
-      if Z is None:
-        raise ValueError(f"random_effects='custom' needs Z{name}")
-      z = val.check_array(Z, f"Z{name}", ndim=2, dtype=dtype)
-      if z.shape[0] != n:
-        raise ValueError(f"Z{name} has {z.shape[0]} rows but X has {n}")
+      z = _design_input(Z, f"Z{name}", kind, n, 2, dtype)
       if hasattr(self, "n_random_effects_") and z.shape[1] != self.n_random_effects_:
         raise ValueError(f"Z{name} has {z.shape[1]} columns but the model was fitted with "
                          f"{self.n_random_effects_}")
@@ -422,6 +414,17 @@ class MixedEffectsRegressor:
     var = np.einsum("nq,nqr,nr->n", z, cov, z) + self.sigma2_
     half = sps.norm.ppf(0.5 + level / 2.) * np.sqrt(var)
     return np.stack([mean - half, mean + half], axis=-1)
+
+
+def _design_input(value, what: str, kind: str, n: int, ndim: int, dtype) -> np.ndarray:
+  """`time` or `Z` as a checked [n] or [n, q] array; errors name `what`."""
+  if value is None:
+    raise ValueError(f"random_effects={kind!r} needs {what}")
+  array = val.check_array(value, what, ndim=ndim, dtype=dtype)
+  if array.shape[0] != n:
+    size = f"length {array.shape[0]}" if ndim == 1 else f"{array.shape[0]} rows"
+    raise ValueError(f"{what} has {size} but X has {n} rows")
+  return array
 
 
 def rows_by_cluster(data: me.MixedEffectsData) -> me.MixedEffectsData:

@@ -74,7 +74,7 @@ class Network:
   def __init__(self, model: keras.Model, features: bool, dtype):
     self.model = model
     self.dtype = tf.as_dtype(dtype)
-    self.input_dtype = tf.as_dtype(getattr(model, "compute_dtype", "float32") or "float32")
+    self.input_dtype = tf.as_dtype(model.compute_dtype or "float32")
     self._two = None
     if features:
       try:
