@@ -17,6 +17,7 @@ estimator's params and builds the estimator's `EMModel`.
 from __future__ import annotations
 
 import inspect
+import abc
 import json
 import pkgutil
 import sys
@@ -88,8 +89,8 @@ def _names() -> list[str]:
   return sorted(cls.__name__ for cls in _ADAPTERS)
 
 
-class Adapter:
-  """Interface (with defaults) that every estimator family implements.
+class Adapter(abc.ABC):
+  """Interface that every estimator family implements: abstract methods, and defaults.
 
   Attributes:
     fitted_attribute: attribute that exists once the estimator is fitted.
@@ -107,17 +108,17 @@ class Adapter:
   pointwise_dim = "obs"
   latent_states = False
 
+  @abc.abstractmethod
   def model(self, fitted):
     """The estimator's `EMModel`."""
-    raise NotImplementedError
 
   def params(self, fitted):
     """The fitted params, NamedTuple of tensors."""
     return fitted.params_
 
+  @abc.abstractmethod
   def data(self, fitted, X, y=None, **kwargs):
     """The model's data tuple from X (and y, and the data keywords of `fit`)."""
-    raise NotImplementedError
 
   def param_specs(self, fitted):
     """NamedTuple of ParamSpec parallel to the params."""
@@ -135,21 +136,21 @@ class Adapter:
     """Per-point weights [N] of `data`, or None (every point counts once)."""
     return None
 
+  @abc.abstractmethod
   def observed(self, data) -> dict:
     """{name: numpy array} of observed variables (first dim = obs)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def pointwise_log_likelihood(self, fitted, params, data):
     """log p(obs_n | params), shape [N] (along `pointwise_dim`)."""
-    raise NotImplementedError
 
   def complete_log_prob_table(self, fitted, params, data):
     """log p(obs_n, latent = k | params), shape [N, K] (when `latent_states`)."""
     raise NotImplementedError
 
+  @abc.abstractmethod
   def dims(self, fitted) -> dict:
     """{param field: tuple of dim names (without chain/draw)}."""
-    raise NotImplementedError
 
   def label_permutation(self, fitted, reference, params):
     """Permutation of latent labels matching `params` to `reference`, or None."""
@@ -165,18 +166,18 @@ class Adapter:
     params = type(params)(*[np.asarray(p) for p in params])
     return params if perm is None else self.permute(fitted, params, perm)
 
+  @abc.abstractmethod
   def posterior_predictive(self, fitted, params, data, num_draws, seed):
     """{observed name: [num_draws, N, ...]} drawn from the model at `params`
     (with the designs/covariates of `data`)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def simulate(self, fitted, params, data, seed: int):
     """A data set of the same size drawn from the model at `params`."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def default_priors(self, fitted, data):
     """{field: tfd.Distribution} weak proper priors on the constrained params."""
-    raise NotImplementedError
 
   def figures(self, fitted, data, feature_names=None):
     """Model-specific figures: list of (Figure, file name, caption)."""
@@ -186,9 +187,9 @@ class Adapter:
     """JSON of what `rebuild` needs (constructor arguments)."""
     return json.dumps(_constructor_args(fitted))
 
+  @abc.abstractmethod
   def rebuild(self, estimator_class: type, config: str, params, n_features: int):
     """A fitted `estimator_class` from `config` and final params (numpy NamedTuple)."""
-    raise NotImplementedError
 
 
 def _constructor_args(est) -> dict:
