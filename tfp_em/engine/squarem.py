@@ -135,7 +135,7 @@ class SquaremStepper:
 
   Args:
     model: an `EMModel` with `param_specs`.
-    e_pass: `params -> (stats, loglik)` over all the data (`tfp_em.passes`).
+    e_pass: `params -> (stats, loglik)` over all the data (`tfp_em.engine.passes`).
     m_step: the (compiled) M-step.
     fuse: None (default), or the compile mode of one call per backtracking
       trial (candidate, E-step, M-step) over `e_pass.data`, held in memory.

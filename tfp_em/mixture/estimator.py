@@ -46,7 +46,7 @@ class GaussianMixture(DiagnosticsMixin):
       reg_covar * I; with reg_covar=0 the fit stops with a
       `NumericalFailureError` naming reg_covar. A component that loses all
       its points (N_k -> 0) is re-seeded at the worst-fitted point, with an
-      `EmptyComponentWarning` (`tfp_em.mixture_reseed`). In float32, data
+      `EmptyComponentWarning` (`tfp_em.mixture.reseed`). In float32, data
       far from the origin relative to their spread get a warning to use
       float64; the fit never returns NaN parameters.
     max_iter: maximum EM iterations per restart (default 100).
@@ -198,7 +198,7 @@ class GaussianMixture(DiagnosticsMixin):
     return self
 
   def _revive_empty(self, model, data, result):
-    """Re-seeds components that lost all their points (`tfp_em.mixture_reseed`);
+    """Re-seeds components that lost all their points (`tfp_em.mixture.reseed`);
     each continuation is appended to `result.restarts`."""
     x, w = data.x.numpy(), data.weights.numpy()
     for _ in range(self.n_components):
