@@ -45,6 +45,7 @@ from tfp_em.bernoulli_mlp.newton import (center_output_weights, damped_newton,
                                           hidden_unit_objective, l2_penalty, newton_direction,
                                           output_layer_gradient, output_layer_neg_hessian,
                                           output_layer_objective)
+from tfp_em.engine.chunks import equal_chunks, in_chunks
 from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
 from tfp_em.verification.exact import ExactPosterior, marginalize_discrete
 
@@ -167,18 +168,17 @@ class BernoulliMLPEM(EMModel):
       counts, targets, loglik = self._chunk_stats(params, inputs, onehot, configs)
       total = tf.reduce_sum(loglik)
     else:  # Loop over chunks of `rows` points; the last one is zero-padded.
-      n = tf.shape(x)[0] if n is None else n
-      num_chunks = (n + rows - 1) // rows
-      pad = num_chunks * rows - n
-      xs = tf.reshape(tf.pad(inputs, [[0, pad], [0, 0]]), [num_chunks, rows, -1])
-      ys = tf.reshape(tf.pad(onehot, [[0, pad], [0, 0]]), [num_chunks, rows, -1])
-      ws = tf.reshape(tf.pad(tf.ones([n], dtype), [[0, pad]]), [num_chunks, rows])
+      n = tf.shape(x)[0]
+      num_chunks, chunk = equal_chunks(n, rows)
+      xs = in_chunks(inputs, num_chunks, chunk)                    # [chunks, chunk, D + 1]
+      ys = in_chunks(onehot, num_chunks, chunk)                    # [chunks, chunk, C]
+      ws = in_chunks(tf.ones([n], dtype), num_chunks, chunk)       # [chunks, chunk]
 
       def body(i, counts, total, parts):
         c, t, ll = self._chunk_stats(params, xs[i], ys[i], configs)
         return i + 1, counts + c, total + tf.reduce_sum(ws[i] * ll), parts.write(i, t)
 
-      parts = tf.TensorArray(dtype, size=num_chunks, element_shape=[rows, m])
+      parts = tf.TensorArray(dtype, size=num_chunks, element_shape=[None, m])
       _, counts, total, parts = tf.while_loop(
           lambda i, *_: i < num_chunks, body,
           (tf.constant(0), tf.zeros([2 ** m, self.num_classes], dtype),

@@ -1,67 +1,129 @@
-"""Compiling model steps: modes, the per-model memo of traced functions, and
-tracing with an eager fallback for user code."""
+"""Compiling model steps: modes, the process-wide cache of traced steps, and
+tracing with an eager fallback for user code.
+
+A fit's cost on small and medium data is mostly tracing and XLA compilation,
+not EM. `compiled` keeps every traced step for the whole process, keyed on
+what the step depends on: the model's class and `step_config()`, the step's
+name and the compile mode. A fresh estimator, a refit, a restart, a CV fold
+or a BIC candidate of a configuration seen before reuses the traced step.
+A step's trace leaves the data's leading axis unknown, so a new number of
+rows does not trace again.
+"""
 from __future__ import annotations
+
+import collections
+import logging
 
 import tensorflow as tf
 
+MAX_CACHED_STEPS = 512  # least recently used steps are dropped beyond this
 
-def compile_fn(fn, mode: str, autograph: bool = True):
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_NAMES: set[str] = set()  # qualnames of the functions compile_fn has traced
+
+
+def compile_fn(fn, mode: str, autograph: bool = True, data_arg: int | None = None):
+  """`fn` as a `Step` ('graph': a `tf.function`; 'xla': XLA-compiled), or itself ('eager').
+
+  `data_arg`: the position of the argument holding data rows (-1: the last),
+  whose leading axis is left unknown in the trace, so every data size shares
+  one trace; other arguments are traced at their exact shapes.
+  """
   if mode == "eager":
     return fn
   if mode not in ("graph", "xla"):
     raise ValueError(f"compile mode must be 'eager', 'graph' or 'xla', got {mode!r}")
-  return tf.function(fn, jit_compile=(mode == "xla"), reduce_retracing=True,
-                     autograph=autograph)
+  _COMPILED_NAMES.add(getattr(fn, "__qualname__", repr(fn)))
+  return Step(tf.function(fn, jit_compile=(mode == "xla"), autograph=autograph), data_arg)
 
 
-_MEMO = "_tfp_em_compiled"  # where `compiled` keeps a model's functions
+class Step:
+  """A traced step: one trace per shape class of its arguments.
+
+  A shape class is the arguments' dtypes and shapes, with the leading axis
+  of the data argument unknown. Under 'xla', XLA still compiles one program
+  per concrete shape it meets.
+  """
+
+  def __init__(self, function, data_arg: int | None):
+    self.function = function
+    self.data_arg = data_arg
+    self._classes = set()
+
+  def __call__(self, *args):
+    if self.data_arg is not None:
+      data_arg = self.data_arg % len(args)
+      signature = tuple(_signature(a, relax=(i == data_arg)) for i, a in enumerate(args))
+      try:
+        known = signature in self._classes
+      except TypeError:  # an unhashable argument: let TensorFlow decide
+        known = True
+      if not known:
+        self.function.get_concrete_function(*signature)  # traces the relaxed class
+        self._classes.add(signature)
+    return self.function(*args)
+
+  def tracing_count(self) -> int:
+    return self.function.experimental_get_tracing_count()
 
 
-class _Memo(dict):
-  """A model's compiled functions, by key. Copies and pickles of the model get
-  an empty one (a `tf.function` neither pickles nor belongs to the copy)."""
+def _signature(value, relax: bool):
+  """TensorSpecs of the tensors in `value` (leading axis unknown if `relax`);
+  other leaves (Python numbers, None) as they are."""
+  def spec(leaf):
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      return leaf
+    shape = tf.TensorShape(leaf.shape)
+    if relax and shape.rank:
+      shape = tf.TensorShape([None]).concatenate(shape[1:])
+    return tf.TensorSpec(shape, tf.as_dtype(leaf.dtype))
+  return tf.nest.map_structure(spec, value)
 
-  def __init__(self, owner=None):
-    super().__init__()
-    self.owner = owner
 
-  def __reduce__(self):
-    return _Memo, ()
+def compiled(model, name: str, build, mode: str, data_arg: int | None = None):
+  """`compile_fn(build(), mode, data_arg=...)`, shared by every model of the same configuration.
 
-
-def compiled(model, name: str, build, mode: str):
-  """`compile_fn(build(), mode)`, kept on `model` for its later fits.
-
-  `build()` must return a function of `model` and of its arguments only (data
-  passed in, never captured), so a later fit with the same model instance
-  reuses the traced function: no tracing, no graph optimization. The key is
-  `(name, mode, the model's attributes)`: setting an attribute, or a method on
-  the instance, gives a new function. Like any `tf.function`, it does not see
-  later edits of module globals or class methods. Copies and pickles of the
-  model start with no functions. Models whose attributes are not hashable,
-  and mode 'eager', are not memoized. A model attribute
-  `autograph = False` (default True) traces without AutoGraph's source
-  conversion, for steps without Python control flow on tensors.
+  `build()` must return a function of `model`'s configuration and of its
+  arguments only (data passed in, never captured): it is traced once per
+  shape class, with the first model of its configuration, and serves every
+  later model whose `step_config()` is equal. Models whose `step_config()`
+  is None (not hashable), and mode 'eager', are not cached. Like any
+  `tf.function`, a cached step does not see later edits of module globals
+  or class methods.
   """
   if mode == "eager":
     return build()
-  autograph = model.autograph
-  try:
-    state = vars(model)
-    key = (name, mode, tuple(sorted((k, v) for k, v in state.items() if k != _MEMO)))
-    hash(key)
-  except TypeError:  # no __dict__, or an unhashable attribute
-    return compile_fn(build(), mode, autograph)
-  memo = state.get(_MEMO)
-  if memo is None or memo.owner is not model:  # first fit, or a copy of a fitted model
-    memo = state[_MEMO] = _Memo(model)
-  if key not in memo:
-    memo[key] = compile_fn(build(), mode, autograph)
-  return memo[key]
+  config = model.step_config()
+  if config is None:
+    return compile_fn(build(), mode, model.autograph, data_arg)
+  key = (type(model), name, mode, data_arg, config)
+  step = _CACHE.get(key)
+  if step is None:
+    step = _CACHE[key] = compile_fn(build(), mode, model.autograph, data_arg)
+    if len(_CACHE) > MAX_CACHED_STEPS:
+      _CACHE.popitem(last=False)
+  else:
+    _CACHE.move_to_end(key)
+  return step
 
 
 def compiled_e_step(model, mode: str):
-  return compiled(model, "e_step", lambda: model.e_step, mode)
+  return compiled(model, "e_step", lambda: model.e_step, mode, data_arg=-1)
+
+
+def clear_cache() -> None:
+  """Drops every cached step (the next fit of each configuration traces again)."""
+  _CACHE.clear()
+
+
+def cached_steps() -> int:
+  """How many compiled steps the process keeps."""
+  return len(_CACHE)
+
+
+def tracing_count() -> int:
+  """Traces made so far by the cached steps (each one costs a graph build)."""
+  return sum(step.tracing_count() for step in _CACHE.values())
 
 
 def compiled_or_eager(fn):
@@ -72,14 +134,31 @@ def compiled_or_eager(fn):
   Python control flow on tensors): they then run eagerly, slower but
   correct. A genuine error is raised again by the eager call.
   """
-  compiled = tf.function(fn, reduce_retracing=True)
+  compiled_fn = tf.function(fn, reduce_retracing=True)
   traceable = [True]
 
   def call(*args):
     if traceable[0]:
       try:
-        return compiled(*args)
+        return compiled_fn(*args)
       except Exception:  # untraceable: eager from now on
         traceable[0] = False
     return fn(*args)
   return call
+
+
+class RetracingFilter(logging.Filter):
+  """Drops TensorFlow's "triggered tf.function retracing" warning about
+  tfp_em's own steps (their retracing is by design: one trace per data size
+  class); the same warning about the user's own functions still shows."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if "triggered tf.function retracing" not in message:
+      return True
+    return not any(f"{name} at" in message or f"{name} of" in message
+                   for name in _COMPILED_NAMES)
+
+
+RETRACING_FILTER = RetracingFilter()
+logging.getLogger("tensorflow").addFilter(RETRACING_FILTER)

@@ -181,9 +181,10 @@ class Iteration:
       self.stepper = squarem.SquaremStepper(model, self.e_pass, self.m_step,
                                             fuse=compile if fusable else None)
       if fusable:
-        self.fused = compiled(model, "squarem_cycle", lambda: squarem.fused_cycle(model), compile)
+        self.fused = compiled(model, "squarem_cycle", lambda: squarem.fused_cycle(model), compile,
+                              data_arg=-1)
     elif fusable:
-      self.fused = compiled(model, "em_step", lambda: _em_step(model), compile)
+      self.fused = compiled(model, "em_step", lambda: _em_step(model), compile, data_arg=-1)
 
   def evaluate(self, params, last: bool):
     """(stats or None, loglik at params, fused step or None, E-passes used)."""

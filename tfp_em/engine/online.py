@@ -81,7 +81,7 @@ def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: fl
     raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
   start = time.perf_counter()
   compile = model.compile if compile is None else compile
-  e_step = compile_fn(model.e_step, compile)
+  e_step = compile_fn(model.e_step, compile, data_arg=-1)
   m_step = compile_fn(model.m_step, compile)
   first = next(checked_batches(dataset), None)
   if first is None:

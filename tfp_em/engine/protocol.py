@@ -65,6 +65,9 @@ class EMModel(abc.ABC):
       relabelled (mixtures); the verifier matches labels along these axes.
     verification_tolerances: `tfp_em.verification` tolerances for this model,
       or None for the defaults.
+
+  Methods with defaults: `step_config` (what compiled steps are shared on),
+  `split_data`, `rebase_stats`, `posterior`, `verification_oracle`.
   """
   name: str = "EMModel"
   compile: str = "graph"
@@ -100,6 +103,24 @@ class EMModel(abc.ABC):
   @abc.abstractmethod
   def num_observations(self, data) -> float:
     """Total weight of the data; the tolerance applies to loglik / this."""
+
+  def step_config(self):
+    """A hashable value equal for any two models of this class whose steps
+    compute the same thing, or None.
+
+    Models of one class with equal `step_config()` share compiled steps for
+    the whole process (`tfp_em.engine.compiling.compiled`), so a fresh
+    model of a configuration seen before does not trace again. The default
+    is every instance attribute, sorted by name; None (no sharing) when one
+    is not hashable. Keep callables the steps never run (an initializer, say)
+    hashable by value, or they key the cache by identity.
+    """
+    try:
+      config = tuple(sorted(vars(self).items()))
+      hash(config)
+    except TypeError:
+      return None
+    return config
 
   def split_data(self, data, num_shards: int) -> list:
     """In-memory data cut into one self-contained shard per replica (row blocks)."""

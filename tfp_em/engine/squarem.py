@@ -153,7 +153,8 @@ class SquaremStepper:
     self._candidate = compiled(model, "squarem_candidate",
                                lambda: functools.partial(candidate, specs), "graph")
     self._trial = (None if fuse is None else
-                   compiled(model, "squarem_trial", lambda: fused_trial(model), fuse))
+                   compiled(model, "squarem_trial", lambda: fused_trial(model), fuse,
+                            data_arg=-1))
 
   def finish(self, params0, loglik0: float, cycle: Cycle):
     """(next params, E-steps used beyond the fused cycle's) for a fused `cycle`."""

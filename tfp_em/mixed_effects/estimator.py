@@ -25,7 +25,6 @@ uncertainty of f itself is not included).
 """
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from typing import NamedTuple
@@ -294,7 +293,7 @@ class MixedEffectsRegressor:
       raise ValueError(f"X{' with the intercept column' if self.fit_intercept else ''} has "
                        f"rank {rank} < {design.shape[1]} columns: drop collinear or constant "
                        "columns (beta is not identifiable)")
-    model = _linear_em(self.covariance, expand=self.method == "em")
+    model = MixedEffectsEM(self.covariance, compile="graph", expand=self.method == "em")
     train = rows_by_cluster(train)
     if self.method == "em":
       result = fit_em(model, train, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
@@ -437,14 +436,3 @@ def rows_by_cluster(data: me.MixedEffectsData) -> me.MixedEffectsData:
   order = np.argsort(np.asarray(data.cluster), kind="stable")          # [N]
   return data._replace(x=tf.gather(data.x, order), y=tf.gather(data.y, order),
                        z=tf.gather(data.z, order), cluster=tf.gather(data.cluster, order))
-
-
-@functools.lru_cache(maxsize=8)
-def _linear_em(covariance: str, expand: bool) -> MixedEffectsEM:
-  """One `MixedEffectsEM` per configuration, shared by every linear-f fit.
-
-  The model holds no data, only its compiled steps (`tfp_em.engine.compiling.compiled`),
-  so a refit, on new data too, runs without tracing.
-  """
-  return MixedEffectsEM(covariance, compile="graph", expand=expand)
-

@@ -26,9 +26,13 @@ from tfp_em.engine import inputs as v
 from tfp_em.engine.streams import checked_batches, features_dataset
 from tfp_em.mixture.em import GaussianMixtureEM, MixtureData, precision_cholesky
 from tfp_em.mixture import reseed as mr
-from tfp_em.mixture.initialization import INIT_METHODS, initial_responsibilities
+from tfp_em.mixture.initialization import INIT_METHODS, Initializer
 
-XLA_MIN_WORK = 2 ** 20  # N * K * D above which XLA's compile time pays off
+# XLA's E-step kernel compiles in about 1.5 s, once per process and configuration,
+# and saves about 1 ns per point x component x D^2 (x D for diag/spherical) per
+# iteration on a 2-core CPU: worth it above this much expected work.
+XLA_MIN_WORK = 2e9
+EXPECTED_ITERATIONS = 50  # per restart, for that estimate (max_iter if smaller)
 INFERENCE_CHUNK = 65536  # rows per chunk in predict / score_samples
 
 
@@ -60,9 +64,10 @@ class GaussianMixture(DiagnosticsMixin):
     dtype: 'float64' (default; use for validation) or 'float32' (faster).
     on_decrease: 'warn' (default), 'raise' or 'revert' when the
       log-likelihood decreases (see `tfp_em.fit_em`).
-    compile: 'auto' (default: 'xla' when N * K * D >= 2**20, where XLA's
-      fused E-step is ~2.7x faster, else 'graph', which compiles faster),
-      'xla', 'graph' or 'eager'.
+    compile: 'auto' (default: 'xla' when the expected work repays XLA's
+      compile time, else 'graph'), 'xla', 'graph' or 'eager'. 'xla' compiles
+      the E-step's per-chunk kernel for a few fixed chunk shapes, once per
+      process and configuration, so later fits on any N do not compile again.
     accelerate: None (default, plain EM) or 'squarem' (`tfp_em.squarem`).
     verbose: None shows a progress bar on long fits (off under pytest);
       True/False force it.
@@ -125,19 +130,21 @@ class GaussianMixture(DiagnosticsMixin):
   def em_model(self, n_points=None, n_features=None) -> GaussianMixtureEM:
     """The `GaussianMixtureEM` this estimator fits; its compile mode suits
     n_points x n_features data (None: streamed)."""
+    mode = self._compile_mode(n_points, n_features)
     return GaussianMixtureEM(self.n_components, self.covariance_type, self.reg_covar,
-                             init=self._initial_responsibilities,
-                             compile=self._compile_mode(n_points, n_features))
+                             init=Initializer(self.init_params, self.n_components),
+                             compile="graph" if mode == "xla" else mode,
+                             jit_chunks=mode == "xla")
 
   def _compile_mode(self, n_points, n_features) -> str:
     if self.compile != "auto":
       return self.compile
-    if n_points is None:  # streamed: batches are large by construction
+    if n_points is None or n_features is None:  # streamed: batches are large by construction
       return "xla"
-    return "xla" if n_points * n_features * self.n_components >= XLA_MIN_WORK else "graph"
-
-  def _initial_responsibilities(self, x, weights, seed):
-    return initial_responsibilities(self.init_params, x, weights, self.n_components, seed)
+    per_point = n_features ** (2 if self.covariance_type in ("full", "tied") else 1)
+    work = (n_points * self.n_components * per_point * self.n_init
+            * min(self.max_iter, EXPECTED_ITERATIONS))
+    return "xla" if work >= XLA_MIN_WORK else "graph"
 
   def fit(self, X, y=None, sample_weight=None, *, online: bool = False, strategy=None,
           columns=None, batch_size: int = 65536, checkpoint_dir=None,

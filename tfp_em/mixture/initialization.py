@@ -10,6 +10,8 @@ scikit-learn. Sample weights are honoured by every strategy.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 INIT_METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
@@ -82,3 +84,17 @@ def initial_responsibilities(method: str, x, weights, k: int, seed: int):
   else:
     labels = np.argmin(_sq_dist(x, centers), 1)
   return _one_hot(labels, k, np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Initializer:
+  """`(x, weights, seed) -> responsibilities [N, K]` by `method`.
+
+  Equal by value, so models holding equal initializers share their compiled
+  steps (`tfp_em.EMModel.step_config`).
+  """
+  method: str
+  n_components: int
+
+  def __call__(self, x, weights, seed):
+    return initial_responsibilities(self.method, x, weights, self.n_components, seed)

@@ -1,0 +1,87 @@
+"""The process-wide cache of compiled steps: fresh estimators, refits and new
+data sizes of a configuration seen before do not trace again."""
+import logging
+
+import numpy as np
+import pytest
+
+from tfp_em import BernoulliMLPClassifier, GaussianMixture, MixedEffectsRegressor
+from tfp_em.engine import compiling
+from tfp_em.mixture.em import GaussianMixtureEM
+
+
+def _blobs(n, d=2, seed=0):
+  rng = np.random.default_rng(seed)
+  return np.concatenate([rng.normal(-2, 1, (n // 2, d)), rng.normal(2, 1, (n - n // 2, d))])
+
+
+def _traces_per_fit(make_and_fit, sizes):
+  """Traces made by each fit, one fresh estimator per data size."""
+  counts = []
+  for n in sizes:
+    before = compiling.tracing_count()
+    make_and_fit(n)
+    counts.append(compiling.tracing_count() - before)
+  return counts
+
+
+def test_fresh_mixtures_of_one_configuration_trace_at_most_twice():
+  # K=3 diag is used nowhere else in the tests, so the first fit traces.
+  fit = lambda n: GaussianMixture(3, covariance_type="diag", max_iter=3, tol=0, compile="graph",
+                                  verbose=False).fit(_blobs(n))
+  counts = _traces_per_fit(fit, [150, 151, 300, 151, 999])
+  assert counts[0] > 0          # a new configuration traces
+  assert counts[2:] == [0, 0, 0]  # the second size relaxed the data axis; no trace after it
+
+
+def test_another_configuration_traces_again():
+  fit = lambda k: GaussianMixture(k, covariance_type="spherical", max_iter=2, tol=0,
+                                  compile="graph", verbose=False).fit(_blobs(200))
+  fit(2)
+  before = compiling.tracing_count()
+  fit(4)
+  assert compiling.tracing_count() > before
+
+
+def test_equal_models_share_steps_and_unhashable_ones_do_not():
+  a, b = GaussianMixtureEM(2, "full"), GaussianMixtureEM(2, "full")
+  assert a.step_config() == b.step_config()
+  assert compiling.compiled(a, "m_step", lambda: a.m_step, "graph") is \
+      compiling.compiled(b, "m_step", lambda: b.m_step, "graph")
+  c = GaussianMixtureEM(2, "full")
+  c.table = np.zeros(3)  # not hashable: this model gets its own step
+  assert c.step_config() is None
+  assert compiling.compiled(c, "m_step", lambda: c.m_step, "graph") is not \
+      compiling.compiled(a, "m_step", lambda: a.m_step, "graph")
+
+
+@pytest.mark.slow
+def test_refits_of_the_other_estimators_do_not_trace():
+  rng = np.random.default_rng(0)
+
+  def mixed(n):
+    groups = rng.integers(0, max(n // 5, 2), n)
+    t = rng.uniform(0, 5, n)
+    y = 1 + t + rng.normal(size=n) + rng.normal(size=groups.max() + 1)[groups]
+    MixedEffectsRegressor("slopes", max_iter=5).fit(t[:, None], y, groups, time=t)
+
+  def mlp(n):
+    x = rng.normal(size=(n, 3))
+    BernoulliMLPClassifier(n_hidden=3, max_iter=3).fit(x, (x[:, 0] > 0).astype(int))
+
+  for fit in (mixed, mlp):
+    assert _traces_per_fit(fit, [60, 61, 120, 90])[2:] == [0, 0]
+
+
+def _retracing_record(name):
+  message = (f"5 out of the last 6 calls to <function {name} at 0x7f> triggered "
+             "tf.function retracing.")
+  return logging.LogRecord("tensorflow", logging.WARNING, __file__, 1, message, None, None)
+
+
+def test_retracing_warnings_about_tfp_em_steps_are_dropped_and_users_kept():
+  GaussianMixture(2, max_iter=1, verbose=False).fit(_blobs(50))  # compiles the steps
+  quiet = compiling.RETRACING_FILTER
+  assert quiet in logging.getLogger("tensorflow").filters
+  assert not quiet.filter(_retracing_record("_em_step.<locals>.step"))
+  assert quiet.filter(_retracing_record("my_own_function"))
