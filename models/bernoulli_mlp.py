@@ -17,6 +17,7 @@ output weights are kept centred across classes (each row sums to zero).
     networks: misconceptions and a new algorithm for multiclass
     classification. IEEE Transactions on Neural Networks, 15(3):738-749, 2004.
 """
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -34,6 +35,7 @@ class BernoulliMLPParams(NamedTuple):
   output_weights: tf.Tensor  # [m+1, C]; row 0 is the bias
 
 
+@functools.lru_cache(maxsize=None)  # bijectors built once per argument
 def param_specs() -> BernoulliMLPParams:
   """Both weight matrices are unconstrained reals."""
   return BernoulliMLPParams(hidden_weights=ParamSpec(True, tfb.Identity()),

@@ -21,6 +21,7 @@ problems. The sparse exact E-step and marginal are in
     high-cardinality categorical features and repeated measures in deep neural
     networks. NeurIPS, 2021.
 """
+import functools
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -53,6 +54,7 @@ class CrossedData(NamedTuple):
   num_levels: tf.Tensor
 
 
+@functools.lru_cache(maxsize=None)  # bijectors built once per argument
 def param_specs() -> CrossedParams:
   """beta unconstrained; the variances through Exp (the NLL path optimizes logs)."""
   return CrossedParams(beta=ParamSpec(True, tfb.Identity()),

@@ -16,6 +16,7 @@ covariance type:
 [1] C. M. Bishop. Pattern Recognition and Machine Learning, section 9.2.
     Springer, 2006.
 """
+import functools
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -42,6 +43,7 @@ def check_covariance_type(covariance_type: str) -> str:
   return covariance_type
 
 
+@functools.lru_cache(maxsize=None)  # bijectors built once per argument
 def param_specs(covariance_type: str) -> GaussianMixtureParams:
   """Specs with bijectors from unconstrained space for each parameter."""
   check_covariance_type(covariance_type)

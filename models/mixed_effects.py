@@ -34,6 +34,7 @@ variances) for 'diag'.
     networks. NeurIPS, 2021.
 """
 import math
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -116,6 +117,7 @@ def check_covariance_type(covariance_type: str) -> str:
   return covariance_type
 
 
+@functools.lru_cache(maxsize=None)  # bijectors built once per argument
 def param_specs(covariance_type: str) -> MixedEffectsParams:
   """Specs with bijectors from unconstrained space for each parameter.
 

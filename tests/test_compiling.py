@@ -1,6 +1,9 @@
 """The process-wide cache of compiled steps: fresh estimators, refits and new
 data sizes of a configuration seen before do not trace again."""
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,13 +28,13 @@ def _traces_per_fit(make_and_fit, sizes):
   return counts
 
 
-def test_fresh_mixtures_of_one_configuration_trace_at_most_twice():
-  # K=3 diag is used nowhere else in the tests, so the first fit traces.
+def test_fresh_mixtures_of_one_configuration_trace_once_for_every_n():
+  compiling.clear_cache()  # so that the first fit traces
   fit = lambda n: GaussianMixture(3, covariance_type="diag", max_iter=3, tol=0, compile="graph",
                                   verbose=False).fit(_blobs(n))
   counts = _traces_per_fit(fit, [150, 151, 300, 151, 999])
-  assert counts[0] > 0          # a new configuration traces
-  assert counts[2:] == [0, 0, 0]  # the second size relaxed the data axis; no trace after it
+  assert counts[0] > 0                # a new configuration traces
+  assert counts[1:] == [0, 0, 0, 0]   # with N left unknown: no trace for another N
 
 
 def test_another_configuration_traces_again():
@@ -70,7 +73,7 @@ def test_refits_of_the_other_estimators_do_not_trace():
     BernoulliMLPClassifier(n_hidden=3, max_iter=3).fit(x, (x[:, 0] > 0).astype(int))
 
   for fit in (mixed, mlp):
-    assert _traces_per_fit(fit, [60, 61, 120, 90])[2:] == [0, 0]
+    assert _traces_per_fit(fit, [60, 61, 120, 90])[1:] == [0, 0, 0]
 
 
 def _retracing_record(name):
@@ -85,3 +88,27 @@ def test_retracing_warnings_about_tfp_em_steps_are_dropped_and_users_kept():
   assert quiet in logging.getLogger("tensorflow").filters
   assert not quiet.filter(_retracing_record("_em_step.<locals>.step"))
   assert quiet.filter(_retracing_record("my_own_function"))
+
+
+def test_persistent_cache_keeps_a_directory_the_user_set(monkeypatch, tmp_path):
+  monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=0 --tf_xla_persistent_cache_directory=/mine")
+  assert compiling.use_persistent_cache(str(tmp_path)) == "/mine"
+  monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=0")
+  assert compiling.use_persistent_cache(str(tmp_path / "xla")) == str(tmp_path / "xla")
+  assert os.environ["TF_XLA_FLAGS"].split() == [
+      "--tf_xla_auto_jit=0", f"--tf_xla_persistent_cache_directory={tmp_path / 'xla'}"]
+
+
+@pytest.mark.slow
+def test_persistent_cache_writes_the_xla_programs_of_a_fit(tmp_path):
+  code = ("import numpy as np; from tfp_em.engine import compiling; "
+          "d = compiling.use_persistent_cache(); from tfp_em import GaussianMixture; "
+          "GaussianMixture(2, max_iter=2, compile='xla', verbose=False)"
+          ".fit(np.random.default_rng(0).normal(size=(300, 2))); print(d)")
+  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("TF_XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True)
+  directory = out.stdout.strip().splitlines()[-1]
+  assert directory == str(tmp_path / "tfp_em" / "xla")
+  assert any(name.endswith(".pb") for name in os.listdir(directory))

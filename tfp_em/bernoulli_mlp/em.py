@@ -102,7 +102,11 @@ class BernoulliMLPEM(EMModel):
     self.compile = v.check_option("compile", compile, ("eager", "graph", "xla"))
     self.max_newton_iter = v.check_int("max_newton_iter", max_newton_iter, minimum=1)
     self.init_scale = v.check_float("init_scale", init_scale, minimum=0.)
-    self.param_specs = mlp.param_specs()  # for SQUAREM and the autodiff checks
+
+  @property
+  def param_specs(self) -> BernoulliMLPParams:
+    """For SQUAREM and the autodiff checks."""
+    return mlp.param_specs()
 
   @property
   def num_configurations(self) -> int:

@@ -28,9 +28,9 @@ def fixed_chunks(n, max_rows: int, min_rows: int = 256):
   sizes = [min(min_rows, max_rows)]
   while sizes[-1] < max_rows:
     sizes.append(min(2 * sizes[-1], max_rows))
+  last = len(sizes) - 1
   sizes = tf.constant(sizes, dtype=tf.convert_to_tensor(n).dtype)
-  rows = tf.gather(sizes, tf.minimum(tf.searchsorted(sizes, tf.reshape(n, [1]))[0],
-                                     len(sizes) - 1))
+  rows = tf.gather(sizes, tf.minimum(tf.searchsorted(sizes, tf.reshape(n, [1]))[0], last))
   return tf.maximum((n + rows - 1) // rows, 1), rows
 
 

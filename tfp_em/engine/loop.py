@@ -166,8 +166,9 @@ class Iteration:
   Over in-memory data (compiled, `model.fuse_steps` not False) one compiled
   call does a whole iteration: plain EM returns (M(E(params)), loglik(params));
   SQUAREM returns a `squarem.Cycle` (three E-steps), which the stepper then
-  accepts or backtracks from. The call is skipped for the last iteration
-  (`last=True`: a plain E-pass), and the loop discards the step when it
+  accepts or backtracks from. Plain EM makes the same call on the last
+  iteration (`last=True`) and drops the step, so one trace serves the whole
+  fit; SQUAREM makes a plain E-pass there. The loop discards the step when it
   stops, so the reported loglik is always at the returned params.
   """
 
@@ -188,10 +189,15 @@ class Iteration:
 
   def evaluate(self, params, last: bool):
     """(stats or None, loglik at params, fused step or None, E-passes used)."""
-    if self.fused is not None and not last:
-      if self.stepper is None:
+    if self.fused is not None and self.stepper is None:
+      try:
         new, ll = self.fused(params, self.e_pass.data)
-        return None, ll, new, 1
+      except tf.errors.InvalidArgumentError:  # the M-step failed: raise, unless it is not needed
+        if not last:
+          raise
+      else:
+        return None, ll, None if last else new, 1
+    elif self.fused is not None and not last:
       try:
         cycle = self.fused(params, self.e_pass.data)
       except tf.errors.InvalidArgumentError:  # a factorization failed: go step by step

@@ -23,15 +23,17 @@ from tfp_em.diagnostics.mixin import DiagnosticsMixin
 from tfp_em.engine import (ON_DECREASE_OPTIONS, default_decrease_tol, fit_em, fit_online_em,
                            restart_seeds)
 from tfp_em.engine import inputs as v
+from tfp_em.engine.compiling import compiled
 from tfp_em.engine.streams import checked_batches, features_dataset
 from tfp_em.mixture.em import GaussianMixtureEM, MixtureData, precision_cholesky
 from tfp_em.mixture import reseed as mr
 from tfp_em.mixture.initialization import INIT_METHODS, Initializer
 
-# XLA's E-step kernel compiles in about 1.5 s, once per process and configuration,
-# and saves about 1 ns per point x component x D^2 (x D for diag/spherical) per
-# iteration on a 2-core CPU: worth it above this much expected work.
-XLA_MIN_WORK = 2e9
+# XLA's E-step kernel costs about 0.3 s more than a graph trace, once per process
+# and configuration, and saves about 0.8 ns per point x component x D^2 (x D for
+# diag/spherical) per iteration on a 2-core CPU (2-3x per iteration): worth it
+# above this much expected work.
+XLA_MIN_WORK = 4e8
 EXPECTED_ITERATIONS = 50  # per restart, for that estimate (max_iter if smaller)
 INFERENCE_CHUNK = 65536  # rows per chunk in predict / score_samples
 
@@ -305,8 +307,10 @@ class GaussianMixture(DiagnosticsMixin):
     O(N K) rather than O(N K D)."""
     x = self._checked_x(X)
     model = self.em_model()
+    log_joint = compiled(model, "log_prob_components", lambda: model.log_prob_components,
+                         "eager" if self.compile == "eager" else "graph", data_arg=-1)
     step = INFERENCE_CHUNK
-    return tf.concat([model.log_prob_components(self.params_, x[i:i + step])
+    return tf.concat([log_joint(self.params_, x[i:i + step])
                       for i in range(0, max(int(x.shape[0]), 1), step)], axis=0)
 
   def score_samples(self, X):
