@@ -38,6 +38,7 @@ from tfp_em.engine.passes import add_stats
 from tfp_em.verification.exact import ExactPosterior, marginalize_discrete
 
 MIN_COUNT_EPS = 10.0  # counts get 10*eps added, as in scikit-learn
+ONE_OFF_TRACE_WORK = 2 ** 20  # see GaussianMixtureEM.one_off_mode
 
 
 class GaussianMixtureStats(NamedTuple):
@@ -257,6 +258,14 @@ class GaussianMixtureEM(EMModel):
     return tf.reduce_sum(data.weights * lp)
 
   # -- helpers ---------------------------------------------------------------
+  def one_off_mode(self, n_points: int, n_features: int) -> str:
+    """How to run a step called a few times per fit (initialization, predict):
+    eagerly below `ONE_OFF_TRACE_WORK` points x components x features, where
+    a trace costs more than it saves; else a cached graph."""
+    if self.compile == "eager" or n_points * self.n_components * n_features < ONE_OFF_TRACE_WORK:
+      return "eager"
+    return "graph"
+
   def log_prob_components(self, params, x):
     """log w_k + log N(x_n | k), shape [N, K]."""
     prec_chol = precision_cholesky(params.covariances, self.covariance_type)
@@ -289,9 +298,9 @@ class GaussianMixtureEM(EMModel):
   def params_from_responsibilities(self, data: MixtureData, resp):
     """M-step of the stats implied by `resp` [N, K] (used for initialization),
     compiled once per configuration (`tfp_em.engine.compiling.compiled`)."""
-    mode = "eager" if self.compile == "eager" else "graph"
     step = compiled(self, "params_from_responsibilities",
-                    lambda: self._params_from_responsibilities, mode, data_arg=-1)
+                    lambda: self._params_from_responsibilities,
+                    self.one_off_mode(int(data.x.shape[0]), int(data.x.shape[1])), data_arg=-1)
     return step(ResponsibilityRows(data.x, data.weights, resp))
 
   def _params_from_responsibilities(self, rows: ResponsibilityRows):
