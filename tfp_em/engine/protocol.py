@@ -113,7 +113,9 @@ class EMModel(abc.ABC):
     model of a configuration seen before does not trace again. The default
     is every instance attribute, sorted by name; None (no sharing) when one
     is not hashable. Keep callables the steps never run (an initializer, say)
-    hashable by value, or they key the cache by identity.
+    hashable by value, or they key the cache by identity. The cache keeps the
+    first model of each configuration alive: a model should hold its
+    configuration, not data.
     """
     try:
       config = tuple(sorted(vars(self).items()))
