@@ -1,13 +1,19 @@
 """The tfp-em command: outputs of the demo and fit, and one-line errors with exit code 2."""
+import argparse
 import json
 import os
+import re
+import subprocess
+import sys
 
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
+import tfp_em
+from tfp_em.cli import preflight
+from tfp_em.cli.main import FIT_WRITES, build_parser, main
 from tfp_em.engine import outputs
-from tfp_em.cli.main import main
 
 
 def _write(path, text):
@@ -20,6 +26,7 @@ def test_demo_writes_params_and_png(tmp_path, capsys):
   assert main(["demo", "--out", str(out), "--max-components", "3", "--no-report"]) == 0
   printed = capsys.readouterr().out
   assert "Best by BIC" in printed and "spherical" in printed
+  assert "ICL" in printed and "lower is better" in printed
   params = json.loads((out / "gmm_params.json").read_text())
   assert len(params["model_selection"]) == 12
   best = min(params["model_selection"], key=lambda r: r["bic"])
@@ -29,6 +36,11 @@ def test_demo_writes_params_and_png(tmp_path, capsys):
   image = mpimg.imread(out / "gmm_fit.png")
   assert image.ndim == 3 and image.shape[0] > 100
   assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+  assert main(["demo", "--out", str(out), "--no-report"]) == 2      # another run is there
+  assert "pass --overwrite" in capsys.readouterr().err
+  import arviz as az
+  stored = json.loads(az.from_netcdf(out / "inference_data.nc").posterior.attrs["model_selection"])
+  assert [r["bic"] for r in stored] == [r["bic"] for r in params["model_selection"]]
 
 
 @pytest.mark.slow
@@ -39,6 +51,8 @@ def test_demo_ends_with_a_report(tmp_path, capsys):
   assert f"Open {index}" in capsys.readouterr().out
   html = index.read_text()
   assert "inference_data.nc" in html and (out / "report" / "inference_data.nc").exists()
+  assert "model_selection.png" in html and "lower is better" in html
+  assert "means[component 0, eruptions]" in html
 
 
 def test_report_and_verify_commands(tmp_path, capsys):
@@ -70,6 +84,11 @@ def test_fit_gmm_on_csv_selects_columns(tmp_path):
   assert params["columns"] == ["a", "b"] and params["covariance_type"] == "diag"
   means = np.sort(np.array(params["means"])[:, 0])
   np.testing.assert_allclose(means, [0, 5], atol=0.5)
+  again = ["fit", "gmm", "--data", data, "--columns", "a", "b", "--components", "2", "--n-init",
+           "1", "--out", str(out)]
+  assert main(again) == 2                                # would overwrite the first fit
+  assert main(again + ["--overwrite", "--quiet"]) == 0
+  assert json.loads((out / "gmm_params.json").read_text())["covariance_type"] == "full"
 
 
 @pytest.mark.parametrize("content,match", [
@@ -94,29 +113,94 @@ def test_malformed_csv_is_one_line_exit_2(tmp_path, capsys, content, match):
 
 @pytest.mark.parametrize("argv,match", [
     (["fit", "gmm", "--data", "/no/such.csv", "--components", "2"], "does not exist"),
-    (["fit", "gmm", "--data", "{csv}", "--components", "0"], "n_components"),
-    (["fit", "gmm", "--data", "{csv}", "--components", "two"], "invalid int"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "0"], "must be at least 1, got 0"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "two"], "expected an integer, got 'two'"),
     (["fit", "gmm", "--data", "{csv}", "--components", "2", "--covariance", "x"], "invalid choice"),
     (["fit", "gmm", "--data", "{csv}", "--components", "50"], "at least as many points"),
     (["fit", "gmm", "--data", "{csv}", "--components", "2", "--out", "{file}/sub"],
      "cannot be created"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "2", "--out", "{file}"], "is a file"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "2", "--columns", "a", "zz"], "['zz']"),
     (["demo", "--max-components", "0"], "max-components"),
     (["frobnicate"], "invalid choice"),
     (["report", "/no/such.nc"], "does not exist"),
+    (["report", "{csv}"], "not a netCDF file"),
     (["report", "{csv}", "--hmc-draws", "1"], "hmc-draws"),
     (["verify", "/no/such.py"], "does not exist"),
-    ([], "required"),
+    (["verify", "{bad_py}"], "line 2: SyntaxError"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, argv, match):
   csv_path = _write(tmp_path / "ok.csv", "a,b\n" + "\n".join(f"{i},{i % 3}" for i in range(20)))
   file_path = _write(tmp_path / "plain.txt", "x")
-  argv = [a.format(csv=csv_path, file=file_path) for a in argv]
+  bad_py = _write(tmp_path / "bad.py", "x = 1\ndef f(:\n")
+  argv = [a.format(csv=csv_path, file=file_path, bad_py=bad_py) for a in argv]
   before = sorted(os.listdir(tmp_path))
   rc = main(argv + (["--out", str(tmp_path / "out")] if argv[:1] == ["fit"] and "--out" not in argv
                     else []))
   err = capsys.readouterr().err
-  assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
+  assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
   assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_bad_input_fails_before_tensorflow_loads(tmp_path):
+  """Argument and file errors come from plain Python: TensorFlow is never imported."""
+  csv_path = _write(tmp_path / "ok.csv", "a,b\n" + "\n".join(f"{i},{i % 3}" for i in range(20)))
+  occupied = tmp_path / "occupied"
+  occupied.mkdir()
+  (occupied / "gmm_params.json").write_text("{}")
+  calls = [
+      ["fit", "gmm", "--data", csv_path, "--columns", "a", "nope", "--components", "2"],
+      ["fit", "gmm", "--data", str(tmp_path / "none.csv"), "--components", "2"],
+      ["fit", "gmm", "--data", csv_path, "--components", "2", "--out", str(occupied)],
+      ["report", csv_path], ["verify", str(tmp_path / "none.py")], ["demo", "--out", csv_path],
+  ]
+  code = ("import sys\nfrom tfp_em.cli.main import main\n"
+          f"for argv in {calls!r}:\n  assert main(argv) == 2, argv\n"
+          "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\nprint('ok')\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=tmp_path, timeout=120)
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-1500:]
+  assert len(done.stderr.strip().splitlines()) == len(calls)  # one line per error
+  assert "holds another run (gmm_params.json); pass --overwrite" in done.stderr
+
+
+def test_usage_version_and_help_with_defaults(capsys):
+  assert main([]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("usage: tfp-em") and "demo" in err and "report" in err
+  assert main(["fit"]) == 2 and "gmm" in capsys.readouterr().err
+  assert main(["--version"]) == 0
+  assert capsys.readouterr().out.strip() == f"tfp-em {tfp_em.__version__}"
+  assert main(["fit", "gmm", "--help"]) == 0
+  text = " ".join(capsys.readouterr().out.split())
+  for option, default in [("--covariance", "full"), ("--n-init", "3"), ("--max-iter", "500"),
+                          ("--seed", "0"), ("--out", "tfp_em_fit"), ("--checkpoint-every", "10")]:
+    assert re.search(re.escape(option) + r"\b.*?\(default: " + re.escape(default) + r"\)", text)
+  parser = build_parser()
+  for action in _all_actions(parser):
+    assert action.help, f"{action.option_strings or action.dest} has no help text"
+
+
+def _all_actions(parser):
+  for action in parser._actions:  # noqa: SLF001 - argparse has no public list of options
+    if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+      for sub in action.choices.values():
+        yield from _all_actions(sub)
+    elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):  # noqa: SLF001
+      yield action
+
+
+def test_output_folder_checks(tmp_path):
+  out = tmp_path / "run"
+  assert preflight.output_folder(out, FIT_WRITES) == str(out)   # not there yet: fine
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  preflight.output_folder(out, FIT_WRITES)                       # unrelated files: fine
+  (out / "checkpoint").mkdir()
+  with pytest.raises(ValueError, match="holds another run"):
+    preflight.output_folder(out, FIT_WRITES)
+  preflight.output_folder(out, FIT_WRITES, keep=("checkpoint",))  # --resume
+  preflight.output_folder(out, FIT_WRITES, overwrite=True)
 
 
 def test_atomic_json_write_leaves_no_partial_file(tmp_path):

@@ -219,7 +219,16 @@ def test_summary_table(faithful):
   se = standard_errors(fitted, x)
   assert list(table.columns) == ["estimate", "se", "ci_2.5%", "ci_97.5%"]
   assert list(table.index) == se.labels and "covariances[1, 0, 1]" in table.index
-  np.testing.assert_allclose(table["ci_97.5%"] - table["estimate"], 1.959964 * table["se"], rtol=1e-6)
+  # means and off-diagonal covariances: plain Wald intervals; weights and variances on the
+  # logit and log scales, inside their ranges
+  plain = [i for i, link in enumerate(se.links) if link == "identity"]
+  assert [table.index[i] for i in plain][:4] == [f"means[{k}, {j}]" for k in (0, 1) for j in (0, 1)]
+  np.testing.assert_allclose(table["ci_97.5%"].iloc[plain] - table["estimate"].iloc[plain],
+                             1.959964 * table["se"].iloc[plain], rtol=1e-6)
+  weights = table.loc[["weights[0]", "weights[1]"]]
+  assert (weights["ci_2.5%"] > 0).all() and (weights["ci_97.5%"] < 1).all()
+  assert (table.loc["covariances[0, 1, 1]", "ci_2.5%"] > 0)
+  assert ((table["ci_2.5%"] < table["estimate"]) & (table["estimate"] < table["ci_97.5%"])).all()
   assert table.loc["means[1, 0]", "estimate"] == pytest.approx(fitted.means_[1, 0])
   narrow = summary(fitted, x, ci=0.5)
   assert (narrow["ci_75%"] < table["ci_97.5%"]).all()
@@ -280,9 +289,10 @@ def _check_report(path: Path):
   return page
 
 
-def _report_and_reload(fitted, x, tmp_path, hmc):
+def _report_and_reload(fitted, x, tmp_path, hmc, model_selection=None):
   from tfp_em.diagnostics.report import write_report
-  path = write_report(fitted, x, tmp_path / "report", hmc=hmc, progress=False)
+  path = write_report(fitted, x, tmp_path / "report", hmc=hmc, progress=False,
+                      model_selection=model_selection)
   page = _check_report(path)
   for name in ("loglik_traces.png", "parameter_traces.png", "mixture_ellipses.png", "ppc.png",
                "inference_data.nc"):
@@ -300,8 +310,20 @@ def _report_and_reload(fitted, x, tmp_path, hmc):
 
 def test_report_and_report_from_netcdf(faithful, tmp_path):
   from tfp_em.diagnostics.report import write_report
-  page = _report_and_reload(*faithful, tmp_path, hmc=False)
+  fitted, x = faithful
+  rows = [dict(k=k, covariance_type="full",
+               bic=GaussianMixture(k, seed=0, max_iter=500).fit(x.values).bic(x.values))
+          for k in (1, 3)] + [dict(k=2, covariance_type="full", bic=fitted.bic(x.values))]
+  page = _report_and_reload(fitted, x, tmp_path, hmc=False, model_selection=rows)
   assert "hmc_trace.png" not in page
+  # named parameters, each symmetric entry once; the model search's panel; the restarts
+  assert "means[component 1, waiting]" in page and "means[1, 1]" not in page
+  assert "covariances[component 0, eruptions, waiting]" in page
+  assert "covariances[component 0, waiting, eruptions]" not in page
+  assert "model_selection.png" in page and "lower is better" in page
+  assert "clusters.png" in page and "assigned points" in page
+  assert "at the best optimum" in page and "<th>restart</th>" in page
+  assert "model_selection.png" in (tmp_path / "again" / "index.html").read_text()  # in the .nc
   # regenerated in place from its own netCDF; a stale file there is not linked
   (tmp_path / "report" / "hmc_posterior.nc").write_bytes(b"stale")
   path = write_report(tmp_path / "report" / "inference_data.nc", out_dir=tmp_path / "report",
@@ -314,6 +336,8 @@ def test_report_with_hmc(faithful, faithful_hmc, tmp_path):
   page = _report_and_reload(*faithful, tmp_path, hmc=faithful_hmc)
   for name in ("hmc_trace.png", "hmc_rank.png", "hmc_posterior.nc"):
     assert f'"{name}"' in page
+  assert "Label switching" in page and "weights[component 0]" in page
+  assert faithful_hmc.sample_stats["relabelled"].dtype == bool
 
 
 # -- mixed effects and Bernoulli MLP -------------------------------------------

@@ -1,25 +1,37 @@
 """The `tfp-em` command.
 
-    tfp-em demo [--out DIR] [--no-report]
+    tfp-em demo [--out DIR] [--no-report] [--overwrite] [--quiet]
     tfp-em fit gmm --data FILE.csv [--columns A B ...] --components K
-                   --covariance TYPE [--out DIR] [--resume]
-    tfp-em report FIT.nc [--out DIR] [--no-hmc]
+                   [--covariance TYPE] [--out DIR] [--resume] [--overwrite] [--quiet]
+    tfp-em report FIT.nc [--out DIR] [--no-hmc] [--overwrite] [--quiet]
     tfp-em verify MY_EM.py
 
-Errors in the input (bad files, options, data) print one line to stderr and
-exit with code 2; nothing is written before the input has been checked.
+Every command first checks its arguments and input files in plain Python
+(`tfp_em.cli.preflight`, `tfp_em.cli.readers`), then imports TensorFlow. An
+error prints one line to stderr and exits with code 2; nothing is written
+before the input has been checked, and an output folder holding another run
+is not overwritten without --overwrite. Progress bars show on a terminal
+(stderr) unless --quiet.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
+import warnings
 
-from tfp_em.cli import readers
+import tfp_em
+from tfp_em.cli import preflight, readers
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
 
 EXIT_USAGE = 2
+FIT_WRITES = ("gmm_params.json", "gmm_fit.png", "inference_data.nc", "checkpoint")
+DEMO_WRITES = FIT_WRITES + ("report",)
+REPORT_WRITES = ("index.html", "inference_data.nc", "hmc_posterior.nc")
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,58 +43,124 @@ class _UsageError(Exception):
   pass
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+  """Shows each option's default, unless it has none (None, False)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    shown = not (action.default is None or action.default is False
+                 or action.default == argparse.SUPPRESS)
+    if shown and "%(default)" not in text and action.option_strings:
+      text += " (default: %(default)s)"
+    if action.required and action.option_strings:
+      text += " (required)"
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="tfp-em", description="EM for latent-variable models on TFP.")
-  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  """The `tfp-em` argument parser (subcommands demo, fit gmm, report, verify)."""
+  kw = dict(formatter_class=_Formatter)
+  parser = _Parser(prog="tfp-em", description="EM for latent-variable models on TensorFlow "
+                   "Probability, checked against autodiff.", epilog="Run `tfp-em COMMAND --help` "
+                   "for a command's options; `tfp-em demo` for a first look.", **kw)
+  parser.add_argument("--version", action="version", version=f"tfp-em {tfp_em.__version__}")
+  parser.set_defaults(usage_parser=parser)
+  sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND",
+                              parser_class=_Parser)
+  run = _Parser(add_help=False)
+  run.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out")
+  run.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they show only when stderr is a terminal)")
 
-  demo = sub.add_parser("demo", help="fit a mixture to the built-in Old Faithful data")
-  demo.add_argument("--out", default="tfp_em_demo", help="output folder (default ./tfp_em_demo)")
-  demo.add_argument("--max-components", type=int, default=6)
-  demo.add_argument("--seed", type=int, default=0)
+  demo = sub.add_parser("demo", parents=[run], help="select and fit a mixture to the built-in Old "
+                        "Faithful data by BIC, write the fit and a diagnostic report", **kw)
+  demo.add_argument("--out", default="tfp_em_demo", metavar="DIR", help="output folder")
+  demo.add_argument("--max-components", type=preflight.int_at_least(1), default=6, metavar="K",
+                    help="largest number of components K tried")
+  demo.add_argument("--seed", type=preflight.int_at_least(0), default=0, metavar="N",
+                    help="random seed")
   demo.add_argument("--no-report", action="store_true",
-                    help="skip the HTML diagnostic report (and its HMC cross-check)")
+                    help="skip the HTML diagnostic report (and its NUTS cross-check)")
 
-  fit = sub.add_parser("fit", help="fit a model to a CSV file")
-  fit_sub = fit.add_subparsers(dest="model", required=True, parser_class=_Parser)
-  gmm = fit_sub.add_parser("gmm", help="Gaussian mixture")
-  gmm.add_argument("--data", required=True, help="CSV file with a header row")
-  gmm.add_argument("--columns", nargs="+", default=None, help="columns to use (default all)")
-  gmm.add_argument("--components", type=int, required=True)
-  gmm.add_argument("--covariance", default="full",
-                   choices=["full", "tied", "diag", "spherical"])
-  gmm.add_argument("--n-init", type=int, default=3)
-  gmm.add_argument("--max-iter", type=int, default=500)
-  gmm.add_argument("--seed", type=int, default=0)
-  gmm.add_argument("--out", default="tfp_em_fit")
+  fit = sub.add_parser("fit", help="fit a model to a CSV file", **kw)
+  fit.set_defaults(usage_parser=fit)
+  fit_sub = fit.add_subparsers(dest="model", title="models", metavar="MODEL", parser_class=_Parser)
+  gmm = fit_sub.add_parser("gmm", parents=[run], help="Gaussian mixture", **kw)
+  gmm.add_argument("--data", required=True, metavar="FILE.csv",
+                   help="CSV file with a header row; numeric columns")
+  gmm.add_argument("--columns", nargs="+", metavar="NAME",
+                   help="columns to use (default: all)")
+  gmm.add_argument("--components", type=preflight.int_at_least(1), required=True, metavar="K",
+                   help="number of mixture components")
+  gmm.add_argument("--covariance", default="full", choices=COVARIANCE_TYPES,
+                   help="covariance type of the components")
+  gmm.add_argument("--n-init", type=preflight.int_at_least(1), default=3, metavar="N",
+                   help="restarts from different initializations; the best is kept")
+  gmm.add_argument("--max-iter", type=preflight.int_at_least(1), default=500, metavar="N",
+                   help="EM iterations per restart at most")
+  gmm.add_argument("--seed", type=preflight.int_at_least(0), default=0, metavar="N",
+                    help="random seed")
+  gmm.add_argument("--out", default="tfp_em_fit", metavar="DIR", help="output folder")
   gmm.add_argument("--resume", action="store_true",
                    help="continue an interrupted fit from OUT/checkpoint")
-  gmm.add_argument("--checkpoint-every", type=int, default=10)
+  gmm.add_argument("--checkpoint-every", type=preflight.int_at_least(1), default=10, metavar="N",
+                   help="iterations between checkpoints in OUT/checkpoint")
 
-  report = sub.add_parser("report", help="HTML diagnostic report of a saved fit")
-  report.add_argument("source", help="inference_data.nc written by `tfp-em fit` or a report")
-  report.add_argument("--out", default="tfp_em_report")
+  report = sub.add_parser("report", parents=[run], help="HTML diagnostic report of a saved fit",
+                          **kw)
+  report.add_argument("source", metavar="FIT.nc",
+                      help="inference_data.nc written by `tfp-em fit`, `tfp-em demo` or a report")
+  report.add_argument("--out", default="tfp_em_report", metavar="DIR", help="output folder")
   report.add_argument("--no-hmc", action="store_true", help="skip the NUTS cross-check")
-  report.add_argument("--hmc-draws", type=int, default=1000,
-                      help="NUTS warm-up and kept draws per chain (default 1000)")
+  report.add_argument("--hmc-draws", type=preflight.int_at_least(10), metavar="N",
+                      help="NUTS warm-up and kept draws per chain (default: 500 and 1000)")
 
-  verify = sub.add_parser("verify", help="check a hand-written EM against TFP and autodiff")
-  verify.add_argument("path", help="a .py file defining the model and the E/M steps "
-                      "(names: see tfp_em.verification.verify_file)")
+  verify = sub.add_parser("verify", help="check a hand-written EM against TFP and autodiff", **kw)
+  verify.add_argument("path", metavar="MY_EM.py", help="a .py file defining the model and the "
+                      "E/M steps (names: see tfp_em.verification.verify_file)")
   return parser
 
 
 def main(argv=None) -> int:
+  """Runs `tfp-em` with `argv` (default sys.argv[1:]); returns the exit status."""
+  parser = build_parser()
   try:
-    args = build_parser().parse_args(argv)
-    commands = {"demo": _demo, "fit": _fit_gmm, "report": _report, "verify": _verify}
-    _import_tensorflow_quietly()
-    return commands[args.command](args)
+    try:
+      args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version
+      return e.code
+    if args.command is None or (args.command == "fit" and args.model is None):
+      args.usage_parser.print_help(sys.stderr)  # the deepest parser reached
+      return EXIT_USAGE
+    check, run = COMMANDS[args.command]
+    checked = check(args)            # plain Python: fails fast, before TensorFlow loads
+    with _quiet_third_parties():
+      return run(args, checked)
   except (_UsageError, ValueError) as e:
     print(f"tfp-em: error: {_one_line(e)}", file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:
     print("tfp-em: interrupted", file=sys.stderr)
     return 130
+
+
+@contextlib.contextmanager
+def _quiet_third_parties():
+  """TensorFlow imported with its start-up logs muted; libraries' FutureWarnings
+  and TensorFlow's Python warnings (retracing) kept out of the output."""
+  _import_tensorflow_quietly()
+  import tensorflow as tf
+  logger = tf.get_logger()
+  level = logger.level
+  logger.setLevel("ERROR")
+  try:
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", category=FutureWarning)
+      warnings.filterwarnings("ignore", category=DeprecationWarning)
+      yield
+  finally:
+    logger.setLevel(level)
 
 
 def _import_tensorflow_quietly() -> None:
@@ -93,8 +171,10 @@ def _import_tensorflow_quietly() -> None:
   saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   try:
     os.dup2(devnull, 2)
-    import tensorflow as tf
-    tf.config.list_logical_devices()
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      import tensorflow as tf
+      tf.config.list_logical_devices()
   finally:
     os.dup2(saved, 2)
     os.close(devnull)
@@ -105,73 +185,96 @@ def _one_line(e: Exception) -> str:
   return " ".join(str(e).split())
 
 
-def _fit_gmm(args) -> int:
-  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
+def _progress(args) -> bool:
+  return not args.quiet and sys.stderr.isatty()
+
+
+# -- checks (plain Python) and runs, command by command --------------------------
+
+def _check_fit(args):
   x, names = readers.load_csv(args.data, args.columns)
-  outputs.check_output_dir(args.out)
+  preflight.components(args.components, x.shape[0], args.data)
+  preflight.output_folder(args.out, FIT_WRITES, args.overwrite,
+                          keep=("checkpoint",) if args.resume else ())
+  return x, names
+
+
+def _fit_gmm(args, checked) -> int:
+  from tfp_em.cli import writers
+  from tfp_em.engine import outputs
+  x, names = checked
   # The checkpoint folder is created by the fit, after the input has been checked.
   est = _fit_mixture(x, args.components, args.covariance, args.n_init, args.max_iter,
-                     args.seed, checkpoint=dict(checkpoint_dir=os.path.join(args.out, "checkpoint"),
-                                                checkpoint_every=args.checkpoint_every,
-                                                resume=args.resume))
-  _write_outputs(est, x, names, outputs.ensure_writable_dir(args.out),
+                     args.seed, _progress(args),
+                     checkpoint=dict(checkpoint_dir=os.path.join(args.out, "checkpoint"),
+                                     checkpoint_every=args.checkpoint_every, resume=args.resume))
+  writers.write_fit_outputs(est, x, names, outputs.ensure_writable_dir(args.out),
                  title=os.path.basename(args.data))
   return 0
 
 
-def _demo(args) -> int:
-  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
-  if args.max_components < 1:
-    raise ValueError(f"--max-components must be >= 1, got {args.max_components}")
-  if args.seed < 0:
-    raise ValueError(f"--seed must be >= 0, got {args.seed}")
-  x, names = readers.load_old_faithful()
-  outputs.check_output_dir(args.out)
+def _check_demo(args):
+  preflight.output_folder(args.out, DEMO_WRITES, args.overwrite)
+  return readers.load_old_faithful()
+
+
+def _demo(args, checked) -> int:
+  from tfp_em.cli import writers
+  from tfp_em.engine import outputs
+  x, names = checked
+  progress = _progress(args)
   print(f"Old Faithful: {x.shape[0]} eruptions, columns {names}")
-  print(f"Selecting K in 1..{args.max_components} and the covariance type by BIC\n")
+  print(f"Selecting K in 1..{args.max_components} and the covariance type by BIC "
+        "(lower is better)\n")
   rows, best = [], None
-  print(f"{'K':>3} {'covariance':>10} {'loglik':>12} {'BIC':>12} {'iters':>6} {'converged':>9}")
-  for cov in ("full", "tied", "diag", "spherical"):
+  print(f"{'K':>3} {'covariance':>10} {'loglik':>12} {'BIC':>12} {'ICL':>12} {'iters':>6} "
+        f"{'converged':>9}")
+  for cov in COVARIANCE_TYPES:
     for k in range(1, args.max_components + 1):
-      est = _fit_mixture(x, k, cov, n_init=3, max_iter=500, seed=args.seed)
-      bic = est.bic(x)
+      est = _fit_mixture(x, k, cov, n_init=3, max_iter=500, seed=args.seed, progress=progress)
+      bic, icl = _bic_icl(est, x)
       rows.append(dict(k=k, covariance_type=cov, log_likelihood=est.log_likelihood_, bic=bic,
-                       n_iter=est.n_iter_, converged=est.converged_))
-      print(f"{k:>3} {cov:>10} {est.log_likelihood_:>12.3f} {bic:>12.3f} {est.n_iter_:>6} "
-            f"{str(est.converged_):>9}")
+                       icl=icl, n_iter=est.n_iter_, converged=bool(est.converged_)))
+      print(f"{k:>3} {cov:>10} {est.log_likelihood_:>12.3f} {bic:>12.3f} {icl:>12.3f} "
+            f"{est.n_iter_:>6} {str(est.converged_):>9}", flush=True)
       if best is None or bic < best[0]:
         best = (bic, est)
   est = best[1]
   print(f"\nBest by BIC: K={est.n_components}, covariance_type={est.covariance_type!r}")
   out = outputs.ensure_writable_dir(args.out)
-  _write_outputs(est, x, names, out, title="Old Faithful", selection=rows)
+  writers.write_fit_outputs(est, x, names, out, title="Old Faithful", selection=rows)
   if not args.no_report:
     from tfp_em.diagnostics.report import write_report
     print("\nWriting the diagnostic report (standard errors, NUTS cross-check) ...", flush=True)
+    start = time.perf_counter()
     index = write_report(est, x, os.path.join(out, "report"), feature_names=names,
-                         title="Old Faithful: Gaussian mixture chosen by BIC")
-    print(f"Open {index}")
+                         title="Old Faithful: Gaussian mixture chosen by BIC", progress=progress,
+                         model_selection=rows)
+    print(f"Report written in {time.perf_counter() - start:.0f} s. Open {index}")
   return 0
 
 
-def _report(args) -> int:
-  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
+def _check_report(args):
+  preflight.netcdf_file(args.source)
+  preflight.output_folder(args.out, REPORT_WRITES, args.overwrite)
+
+
+def _report(args, _) -> int:
   from tfp_em.diagnostics.report import write_report
-  if args.hmc_draws < 10:
-    raise ValueError(f"--hmc-draws must be >= 10, got {args.hmc_draws}")
-  if not os.path.isfile(args.source):
-    raise ValueError(f"{args.source!r} does not exist or is not a file")
-  outputs.check_output_dir(args.out)
-  index = write_report(args.source, out_dir=args.out, hmc=not args.no_hmc,
-                       hmc_kwargs=dict(num_results=args.hmc_draws, num_burnin=args.hmc_draws))
+  draws = {} if args.hmc_draws is None else dict(num_results=args.hmc_draws,
+                                                 num_burnin=args.hmc_draws)
+  index = write_report(args.source, out_dir=args.out, hmc=not args.no_hmc, hmc_kwargs=draws,
+                       progress=_progress(args))
   print(f"wrote {index}")
   return 0
 
 
-def _verify(args) -> int:
+def _check_verify(args):
+  preflight.python_file(args.path)
+
+
+def _verify(args, _) -> int:
   from tfp_em.verification.api import verify_file
-  if not os.path.isfile(args.path):
-    raise ValueError(f"{args.path!r} does not exist or is not a file")
   try:
     report = verify_file(args.path)
   except Exception as e:  # noqa: BLE001 - one line if the user's own code raised
@@ -186,78 +289,21 @@ def _verify(args) -> int:
   return 0 if report.passed else 1
 
 
-def _fit_mixture(x, k, cov, n_init, max_iter, seed, checkpoint=None):
-  import warnings
+COMMANDS = {"demo": (_check_demo, _demo), "fit": (_check_fit, _fit_gmm),
+            "report": (_check_report, _report), "verify": (_check_verify, _verify)}
 
+
+def _fit_mixture(x, k, cov, n_init, max_iter, seed, progress, checkpoint=None):
   from tfp_em.mixture import GaussianMixture
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # per-fit convergence is reported in the table
     return GaussianMixture(k, covariance_type=cov, n_init=n_init, max_iter=max_iter,
-                           seed=seed, verbose=False).fit(x, **(checkpoint or {}))
+                           seed=seed, verbose=progress).fit(x, **(checkpoint or {}))
 
 
-def _write_outputs(est, x, names, out, title, selection=None) -> None:
-  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
-  summary = dict(
-      n_components=est.n_components, covariance_type=est.covariance_type, columns=names,
-      weights=est.weights_, means=est.means_, covariances=est.covariances_,
-      log_likelihood=est.log_likelihood_, bic=est.bic(x), aic=est.aic(x),
-      n_iter=est.n_iter_, converged=est.converged_, n_points=int(x.shape[0]))
-  if selection is not None:
-    summary["model_selection"] = selection
-  params_path = outputs.write_json(os.path.join(out, "gmm_params.json"), summary)
-  from tfp_em.diagnostics.inference_data import to_inference_data
-  netcdf_path = os.path.join(out, "inference_data.nc")
-  with outputs.atomic_path(netcdf_path) as tmp:
-    to_inference_data(est, x, feature_names=names).to_netcdf(tmp)
-  png_path = _plot_fit(est, x, names, os.path.join(out, "gmm_fit.png"), title)
-  print("\nComponent  weight   mean")
-  for k in range(est.n_components):
-    mean = ", ".join(f"{m:.3f}" for m in est.means_[k])
-    print(f"{k:>9}  {est.weights_[k]:.3f}   [{mean}]")
-  print(f"\nlog-likelihood {est.log_likelihood_:.4f} at the returned parameters "
-        f"({est.n_iter_} iterations, converged={est.converged_})")
-  print(f"wrote {params_path}\nwrote {png_path}\nwrote {netcdf_path} "
-        f"(for `tfp-em report {netcdf_path}`)")
-
-
-def _plot_fit(est, x, names, path, title) -> str:
-  from tfp_em.engine import outputs  # loads TensorFlow: not at start-up
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+def _bic_icl(est, x) -> tuple[float, float]:
+  """BIC, and ICL = BIC + 2 x the classification entropy (Biernacki et al. 2000)."""
   import numpy as np
-  from matplotlib.patches import Ellipse
-
-  full_cov = _full_covariances(est)
-  fig, ax = plt.subplots(figsize=(6.5, 5))
-  labels = est.predict(x)
-  ax.scatter(x[:, 0], x[:, 1] if x.shape[1] > 1 else np.zeros(len(x)), c=labels, s=10,
-             cmap="tab10", vmin=0, vmax=9, alpha=0.7)
-  if x.shape[1] > 1:
-    for k in range(est.n_components):
-      vals, vecs = np.linalg.eigh(full_cov[k][:2, :2])
-      angle = np.degrees(np.arctan2(vecs[1, -1], vecs[0, -1]))
-      for n_sd in (1, 2):
-        ax.add_patch(Ellipse(est.means_[k, :2], 2 * n_sd * np.sqrt(vals[-1]),
-                             2 * n_sd * np.sqrt(vals[0]), angle=angle, fill=False,
-                             color=plt.cm.tab10(k % 10), lw=2 / n_sd))
-  ax.set_xlabel(names[0])
-  ax.set_ylabel(names[1] if len(names) > 1 else "")
-  ax.set_title(f"{title}: K={est.n_components}, {est.covariance_type} "
-               "(1 and 2 sd ellipses)")
-  fig.tight_layout()
-  outputs.save_figure(fig, path, dpi=110)
-  plt.close(fig)
-  return path
-
-
-def _full_covariances(est):
-  import numpy as np
-  k, d = est.n_components, est.n_features_in_
-  cov = est.covariances_
-  return {"full": lambda: cov,
-          "tied": lambda: np.broadcast_to(cov, (k, d, d)),
-          "diag": lambda: np.stack([np.diag(c) for c in cov]),
-          "spherical": lambda: np.stack([c * np.eye(d) for c in cov])}[est.covariance_type]()
-
+  resp = np.clip(est.predict_proba(x), 1e-300, 1.0)
+  bic = float(est.bic(x))
+  return bic, bic - 2.0 * float(np.sum(resp * np.log(resp)))

@@ -5,11 +5,14 @@ model's TFP marginal (`model.marginal_log_prob`, e.g. `MixtureSameFamily`
 for the Gaussian mixture) and the prior a `JointDistributionNamed` over the
 trainable params. NUTS runs in unconstrained space through each param's
 `ParamSpec.bijector` (`TransformedTransitionKernel`) with dual-averaging
-step-size adaptation, compiled with XLA.
+step-size adaptation, compiled with XLA, preconditioned by the EM estimate's
+observed information (each unconstrained coordinate scaled by its standard
+error, so NUTS takes few leapfrog steps per draw).
 
 Mixture labels: chains start at the EM estimate (jittered), and every draw is
 afterwards matched to the EM estimate's labels (Hungarian matching on the
-means), so a label switch inside a chain cannot fake a bad R-hat.
+means), so a label switch inside a chain cannot fake a bad R-hat;
+`sample_stats.relabelled` marks the draws that were relabelled.
 
 With weak priors (the defaults), the posterior mode sits at the EM estimate
 and the posterior standard deviations approach the observed-information
@@ -38,7 +41,7 @@ import arviz as az
 
 from tfp_em.diagnostics.adapters import get_adapter
 from tfp_em.diagnostics.inference_data import resolve_data
-from tfp_em.diagnostics.standard_errors import as_float64, standard_errors
+from tfp_em.diagnostics.standard_errors import as_float64, hessian_information, standard_errors
 from tfp_em.engine import inputs as v
 from tfp_em.engine.loop import progress_enabled
 from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
@@ -77,7 +80,9 @@ def log_posterior_fn(model, params_template, specs, priors, data):
     return model.marginal_log_prob(type(params_template)(*values), data)
 
   def target(*parts):
-    log_lik = tf.vectorized_map(one_chain, list(parts), fallback_to_while_loop=True)
+    # one chain at a time in a loop: a small graph that XLA compiles fast (pfor's
+    # vectorized copy of the likelihood took most of the compile time)
+    log_lik = tf.map_fn(one_chain, tuple(parts), fn_output_signature=parts[0].dtype)
     return prior.log_prob(dict(zip(names, parts))) + log_lik
   return target
 
@@ -86,6 +91,7 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
                      num_results: int = 1000, num_burnin: int = 1000, seed: int = 0,
                      target_accept: float = 0.8, max_tree_depth: int = 10,
                      init_jitter: float = 0.05, jit_compile: bool = True, fixed=None,
+                     precondition=True,
                      progress: bool | None = None, **data_kwargs) -> az.InferenceData:
   """Runs NUTS on the marginalized model of a fitted estimator.
 
@@ -107,12 +113,21 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
     jit_compile: compile with XLA (default True).
     fixed: names of params held at the EM estimate (default the adapter's
       `hmc_fixed`, e.g. the fixed effects of a mixed model).
+    precondition: sample z with u = u_hat + s * z, where u are the
+      unconstrained params and s their standard errors from the observed
+      information at the EM estimate (`unconstrained_scales`), so every
+      coordinate has about unit posterior scale and NUTS needs few leapfrog
+      steps (default True; no effect when the information is singular). An
+      [P, P] array is used as that information (e.g. `standard_errors(fitted)
+      .information` when no param is fixed), saving its computation.
     data_kwargs: further data `fit` took (sample_weight; clusters, time, Z).
     progress: progress bar; None means on, except under pytest.
 
   Returns:
     `az.InferenceData` with posterior (chain, draw, param dims), sample_stats
-    (lp, acceptance_rate, step_size, n_steps, diverging, energy),
+    (lp, acceptance_rate, step_size, n_steps, diverging, energy, and
+    relabelled: whether the draw's labels were permuted to match the EM
+    estimate, i.e. the sampler had switched labels),
     observed_data, and posterior.attrs['sampling_seconds'].
   """
   num_chains = v.check_int("num_chains", num_chains, minimum=1)
@@ -140,7 +155,7 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
       tfp.mcmc.TransformedTransitionKernel(
           tfp.mcmc.NoUTurnSampler(target, step_size=tf.constant(0.1, tf.float64),
                                   max_tree_depth=max_tree_depth),
-          bijector=[specs[i].bijector for i in fields]),
+          bijector=_bijectors(specs, flat, model, data, precondition)),
       num_adaptation_steps=int(0.8 * num_burnin), target_accept_prob=tf.constant(target_accept, tf.float64))
 
   def trace_fn(_, kr):
@@ -198,12 +213,15 @@ def _to_idata(adapter, fitted, flat, names, draws, stats, data, seconds, chunk):
   values = {n: np.swapaxes(d, 0, 1) for n, d in zip(names, draws)}   # [C, S, ...]
   full = {n: values.get(n, np.broadcast_to(np.asarray(p), (num_chains, num_results) + np.shape(p)))
           for n, p in zip(reference._fields, reference)}
+  relabelled = np.zeros((num_chains, num_results), bool)
   for c in range(num_chains):
     for s in range(num_results):
       one = type(reference)(*[full[n][c, s] for n in reference._fields])
       aligned = adapter.align(fitted, reference, one)
       for n in names:
+        relabelled[c, s] |= not np.array_equal(full[n][c, s], getattr(aligned, n))
         full[n][c, s] = getattr(aligned, n)
+  stats = dict(stats, relabelled=relabelled.T)  # [S, C] like the other stats
   dims = adapter.dims(fitted)
   coords = {"chain": np.arange(num_chains), "draw": np.arange(num_results)}
   for n, p in zip(reference._fields, reference):
@@ -264,20 +282,22 @@ def posterior_mode(fitted, X=None, y=None, *, priors=None, start=None, fixed=Non
 
 
 def compare_with_em(fitted, hmc_idata, X=None, y=None, *, priors=None, fixed=None,
-                    **data_kwargs) -> pd.DataFrame:
+                    em_se=None, **data_kwargs) -> pd.DataFrame:
   """EM estimate and SE beside the NUTS posterior (az.summary) and the MAP.
 
   Columns: em_estimate, em_se (observed information), post_mean, post_sd,
   map (L-BFGS from the posterior mean, labels aligned), r_hat, ess_bulk, ess_tail,
   z_mean = (post_mean - em_estimate) / em_se and z_map likewise.
+
+  `em_se`: the fit's `standard_errors` when already computed (default: computed here).
   """
   adapter = get_adapter(fitted)
   data = resolve_data(fitted, X, y, **data_kwargs)
   specs = fixed_specs(adapter, fitted, fixed)
-  se = standard_errors(fitted, data)
+  se = standard_errors(fitted, data) if em_se is None else em_se
   keep = [i for i, label in enumerate(se.labels) if label.split("[")[0] in hmc_idata.posterior]
   se = se._replace(labels=[se.labels[i] for i in keep], estimate=se.estimate[keep],
-                   se=se.se[keep])
+                   se=se.se[keep], links=[se.links[i] for i in keep] if se.links else ())
   table = az.summary(hmc_idata, kind="all", round_to="none").reindex(se.labels)
   estimate = adapter.params(fitted)
   mean_params = type(estimate)(*[
@@ -298,3 +318,40 @@ def compare_with_em(fitted, hmc_idata, X=None, y=None, *, priors=None, fixed=Non
   out["z_mean"] = (out["post_mean"] - out["em_estimate"]) / scale
   out["z_map"] = (out["map"] - out["em_estimate"]) / scale
   return out
+
+
+def unconstrained_scales(model, flat: Flattener, data, information=None):
+  """Standard errors of the unconstrained params u (the EM estimate's
+  observed information, inverted), split per trainable field; None when the
+  information is not positive definite (flat directions, e.g. hidden-unit
+  symmetries), where they would not describe the posterior.
+
+  `information`: the observed information [P, P] if already computed.
+  """
+  info = (hessian_information(model, flat, data).numpy() if information is None
+          else np.asarray(information, np.float64))
+  if info.shape != (flat.size, flat.size):
+    raise ValueError(f"precondition: the information must be [{flat.size}, {flat.size}] (one row "
+                     f"per unconstrained param sampled), got {list(info.shape)}")
+  info = 0.5 * (info + info.T)
+  eigenvalues = np.linalg.eigvalsh(info)
+  if not np.all(np.isfinite(eigenvalues)) or eigenvalues[0] <= 1e-8 * max(eigenvalues[-1], 1.0):
+    return None
+  sd = np.sqrt(np.diag(np.linalg.inv(info)))
+  return [np.reshape(part, shape) for part, shape in
+          zip(np.split(sd, np.cumsum(flat.sizes)[:-1]), [tuple(s) for s in flat.shapes])]
+
+
+def _bijectors(specs, flat, model, data, precondition):
+  """Each trainable field's bijector from the sampler's space; preconditioned:
+  constrained = b(u_hat + s * z)."""
+  tfb = tfp.bijectors
+  plain = [specs[i].bijector for i in flat.fields]
+  if precondition is False or precondition is None:
+    return plain
+  scales = unconstrained_scales(model, flat, data,
+                                None if precondition is True else precondition)
+  if scales is None:
+    return plain
+  return [tfb.Chain([b, tfb.Shift(b.inverse(flat.template[i])), tfb.Scale(tf.constant(s))])
+          for b, i, s in zip(plain, flat.fields, scales)]

@@ -24,7 +24,8 @@ Groups of the returned `az.InferenceData` (dims after chain/draw in brackets):
     constant_data   sample_weight [obs] (only when the fit was weighted)
 
 `posterior.attrs` carry what `load_fitted` needs to rebuild the estimator
-(estimator class, constructor arguments as JSON, best restart, n_features), so
+(estimator class, constructor arguments as JSON, best restart, n_features; and
+the model search's table when there was one, `model_selection`), so
 the netCDF file alone is enough for `tfp_em.diagnostics.report.write_report`.
 
 R-hat over EM trajectories is a heuristic for "did restarts agree"; on HMC
@@ -32,6 +33,7 @@ draws (`tfp_em.diagnostics.hmc.sample_posterior`) it is the real diagnostic.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -90,7 +92,7 @@ def _pad(rows, length):
   return np.stack(rows)
 
 
-def to_inference_data(fitted, X=None, y=None, *, feature_names=None,
+def to_inference_data(fitted, X=None, y=None, *, feature_names=None, model_selection=None,
                       **data_kwargs) -> az.InferenceData:
   """Exports a fitted estimator (and its data) to ArviZ; see the module docstring.
 
@@ -102,6 +104,8 @@ def to_inference_data(fitted, X=None, y=None, *, feature_names=None,
       (mixtures) or clusters, time, Z (mixed effects).
     feature_names: labels of the `feature` coordinate (default 0..D-1; a
       pandas DataFrame X gives its column names).
+    model_selection: rows of the model search that chose this fit, kept as JSON in
+      posterior.attrs (`set_model_selection`); default none.
 
   Returns:
     An `az.InferenceData` with groups posterior, sample_stats,
@@ -172,7 +176,10 @@ def to_inference_data(fitted, X=None, y=None, *, feature_names=None,
   if weights is not None and not np.all(weights == 1):
     groups["constant_data"] = xr.Dataset({"sample_weight": (("obs",), weights)},
                                          coords={"obs": np.arange(weights.shape[0])})
-  return az.InferenceData(**groups)
+  idata = az.InferenceData(**groups)
+  if model_selection is not None:
+    set_model_selection(idata, model_selection)
+  return idata
 
 
 def _coords(dims, params):
@@ -181,6 +188,27 @@ def _coords(dims, params):
     for dim, size in zip(dims[name], np.shape(p)):
       coords.setdefault(dim, np.arange(size))
   return coords
+
+
+def set_model_selection(idata, rows) -> None:
+  """Stores a model search's table in `idata.posterior.attrs['model_selection']` (JSON).
+
+  Args:
+    rows: one dict per candidate with keys k, covariance_type, bic (and
+      optionally icl, log_likelihood, ..., and chosen=True on the fitted
+      model; default: the lowest BIC); numbers, bools and strings only.
+
+  Raises:
+    ValueError: no rows, or a row without k, covariance_type or bic.
+  """
+  rows = [dict(r) for r in rows]
+  for key in ("k", "covariance_type", "bic"):
+    if not rows or any(key not in r for r in rows):
+      raise ValueError(f"model_selection needs rows with the keys k, covariance_type and bic; "
+                       f"{key!r} is missing")
+  plain = lambda v: v.item() if isinstance(v, np.generic) else v  # noqa: E731
+  idata.posterior.attrs["model_selection"] = json.dumps(
+      [{k: plain(v) for k, v in r.items()} for r in rows])
 
 
 def _obs_coords(observed, coords):

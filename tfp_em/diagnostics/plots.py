@@ -1,13 +1,18 @@
-"""Diagnostic plots for EM fits and their HMC cross-checks.
+"""Diagnostic plots for EM fits.
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot (no
 global state, no GUI backend needed); save it with `fig.savefig(path)`.
 
     loglik_traces(em_idata)            l per iteration for every restart
-    parameter_traces(em_idata)         EM trajectories of every parameter
+    parameter_traces(em_idata)         EM trajectories, one panel per named entry
     mixture_ellipses(fitted, data)     1- and 2-sigma ellipses over the data
-    posterior_predictive(em_idata)     az.plot_ppc (needs add_posterior_predictive)
-    hmc_trace(hmc_idata), hmc_rank(hmc_idata)
+    posterior_predictive(em_idata)     observed vs replicated data (needs
+                                       add_posterior_predictive): densities per
+                                       feature, contours for 2-D data, pairs beyond
+    caterpillar(fitted), hidden_unit_heatmap(fitted, data)
+
+HMC plots are in `tfp_em.diagnostics.hmc_plots`; model selection and
+classification in `tfp_em.diagnostics.selection`.
 """
 from __future__ import annotations
 
@@ -19,9 +24,49 @@ from matplotlib.patches import Ellipse
 import arviz as az
 
 from tfp_em.diagnostics.adapters import get_adapter
+from tfp_em.diagnostics.naming import entries, posterior_coords
 
 COLORS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
 STYLES = ["-", "--", ":", "-."]  # overlapping restarts stay visible
+
+
+def named_scalars(dataset, max_panels: int | None = None):
+  """[(readable name, variable, index)] of every scalar of an xarray Dataset
+  with dims (chain, draw, ...), symmetric repeats left out; and the total count.
+
+  Names come from `tfp_em.diagnostics.naming` ('means[component 1, waiting]').
+  """
+  fields = [(n, dataset[n].shape[2:]) for n in dataset.data_vars]
+  dims = {n: dataset[n].dims[2:] for n in dataset.data_vars}
+  kept = [e for e in entries(fields, dims, posterior_coords(dataset)) if e.keep]
+  return kept[:max_panels] if max_panels else kept, len(kept)
+
+
+def small_multiples(count: int, cols: int = 4, width: float = 10.0, height: float = 1.9):
+  """(Figure, [count] axes) on a grid `cols` wide; unused cells hidden."""
+  cols = max(1, min(cols, count))
+  rows = -(-count // cols)
+  fig = Figure(figsize=(width, 0.6 + height * rows), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+  for ax in axes[count:]:
+    ax.set_visible(False)
+  return fig, list(axes[:count])
+
+
+def label_small_multiples(fig, axes, entries_shown, total: int, xlabel: str, title: str) -> None:
+  """Titles each panel with its entry's name, the bottom row's x axes with `xlabel`, the
+  figure with `title` (and how many entries are left out), one legend below the panels."""
+  for ax, entry in zip(axes, entries_shown):
+    ax.set_title(entry.name, fontsize=8)
+    ax.tick_params(labelsize=7)
+  for ax in axes[-min(4, len(axes)):]:
+    ax.set_xlabel(xlabel, fontsize=8)
+  shown = len(entries_shown)
+  fig.suptitle(title + (f" (first {shown} of {total} entries)" if total > shown else ""),
+               fontsize=10)
+  handles, labels = axes[0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), fontsize=8)
 
 
 def _valid(em_idata, chain):
@@ -53,27 +98,26 @@ def loglik_traces(em_idata) -> Figure:
   return fig
 
 
-def parameter_traces(em_idata, max_entries: int = 8) -> Figure:
-  """One panel per parameter; a line per entry (first `max_entries`) and restart."""
+def parameter_traces(em_idata, max_panels: int = 24) -> Figure:
+  """Small multiples: one panel per parameter entry (named by component and
+  feature; symmetric repeats once), one line per restart, own y scale each.
+
+  At most `max_panels` panels (the first entries, in parameter order).
+  """
   post = em_idata.posterior
-  names = list(post.data_vars)
+  shown, total = named_scalars(post, max_panels)
   best = int(post.attrs.get("best_restart", 0))
-  fig = Figure(figsize=(10, 2.6 * len(names)), layout="constrained")
-  axes = np.atleast_1d(fig.subplots(len(names), 1))
-  for ax, name in zip(axes, names):
-    values = post[name].values                      # [chain, draw, ...]
-    flat = values.reshape(values.shape[0], values.shape[1], -1)
-    entries = min(flat.shape[-1], max_entries)
-    for c in range(flat.shape[0]):
+  fig, axes = small_multiples(len(shown))
+  for ax, entry in zip(axes, shown):
+    values = post[entry.field].values                 # [chain, draw, ...]
+    for c in range(values.shape[0]):
       n = _valid(em_idata, c)
-      for e in range(entries):
-        ax.plot(np.arange(n), flat[c, :n, e], color=COLORS[c % 10], alpha=0.85,
-                lw=2.0 if c == best else 1.2, ls="-" if c == best else STYLES[1 + c % 3],
-                zorder=3 if c == best else 2,
-                label=(f"restart {c}" + (" (best)" if c == best else "")) if e == 0 else None)
-    shown = "" if entries == flat.shape[-1] else f" (first {entries} of {flat.shape[-1]} entries)"
-    ax.set(title=f"{name}{shown}", xlabel="EM iteration")
-  axes[0].legend(fontsize=8, ncol=min(4, post.sizes["chain"]))
+      ax.plot(np.arange(n), values[(c, slice(0, n)) + entry.index], color=COLORS[c % 10],
+              lw=2.0 if c == best else 1.1, ls="-" if c == best else STYLES[1 + c % 3],
+              zorder=3 if c == best else 2, alpha=0.9,
+              label=f"restart {c}" + (" (best)" if c == best else ""))
+  label_small_multiples(fig, axes, shown, total, "EM iteration",
+                        "EM trajectories, labels aligned to the best restart")
   return fig
 
 
@@ -152,51 +196,45 @@ def add_posterior_predictive(em_idata, fitted, data, num_draws: int = 100, seed:
 
 
 def posterior_predictive(em_idata, num_pp_samples: int = 50) -> Figure:
-  """az.plot_ppc of observed vs replicated data, one panel per feature."""
+  """Observed data against data sets drawn from the fitted model.
+
+  Data with a feature dim: one density panel per feature (replicates thin,
+  data thick), then for 2 features the replicates' density contours over the
+  observed points, for 3-5 features a pair plot of contours (upper triangle
+  of feature pairs). Other data: `az.plot_ppc`.
+  """
   obs = em_idata.observed_data
   first = list(obs.data_vars)[0]
-  extra = [dim for dim in obs[first].dims if dim != "obs"]
-  panels = int(np.prod([obs.sizes[dim] for dim in extra])) if extra else 1
-  fig = Figure(figsize=(5 * min(panels, 3), 3.6 * -(-panels // 3)), layout="constrained")
-  axes = np.atleast_1d(fig.subplots(-(-panels // 3), min(panels, 3))).ravel()
-  az.plot_ppc(em_idata, var_names=[first], flatten=["obs"], ax=axes[:panels],
-              num_pp_samples=num_pp_samples, random_seed=0, show=False)
-  return fig
-
-
-def hmc_trace(hmc_idata) -> Figure:
-  """az.plot_trace (compact) of the NUTS draws."""
-  names = list(hmc_idata.posterior.data_vars)
-  fig = Figure(figsize=(11, 2.4 * len(names)), layout="constrained")
-  axes = fig.subplots(len(names), 2, squeeze=False)
-  az.plot_trace(hmc_idata, var_names=names, compact=True, axes=axes, show=False)
-  return fig
-
-
-def _symmetric_duplicate(dims, idx):
-  """Upper-triangle entry of a symmetric [d, d_bis] matrix (covariances)."""
-  return len(dims) >= 2 and dims[-1] == dims[-2] + "_bis" and idx[-2] < idx[-1]
-
-
-def hmc_rank(hmc_idata, max_panels: int = 16) -> Figure:
-  """az.plot_rank of the NUTS draws (uniform bars = well-mixed chains).
-
-  One panel per scalar (symmetric duplicates skipped), at most `max_panels`.
-  """
-  post = hmc_idata.posterior
-  flat = [(n, idx) for n in post.data_vars for idx in np.ndindex(*post[n].shape[2:])
-          if not _symmetric_duplicate(post[n].dims[2:], idx)][:max_panels]
-  cols = min(4, len(flat))
-  rows = -(-len(flat) // cols)
-  fig = Figure(figsize=(3.2 * cols, 2.4 * rows), layout="constrained")
-  axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-  for ax, (name, idx) in zip(axes, flat):
-    dims = hmc_idata.posterior[name].dims[2:]
-    sel = dict(zip(dims, idx))
-    az.plot_rank(hmc_idata, var_names=[name], coords=sel, ax=ax, show=False)
-    ax.set_title(f"{name}[{', '.join(map(str, idx))}]" if idx else name, fontsize=9)
-  for ax in axes[len(flat):]:
-    ax.set_visible(False)
+  if obs[first].dims != ("obs", "feature"):
+    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    az.plot_ppc(em_idata, var_names=[first], flatten=["obs"], ax=fig.subplots(),
+                num_pp_samples=num_pp_samples, random_seed=0, show=False)
+    return fig
+  x = obs[first].values                                                 # [N, D]
+  reps = em_idata.posterior_predictive[first].values[0][:num_pp_samples]  # [S, N, D]
+  names = [str(f) for f in obs.coords["feature"].values]
+  d = x.shape[1]
+  pairs = [(a, b) for a in range(d) for b in range(a + 1, d)] if 2 <= d <= 5 else []
+  panels = d + len(pairs)
+  fig, axes = small_multiples(panels, cols=3, width=min(10.0, 3.4 * panels), height=2.9)
+  for j, ax in enumerate(axes[:d]):
+    bins = np.histogram_bin_edges(np.concatenate([x[:, j], reps[..., j].ravel()]), bins=30)
+    mid = 0.5 * (bins[1:] + bins[:-1])
+    for s in range(reps.shape[0]):
+      ax.plot(mid, np.histogram(reps[s, :, j], bins, density=True)[0], color="C0", alpha=0.12,
+              lw=0.8, label="replicated data" if s == 0 else None)
+    ax.plot(mid, np.histogram(x[:, j], bins, density=True)[0], color="k", lw=2,
+            label="observed data")
+    ax.set(xlabel=names[j], ylabel="density")
+  for ax, (a, b) in zip(axes[d:], pairs):
+    counts, xe, ye = np.histogram2d(reps[..., a].ravel(), reps[..., b].ravel(), bins=40)
+    ax.contour(0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1]), counts.T, levels=6,
+               cmap="Blues", linewidths=1)
+    ax.scatter(x[:, a], x[:, b], s=5, color="k", alpha=0.6)
+    ax.set(xlabel=names[a], ylabel=names[b], title="replicates' density; observed points")
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"Posterior predictive check: {reps.shape[0]} data sets drawn at the estimate",
+               fontsize=10)
   return fig
 
 

@@ -19,7 +19,10 @@ the information matrix is non-singular, and map back by the delta method:
   refit from theta_hat, align labels, take the standard deviation).
 
 At the MLE the delta-method SEs do not depend on the choice of bijectors.
-Intervals are Wald intervals estimate +- z SE on the constrained scale.
+Intervals are Wald intervals on each entry's unconstrained scale, mapped back
+(`entry_links`, `link_interval`): logit for a probability (mixture weights
+stay in (0, 1)), log for a variance or any positive entry, the identity
+otherwise (means, covariances off the diagonal).
 
 #### References
 
@@ -37,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+import tensorflow_probability as tfp
 from scipy.stats import norm
 
 from tfp_em.diagnostics.adapters import get_adapter
@@ -101,6 +105,7 @@ class StandardErrors(NamedTuple):
     covariance: their covariance, [Q, Q].
     information: the observed information in unconstrained coordinates, [P, P].
     method: 'hessian', 'louis' or 'bootstrap'.
+    links: each entry's scale for intervals ('logit', 'log', 'identity'), [Q].
   """
   labels: list
   estimate: np.ndarray
@@ -108,6 +113,82 @@ class StandardErrors(NamedTuple):
   covariance: np.ndarray
   information: np.ndarray | None
   method: str
+  links: list = ()
+
+  def interval(self, ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """(lower [Q], upper [Q]) `ci` intervals (`link_interval` on each entry's scale)."""
+    return link_interval(self.estimate, self.se, self.links or ["identity"] * len(self.se), ci)
+
+
+LINKS = ("identity", "log", "logit")
+
+
+def entry_links(template, specs) -> list[str]:
+  """Each trainable entry's interval scale, from its field's bijector, [Q].
+
+  SoftmaxCentered (a probability vector): 'logit'; Exp, Softplus (positive):
+  'log'; a Cholesky-based covariance bijector: 'log' on the diagonal, the
+  identity off it; anything else: 'identity'. Order as `Flattener.constrained`.
+  """
+  tfb = tfp.bijectors
+  out = []
+  for param, spec in zip(template, specs):
+    if not spec.trainable:
+      continue
+    shape = tuple(param.shape)
+    bijector = spec.bijector
+    outer = bijector.bijectors[0] if isinstance(bijector, tfb.Chain) else bijector
+    for index in np.ndindex(*shape):
+      if isinstance(outer, tfb.SoftmaxCentered):
+        out.append("logit")
+      elif isinstance(outer, (tfb.Exp, tfb.Softplus)):
+        out.append("log")
+      elif isinstance(outer, tfb.CholeskyOuterProduct):
+        out.append("log" if index[-1] == index[-2] else "identity")
+      else:
+        out.append("identity")
+  return out
+
+
+def link_interval(estimate, se, links, ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+  """Wald intervals on each entry's link scale, mapped back.
+
+  With g the link and theta the estimate, the delta method gives
+  se(g(theta)) = se / |g'(theta)|; the interval is
+  g^{-1}(g(theta) -+ z se(g(theta))), inside the entry's support.
+
+  Args:
+    estimate, se: [Q] estimates and their standard errors.
+    links: [Q] of 'identity', 'log' (theta > 0: theta exp(-+ z se / theta))
+      or 'logit' (0 < theta < 1).
+    ci: interval probability in (0, 1).
+
+  Returns:
+    (lower [Q], upper [Q]).
+
+  Raises:
+    ValueError: for an unknown link.
+  """
+  estimate, se = np.asarray(estimate, np.float64), np.asarray(se, np.float64)
+  links = np.asarray(list(links), dtype=object)
+  unknown = sorted(set(links) - set(LINKS))
+  if unknown or links.shape != estimate.shape:
+    raise ValueError(f"links must be {LINKS}, one per estimate; got {unknown or links.shape}")
+  z = norm.ppf(0.5 + ci / 2)
+  lower, upper = estimate - z * se, estimate + z * se
+  # an estimate on its support's boundary (the one weight of K = 1, se 0) keeps the plain interval
+  pos = (links == "log") & (estimate > 0)
+  prob = (links == "logit") & (estimate > 0) & (estimate < 1)
+  half = z * se[pos] / estimate[pos]                                  # z se(log theta)
+  lower[pos], upper[pos] = estimate[pos] * np.exp(-half), estimate[pos] * np.exp(half)
+  p = estimate[prob]
+  logit, half = np.log(p) - np.log1p(-p), z * se[prob] / (p * (1 - p))  # z se(logit p)
+  lower[prob], upper[prob] = _expit(logit - half), _expit(logit + half)
+  return lower, upper
+
+
+def _expit(t):
+  return 0.5 * (1 + np.tanh(0.5 * t))
 
 
 def standard_errors(fitted, X=None, y=None, *, method: str = "hessian",
@@ -157,7 +238,7 @@ def _standard_errors(fitted, data, method):
   cov = jac @ cov_u @ jac.T
   estimate = flat.constrained(flat.template).numpy()
   return StandardErrors(flat.labels(), estimate, np.sqrt(np.clip(np.diag(cov), 0, None)),
-                        cov, info, method)
+                        cov, info, method, entry_links(flat.template, flat.specs))
 
 
 def _inverse_information(info, name, gauge: int = 0):
@@ -218,16 +299,18 @@ def bootstrap_standard_errors(fitted, X=None, y=None, *, n_boot: int = 100, seed
   draws = np.stack(draws)
   cov = np.cov(draws, rowvar=False)
   return StandardErrors(flat.labels(), flat.constrained(flat.template).numpy(),
-                        np.sqrt(np.diag(cov)), cov, None, "bootstrap")
+                        np.sqrt(np.diag(cov)), cov, None, "bootstrap",
+                        entry_links(flat.template, flat.specs))
 
 
 def summary(fitted, X=None, y=None, *, method: str = "hessian", ci: float = 0.95,
             round_to: int | None = None, **data_kwargs) -> pd.DataFrame:
-  """Table of estimate, standard error and Wald interval, in az.summary style.
+  """Table of estimate, standard error and interval, in az.summary style.
 
   Rows are named like `az.summary` ('weights[0]', 'means[1, 0]', ...).
   Columns: estimate, se, and the interval bounds 'ci_2.5%', 'ci_97.5%' (for
-  the default ci=0.95).
+  the default ci=0.95): Wald intervals on each entry's link scale, mapped
+  back (`link_interval`), so a weight's interval stays inside (0, 1).
 
   Args:
     fitted: a fitted estimator; X, y, data_kwargs (sample_weight; clusters,
@@ -240,9 +323,8 @@ def summary(fitted, X=None, y=None, *, method: str = "hessian", ci: float = 0.95
   if ci >= 1:
     raise ValueError(f"ci must be in (0, 1), got {ci}")
   se = standard_errors(fitted, X, y, method=method, **data_kwargs)
-  z = norm.ppf(0.5 + ci / 2)
   lo, hi = f"ci_{100 * (1 - ci) / 2:g}%", f"ci_{100 * (1 + ci) / 2:g}%"
-  table = pd.DataFrame({"estimate": se.estimate, "se": se.se,
-                        lo: se.estimate - z * se.se, hi: se.estimate + z * se.se},
+  lower, upper = se.interval(ci)
+  table = pd.DataFrame({"estimate": se.estimate, "se": se.se, lo: lower, hi: upper},
                        index=se.labels)
   return table.round(round_to) if round_to is not None else table
