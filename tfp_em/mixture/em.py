@@ -318,8 +318,8 @@ class GaussianMixtureEM(EMModel):
     def body(i, acc):
       return i + 1, add_stats(self, acc, self._stats_from_resp(rs[i], xs[i], ws[i], center))
 
-    zero = self._stats_from_resp(rs[0][:0], xs[0][:0], ws[0][:0], center)
-    _, stats = tf.while_loop(lambda i, _: i < n_chunks, body, (tf.constant(0), zero))
+    _, stats = tf.while_loop(lambda i, _: i < n_chunks, body,
+                             (tf.constant(0), self._zero_stats(center)))
     return self.m_step(None, stats)
 
   def _stats_from_resp(self, resp, x, weights, center):
@@ -362,7 +362,14 @@ class GaussianMixtureEM(EMModel):
                                     acc_stats.sq_dev + stats.sq_dev, stats.center)
       return i + 1, summed, acc_ll + ll
 
-    zero_stats, zero_ll = self._chunk_stats(params, prec_chol, x[0][:0], w[0][:0])
     _, stats, ll = tf.while_loop(lambda i, *_: i < n_chunks, body,
-                                 (tf.constant(0), zero_stats, zero_ll))
+                                 (tf.constant(0), self._zero_stats(params.means),
+                                  tf.zeros([], params.means.dtype)))
     return stats, ll
+
+  def _zero_stats(self, center) -> GaussianMixtureStats:
+    """Stats of no points, about `center` [K, D]."""
+    full = self.covariance_type in ("full", "tied")
+    sq_dev = (tf.zeros(tf.concat([tf.shape(center), tf.shape(center)[-1:]], 0), center.dtype)
+              if full else tf.zeros_like(center))
+    return GaussianMixtureStats(tf.zeros_like(center[:, 0]), tf.zeros_like(center), sq_dev, center)
