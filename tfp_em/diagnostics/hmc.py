@@ -128,7 +128,7 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
     (lp, acceptance_rate, step_size, n_steps, diverging, energy, and
     relabelled: whether the draw's labels were permuted to match the EM
     estimate, i.e. the sampler had switched labels),
-    observed_data, and posterior.attrs['sampling_seconds'].
+    observed_data, and posterior.attrs['sampling_seconds'], ['num_burnin'].
   """
   num_chains = v.check_int("num_chains", num_chains, minimum=1)
   num_results = v.check_int("num_results", num_results, minimum=1)
@@ -197,7 +197,9 @@ def sample_posterior(fitted, X=None, y=None, *, priors=None, num_chains: int = 4
   seconds = time.perf_counter() - start
   draws = [np.concatenate([k[j] for k in kept_states]) for j in range(len(fields))]  # [S, C, ...]
   stats = {k: np.concatenate([t[k] for t in kept_trace]) for k in kept_trace[0]}
-  return _to_idata(adapter, fitted, flat, names, draws, stats, data, seconds, chunk)
+  idata = _to_idata(adapter, fitted, flat, names, draws, stats, data, seconds, chunk)
+  idata.posterior.attrs["num_burnin"] = int(num_burnin)
+  return idata
 
 
 def _bar(progress, total, name):

@@ -51,5 +51,7 @@ def hmc_rank(hmc_idata, max_panels: int = 16) -> Figure:
     variable = hmc_idata.posterior[entry.field]
     coords = {dim: variable[dim].values[i] for dim, i in zip(variable.dims[2:], entry.index)}
     az.plot_rank(hmc_idata, var_names=[entry.field], coords=coords, ax=ax, show=False)
+    ax.set_xlabel("")
+    ax.set_ylabel("chain", fontsize=8)
   label_small_multiples(fig, axes, shown, total, "rank of the draw", "Rank plots per chain")
   return fig

@@ -11,6 +11,7 @@ import json
 import math
 import os
 from numbers import Number
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,8 +25,7 @@ h2 { border-bottom: 1px solid #ddd; margin-top: 1.6em; }
 .table { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; font-size: 0.86em; margin: 0.6em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-td.text { text-align: left; }
+th { background: #f3f3f3; } .text { text-align: left; }
 figure { margin: 0.6em 0; } img { max-width: 100%; height: auto; border: 1px solid #eee; }
 .pass { color: #17702a; font-weight: bold; } .fail { color: #b3261e; font-weight: bold; }
 .warn { color: #a05a00; font-weight: bold; } .chosen { font-weight: bold; background: #fff6d5; }
@@ -48,24 +48,41 @@ def number(value, digits: int = 4) -> str:
   return str(value)
 
 
+class Marked(NamedTuple):
+  """A table cell's value with a CSS class of its own (e.g. the chosen model: 'chosen')."""
+  value: object
+  css: str
+
+
+def _is_number(value) -> bool:
+  value = value.value if isinstance(value, Marked) else value
+  return isinstance(value, (Number, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
 def table(header, rows, formats=None, row_class=None) -> str:
-  """An HTML table.
+  """An HTML table; a column of numbers is right-aligned, any other left-aligned.
 
   Args:
     header: column titles.
-    rows: sequences of cell values, one per column.
+    rows: sequences of cell values, one per column (a `Marked` value gets its
+      own CSS class).
     formats: {column index: callable(value) -> HTML}; default `number` (escaped).
     row_class: optional [len(rows)] CSS classes of the rows ('' for none).
   """
   formats = formats or {}
-  head = "".join(f"<th>{esc(h)}</th>" for h in header)
+  rows = [list(r) for r in rows]
+  numeric = [all(_is_number(r[j]) for r in rows) for j in range(len(header))]
+  align = lambda j: "" if numeric[j] else ' class="text"'  # noqa: E731
+  head = "".join(f"<th{align(j)}>{esc(h)}</th>" for j, h in enumerate(header))
   body = []
   for r, row in enumerate(rows):
     cells = []
     for j, value in enumerate(row):
-      shown = formats.get(j, number)(value)
-      kind = ' class="text"' if j and not isinstance(value, (Number, np.number)) else ""
-      cells.append(f"<td{kind}>{shown if j in formats else esc(shown)}</td>")
+      css = "" if numeric[j] else "text"
+      if isinstance(value, Marked):
+        value, css = value.value, f"{css} {value.css}".strip()
+      shown = formats[j](value) if j in formats else esc(number(value))
+      cells.append(f'<td class="{css}">{shown}</td>' if css else f"<td>{shown}</td>")
     cls = f' class="{row_class[r]}"' if row_class and row_class[r] else ""
     body.append(f"<tr{cls}>{''.join(cells)}</tr>")
   return f'<div class="table"><table><tr>{head}</tr>{"".join(body)}</table></div>'
@@ -79,7 +96,7 @@ def config_table(config_json: str, per_row: int = 3) -> str:
   for i in range(0, len(pairs), per_row):
     chunk = pairs[i:i + per_row]
     chunk += [("", "")] * (per_row - len(chunk))
-    rows.append("".join(f"<th>{esc(k)}</th><td class=\"text\">{esc(number(v, 6))}</td>"
+    rows.append("".join(f'<th class="text">{esc(k)}</th><td class="text">{esc(number(v, 6))}</td>'
                         for k, v in chunk))
   return ('<div class="table"><table>' + "".join(f"<tr>{r}</tr>" for r in rows)
           + "</table></div>")

@@ -229,9 +229,9 @@ def posterior_predictive(em_idata, num_pp_samples: int = 50) -> Figure:
   for ax, (a, b) in zip(axes[d:], pairs):
     counts, xe, ye = np.histogram2d(reps[..., a].ravel(), reps[..., b].ravel(), bins=40)
     ax.contour(0.5 * (xe[1:] + xe[:-1]), 0.5 * (ye[1:] + ye[:-1]), counts.T, levels=6,
-               cmap="Blues", linewidths=1)
-    ax.scatter(x[:, a], x[:, b], s=5, color="k", alpha=0.6)
-    ax.set(xlabel=names[a], ylabel=names[b], title="replicates' density; observed points")
+               colors="C0", linewidths=1)
+    ax.scatter(x[:, a], x[:, b], s=5, color="k", alpha=0.7)
+    ax.set(xlabel=names[a], ylabel=names[b], title="replicated (contours), observed (dots)")
   axes[0].legend(fontsize=8)
   fig.suptitle(f"Posterior predictive check: {reps.shape[0]} data sets drawn at the estimate",
                fontsize=10)

@@ -213,11 +213,12 @@ def _selection_section(em_idata, out_dir) -> list[str]:
   chosen = (pick[0]["k"], pick[0]["covariance_type"])
   types = list(dict.fromkeys(r["covariance_type"] for r in rows))
   ks = sorted({r["k"] for r in rows})
-  bic = {(r["k"], r["covariance_type"]): f"{r['bic']:.1f}" for r in rows}
-  bic[chosen] += " (chosen)"
+  bic = {(r["k"], r["covariance_type"]): float(r["bic"]) for r in rows}
+  bic[chosen] = page.Marked(bic[chosen], "chosen")
+  bic_cell = lambda v: "—" if np.isnan(v) else f"{v:.1f}"  # noqa: E731
+  one_decimal = dict.fromkeys(range(1, len(types) + 1), bic_cell)
   table = page.table(["K"] + [f"BIC, {t}" for t in types],
-                     [[k] + [bic.get((k, t), "—") for t in types] for k in ks],
-                     row_class=["chosen" if k == chosen[0] else "" for k in ks])
+                     [[k] + [bic.get((k, t), np.nan) for t in types] for k in ks], one_decimal)
   caption = ("BIC = -2 log-likelihood + (free parameters) log N; lower is better"
              + ("; ICL adds twice the classification entropy" if "icl" in rows[0] else "")
              + f". The chosen model (K={chosen[0]}, {chosen[1]}) is ringed.")
@@ -294,8 +295,9 @@ def _estimates_section(fitted, data, se_h, named, n_boot, progress):
           f"mapped back by the delta method){louis}{boot}. 95% intervals are Wald intervals on "
           "each entry's own scale (logit for a probability, log for a variance, none otherwise) "
           "mapped back, so they stay inside the parameter's range."
-          + (f" Symmetric matrices are listed once ({repeats} repeated entries left out)."
-             if repeats else "") + "</p>"
+          + (f" Symmetric matrices are listed once ({repeats} repeated "
+             f"{'entry' if repeats == 1 else 'entries'} left out)." if repeats else "")
+          + "</p>"
           + page.table(["parameter", "estimate"] + list(columns) + ["95% lower", "95% upper",
                                                                      "interval scale"], rows))
   return html, checks

@@ -44,14 +44,16 @@ def hmc_section(fitted, data, out_dir, kwargs, progress, hmc_idata, se, named, f
   ]
   post = hmc_idata.posterior
   seconds = float(post.attrs["sampling_seconds"])
+  warm_up = int(post.attrs.get("num_burnin", post.sizes["draw"]))
   columns = ["em_estimate", "em_se", "post_mean", "post_sd", "map", "z_mean", "z_map", "r_hat",
              "ess_bulk", "ess_tail"]
   rows = [[names[label]] + [table.loc[label, c] for c in columns] for label in table.index]
   shown = _with_feature_names(hmc_idata, feature_names)
   body = [
       "<h2>HMC cross-check</h2>",
-      f'<p class="note">TFP NUTS on the same marginalized model with weak priors '
-      f"({post.sizes['chain']} chains x {post.sizes['draw']} draws after as many warm-up draws, "
+      f'<p class="note">TFP NUTS on the same marginalized model with weak priors, '
+      "preconditioned by the observed information where it is positive definite "
+      f"({post.sizes['chain']} chains x {post.sizes['draw']} draws after {warm_up} warm-up, "
       f"{seconds:.1f} s including XLA compilation; mean acceptance "
       f"{float(stats['acceptance_rate'].mean()):.2f}, mean leapfrog steps "
       f"{float(stats['n_steps'].mean()):.1f}). <code>map</code> is the posterior mode found by "

@@ -29,6 +29,9 @@ SURE = 0.9  # an assignment with max posterior probability below this counts as 
 def model_selection_figure(rows, chosen: tuple) -> Figure:
   """BIC (and ICL when every row has it) against K, one line per covariance type.
 
+  When some candidates are far worse, the y axis shows the best 10% (at least 20
+  units) above the lowest value; the table of the report lists them all.
+
   Args:
     rows: see the module docstring.
     chosen: (k, covariance_type) of the fitted model, marked with a ring.
@@ -38,10 +41,18 @@ def model_selection_figure(rows, chosen: tuple) -> Figure:
   axes = np.atleast_1d(fig.subplots(1, len(metrics)))
   types = list(dict.fromkeys(r["covariance_type"] for r in rows))
   for ax, metric in zip(axes, metrics):
+    values = np.array([r[metric] for r in rows], float)
+    low = values.min()
+    top = low + max(0.1 * abs(low), 20.0)  # zoom on the competitive models
+    zoom = values.max() > top
     for j, cov in enumerate(types):
       sel = sorted((r["k"], r[metric]) for r in rows if r["covariance_type"] == cov)
       ks, vals = zip(*sel)
-      ax.plot(ks, vals, marker="os^D"[j % 4], color=f"C{j}", label=cov)
+      off = zoom and min(vals) > top
+      ax.plot(ks, vals, marker="os^D"[j % 4], color=f"C{j}",
+              label=f"{cov} (off the scale: >= {min(vals):.0f})" if off else cov)
+    if zoom:
+      ax.set_ylim(low - 0.05 * (top - low), top)
     best = [r for r in rows if (r["k"], r["covariance_type"]) == tuple(chosen)]
     if best:
       ax.plot(best[0]["k"], best[0][metric], "o", ms=16, mfc="none", mec="k", mew=2,
