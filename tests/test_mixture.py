@@ -257,3 +257,15 @@ def test_input_is_not_modified(blobs):
   np.testing.assert_array_equal(x, before)
   np.testing.assert_array_equal(x32, before32)
   np.testing.assert_array_equal(w, np.ones(len(x)))
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e3])
+def test_scatter_by_matmul_equals_per_centre_scatter_in_float64(spread):
+  rng = np.random.default_rng(3)
+  x = tf.constant(rng.normal(size=(500, 4)) + rng.normal(0, spread, 4))
+  center = tf.constant(rng.normal(0, spread, (3, 4)))
+  rw = tf.nn.softmax(tf.constant(rng.normal(size=(500, 3))), -1)
+  fast = me.stats_by_matmul(rw, x, center)
+  exact = me.stats_about_centres(rw, x, center, full=True)
+  for a, b in zip(fast, exact):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(tf.reduce_max(tf.abs(b))))

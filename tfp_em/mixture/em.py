@@ -166,6 +166,39 @@ def expected_log_joint(params: GaussianMixtureParams, stats: GaussianMixtureStat
   return tf.reduce_sum(per_component)
 
 
+def stats_about_centres(rw, x, center, full: bool) -> GaussianMixtureStats:
+  """Stats of weighted responsibilities rw [N, K], each component centred on
+  its own c_k: no cancellation whatever the dtype. Forms [N, K, D]."""
+  xc = x[:, tf.newaxis, :] - center[tf.newaxis]              # [N, K, D]
+  counts = tf.reduce_sum(rw, 0)                              # [K]
+  dev = tf.einsum("nk,nkd->kd", rw, xc)                      # [K, D]
+  if full:
+    sq_dev = tf.einsum("nkd,nke->kde", rw[..., tf.newaxis] * xc, xc)  # [K, D, D]
+  else:
+    sq_dev = tf.einsum("nk,nkd->kd", rw, tf.square(xc))      # [K, D]
+  return GaussianMixtureStats(counts, dev, sq_dev, center)
+
+
+def stats_by_matmul(rw, x, center) -> GaussianMixtureStats:
+  """The full/tied stats from one [D, N] x [N, K D] matmul about the mean m
+  of the centres, moved to each centre c_k exactly (2-3x faster than
+  `stats_about_centres`). The move costs |c_k - m|^2 / sigma_k^2 of
+  relative precision: harmless in float64, not in float32."""
+  k, d = tf.shape(center)[0], x.shape[-1]
+  shift = tf.reduce_mean(center, 0)
+  dx = x - shift                                                      # [N, D]
+  delta = center - shift                                              # [K, D]
+  counts = tf.reduce_sum(rw, 0)                                       # [K]
+  first = tf.matmul(rw, dx, transpose_a=True)                         # [K, D]
+  weighted = tf.reshape(rw[:, :, tf.newaxis] * dx[:, tf.newaxis], [-1, k * d])   # [N, K D]
+  about_shift = tf.transpose(tf.reshape(tf.matmul(dx, weighted, transpose_a=True),
+                                        [d, k, d]), [1, 0, 2])        # [K, D, D]
+  cross = delta[:, :, tf.newaxis] * first[:, tf.newaxis]              # [K, D, D]
+  sq_dev = (about_shift - cross - tf.linalg.matrix_transpose(cross)
+            + counts[:, tf.newaxis, tf.newaxis] * delta[:, :, tf.newaxis] * delta[:, tf.newaxis])
+  return GaussianMixtureStats(counts, first - counts[:, tf.newaxis] * delta, sq_dev, center)
+
+
 def default_chunk_size(n_components: int, n_features: int) -> int:
   """Power of two near 2**19 / (K * D) points, at least 256."""
   return max(256, 2 ** int(round(math.log2(2 ** 19 / (n_components * n_features)))))
@@ -324,36 +357,10 @@ class GaussianMixtureEM(EMModel):
 
   def _stats_from_resp(self, resp, x, weights, center):
     rw = resp * weights[:, tf.newaxis]                         # [N, K]
-    if self.covariance_type in ("full", "tied") and x.dtype == tf.float64:
-      return self._scatter_by_matmul(rw, x, center)
-    xc = x[:, tf.newaxis, :] - center[tf.newaxis]              # [N, K, D]
-    counts = tf.reduce_sum(rw, 0)                              # [K]
-    dev = tf.einsum("nk,nkd->kd", rw, xc)                      # [K, D]
-    if self.covariance_type in ("full", "tied"):
-      sq_dev = tf.einsum("nkd,nke->kde", rw[..., tf.newaxis] * xc, xc)  # [K, D, D]
-    else:
-      sq_dev = tf.einsum("nk,nkd->kd", rw, tf.square(xc))      # [K, D]
-    return GaussianMixtureStats(counts, dev, sq_dev, center)
-
-  def _scatter_by_matmul(self, rw, x, center):
-    """The full/tied stats from one [D, N] x [N, K D] matmul about the mean m
-    of the centres, moved to each centre c_k exactly (2-3x faster than
-    centring on every c_k). The move costs |c_k - m|^2 / sigma_k^2 of
-    relative precision: harmless in float64, not in float32, which keeps
-    per-centre centring."""
-    k, d = tf.shape(center)[0], x.shape[-1]
-    shift = tf.reduce_mean(center, 0)
-    dx = x - shift                                                      # [N, D]
-    delta = center - shift                                              # [K, D]
-    counts = tf.reduce_sum(rw, 0)                                       # [K]
-    first = tf.matmul(rw, dx, transpose_a=True)                         # [K, D]
-    weighted = tf.reshape(rw[:, :, tf.newaxis] * dx[:, tf.newaxis], [-1, k * d])   # [N, K D]
-    about_shift = tf.transpose(tf.reshape(tf.matmul(dx, weighted, transpose_a=True),
-                                          [d, k, d]), [1, 0, 2])        # [K, D, D]
-    cross = delta[:, :, tf.newaxis] * first[:, tf.newaxis]              # [K, D, D]
-    sq_dev = (about_shift - cross - tf.linalg.matrix_transpose(cross)
-              + counts[:, tf.newaxis, tf.newaxis] * delta[:, :, tf.newaxis] * delta[:, tf.newaxis])
-    return GaussianMixtureStats(counts, first - counts[:, tf.newaxis] * delta, sq_dev, center)
+    full = self.covariance_type in ("full", "tied")
+    if full and x.dtype == tf.float64:
+      return stats_by_matmul(rw, x, center)
+    return stats_about_centres(rw, x, center, full)
 
   def _chunk_stats(self, params, prec_chol, x, weights):
     log_joint = (component_log_prob(x, params.means, prec_chol, self.covariance_type)
