@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import DataConversionWarning
+from sklearn.utils.multiclass import check_classification_targets
 
 from models import bernoulli_mlp as mlp
 from models.bernoulli_mlp import BernoulliMLPParams
@@ -18,26 +22,37 @@ METHODS = ("em", "autodiff")
 
 
 def _check_labels(y, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
-  """Labels (int or str) -> (classes [C], indices [N] int32)."""
+  """Labels (int or str) -> (classes [C], indices [N] int32).
+
+  A column vector [N, 1] is raveled with a `DataConversionWarning`, and
+  continuous targets are refused ("Unknown label type"), as in scikit-learn.
+  """
+  if y is None:
+    raise ValueError("BernoulliMLPClassifier requires y to be passed, but the target y is None")
   if hasattr(y, "numpy") and callable(y.numpy):
     y = y.numpy()
   y = np.array(y, copy=True)
+  if y.ndim == 2 and y.shape[1] == 1:
+    warnings.warn("A column-vector y was passed when a 1d array was expected; raveled to "
+                  "shape (n_samples,)", DataConversionWarning, stacklevel=3)
+    y = y.ravel()
   if y.ndim != 1:
     raise ValueError(f"y must be 1-D (one label per row of X), got shape {y.shape}")
   if y.shape[0] != num_rows:
     raise ValueError(f"y has {y.shape[0]} labels but X has {num_rows} rows")
   if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
-    raise ValueError("y contains NaN or inf; every row needs a class label")
+    raise ValueError("Input y contains NaN or inf; every row needs a class label")
   if y.dtype == object and any(e is None or (isinstance(e, float) and np.isnan(e)) for e in y):
     raise ValueError("y contains missing labels (None or NaN); every row needs a class label")
   try:
     classes, indices = np.unique(y, return_inverse=True)
   except TypeError as e:
     raise ValueError(f"y labels could not be sorted (mixed types?): {e}") from None
+  check_classification_targets(y)
   return classes, indices.astype(np.int32).reshape(-1)
 
 
-class BernoulliMLPClassifier(DiagnosticsMixin):
+class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
   """Classifier: MLP with m stochastic binary hidden units, fitted by exact EM.
 
   p(y | x) = sum_z p(z | x) p(y | z) over the 2^m hidden configurations;
@@ -62,7 +77,12 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
     restart in `fit_result_.restarts[i].log_likelihood`), iteration_seconds_
     (seconds since the start of the chosen restart at each trace entry),
     n_iter_, converged_, objective_ (penalized loglik the fit maximized),
-    log_likelihood_ (unpenalized log p(y | x) on the training data).
+    log_likelihood_ (unpenalized log p(y | x) on the training data),
+    feature_names_in_ (when X is a DataFrame with string column names).
+
+  A scikit-learn classifier (`get_params`/`set_params`, `clone`, pipelines,
+  grid searches); predict-side methods check a DataFrame's columns against
+  `feature_names_in_`.
   """
 
   def __init__(self, n_hidden: int = 5, max_iter: int = 200, tol: float = 1e-6,
@@ -93,7 +113,7 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
     seed = v.check_seed(self.seed)
     method = v.check_option("method", self.method, METHODS)
     dtype = v.check_dtype(self.dtype)
-    X = v.check_array(X, "X", dtype=np.float64, min_rows=2)
+    X = v.check_features(self, X, reset=True, dtype=np.float64, min_rows=2)
     classes, labels = _check_labels(y, X.shape[0])
     if len(classes) < 2:
       raise ValueError(f"y has a single class ({classes[0]!r}); a classifier needs at least 2")
@@ -118,7 +138,6 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
     # The restart began about `seconds` before its last trace entry.
     self.iteration_seconds_ = stamps - (stamps[-1] - chosen.seconds)
     self.classes_ = classes
-    self.n_features_in_ = X.shape[1]
     self.params_ = BernoulliMLPParams(*[np.array(p) for p in result.params])
     self.fit_result_ = result
     self.n_iter_ = result.n_iter
@@ -133,8 +152,7 @@ class BernoulliMLPClassifier(DiagnosticsMixin):
   def standardized_inputs(self, X) -> np.ndarray:
     """X checked against the fit and standardized with `mean_`, `scale_` (float64)."""
     v.check_is_fitted(self, "params_")
-    X = v.check_array(X, "X", dtype=np.float64)
-    v.check_n_features(X, self.n_features_in_)
+    X = v.check_features(self, X, reset=False, dtype=np.float64)
     return (X - self.mean_) / self.scale_
 
   def _batches(self, n: int):

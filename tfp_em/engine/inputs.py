@@ -1,13 +1,19 @@
 """Input checks shared by every estimator and the CLI.
 
 Each check returns a fresh array (the caller's input is never modified) or
-raises a `ValueError` whose message names the argument and the problem.
+raises a `ValueError` whose message names the argument and the problem
+(scikit-learn's conventions where its estimator checks fix the type: a
+`TypeError` for an object array holding non-numbers, a `NotFittedError` before
+fit).
 """
 from __future__ import annotations
 
 from numbers import Integral, Real
 
 import numpy as np
+from scipy import sparse
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import validate_data
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
 
@@ -62,23 +68,31 @@ def check_seed(seed):
 def check_array(X, name: str = "X", *, ndim: int = 2, dtype=np.float64,
                 min_rows: int = 1, allow_nonfinite: bool = False) -> np.ndarray:
   """Validates a numeric array and returns a C-contiguous copy in `dtype`."""
+  if sparse.issparse(X):
+    raise ValueError(f"{name} is a scipy sparse matrix; sparse input is not supported: pass a "
+                     f"dense array ({name}.toarray())")
   if hasattr(X, "numpy") and callable(X.numpy):
     X = X.numpy()
   try:
     arr = np.array(X, copy=True)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{name} could not be read as an array: {e}") from None
-  if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+  if arr.dtype == object:  # numbers held in an object array are read as numbers
+    arr = _object_as_float(arr, name)
+  if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
     raise ValueError(f"{name} must be numeric, got an array of dtype {arr.dtype}")
   if np.iscomplexobj(arr):
-    raise ValueError(f"{name} must be real-valued, got complex dtype {arr.dtype}")
+    raise ValueError(f"{name} must be real-valued (Complex data not supported), got dtype "
+                     f"{arr.dtype}")
   if arr.ndim != ndim:
-    shape_hint = " (reshape a single feature with X.reshape(-1, 1))" if ndim == 2 and arr.ndim == 1 else ""
+    shape_hint = (f" (Reshape your data with {name}.reshape(-1, 1) if it has a single feature)"
+                  if ndim == 2 and arr.ndim == 1 else "")
     raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}{shape_hint}")
   if arr.shape[0] < min_rows:
-    raise ValueError(f"{name} needs at least {min_rows} rows, got {arr.shape[0]}")
+    raise ValueError(f"{name} needs at least {min_rows} rows, got n_samples={arr.shape[0]}")
   if ndim == 2 and arr.shape[1] < 1:
-    raise ValueError(f"{name} needs at least one column, got shape {arr.shape}")
+    raise ValueError(f"{name} needs at least one column: 0 feature(s) (shape={arr.shape}) while "
+                     "a minimum of 1 is required.")
   arr = np.ascontiguousarray(arr, dtype=dtype)
   if not allow_nonfinite and not np.all(np.isfinite(arr)):
     bad = np.argwhere(~np.isfinite(arr))[0]
@@ -94,6 +108,36 @@ def check_array(X, name: str = "X", *, ndim: int = 2, dtype=np.float64,
   return arr
 
 
+def _object_as_float(arr: np.ndarray, name: str) -> np.ndarray:
+  """An object array of numbers as float64; a `TypeError` for an entry that is
+  no number or string (scikit-learn's convention), a ValueError for text."""
+  try:
+    return arr.astype(np.float64)
+  except TypeError as e:
+    raise TypeError(f"{name} must be numeric: {e}") from None
+  except ValueError as e:
+    raise ValueError(f"{name} must be numeric, got an object array with {e}") from None
+
+
+def check_features(estimator, X, *, reset: bool, name: str = "X", dtype=np.float64,
+                   min_rows: int = 1) -> np.ndarray:
+  """`check_array(X)` plus scikit-learn's bookkeeping of the columns.
+
+  With `reset=True` (fit) sets `estimator.n_features_in_` and, for a
+  DataFrame with string column names, `feature_names_in_`; with `reset=False`
+  (predict) checks X against them as scikit-learn does: a different number of
+  columns or reordered/renamed columns raise a ValueError, names given on one
+  side only warn.
+
+  Returns:
+    The checked array, as `check_array` returns it.
+  """
+  arr = check_array(X, name, dtype=dtype, min_rows=min_rows)
+  validate_data(estimator, X if hasattr(X, "columns") else arr, reset=reset,
+                skip_check_array=True)
+  return arr
+
+
 def check_sample_weight(sample_weight, n: int, dtype=np.float64) -> np.ndarray:
   """None -> ones; else a finite, non-negative, 1-D weight vector of length n."""
   if sample_weight is None:
@@ -104,7 +148,7 @@ def check_sample_weight(sample_weight, n: int, dtype=np.float64) -> np.ndarray:
   if np.any(w < 0):
     raise ValueError(f"sample_weight must be non-negative; found {int(np.sum(w < 0))} negative values")
   if not np.sum(w) > 0:
-    raise ValueError("sample_weight must have a positive sum")
+    raise ValueError("sample_weight must have a positive sum; all weights are zero")
   return w
 
 
@@ -114,5 +158,6 @@ def check_n_features(X: np.ndarray, expected: int, name: str = "X") -> None:
 
 
 def check_is_fitted(estimator, attribute: str) -> None:
+  """Raises scikit-learn's `NotFittedError` (a ValueError) when `attribute` is missing."""
   if not hasattr(estimator, attribute):
-    raise ValueError(f"this {type(estimator).__name__} is not fitted yet; call fit() first")
+    raise NotFittedError(f"this {type(estimator).__name__} is not fitted yet; call fit() first")

@@ -14,9 +14,10 @@ import abc
 import types
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 
 
-class ConvergenceWarning(UserWarning):
+class ConvergenceWarning(SklearnConvergenceWarning):
   """EM stopped at `max_iter` before the tolerance was met."""
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+from sklearn.base import BaseEstimator, RegressorMixin
 
 from models import crossed_effects as ce
 from tfp_em.engine import fit_em
@@ -29,7 +30,7 @@ from tfp_em.mixed_effects.labels import blup_sum, encode_factors
 METHODS = ("em", "nll")
 
 
-class CrossedEffectsRegressor(CrossedPredictions):
+class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator):
   """Linear f with K crossed random-intercept grouping factors.
 
   Args:
@@ -88,7 +89,7 @@ class CrossedEffectsRegressor(CrossedPredictions):
     val.check_seed(self.seed)
     val.check_int("max_dense", self.max_dense, minimum=0)
     dtype = val.check_dtype(self.dtype)
-    X = val.check_array(X, "X", ndim=2, dtype=np.float64)
+    X = val.check_features(self, X, reset=True, dtype=np.float64)
     y = val.check_array(y, "y", ndim=1, dtype=np.float64)
     if y.shape[0] != X.shape[0]:
       raise ValueError(f"y has length {y.shape[0]} but X has {X.shape[0]} rows")
@@ -131,14 +132,12 @@ class CrossedEffectsRegressor(CrossedPredictions):
     self.precision_ = PosteriorPrecision(
         model.arrays(data)[3], np.array(sizes), np.asarray(params.variances, np.float64),
         self.sigma2_, self.max_dense)
-    self.n_features_in_ = X.shape[1]
     return self
 
   def predict(self, X, clusters=None):
     """x^T beta + sum_k BLUP_k(level) (0 for unseen levels or clusters=None)."""
     val.check_is_fitted(self, "blups_")
-    X = val.check_array(X, "X", ndim=2, dtype=np.float64)
-    val.check_n_features(X, self.n_features_in_)
+    X = val.check_features(self, X, reset=False, dtype=np.float64)
     return self.intercept_ + X @ np.asarray(self.coef_, np.float64) \
         + blup_sum(self.levels_, self.blups_, clusters, X.shape[0])
 

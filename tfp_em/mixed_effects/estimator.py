@@ -32,14 +32,17 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 from scipy import stats as sps
+from sklearn.base import BaseEstimator, RegressorMixin
 
 from models import mixed_effects as me
 from tfp_em.engine import FitResult, RestartTrace, fit_em, to_numpy
 from tfp_em.engine import inputs as val
 from tfp_em.mixed_effects.crossed_estimator import fit_crossed
 from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats, fit_marginal_lbfgs
+from tfp_em.mixed_effects.formula import fit_formula
 from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
 from tfp_em.mixed_effects.networks import fit_network_em, fit_network_nll
+from tfp_em.mixed_effects.summary import MixedSummary, summarize
 from tfp_em.mixed_effects.training import (Network, check_validation_data, default_mlp,
                                            fit_summary)
 
@@ -56,7 +59,7 @@ class RandomEffect(NamedTuple):
   covariance: np.ndarray  # [q, q]
 
 
-class MixedEffectsRegressor:
+class MixedEffectsRegressor(RegressorMixin, BaseEstimator):
   """Mixed-effects regression with one or several grouping factors, linear or neural f.
 
   One factor (`clusters` = one label array, or a list of one) takes any
@@ -235,8 +238,11 @@ class MixedEffectsRegressor:
       self.
     """
     dtype = self._check_options()
+    val.check_features(self, X, reset=True, dtype=dtype)  # n_features_in_, feature_names_in_
+    self.dtype_ = dtype
     self.__dict__.pop("n_random_effects_", None)  # a refit may change q
     self.crossed_ = None
+    self.formula_ = None  # `from_formula` sets it after the fit
     factors = as_factors(clusters)
     if strategy is not None and (self.f is not None or self.method != "em" or len(factors) > 1):
       raise ValueError("strategy= is supported for linear f with one grouping factor and "
@@ -244,9 +250,7 @@ class MixedEffectsRegressor:
     valid = check_validation_data(validation_data, self.f is not None, len(factors))
     if len(factors) > 1 and self.f is None:  # CrossedEffectsRegressor checks X and y
       return fit_crossed(self, X, y, factors, time, Z)
-    self.dtype_ = dtype
     X, y = self.checked_xy(X, y, dtype)
-    self.n_features_in_ = X.shape[1]
     if valid is not None:
       Xv, yv = self.checked_xy(valid.X, valid.y, dtype, name=" (validation)")
       val.check_n_features(Xv, self.n_features_in_, "X (validation)")
@@ -268,6 +272,18 @@ class MixedEffectsRegressor:
     else:
       self._fit_network(train, None if valid is None else self._validation(valid, dtype))
     return self
+
+  @classmethod
+  def from_formula(cls, formula: str, data, **options) -> "MixedEffectsRegressor":
+    """Fits an lme4 formula, e.g. 'Reaction ~ Days + (Days | Subject)', on a DataFrame
+    (`formula.fit_formula`); `options` are the other constructor arguments."""
+    return fit_formula(cls, formula, data, options)
+
+  def summary(self, X=None, y=None, clusters=None, time=None, Z=None) -> MixedSummary:
+    """lme4's summary (fixed effects with SE and t, variance components, logLik,
+    AIC, BIC, deviance, groups); `print()` it for lme4's layout. The data
+    default to a formula fit's; an array fit passes its training data."""
+    return summarize(self, X, y, clusters, time, Z)
 
   def em_data(self, x, y, z, codes, num_clusters) -> me.MixedEffectsData:
     """The `MixedEffectsData` the EM model takes, from numpy designs and cluster codes."""
@@ -364,10 +380,13 @@ class MixedEffectsRegressor:
         for i, lab in enumerate(self.cluster_labels_)}
 
   # -- predict --------------------------------------------------------------------
-  def _predict_parts(self, X, clusters, time_, Z):
+  def checked_predict_x(self, X) -> np.ndarray:
+    """X for predict: fitted, and its columns as in fit (count and DataFrame names)."""
     val.check_is_fitted(self, "fit_result_")
-    X = val.check_array(X, "X", ndim=2, dtype=self.dtype_)
-    val.check_n_features(X, self.n_features_in_)
+    return val.check_features(self, X, reset=False, dtype=self.dtype_)
+
+  def _predict_parts(self, X, clusters, time_, Z):
+    X = self.checked_predict_x(X)
     n = X.shape[0]
     z = self.random_effects_design(n, time_, Z, self.dtype_)
     if self.network_ is None:
@@ -390,6 +409,7 @@ class MixedEffectsRegressor:
   def predict(self, X, clusters=None, time=None, Z=None):
     """f(x) + z^T m_i for points of seen clusters, f(x) otherwise. Returns [n]."""
     if getattr(self, "crossed_", None) is not None:
+      self.checked_predict_x(X)
       return self.crossed_.predict(X, clusters)
     f, z, seen, index = self._predict_parts(X, clusters, time, Z)
     blup = np.sum(z * self.random_effects_mean_[index], axis=-1)
@@ -403,6 +423,7 @@ class MixedEffectsRegressor:
     Several factors: `CrossedPredictions.predict_interval`.
     """
     if getattr(self, "crossed_", None) is not None:
+      self.checked_predict_x(X)
       return self.crossed_.predict_interval(X, clusters, level)
     level = val.check_interval_level(level)
     f, z, seen, index = self._predict_parts(X, clusters, time, Z)

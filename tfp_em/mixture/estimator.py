@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import tensorflow as tf
+from sklearn.base import BaseEstimator, DensityMixin
 
 from models import gaussian_mixture as gm
 from models.gaussian_mixture import GaussianMixtureParams
@@ -38,7 +39,7 @@ EXPECTED_ITERATIONS = 50  # per restart, for that estimate (max_iter if smaller)
 INFERENCE_CHUNK = 65536  # rows per chunk in predict / score_samples
 
 
-class GaussianMixture(DiagnosticsMixin):
+class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
   """Gaussian mixture fitted by exact EM on TensorFlow Probability.
 
   Args:
@@ -73,6 +74,13 @@ class GaussianMixture(DiagnosticsMixin):
     accelerate: None (default, plain EM) or 'squarem' (`tfp_em.squarem`).
     verbose: None shows a progress bar on long fits (off under pytest);
       True/False force it.
+    warm_start: if True, a refit starts from the last fit's parameters (one
+      run; `n_init` and the `*_init` arguments are ignored), as in
+      scikit-learn (default False).
+
+  A scikit-learn estimator: `get_params`/`set_params`, `clone`, pipelines and
+  grid searches (`score` is the mean log-likelihood); `feature_names_in_` is
+  set when X is a DataFrame, and predict-side methods check its columns.
 
   Attributes (after `fit`):
     weights_, means_, covariances_, precisions_, precisions_cholesky_:
@@ -95,7 +103,8 @@ class GaussianMixture(DiagnosticsMixin):
                n_init: int = 1, init_params: str = "kmeans++", weights_init=None,
                means_init=None, precisions_init=None, seed: int | None = 0,
                dtype="float64", on_decrease: str = "warn", compile: str = "auto",
-               accelerate: str | None = None, verbose: bool | None = None):
+               accelerate: str | None = None, verbose: bool | None = None,
+               warm_start: bool = False):
     self.n_components = n_components
     self.covariance_type = covariance_type
     self.tol = tol
@@ -112,6 +121,7 @@ class GaussianMixture(DiagnosticsMixin):
     self.compile = compile
     self.accelerate = accelerate
     self.verbose = verbose
+    self.warm_start = warm_start
 
   # -- fitting ---------------------------------------------------------------
   def _check_options(self):
@@ -170,25 +180,28 @@ class GaussianMixture(DiagnosticsMixin):
     """
     dtype = self._check_options()
     v.check_int("batch_size", batch_size, minimum=1)
+    warm = self.warm_start and hasattr(self, "params_")
     if _is_stream_source(X):
       if sample_weight is not None:
         raise ValueError("sample_weight is only supported for in-memory arrays")
       data, first = self._stream(X, columns, batch_size, dtype)
       n_features = first.x.shape[1]
       model = self.em_model(None, n_features)
-      init = self._user_init(model, first, dtype)
+      init = self._warm_init(n_features, dtype) if warm else self._user_init(model, first, dtype)
       del first  # only one batch is held at a time
+      self.__dict__.pop("feature_names_in_", None)
     else:
       if online:
         raise ValueError("online=True needs streamed input (a tf.data.Dataset or files)")
       data = self._in_memory(X, sample_weight, dtype)
       n_features = data.x.shape[1]
       model = self.em_model(*data.x.shape)
-      init = self._user_init(model, data, dtype)
+      init = self._warm_init(n_features, dtype) if warm else self._user_init(model, data, dtype)
     if online:
       result = fit_online_em(model, data, seed=self.seed, init_params=init)
     else:
-      result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
+      result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol,
+                      n_init=1 if warm else self.n_init,
                       seed=self.seed, init_params=init, on_decrease=self.on_decrease,
                       progress=self.verbose, accelerate=self.accelerate, strategy=strategy,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
@@ -236,7 +249,7 @@ class GaussianMixture(DiagnosticsMixin):
     return result
 
   def _in_memory(self, X, sample_weight, dtype) -> MixtureData:
-    x = v.check_array(X, "X", dtype=dtype, min_rows=1)
+    x = v.check_features(self, X, reset=True, dtype=dtype)
     if x.shape[0] < self.n_components:
       raise ValueError(f"X has {x.shape[0]} points but n_components={self.n_components}; "
                        "need at least as many points as components")
@@ -256,6 +269,16 @@ class GaussianMixture(DiagnosticsMixin):
                        f"n_components={self.n_components}; use a larger batch_size")
     data = features.map(_unit_weights)
     return data, _unit_weights(first)
+
+  def _warm_init(self, n_features: int, dtype) -> GaussianMixtureParams:
+    """The last fit's params, to start from (warm_start=True)."""
+    k = self.params_.weights.shape[0]
+    if k != self.n_components or self.params_.means.shape[1] != n_features:
+      raise ValueError(f"warm_start=True: the last fit has {k} components and "
+                       f"{self.params_.means.shape[1]} features, but this fit asks for "
+                       f"{self.n_components} components and {n_features} features; refit with "
+                       "warm_start=False")
+    return GaussianMixtureParams(*[tf.constant(np.asarray(p), dtype) for p in self.params_])
 
   def _user_init(self, model, data, dtype):
     given = (self.weights_init, self.means_init, self.precisions_init)
@@ -298,9 +321,7 @@ class GaussianMixture(DiagnosticsMixin):
   # -- inference -------------------------------------------------------------
   def _checked_x(self, X):
     v.check_is_fitted(self, "params_")
-    x = v.check_array(X, "X", dtype=v.check_dtype(self.dtype))
-    v.check_n_features(x, self.n_features_in_)
-    return tf.constant(x)
+    return tf.constant(v.check_features(self, X, reset=False, dtype=v.check_dtype(self.dtype)))
 
   def _log_joint(self, X):
     """log w_k + log N(x_n | k), shape [N, K], in chunks so that memory stays

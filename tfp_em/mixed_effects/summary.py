@@ -1,0 +1,249 @@
+"""`MixedSummary`: what lme4's `summary(lmer(...))` prints, for a linear mixed fit.
+
+Fixed effects with standard errors and t values, from the ML covariance
+(X^T V^-1 X)^-1 at the estimates; variance components with standard
+deviations and correlations; logLik, AIC, BIC, deviance and residual degrees
+of freedom; scaled (conditional) residuals; groups and observations. One
+factor: V_i^-1 by Woodbury per cluster, never an n_i x n_i matrix:
+
+    X_i^T V_i^-1 X_i = (X_i^T X_i - X_i^T Z_i (s2 I + D Z_i^T Z_i)^-1 D Z_i^T X_i) / s2
+
+(no inverse of D, so a singular D at the boundary is fine). Several crossed
+factors: V is formed densely up to `MAX_DENSE_ROWS` rows; beyond, the
+standard errors are NaN.
+
+#### References
+
+[1] D. Bates, M. Maechler, B. Bolker and S. Walker. Fitting linear
+    mixed-effects models using lme4. Journal of Statistical Software 67(1),
+    2015 (section 5: the summary's contents).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+
+from tfp_em.engine import inputs as val
+from tfp_em.mixed_effects.labels import as_factors, encode_factors
+
+MAX_DENSE_ROWS = 3000
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedSummary:
+  """A linear mixed fit summarized as lme4 does; `str()` prints lme4's layout.
+
+  Attributes:
+    formula: the formula, or None for an array fit.
+    method: 'em' or 'nll' (both maximum likelihood).
+    fixed_effects: DataFrame indexed by term: 'Estimate', 'Std. Error', 't value'.
+    random_effects: DataFrame with 'Groups', 'Name', 'Variance', 'Std.Dev.'
+      (one row per random effect, then 'Residual').
+    correlations: {group: DataFrame} correlation matrix of each factor's
+      random effects (one factor with q >= 2 and a full covariance).
+    log_likelihood, aic, bic, deviance: at the ML estimates.
+    df_resid: observations minus estimated parameters.
+    n_obs: number of observations.
+    n_groups: {group: number of levels}.
+    scaled_residuals: Series 'Min', '1Q', 'Median', '3Q', 'Max' of
+      (y - fitted) / sigma, fitted including the BLUPs.
+  """
+  formula: str | None
+  method: str
+  fixed_effects: pd.DataFrame
+  random_effects: pd.DataFrame
+  correlations: dict
+  log_likelihood: float
+  aic: float
+  bic: float
+  deviance: float
+  df_resid: int
+  n_obs: int
+  n_groups: dict
+  scaled_residuals: pd.Series
+
+  def __str__(self) -> str:
+    lines = [f"Linear mixed model fit by maximum likelihood (tfp_em, method={self.method!r})"]
+    if self.formula:
+      lines.append(f"Formula: {self.formula}")
+    fit = pd.DataFrame([[self.aic, self.bic, self.log_likelihood, self.deviance,
+                         self.df_resid]], columns=["AIC", "BIC", "logLik", "deviance",
+                                                   "df.resid"])
+    lines += ["", fit.to_string(index=False, float_format=lambda v: f"{v:.1f}"), "",
+              "Scaled residuals:",
+              self.scaled_residuals.to_frame().T.to_string(
+                  index=False, float_format=lambda v: f"{v:.4f}"), "",
+              "Random effects:", self._random_text(),
+              "Number of obs: {}, groups:  {}".format(
+                  self.n_obs, "; ".join(f"{g}, {n}" for g, n in self.n_groups.items())),
+              "", "Fixed effects:",
+              self.fixed_effects.to_string(float_format=lambda v: f"{v:.5g}")]
+    return "\n".join(lines)
+
+  def _random_text(self) -> str:
+    table = self.random_effects
+    cells = [["Groups", "Name", "Variance", "Std.Dev.", "Corr"]]
+    previous = None
+    for i, (group, name, var, sd) in enumerate(table.itertuples(index=False)):
+      corr = ""
+      if group in self.correlations:
+        j = list(table["Groups"][table["Groups"] == group].index).index(i)
+        corr = " ".join(f"{c:.2f}" for c in self.correlations[group].to_numpy()[j, :j])
+      cells.append(["" if group == previous else group, name, f"{var:.5g}", f"{sd:.5g}", corr])
+      previous = group
+    widths = [max(len(row[c]) for row in cells) for c in range(5)]
+    return "\n".join(" " + " ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in cells)
+
+
+def fixed_effects_covariance(x, z, codes, num_clusters, cov_u, sigma2) -> np.ndarray:
+  """(X^T V^-1 X)^-1 for one grouping factor, by Woodbury per cluster; [p, p].
+
+  Args:
+    x: [n, p] fixed-effects design; z: [n, q] random-effects design;
+    codes: [n] cluster codes in [0, num_clusters); cov_u: [q, q] D;
+    sigma2: noise variance.
+  """
+  p, q = x.shape[1], z.shape[1]
+  xtx = np.zeros((num_clusters, p, p))
+  xtz = np.zeros((num_clusters, p, q))
+  ztz = np.zeros((num_clusters, q, q))
+  np.add.at(xtx, codes, np.einsum("np,nr->npr", x, x))
+  np.add.at(xtz, codes, np.einsum("np,nr->npr", x, z))
+  np.add.at(ztz, codes, np.einsum("np,nr->npr", z, z))
+  a = sigma2 * np.eye(q) + cov_u @ ztz                                     # [G, q, q]
+  correction = xtz @ np.linalg.solve(a, cov_u @ np.swapaxes(xtz, -1, -2))  # [G, p, p]
+  info = (xtx - correction).sum(axis=0) / sigma2
+  return np.linalg.inv(info)
+
+
+def crossed_fixed_effects_covariance(x, codes, variances, sigma2) -> np.ndarray:
+  """(X^T V^-1 X)^-1 with V = s2 I + sum_k s2_k Z_k Z_k^T formed densely; NaN
+  beyond `MAX_DENSE_ROWS` rows. codes: [n, K]."""
+  n = x.shape[0]
+  if n > MAX_DENSE_ROWS:
+    return np.full((x.shape[1], x.shape[1]), np.nan)
+  v = sigma2 * np.eye(n)
+  for k, var in enumerate(variances):
+    v += var * (codes[:, k][:, None] == codes[:, k][None, :])
+  return np.linalg.inv(x.T @ np.linalg.solve(v, x))
+
+
+def random_effects_table(groups, names, cov_u, sigma2):
+  """(random-effects DataFrame, correlation DataFrame or None) for one factor."""
+  sd = np.sqrt(np.diag(cov_u))
+  rows = [(groups, name, cov_u[j, j], sd[j]) for j, name in enumerate(names)]
+  rows.append(("Residual", "", sigma2, math.sqrt(sigma2)))
+  table = pd.DataFrame(rows, columns=["Groups", "Name", "Variance", "Std.Dev."])
+  corr = None
+  if len(names) > 1:
+    with np.errstate(invalid="ignore", divide="ignore"):
+      corr = pd.DataFrame(cov_u / np.outer(sd, sd), index=list(names), columns=list(names))
+  return table, corr
+
+
+def build_summary(*, formula, method, fixed_names, beta, beta_cov, table, correlations,
+                  log_likelihood, n_params, n_obs, n_groups, residuals, sigma2) -> MixedSummary:
+  """Assembles a `MixedSummary` from the fit's pieces (see the attributes there)."""
+  se = np.sqrt(np.diag(beta_cov))
+  fixed = pd.DataFrame({"Estimate": beta, "Std. Error": se, "t value": beta / se},
+                       index=list(fixed_names))
+  scaled = np.quantile(residuals / math.sqrt(sigma2), [0., .25, .5, .75, 1.])
+  return MixedSummary(
+      formula=formula, method=method, fixed_effects=fixed, random_effects=table,
+      correlations=correlations, log_likelihood=float(log_likelihood),
+      aic=-2. * log_likelihood + 2. * n_params,
+      bic=-2. * log_likelihood + n_params * math.log(n_obs),
+      deviance=-2. * log_likelihood, df_resid=int(n_obs - n_params), n_obs=int(n_obs),
+      n_groups=dict(n_groups),
+      scaled_residuals=pd.Series(scaled, index=["Min", "1Q", "Median", "3Q", "Max"]))
+
+
+def _array_names(estimator, X, time, Z):
+  """Names of beta, of the random effects and of the factors for an array fit."""
+  p = np.shape(X)[1]
+  columns = (list(estimator.feature_names_in_) if hasattr(X, "columns") else
+             [f"x{j + 1}" for j in range(p)])
+  fixed = (["(Intercept)"] if estimator.fit_intercept else []) + columns
+  kind = estimator.random_effects
+  if kind == "slopes":
+    random = ["(Intercept)", "time"] + [f"time^{d}" for d in range(2, estimator.degree + 1)]
+  elif kind == "custom":
+    random = [f"z{j + 1}" for j in range(np.shape(Z)[1])]
+  else:
+    random = ["(Intercept)"]
+  return tuple(fixed), tuple(random)
+
+
+def summarize(estimator, X=None, y=None, clusters=None, time=None, Z=None) -> MixedSummary:
+  """lme4's summary of a fitted linear `MixedEffectsRegressor`.
+
+  Args:
+    estimator: a `MixedEffectsRegressor` fitted with linear f (one factor or
+      crossed intercepts).
+    X, y, clusters, time, Z: the training data, as given to `fit`; all None
+      for a formula fit (`from_formula` keeps its design).
+
+  Returns:
+    A `MixedSummary`.
+
+  Raises:
+    ValueError: for a network f, missing data, or labels not seen in fit.
+  """
+  val.check_is_fitted(estimator, "fit_result_")
+  if estimator.f is not None:
+    raise ValueError("summary() covers linear f only; a network f has no fixed-effect "
+                     "standard errors")
+  design = estimator.formula_
+  if X is None:
+    if design is None:
+      raise ValueError("summary() needs the training data (X, y, clusters and time or Z) "
+                       "for a fit without a formula")
+    X, y, clusters, time, Z = design.X, design.y, design.clusters, design.time, design.Z
+    fixed_names, random_names, groups = design.fixed_names, design.random_names, design.group_names
+  else:
+    fixed_names, random_names = _array_names(estimator, X, time, Z)
+    k = len(as_factors(clusters))
+    groups = ("clusters",) if k == 1 else tuple(f"clusters[{i}]" for i in range(k))
+  x, y = estimator.checked_xy(X, y, estimator.dtype_)
+  n = y.shape[0]
+  fitted = estimator.predict(X, clusters, time, Z) if estimator.crossed_ is None \
+      else estimator.predict(X, clusters)
+  sigma2 = estimator.sigma2_
+  if estimator.crossed_ is None:
+    num = len(estimator.cluster_labels_)
+    codes = estimator.cluster_codes(as_factors(clusters)[0], n, "clusters")
+    if np.any(codes >= num):
+      raise ValueError("summary() needs the training data: clusters has labels not seen in fit")
+    z = estimator.random_effects_design(n, time, Z, estimator.dtype_)
+    beta = np.asarray(estimator.params_.beta, np.float64)
+    cov_u = estimator.cov_random_effects_
+    beta_cov = fixed_effects_covariance(estimator.fixed_effects_design(x), z, codes, num,
+                                        cov_u, sigma2)
+    table, corr = random_effects_table(groups[0], random_names, cov_u, sigma2)
+    q = cov_u.shape[0]
+    n_cov = q * (q + 1) // 2 if estimator.covariance == "full" else q
+    n_groups = {groups[0]: num}
+    correlations = {} if corr is None or estimator.covariance != "full" else {groups[0]: corr}
+  else:
+    crossed = estimator.crossed_
+    levels, codes = encode_factors(clusters, n)
+    design_x = np.concatenate([np.ones((n, 1)), x], axis=1) if estimator.fit_intercept else x
+    beta = np.concatenate([[crossed.intercept_] if estimator.fit_intercept else [],
+                           np.asarray(crossed.coef_, np.float64)])
+    variances = np.asarray(crossed.variances_, np.float64)
+    beta_cov = crossed_fixed_effects_covariance(design_x, codes, variances, sigma2)
+    rows = [(g, "(Intercept)", v, math.sqrt(v)) for g, v in zip(groups, variances)]
+    rows.append(("Residual", "", sigma2, math.sqrt(sigma2)))
+    table = pd.DataFrame(rows, columns=["Groups", "Name", "Variance", "Std.Dev."])
+    n_cov, correlations = len(variances), {}
+    n_groups = {g: len(lv) for g, lv in zip(groups, levels)}
+  return build_summary(
+      formula=None if design is None else design.formula, method=estimator.method,
+      fixed_names=fixed_names, beta=beta, beta_cov=beta_cov, table=table,
+      correlations=correlations, log_likelihood=estimator.log_likelihood_,
+      n_params=len(beta) + n_cov + 1, n_obs=n, n_groups=n_groups, residuals=y - fitted,
+      sigma2=sigma2)
