@@ -20,7 +20,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.exceptions import NotFittedError
-from sklearn.model_selection import GridSearchCV
+import sklearn
+from sklearn.model_selection import GridSearchCV, KFold, cross_validate
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import estimator_checks as ec
@@ -184,3 +185,16 @@ def test_warm_start_continues_from_the_last_fit():
   np.testing.assert_allclose(warm.log_likelihood_, straight.log_likelihood_, rtol=1e-12)
   with pytest.raises(ValueError, match="warm_start"):
     warm.set_params(n_components=2).fit(X)
+
+
+def test_groups_reach_the_mixed_model_through_metadata_routing():
+  X, y, clusters = _lmm_data(n_clusters=10, per=8)
+  cv = KFold(4, shuffle=True, random_state=0)  # every cluster in every training fold
+  with sklearn.config_context(enable_metadata_routing=True):
+    plain = MixedEffectsRegressor(max_iter=50).set_fit_request(clusters=True)
+    population = cross_validate(plain.set_score_request(clusters=False, sample_weight=False),
+                                X, y, params={"clusters": clusters}, cv=cv)["test_score"]
+    blup = MixedEffectsRegressor(max_iter=50).set_fit_request(clusters=True)
+    blup.set_score_request(clusters=True, sample_weight=False)
+    with_groups = cross_validate(blup, X, y, params={"clusters": clusters}, cv=cv)["test_score"]
+  assert np.all(with_groups > population)  # the BLUPs of seen clusters help on held-out rows

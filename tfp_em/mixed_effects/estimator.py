@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats as sps
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.metrics import r2_score
 
 from models import mixed_effects as me
 from tfp_em.engine import FitResult, RestartTrace, fit_em, to_numpy
@@ -414,6 +415,12 @@ class MixedEffectsRegressor(RegressorMixin, BaseEstimator):
     f, z, seen, index = self._predict_parts(X, clusters, time, Z)
     blup = np.sum(z * self.random_effects_mean_[index], axis=-1)
     return f + np.where(seen, blup, 0.)
+
+  def score(self, X, y, clusters=None, time=None, Z=None, sample_weight=None) -> float:
+    """R^2 of `predict(X, clusters, time, Z)` against y. Under scikit-learn's metadata
+    routing, `set_fit_request(clusters=True)` and `set_score_request(clusters=True)`
+    pass the groups through `cross_validate`, `GridSearchCV` and pipelines."""
+    return float(r2_score(y, self.predict(X, clusters, time, Z), sample_weight=sample_weight))
 
   def predict_interval(self, X, clusters=None, time=None, Z=None, level: float = 0.95):
     """Normal predictive interval for a new observation, shape [n, 2] (lower, upper).

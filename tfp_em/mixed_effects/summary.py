@@ -210,8 +210,7 @@ def summarize(estimator, X=None, y=None, clusters=None, time=None, Z=None) -> Mi
     groups = ("clusters",) if k == 1 else tuple(f"clusters[{i}]" for i in range(k))
   x, y = estimator.checked_xy(X, y, estimator.dtype_)
   n = y.shape[0]
-  fitted = estimator.predict(X, clusters, time, Z) if estimator.crossed_ is None \
-      else estimator.predict(X, clusters)
+  fitted = estimator.predict(X, clusters, time, Z)
   sigma2 = estimator.sigma2_
   if estimator.crossed_ is None:
     num = len(estimator.cluster_labels_)
