@@ -113,8 +113,8 @@ def test_malformed_csv_is_one_line_exit_2(tmp_path, capsys, content, match):
 
 @pytest.mark.parametrize("argv,match", [
     (["fit", "gmm", "--data", "/no/such.csv", "--components", "2"], "does not exist"),
-    (["fit", "gmm", "--data", "{csv}", "--components", "0"], "must be at least 1, got 0"),
-    (["fit", "gmm", "--data", "{csv}", "--components", "two"], "expected an integer, got 'two'"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "0"], "must be at least 1 (n_components), got 0"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "two"], "invalid int value 'two'"),
     (["fit", "gmm", "--data", "{csv}", "--components", "2", "--covariance", "x"], "invalid choice"),
     (["fit", "gmm", "--data", "{csv}", "--components", "50"], "at least as many points"),
     (["fit", "gmm", "--data", "{csv}", "--components", "2", "--out", "{file}/sub"],
@@ -165,10 +165,11 @@ def test_bad_input_fails_before_tensorflow_loads(tmp_path):
 
 
 def test_usage_version_and_help_with_defaults(capsys):
-  assert main([]) == 2
+  assert main([]) == 2                   # one error line: the commands and the usage synopsis
   err = capsys.readouterr().err
-  assert err.startswith("usage: tfp-em") and "demo" in err and "report" in err
-  assert main(["fit"]) == 2 and "gmm" in capsys.readouterr().err
+  assert err.startswith("tfp-em: error: one of demo, fit, report or verify is required; usage: "
+                        "tfp-em [-h] [--version] COMMAND ...") and len(err.splitlines()) == 1
+  assert main(["fit"]) == 2 and "fit: gmm is required; usage: tfp-em fit" in capsys.readouterr().err
   assert main(["--version"]) == 0
   assert capsys.readouterr().out.strip() == f"tfp-em {tfp_em.__version__}"
   assert main(["fit", "gmm", "--help"]) == 0

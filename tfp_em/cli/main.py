@@ -36,7 +36,8 @@ COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):  # one line, exit 2, no usage dump
-    raise _UsageError(f"{self.prog.removeprefix('tfp-em').strip() or 'usage'}: {message}")
+    command = self.prog.removeprefix("tfp-em").strip()
+    raise _UsageError(f"{command}: {message}" if command else message)
 
 
 class _UsageError(Exception):
@@ -64,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "Probability, checked against autodiff.", epilog="Run `tfp-em COMMAND --help` "
                    "for a command's options; `tfp-em demo` for a first look.", **kw)
   parser.add_argument("--version", action="version", version=f"tfp-em {tfp_em.__version__}")
-  parser.set_defaults(usage_parser=parser)
   sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND",
                               parser_class=_Parser)
   run = _Parser(add_help=False)
@@ -84,20 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the HTML diagnostic report (and its NUTS cross-check)")
 
   fit = sub.add_parser("fit", help="fit a model to a CSV file", **kw)
-  fit.set_defaults(usage_parser=fit)
   fit_sub = fit.add_subparsers(dest="model", title="models", metavar="MODEL", parser_class=_Parser)
   gmm = fit_sub.add_parser("gmm", parents=[run], help="Gaussian mixture", **kw)
   gmm.add_argument("--data", required=True, metavar="FILE.csv",
                    help="CSV file with a header row; numeric columns")
   gmm.add_argument("--columns", nargs="+", metavar="NAME",
                    help="columns to use (default: all)")
-  gmm.add_argument("--components", type=preflight.int_at_least(1), required=True, metavar="K",
+  gmm.add_argument("--components", type=preflight.int_at_least(1, "n_components"), required=True,
+                   metavar="K",
                    help="number of mixture components")
   gmm.add_argument("--covariance", default="full", choices=COVARIANCE_TYPES,
                    help="covariance type of the components")
-  gmm.add_argument("--n-init", type=preflight.int_at_least(1), default=3, metavar="N",
+  gmm.add_argument("--n-init", type=preflight.int_at_least(1, "n_init"), default=3, metavar="N",
                    help="restarts from different initializations; the best is kept")
-  gmm.add_argument("--max-iter", type=preflight.int_at_least(1), default=500, metavar="N",
+  gmm.add_argument("--max-iter", type=preflight.int_at_least(1, "max_iter"), default=500,
+                   metavar="N",
                    help="EM iterations per restart at most")
   gmm.add_argument("--seed", type=preflight.int_at_least(0), default=0, metavar="N",
                     help="random seed")
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
   verify = sub.add_parser("verify", help="check a hand-written EM against TFP and autodiff", **kw)
   verify.add_argument("path", metavar="MY_EM.py", help="a .py file defining the model and the "
                       "E/M steps (names: see tfp_em.verification.verify_file)")
+  # what a bare `tfp-em` or `tfp-em fit` lacks (a subparser's defaults win)
+  parser.set_defaults(usage_parser=parser, usage_choices=list(sub.choices))
+  fit.set_defaults(usage_parser=fit, usage_choices=list(fit_sub.choices))
   return parser
 
 
@@ -131,8 +135,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, --version
       return e.code
     if args.command is None or (args.command == "fit" and args.model is None):
-      args.usage_parser.print_help(sys.stderr)  # the deepest parser reached
-      return EXIT_USAGE
+      _missing_command(args.usage_parser, args.usage_choices)
     check, run = COMMANDS[args.command]
     checked = check(args)            # plain Python: fails fast, before TensorFlow loads
     with _quiet_third_parties():
@@ -179,6 +182,14 @@ def _import_tensorflow_quietly() -> None:
     os.dup2(saved, 2)
     os.close(devnull)
     os.close(saved)
+
+
+def _missing_command(parser, names) -> None:
+  """One error line that names the commands, with the usage synopsis (errors are one line)."""
+  usage = " ".join(parser.format_usage().split())
+  listed = f"one of {', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+  parser.error(f"{listed} is required; {usage} "
+               f"(`{parser.prog} --help` describes them)")
 
 
 def _one_line(e: Exception) -> str:
@@ -255,8 +266,8 @@ def _demo(args, checked) -> int:
 
 
 def _check_report(args):
-  preflight.netcdf_file(args.source)
   preflight.output_folder(args.out, REPORT_WRITES, args.overwrite)
+  preflight.netcdf_file(args.source)
 
 
 def _report(args, _) -> int:

@@ -13,15 +13,17 @@ import os
 NETCDF_MAGIC = (b"\x89HDF\r\n\x1a\n", b"CDF")
 
 
-def int_at_least(minimum: int):
-  """An argparse `type`: an integer >= `minimum`, else a one-line error."""
+def int_at_least(minimum: int, name: str | None = None):
+  """An argparse `type`: an integer >= `minimum`, else a one-line error naming
+  the estimator's parameter `name` (e.g. n_components) when given."""
   def parse(text: str) -> int:
     try:
       value = int(text)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+      raise argparse.ArgumentTypeError(f"invalid int value {text!r}") from None
     if value < minimum:
-      raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+      what = f" ({name})" if name else ""
+      raise argparse.ArgumentTypeError(f"must be at least {minimum}{what}, got {value}")
     return value
   parse.__name__ = f"integer >= {minimum}"
   return parse
@@ -46,7 +48,7 @@ def output_folder(path, writes, overwrite: bool = False, keep=()) -> str:
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"--out {path!r} is a file, not a folder")
+    raise ValueError(f"--out {path!r} is a file, not a directory")
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
