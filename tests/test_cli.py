@@ -113,7 +113,8 @@ def test_malformed_csv_is_one_line_exit_2(tmp_path, capsys, content, match):
 
 @pytest.mark.parametrize("argv,match", [
     (["fit", "gmm", "--data", "/no/such.csv", "--components", "2"], "does not exist"),
-    (["fit", "gmm", "--data", "{csv}", "--components", "0"], "must be at least 1 (n_components), got 0"),
+    (["fit", "gmm", "--data", "{csv}", "--components", "0"],
+     "must be at least 1 (n_components), got 0"),
     (["fit", "gmm", "--data", "{csv}", "--components", "two"], "invalid int value 'two'"),
     (["fit", "gmm", "--data", "{csv}", "--components", "2", "--covariance", "x"], "invalid choice"),
     (["fit", "gmm", "--data", "{csv}", "--components", "50"], "at least as many points"),
