@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random seed")
   gmm.add_argument("--out", default="tfp_em_fit", metavar="DIR", help="output folder")
   gmm.add_argument("--resume", action="store_true",
-                   help="continue an interrupted fit from OUT/checkpoint")
+                   help="continue an interrupted fit from DIR/checkpoint")
   gmm.add_argument("--checkpoint-every", type=preflight.int_at_least(1), default=10, metavar="N",
-                   help="iterations between checkpoints in OUT/checkpoint")
+                   help="iterations between checkpoints in DIR/checkpoint")
 
   report = sub.add_parser("report", parents=[run], help="HTML diagnostic report of a saved fit",
                           **kw)
