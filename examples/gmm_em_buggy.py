@@ -9,7 +9,7 @@ looks plausible; the verifier names the M-step as the culprit:
 import tensorflow as tf
 
 from gmm_em_correct import (component_axes, data, e_step, init_params, joint_distribution,  # noqa: F401
-                            latents, param_specs, posterior)
+                            latents, param_specs, posterior, statistics)
 
 
 def m_step(params, stats):

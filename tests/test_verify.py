@@ -163,7 +163,8 @@ def _model(covariance_type):
 def test_correct_gmm_passes_every_check():
   report = verify(_model("full"), _gmm_data())
   assert report.passed, str(report)
-  assert [r.passed for r in report.results] == [True] * 10
+  assert [r.check for r in report.results if r.passed is None] == ["2b", "4e"]  # no statistics, no fixed params
+  assert all(r.passed for r in report.results if r.check not in ("2b", "4e"))
   assert report.info["em_converged"] and report.info["lbfgs_converged"]
   # Round-off level, far inside the tolerances.
   for check in ("1", "2", "3", "4b"):

@@ -57,16 +57,19 @@ class ExactPosterior(NamedTuple):
       radix, last element fastest) and `z_mean` is E[z | x], shape
       [N, *event]. Gaussian latent `u`: `u_mean` (shape of u) and `u_cov`
       ([size, size] over the flattened u).
+    joint_cov: Gaussian latents: the covariance of all latents together,
+      flattened and concatenated in order (None for discrete latents).
   """
   log_prob: tf.Tensor
   posterior: dict
+  joint_cov: tf.Tensor | None = None
 
 
 def _call_log_prob(jd, values):
   return jd.log_prob(**values)
 
 
-def _latent_shapes(jd, names):
+def latent_shapes(jd, names):
   shapes = jd.event_shape
   if hasattr(shapes, "_asdict"):
     shapes = shapes._asdict()
@@ -87,14 +90,14 @@ def _latent_shapes(jd, names):
   return out
 
 
-def _latent_dtypes(jd, names):
+def latent_dtypes(jd, names):
   dtypes = jd.dtype
   if hasattr(dtypes, "_asdict"):
     dtypes = dtypes._asdict()
   return {n: dtypes[n] for n in names}
 
 
-def _configurations(latents, event_shapes):
+def configurations(latents, event_shapes):
   """Per-point configurations: {name: [M, *event] numpy}, M = prod of sizes."""
   sizes = {n: int(np.prod(event_shapes[n][1:], dtype=np.int64)) for n in latents}
   digits = [(n, latents[n]) for n in latents for _ in range(sizes[n])]
@@ -116,11 +119,22 @@ def _configurations(latents, event_shapes):
   return out, total
 
 
+def one_point_batch(configs: dict, shapes: dict, n: int, m: int) -> dict:
+  """{name: [N * M, *shape] numpy}: item (i, c) is zero except point i = configuration c."""
+  eye = np.eye(n)
+  batch = {}
+  for k, cfg in configs.items():
+    cfg = cfg.reshape(m, -1)                                         # [M, S]
+    v = eye[:, None, :, None] * cfg[None, :, None, :]                # [N, M, N, S]
+    batch[k] = v.reshape([n * m] + list(shapes[k]))
+  return batch
+
+
 def _enumeration(jd, latents, observed, check_factorization):
   """Returns (log p(x, 0) summed over points, Delta [N, M], configurations)."""
   names = list(latents)
-  shapes = _latent_shapes(jd, names)
-  dtypes = _latent_dtypes(jd, names)
+  shapes = latent_shapes(jd, names)
+  dtypes = latent_dtypes(jd, names)
   base = {k: tf.zeros(shapes[k], dtypes[k]) for k in names}
   lp_base = _call_log_prob(jd, {**base, **observed})
   if lp_base.shape.rank == 1:
@@ -129,15 +143,9 @@ def _enumeration(jd, latents, observed, check_factorization):
   if len(n_points) != 1:
     raise ValueError(f"all latents must share axis 0 (data points); shapes {shapes}")
   n = n_points.pop()
-  configs, m = _configurations(latents, {k: v for k, v in shapes.items()})
+  configs, m = configurations(latents, {k: v for k, v in shapes.items()})
 
-  # values[b] for b = (point i, config c): zeros except row i = config c.
-  eye = np.eye(n)
-  batch = {}
-  for k in names:
-    cfg = configs[k].reshape(m, -1)                                  # [M, S]
-    v = eye[:, None, :, None] * cfg[None, :, None, :]                # [N, M, N, S]
-    batch[k] = v.reshape([n * m] + shapes[k])
+  batch = one_point_batch(configs, shapes, n, m)
   pairs = _factorization_probes(n, m) if (check_factorization and n > 1 and m > 1) else []
   for (i, ci, j, cj) in pairs:
     for k in names:
@@ -164,7 +172,7 @@ def _enumeration_batched(jd, latents, observed, shapes, dtypes, lp_base):
   broadcast over the points, so M evaluations give log p(x_n, z_n = c).
   """
   names = list(latents)
-  configs, m = _configurations(latents, {k: [1] + v for k, v in shapes.items()})
+  configs, m = configurations(latents, {k: [1] + v for k, v in shapes.items()})
   batch = {k: tf.constant(configs[k].astype(dtypes[k].as_numpy_dtype)) for k in names}
 
   def one(values):
@@ -253,23 +261,23 @@ def expected_log_joint_discrete(joint, latents: dict, observed: dict, posterior)
 # ----------------------------------------------------------------------------
 # Gaussian latents.
 
-def _flat_latents(jd, names):
-  shapes = _latent_shapes(jd, names)
+def flat_latents(jd, names):
+  shapes = latent_shapes(jd, names)
   sizes = [int(np.prod(shapes[n])) for n in names]
   return shapes, sizes
 
 
-def _split(flat, names, shapes, sizes):
+def split_latents(flat, names, shapes, sizes):
   parts = tf.split(flat, sizes)
   return {n: tf.reshape(p, shapes[n]) for n, p, in zip(names, parts)}
 
 
-def _log_prob_grad_hessian(jd, names, shapes, sizes, flat, observed):
+def log_prob_grad_hessian(jd, names, shapes, sizes, flat, observed):
   with tf.GradientTape() as outer:
     outer.watch(flat)
     with tf.GradientTape() as inner:
       inner.watch(flat)
-      lp = _call_log_prob(jd, {**_split(flat, names, shapes, sizes), **observed})
+      lp = _call_log_prob(jd, {**split_latents(flat, names, shapes, sizes), **observed})
     grad = inner.gradient(lp, flat)
   hess = outer.jacobian(grad, flat)
   return lp, grad, hess
@@ -299,25 +307,25 @@ def marginalize_gaussian(joint, latents, observed: dict) -> ExactPosterior:
   """
   jd = joint() if callable(joint) and not hasattr(joint, "log_prob") else joint
   names = list(latents)
-  shapes, sizes = _flat_latents(jd, names)
-  dtype = _latent_dtypes(jd, names)[names[0]]
+  shapes, sizes = flat_latents(jd, names)
+  dtype = latent_dtypes(jd, names)[names[0]]
   zero = tf.zeros([sum(sizes)], dtype)
-  _, grad, hess = _log_prob_grad_hessian(jd, names, shapes, sizes, zero, observed)
+  _, grad, hess = log_prob_grad_hessian(jd, names, shapes, sizes, zero, observed)
   neg_h = -0.5 * (hess + tf.transpose(hess))
   chol = tf.linalg.cholesky(neg_h)
   mean = tf.linalg.cholesky_solve(chol, grad[:, tf.newaxis])[:, 0]  # u0 = 0
   cov = tf.linalg.cholesky_solve(chol, tf.eye(sum(sizes), dtype=dtype))
-  lp_mode = _call_log_prob(jd, {**_split(mean, names, shapes, sizes), **observed})
+  lp_mode = _call_log_prob(jd, {**split_latents(mean, names, shapes, sizes), **observed})
   log_det = 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)))
   d = float(sum(sizes))
   log_prob = lp_mode + 0.5 * d * math.log(2 * math.pi) - 0.5 * log_det
   posterior, start = {}, 0
-  means = _split(mean, names, shapes, sizes)
+  means = split_latents(mean, names, shapes, sizes)
   for n, s in zip(names, sizes):
     posterior[n + "_mean"] = means[n]
     posterior[n + "_cov"] = cov[start:start + s, start:start + s]
     start += s
-  return ExactPosterior(log_prob, posterior)
+  return ExactPosterior(log_prob, posterior, cov)
 
 
 def expected_log_joint_gaussian(joint, latents, observed: dict, posterior: dict):
@@ -328,10 +336,10 @@ def expected_log_joint_gaussian(joint, latents, observed: dict, posterior: dict)
   """
   jd = joint() if callable(joint) and not hasattr(joint, "log_prob") else joint
   names = list(latents)
-  shapes, sizes = _flat_latents(jd, names)
-  dtype = _latent_dtypes(jd, names)[names[0]]
+  shapes, sizes = flat_latents(jd, names)
+  dtype = latent_dtypes(jd, names)[names[0]]
   mean = tf.concat([tf.reshape(tf.cast(posterior[n + "_mean"], dtype), [-1]) for n in names], 0)
-  lp, _, hess = _log_prob_grad_hessian(jd, names, shapes, sizes, mean, observed)
+  lp, _, hess = log_prob_grad_hessian(jd, names, shapes, sizes, mean, observed)
   covs = [dense_covariance(tf.cast(posterior[n + "_cov"], dtype), s) for n, s in zip(names, sizes)]
   cov = tf.linalg.LinearOperatorBlockDiag(
       [tf.linalg.LinearOperatorFullMatrix(c) for c in covs]).to_dense()

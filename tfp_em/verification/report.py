@@ -9,51 +9,71 @@ import numpy as np
 CHECK_TITLES = {
     "1": "likelihood",
     "2": "posterior",
+    "2b": "E-step statistics",
     "3": "Fisher identity",
     "4a": "M-step in support",
     "4b": "M-step gradient",
     "4c": "M-step Q increase",
     "4d": "M-step Q maximum",
+    "4e": "fixed params kept",
     "5": "monotone loglik",
     "6a": "stationary point",
     "6b": "L-BFGS agreement",
 }
 
+# The step each check examines: 'E' (the E-step's loglik, posterior or
+# statistics), 'M' (the M-step) or 'EM' (the iteration as a whole).
+CHECK_STEPS = {"1": "E", "2": "E", "2b": "E", "3": "E", "4a": "M", "4b": "M", "4c": "M", "4d": "M",
+               "4e": "M", "5": "EM", "6a": "EM", "6b": "EM"}
+_STEP_NAMES = {"E": "E-step", "M": "M-step", "EM": "EM iteration"}
+
 # What a failure of each check means, in the user's terms. `{detail}` is the
-# worst case the check found.
+# worst case the check found (where, which field, how large).
 MEANINGS = {
     "1": ("the log-likelihood returned by your E-step is not log p(data | theta) from the "
           "JointDistribution (or the model's marginal_log_prob disagrees with it): {detail}"),
     "2": ("your E-step posterior differs from the exact posterior of the JointDistribution "
           "(check the normalization axis and the log-space arithmetic): {detail}"),
-    "3": ("the Fisher identity fails, grad Q(theta | theta_old) at theta_old != grad loglik(theta_old): "
-          "the E-step statistics (or expected_log_joint) are not expectations under the exact "
-          "posterior: {detail}"),
+    "2b": ("the statistics your E-step returns are not their expectation under the exact "
+           "posterior: {detail}"),
+    "3": ("the Fisher identity fails, grad Q(theta | theta_old) at theta_old != grad loglik(theta_old), "
+          "so Q built from your E-step is not the EM Q: {detail}"),
     "4a": ("your M-step returns parameters outside the model's support (e.g. weights that do not "
            "sum to 1, a covariance that is not symmetric positive definite): {detail}"),
     "4b": "your M-step does not maximize Q: grad Q(theta_new) = {detail}",
     "4c": "your M-step decreases Q: Q(theta_new) < Q(theta_old) by {detail}",
     "4d": ("your M-step does not maximize Q: a small perturbation of theta_new increases Q by "
            "{detail}"),
-    "5": "the log-likelihood decreased along EM iterations: {detail}",
-    "6a": ("EM did not converge to a stationary point of the log-likelihood: "
-           "grad loglik(theta*) = {detail}"),
-    "6b": ("the EM optimum differs from the L-BFGS optimum of -loglik started at the same "
+    "4e": "your M-step changes a parameter declared fixed: {detail}",
+    "5": "the objective (loglik, + log prior for MAP) decreased along EM iterations: {detail}",
+    "6a": ("EM did not converge to a stationary point of the objective: "
+           "grad(theta*) = {detail}"),
+    "6b": ("the EM optimum differs from the L-BFGS optimum of the objective started at the same "
            "point (after matching labels): {detail}"),
 }
+
+
+def meaning(result) -> str:
+  """'E-step: <what the failure means>', or what the exception was."""
+  step = _STEP_NAMES[CHECK_STEPS[result.check]]
+  if result.raised:
+    return f"{step}: the check stopped on an exception in your code: {result.detail}"
+  return f"{step}: " + MEANINGS[result.check].format(detail=result.detail)
 
 
 class CheckResult(NamedTuple):
   """One row of the report.
 
   Attributes:
-    check: id ('1', '2', '3', '4a'..'4d', '5', '6a', '6b').
+    check: id ('1', '2', '2b', '3', '4a'..'4e', '5', '6a', '6b').
     name: short title.
     abs_error: largest absolute error over parameter points and fields.
     rel_error: largest error divided by the check's scale (see `Tolerances`).
     tolerance: the bound on `rel_error`.
     passed: True, False, or None when the check was skipped.
     detail: where the worst error occurred, or why the check was skipped.
+    raised: the check stopped on an exception in the user's code (`detail`
+      names it, with the file and line).
   """
   check: str
   name: str
@@ -62,6 +82,12 @@ class CheckResult(NamedTuple):
   tolerance: float
   passed: bool | None
   detail: str = ""
+  raised: bool = False
+
+  @property
+  def step(self) -> str:
+    """'E', 'M' or 'EM': the step this check examines."""
+    return CHECK_STEPS[self.check]
 
 
 class VerificationError(AssertionError):
@@ -108,6 +134,18 @@ class VerificationReport:
     """Ids of the failed checks, e.g. ['4b', '4d']."""
     return [r.check for r in self.failed]
 
+  @property
+  def blamed_steps(self) -> list:
+    """The steps the failed checks name: a subset of ['E', 'M'] (checks 5 and 6
+    follow the whole iteration and name none)."""
+    return sorted({r.step for r in self.failed} - {"EM"})
+
+  @property
+  def notes(self) -> list:
+    """What the reader should know besides the checks (code that ran eagerly,
+    degenerate starts replaced)."""
+    return list(self.info.get("notes", []))
+
   def __getitem__(self, check: str) -> CheckResult:
     for r in self.results:
       if r.check == check:
@@ -116,8 +154,8 @@ class VerificationReport:
 
   def table(self) -> str:
     """Fixed-width table: check, name, max abs error, max rel error, tolerance, status."""
-    header = ("check", "name", "max abs err", "max rel err", "tolerance", "status")
-    rows = [(r.check, r.name, _fmt(r.abs_error), _fmt(r.rel_error), _fmt(r.tolerance),
+    header = ("check", "step", "name", "max abs err", "max rel err", "tolerance", "status")
+    rows = [(r.check, r.step, r.name, _fmt(r.abs_error), _fmt(r.rel_error), _fmt(r.tolerance),
              _status(r.passed)) for r in self.results]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()
@@ -128,9 +166,10 @@ class VerificationReport:
     lines = [f"tfp_em.verify: {self.model} -- {verdict} in {self.seconds:.1f} s", self.table()]
     for r in self.results:
       if r.passed is False:
-        lines.append(f"  [{r.check}] " + MEANINGS[r.check].format(detail=r.detail))
+        lines.append(f"  [{r.check}] " + meaning(r))
       elif r.passed is None:
         lines.append(f"  [{r.check}] skipped: {r.detail}")
+    lines += [f"  note: {n}" for n in self.notes]
     return "\n".join(lines)
 
   __repr__ = __str__
@@ -140,8 +179,8 @@ class VerificationReport:
     return {
         "model": self.model, "passed": self.passed, "seconds": self.seconds,
         "failed_checks": self.failed_checks, "info": _jsonable(self.info),
-        "checks": [dict(r._asdict(), meaning=(MEANINGS[r.check].format(detail=r.detail)
-                                              if r.passed is False else None))
+        "blamed_steps": self.blamed_steps,
+        "checks": [dict(r._asdict(), step=r.step, meaning=(meaning(r) if r.passed is False else None))
                    for r in self.results],
     }
 
@@ -163,8 +202,7 @@ class VerificationReport:
     """Raises `VerificationError` naming each failed check and what it means."""
     if self.passed:
       return self
-    reasons = "\n".join(f"- check {r.check} ({r.name}): " + MEANINGS[r.check].format(detail=r.detail)
-                        for r in self.failed)
+    reasons = "\n".join(f"- check {r.check} ({r.name}): " + meaning(r) for r in self.failed)
     raise VerificationError(f"{self.model} failed verification:\n{reasons}\n\n{self.table()}")
 
 
