@@ -1,6 +1,10 @@
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The command-line tests keep XLA programs here between processes, not in ~/.cache.
+os.environ.setdefault("TFP_EM_XLA_CACHE",
+                      os.path.join(tempfile.gettempdir(), f"tfp_em_tests_xla_{os.getuid()}"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

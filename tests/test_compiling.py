@@ -107,8 +107,18 @@ def test_persistent_cache_writes_the_xla_programs_of_a_fit(tmp_path):
           ".fit(np.random.default_rng(0).normal(size=(300, 2))); print(d)")
   env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("TF_XLA_FLAGS", None)
+  env.pop("TFP_EM_XLA_CACHE", None)
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True)
   directory = out.stdout.strip().splitlines()[-1]
   assert directory == str(tmp_path / "tfp_em" / "xla")
   assert any(name.endswith(".pb") for name in os.listdir(directory))
+
+
+def test_persistent_cache_can_be_turned_off_or_moved(monkeypatch, tmp_path):
+  monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
+  monkeypatch.setenv("TFP_EM_XLA_CACHE", "off")
+  assert compiling.use_persistent_cache() is None
+  assert "TF_XLA_FLAGS" not in os.environ
+  monkeypatch.setenv("TFP_EM_XLA_CACHE", str(tmp_path / "here"))
+  assert compiling.use_persistent_cache() == str(tmp_path / "here")

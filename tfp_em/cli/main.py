@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     check, run = COMMANDS[args.command]
     checked = check(args)            # plain Python: fails fast, before TensorFlow loads
     with _quiet_third_parties():
+      from tfp_em.engine.compiling import use_persistent_cache
+      use_persistent_cache()         # XLA programs (NUTS, GMM kernels) kept for the next run
       return run(args, checked)
   except (_UsageError, ValueError) as e:
     print(f"tfp-em: error: {_one_line(e)}", file=sys.stderr)

@@ -161,16 +161,20 @@ def use_persistent_cache(directory: str | None = None) -> str | None:
   directory the user already set in TF_XLA_FLAGS is kept.
 
   Args:
-    directory: where to keep the programs; default
-      `$XDG_CACHE_HOME/tfp_em/xla` (`~/.cache/tfp_em/xla`).
+    directory: where to keep the programs; default `$TFP_EM_XLA_CACHE`,
+      else `$XDG_CACHE_HOME/tfp_em/xla` (`~/.cache/tfp_em/xla`).
+      `TFP_EM_XLA_CACHE=off` turns the cache off.
 
   Returns:
-    The directory in use, or None when it cannot be created.
+    The directory in use, or None when it is off or cannot be created.
   """
   flags = os.environ.get("TF_XLA_FLAGS", "")
   for flag in flags.split():
     if flag.startswith(PERSISTENT_CACHE_FLAG + "="):
       return flag.split("=", 1)[1]
+  if directory is None and os.environ.get("TFP_EM_XLA_CACHE") == "off":
+    return None
+  directory = directory or os.environ.get("TFP_EM_XLA_CACHE") or None
   if directory is None:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     directory = os.path.join(base, "tfp_em", "xla")
