@@ -121,6 +121,28 @@ def test_exam_like_categorical_fixed_effect_and_random_intercept():
                              a.predict(dummies, d.school.values), rtol=1e-12)
 
 
+def test_predict_data_builds_the_arrays_from_new_rows(sleep_fits, sleepstudy):
+  formula, arrays = sleep_fits
+  d = sleepstudy.iloc[::7]
+  expected = arrays.predict(d[["Days"]].values, d["Subject"].values, time=d["Days"].values)
+  np.testing.assert_allclose(formula.predict_data(d), expected, rtol=1e-12)
+  np.testing.assert_allclose(
+      formula.predict_data(d, interval=True),
+      arrays.predict_interval(d[["Days"]].values, d["Subject"].values, time=d["Days"].values),
+      rtol=1e-12)
+  with pytest.raises(ValueError, match="Days"):
+    formula.predict_data(d.drop(columns=["Days"]))
+  with pytest.raises(ValueError, match="from_formula"):
+    arrays.predict_data(d)
+  # Categorical levels are coded as in the fit, whatever the new rows hold.
+  g = _grouped()
+  f = _quiet(lambda: MixedEffectsRegressor.from_formula("y ~ x + kind + (1 | school)", g,
+                                                        max_iter=20))
+  few = g[g.kind == "private"].iloc[:3]
+  np.testing.assert_allclose(f.predict_data(few), f.predict(f.formula_.X.loc[few.index],
+                                                            few.school.values), rtol=1e-12)
+
+
 def test_uncorrelated_slopes_are_a_diagonal_covariance():
   d = _grouped(seed=1)
   f = _quiet(lambda: MixedEffectsRegressor.from_formula("y ~ x + (t || school)", d,

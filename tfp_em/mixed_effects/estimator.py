@@ -40,10 +40,9 @@ from tfp_em.engine import FitResult, RestartTrace, fit_em, to_numpy
 from tfp_em.engine import inputs as val
 from tfp_em.mixed_effects.crossed_estimator import fit_crossed
 from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats, fit_marginal_lbfgs
-from tfp_em.mixed_effects.formula import fit_formula
+from tfp_em.mixed_effects.formula import FormulaMixin
 from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
 from tfp_em.mixed_effects.networks import fit_network_em, fit_network_nll
-from tfp_em.mixed_effects.summary import MixedSummary, summarize
 from tfp_em.mixed_effects.training import (Network, check_validation_data, default_mlp,
                                            fit_summary)
 
@@ -60,7 +59,7 @@ class RandomEffect(NamedTuple):
   covariance: np.ndarray  # [q, q]
 
 
-class MixedEffectsRegressor(RegressorMixin, BaseEstimator):
+class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
   """Mixed-effects regression with one or several grouping factors, linear or neural f.
 
   One factor (`clusters` = one label array, or a list of one) takes any
@@ -273,18 +272,6 @@ class MixedEffectsRegressor(RegressorMixin, BaseEstimator):
     else:
       self._fit_network(train, None if valid is None else self._validation(valid, dtype))
     return self
-
-  @classmethod
-  def from_formula(cls, formula: str, data, **options) -> "MixedEffectsRegressor":
-    """Fits an lme4 formula, e.g. 'Reaction ~ Days + (Days | Subject)', on a DataFrame
-    (`formula.fit_formula`); `options` are the other constructor arguments."""
-    return fit_formula(cls, formula, data, options)
-
-  def summary(self, X=None, y=None, clusters=None, time=None, Z=None) -> MixedSummary:
-    """lme4's summary (fixed effects with SE and t, variance components, logLik,
-    AIC, BIC, deviance, groups); `print()` it for lme4's layout. The data
-    default to a formula fit's; an array fit passes its training data."""
-    return summarize(self, X, y, clusters, time, Z)
 
   def em_data(self, x, y, z, codes, num_clusters) -> me.MixedEffectsData:
     """The `MixedEffectsData` the EM model takes, from numpy designs and cluster codes."""

@@ -13,7 +13,8 @@ interactions) and each bar term's design are built by formulaic from a pandas
 DataFrame, with missing values refused. `formula_design` maps a formula onto
 the array API of `MixedEffectsRegressor` (X, y, clusters, time, Z and the
 options random_effects, degree, covariance, fit_intercept), so a formula fit
-is the array fit of those arrays. A term the estimator cannot fit gets a
+is the array fit of those arrays; `FormulaMixin` gives the estimator
+`from_formula`, `predict_data` and `summary`. A term the estimator cannot fit gets a
 ValueError naming the term.
 
 #### References
@@ -31,6 +32,9 @@ import numpy as np
 import pandas as pd
 from formulaic import model_matrix
 from formulaic.errors import FormulaicError
+
+from tfp_em.engine import inputs as val
+from tfp_em.mixed_effects.summary import MixedSummary, summarize
 
 BAR = re.compile(r"\(([^()|]*)(\|\|?)([^()|]*)\)")
 INTERCEPT = "Intercept"
@@ -61,6 +65,9 @@ class FormulaDesign(NamedTuple):
   fixed_names: tuple         # lme4's names of beta: '(Intercept)', then X's columns
   random_names: tuple        # names of the random-effects design's columns
   group_names: tuple         # one per grouping factor
+  terms: tuple               # the `RandomTerm`s
+  fixed_spec: object         # formulaic ModelSpec of the fixed part (for new data)
+  random_spec: object        # formulaic ModelSpec of a single factor's design, or None
 
 
 def split_formula(formula: str) -> tuple[str, str, tuple]:
@@ -94,10 +101,13 @@ def split_formula(formula: str) -> tuple[str, str, tuple]:
   return response, fixed or "1", tuple(terms)
 
 
-def _matrix(spec: str, data: pd.DataFrame, what: str):
-  """formulaic's model matrix, with its errors turned into one-line ValueErrors."""
+def _matrix(spec, data: pd.DataFrame, what: str):
+  """formulaic's model matrix of a formula or ModelSpec, with its errors turned
+  into one-line ValueErrors."""
   try:
-    return model_matrix(spec, data, na_action="raise")
+    if isinstance(spec, str):
+      return model_matrix(spec, data, na_action="raise")
+    return spec.get_model_matrix(data, na_action="raise")
   except (FormulaicError, ValueError, NameError, SyntaxError) as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ValueError(f"{what}: {message}") from None
@@ -119,19 +129,20 @@ def _group_labels(term: RandomTerm, data: pd.DataFrame) -> np.ndarray:
 
 
 def _single_factor(term: RandomTerm, data: pd.DataFrame):
-  """(options, time, Z, names) of one bar term's design."""
+  """(options, time, Z, names, design's ModelSpec) of one bar term's design."""
   z = _matrix(term.design, data, f"random-effects term {term.text!r}")
   columns = list(z.columns)
   names = tuple("(Intercept)" if c == INTERCEPT else c for c in columns)
   covariance = "diag" if term.uncorrelated and len(columns) > 1 else "full"
+  spec = z.model_spec
   if columns == [INTERCEPT]:
-    return dict(random_effects="intercept", covariance=covariance), None, None, names
+    return dict(random_effects="intercept", covariance=covariance), None, None, names, spec
   if (len(columns) == 2 and columns[0] == INTERCEPT and columns[1] in data.columns
       and pd.api.types.is_numeric_dtype(data[columns[1]])):
     options = dict(random_effects="slopes", degree=1, covariance=covariance)
-    return options, data[columns[1]].to_numpy(np.float64), None, names
+    return options, data[columns[1]].to_numpy(np.float64), None, names, spec
   return (dict(random_effects="custom", covariance=covariance), None,
-          np.asarray(z, np.float64), names)
+          np.asarray(z, np.float64), names, spec)
 
 
 def formula_design(formula: str, data) -> FormulaDesign:
@@ -167,7 +178,7 @@ def formula_design(formula: str, data) -> FormulaDesign:
   fixed_names = (("(Intercept)",) if fit_intercept else ()) + tuple(X.columns)
   groups = [t.group_name for t in terms]
   if len(terms) == 1:
-    options, time, Z, random_names = _single_factor(terms[0], data)
+    options, time, Z, random_names, random_spec = _single_factor(terms[0], data)
     clusters = _group_labels(terms[0], data)
   else:
     seen = set()
@@ -181,28 +192,71 @@ def formula_design(formula: str, data) -> FormulaDesign:
         raise ValueError(f"random-effects term {term.text!r}: several grouping factors take "
                          "random intercepts (1 | g) only")
     options, time, Z, random_names = dict(random_effects="intercept"), None, None, ("(Intercept)",)
+    random_spec = None
     clusters = [_group_labels(t, data) for t in terms]
   options["fit_intercept"] = fit_intercept
   return FormulaDesign(formula, response, X, y, clusters, time, Z, options, fixed_names,
-                       random_names, tuple(groups))
+                       random_names, tuple(groups), terms, mm.rhs.model_spec, random_spec)
 
 
-def fit_formula(estimator_class, formula: str, data, options: dict):
-  """`estimator_class(**formula options, **options)` fitted on the formula's arrays.
-
-  The formula sets random_effects, degree, covariance and fit_intercept; the
-  fit is `fit` on `formula_design`'s arrays, and `formula_` keeps them (a
-  `FormulaDesign`) for `summary()`.
+def new_data_inputs(design: FormulaDesign, data) -> dict:
+  """`predict`'s arguments (X, clusters, time, Z) for new rows of a DataFrame,
+  coded as in the fit (formulaic keeps the categorical levels seen there).
 
   Raises:
-    ValueError: naming the term the estimator cannot fit, an unknown column
-      or missing values; or an option the formula already sets.
+    ValueError: naming a missing column or missing values.
   """
-  design = formula_design(formula, data)
-  clash = sorted(set(options) & set(design.options))
-  if clash:
-    raise ValueError(f"{', '.join(clash)} is set by the formula; leave it out of the options")
-  estimator = estimator_class(**design.options, **options)
-  estimator.fit(design.X, design.y, design.clusters, time=design.time, Z=design.Z)
-  estimator.formula_ = design
-  return estimator
+  if not isinstance(data, pd.DataFrame):
+    raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+  X = pd.DataFrame(_matrix(design.fixed_spec, data, "fixed effects"))
+  X = X.drop(columns=[INTERCEPT], errors="ignore").astype(np.float64)
+  clusters = [_group_labels(t, data) for t in design.terms]
+  inputs = dict(X=X, clusters=clusters[0] if len(clusters) == 1 else clusters, time=None, Z=None)
+  kind = design.options["random_effects"]
+  if kind != "intercept":
+    z = np.asarray(_matrix(design.random_spec, data,
+                           f"random-effects term {design.terms[0].text!r}"), np.float64)
+    inputs["time" if kind == "slopes" else "Z"] = z[:, 1] if kind == "slopes" else z
+  return inputs
+
+
+class FormulaMixin:
+  """`from_formula`, `predict_data` and lme4's `summary` for `MixedEffectsRegressor`."""
+
+  @classmethod
+  def from_formula(cls, formula: str, data, **options):
+    """Fits an lme4 formula, e.g. 'Reaction ~ Days + (Days | Subject)', on a DataFrame.
+
+    The formula sets random_effects, degree, covariance and fit_intercept;
+    `options` are the other constructor arguments. The fit is `fit` on
+    `formula_design`'s arrays, and `formula_` keeps them (a `FormulaDesign`)
+    for `summary()` and `predict_data()`.
+
+    Raises:
+      ValueError: naming the term the estimator cannot fit, an unknown column
+        or missing values; or an option the formula already sets.
+    """
+    design = formula_design(formula, data)
+    clash = sorted(set(options) & set(design.options))
+    if clash:
+      raise ValueError(f"{', '.join(clash)} is set by the formula; leave it out of the options")
+    estimator = cls(**design.options, **options)
+    estimator.fit(design.X, design.y, design.clusters, time=design.time, Z=design.Z)
+    estimator.formula_ = design
+    return estimator
+
+  def predict_data(self, data, interval: bool = False, level: float = 0.95):
+    """`predict` (with interval=True, `predict_interval`) on the rows of a DataFrame,
+    for a fit by `from_formula`: the formula builds X, the groups, time and Z."""
+    val.check_is_fitted(self, "fit_result_")
+    if self.formula_ is None:
+      raise ValueError("predict_data() needs a fit by from_formula; use predict(X, clusters)")
+    inputs = new_data_inputs(self.formula_, data)
+    return self.predict_interval(**inputs, level=level) if interval else self.predict(**inputs)
+
+  def summary(self, X=None, y=None, clusters=None, time=None, Z=None) -> MixedSummary:
+    """lme4's summary (`summary.summarize`): fixed effects with SE and t, variance
+    components, logLik, AIC, BIC, deviance, groups; `print()` it for lme4's
+    layout. The data default to a formula fit's; an array fit passes its
+    training data."""
+    return summarize(self, X, y, clusters, time, Z)
