@@ -202,6 +202,15 @@ def test_bad_formulas_name_the_problem(formula, match):
     MixedEffectsRegressor.from_formula(formula, d, max_iter=5)
 
 
+def test_a_transformed_response_is_evaluated_by_formulaic():
+  d = _grouped()
+  d["e"] = np.exp(d.y)
+  f = _quiet(lambda: MixedEffectsRegressor.from_formula("np.log(e) ~ x + (1 | school)", d,
+                                                        max_iter=20))
+  a = _quiet(lambda: MixedEffectsRegressor.from_formula("y ~ x + (1 | school)", d, max_iter=20))
+  np.testing.assert_allclose(f.log_likelihood_, a.log_likelihood_, rtol=1e-10)
+
+
 def test_options_set_by_the_formula_are_refused():
   with pytest.raises(ValueError, match="random_effects is set by the formula"):
     MixedEffectsRegressor.from_formula("y ~ x + (1 | school)", _grouped(),

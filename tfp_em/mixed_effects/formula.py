@@ -162,8 +162,8 @@ def formula_design(formula: str, data) -> FormulaDesign:
   if not isinstance(data, pd.DataFrame):
     raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
   response, fixed, terms = split_formula(formula)
-  if response not in data.columns:
-    raise ValueError(f"response {response!r} is not a column of data")
+  if re.fullmatch(r"[A-Za-z_.][\w.]*", response) and response not in data.columns:
+    raise ValueError(f"response {response!r} is not a column of data")  # else formulaic evaluates it
   for term in terms:
     _group_labels(term, data)  # unknown columns and NaN first: the clearer message
   mm = _matrix(f"{response} ~ {fixed}", data, "fixed effects")
