@@ -2,7 +2,7 @@
 
 `parametrize_with_checks` runs scikit-learn's whole estimator-check suite on
 GaussianMixture and BernoulliMLPClassifier (small max_iter: the checks test
-the API, not the optimum; marked slow: about 40 s together). Nothing is listed in `expected_failed_checks`.
+the API, not the optimum; marked slow: 20-40 s together). Nothing is listed in `expected_failed_checks`.
 Skipped checks, and why:
   * check_array_api_input: scikit-learn skips it itself unless the
     SCIPY_ARRAY_API environment variable is set; the estimators compute in
@@ -32,7 +32,7 @@ from tfp_em import (BernoulliMLPClassifier, CrossedEffectsRegressor, GaussianMix
                     MixedEffectsRegressor)
 
 
-@pytest.mark.slow  # about 40 s for the set on two busy cores
+@pytest.mark.slow  # the set takes 20-40 s on two shared cores
 @parametrize_with_checks([GaussianMixture(max_iter=20, verbose=False),
                           BernoulliMLPClassifier(n_hidden=3, max_iter=30)])
 def test_scikit_learn_estimator_checks(estimator, check):
