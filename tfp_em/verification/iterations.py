@@ -104,25 +104,31 @@ def check_monotone(target: Target, k: Kernels, n_steps: int, tol: Tolerances, ac
     acc["5"].skip = "every start was degenerate"
 
 
-def run_em(k: Kernels, params, n_obs: float, max_iter: int, rtol: float):
-  """EM from `params` until the loglik change is below rtol (|ll| + N)."""
-  prev = None
+def run_em(k: Kernels, params, n_obs: float, max_iter: int, rtol: float, slack: float):
+  """EM from `params` until the loglik change is below rtol (|ll| + N).
+
+  Raises Degenerate when the loglik, never decreasing (beyond `slack`), ends
+  non-finite with the parameters at the edge of their support.
+  """
+  prev, monotone = None, True
   for it in range(max_iter):
     try:
       new, ll = k.iterate(params)
       ll = float(ll)
     except Exception:
-      if _edge(k, params) is None or it == 0:
+      if not monotone or it == 0 or _edge(k, params) is None:
         raise
       ll = np.nan
     if not np.isfinite(ll):
       edge = _edge(k, params)
-      if edge is not None and it > 0:
+      if edge is not None and it > 0 and monotone:
         raise Degenerate(f"EM to convergence: the loglik became {ll} at iteration {it}, with "
                          f"{edge!r} at the edge of its support")
       return params, it, False
     if prev is not None and abs(ll - prev) <= rtol * (abs(ll) + n_obs):
       return params, it, True
+    if prev is not None and prev - ll > slack * (abs(prev) + n_obs):
+      monotone = False
     prev, params = ll, new
   return params, max_iter, False
 
@@ -171,7 +177,8 @@ def check_fixed_point(target: Target, k: Kernels, gscale: float, tol: Tolerances
   theta = None
   for i, start in enumerate(list(target.starts) + [target.more_starts(len(target.starts))]):
     try:
-      theta, n_iter, converged = run_em(k, start, target.n_obs, max_iter, rtol=1e-14)
+      theta, n_iter, converged = run_em(k, start, target.n_obs, max_iter, rtol=1e-14,
+                                        slack=tol.q_slack)
       break
     except Degenerate as e:
       info.setdefault("degenerate_starts", []).append(str(e))
