@@ -38,6 +38,7 @@ tolerances leave 3 to 6 orders of magnitude of room on both sides.
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from typing import Any, Callable, NamedTuple
 
@@ -259,7 +260,8 @@ def describe_exception(e: BaseException) -> str:
           and os.sep + "lib" + os.sep + "python" not in f.filename]
   where = f" (at {user[-1].filename}:{user[-1].lineno} in {user[-1].name})" if user else ""
   text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:200] if text else ''}{where}"
+  first = re.sub(r"\s*\[Op:\w+\].*$", "", re.sub(r"^\{\{.*?\}\}\s*", "", text[0])) if text else ""
+  return f"{type(e).__name__}: {first[:200]}{where}"
 
 
 def guard(acc: dict, checks, where: str, fn):
