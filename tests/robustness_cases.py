@@ -646,9 +646,10 @@ def _cli_cases():
                f"{n} = None\n" for n in ("joint_distribution", "data", "e_step", "m_step",
                                          "init_params", "param_specs")))],
            "EMModel or a function"),
+      # Each check runs on its own (issue 19): the report names the user's line, exit 1.
       Case("tfp-em verify: the user's e_step raises", "cli",
            lambda tmp: ["verify", _write(tmp, "em.py", _BROKEN_E_STEP)],
-           r"em.py, line 7, in e_step: RuntimeError: my e-step is broken"),
+           expect="handled", check=_verify_reports_the_broken_line),
       Case("tfp-em verify: no path", "cli", lambda tmp: ["verify"], "required"),
   ]
   return cases
@@ -668,6 +669,16 @@ def expected_log_joint(params, stats):
 init_params = {"mu": 0.5}
 param_specs = {"mu": tfb.Identity()}
 """
+
+
+def _verify_reports_the_broken_line(result, _):
+  rc, out, err = result
+  if rc != 1 or "Traceback" in out + err:
+    return f"exit code {rc} (expected 1, checks failed); stderr {err[:200]!r}"
+  if not re.search(r"E-step: .*RuntimeError: my e-step is broken \(at .*em\.py:7 in e_step\)",
+                   out):
+    return f"the report does not name the user's line: {out[:300]!r}"
+  return None
 
 
 def _out(tmp):
@@ -743,6 +754,9 @@ def _run_cli(case: Case, tmp) -> Outcome:
     return Outcome("crash", f"{type(e).__name__} escaped main: {_one_line(e)[:300]}")
   lines = err.getvalue().strip().splitlines()
   written = sorted(_snapshot(tmp) - before)
+  if case.expect == "handled":  # the command ran to its end: check(result) judges the output
+    problem = case.check((rc, out.getvalue(), err.getvalue()), None)
+    return Outcome("crash", problem) if problem else Outcome("handled", f"exit code {rc}")
   problems = []
   if rc != 2:
     problems.append(f"exit code {rc}")

@@ -29,10 +29,9 @@ from tfp_em.diagnostics import page, plots, selection
 from tfp_em.diagnostics.adapters import get_adapter
 from tfp_em.diagnostics.inference_data import (load_fitted, read_netcdf, resolve_data,
                                                set_model_selection, to_inference_data)
-from tfp_em.diagnostics.naming import entries
 from tfp_em.diagnostics.report_hmc import hmc_section
 from tfp_em.diagnostics.restarts import restart_check, restart_outcomes
-from tfp_em.diagnostics.standard_errors import as_float64, standard_errors
+from tfp_em.diagnostics.standard_errors import as_float64, named_entries, standard_errors
 from tfp_em.engine import outputs
 from tfp_em.engine.unconstrained import Flattener
 
@@ -66,15 +65,6 @@ def em_checks(fitted, em_idata, data) -> list[tuple[str, str, bool]]:
   out.append(("stationary point: max |d mean-l / du| at the estimate (shrinks with tol)",
               f"{grad:.2e}", grad < 1e-3))
   return out
-
-
-def named_entries(fitted, feature_names=None):
-  """`naming.Entry` of every trainable entry, in the order of `standard_errors`."""
-  adapter = get_adapter(fitted)
-  params, specs = adapter.params(fitted), adapter.param_specs(fitted)
-  fields = [(n, p.shape) for n, p, s in zip(params._fields, params, specs) if s.trainable]
-  coords = {"feature": list(feature_names)} if feature_names is not None else None
-  return entries(fields, adapter.dims(fitted), coords)
 
 
 def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,

@@ -45,6 +45,7 @@ from scipy.stats import norm
 
 from tfp_em.diagnostics.adapters import get_adapter
 from tfp_em.diagnostics.inference_data import resolve_data
+from tfp_em.diagnostics.naming import entries
 from tfp_em.engine import inputs as v
 from tfp_em.engine.loop import fit_em, progress_enabled
 from tfp_em.engine.unconstrained import Flattener
@@ -303,14 +304,30 @@ def bootstrap_standard_errors(fitted, X=None, y=None, *, n_boot: int = 100, seed
                         entry_links(flat.template, flat.specs))
 
 
+def named_entries(fitted, feature_names=None):
+  """`naming.Entry` of every trainable entry, in the order of `standard_errors`."""
+  adapter = get_adapter(fitted)
+  params, specs = adapter.params(fitted), adapter.param_specs(fitted)
+  fields = [(n, p.shape) for n, p, s in zip(params._fields, params, specs) if s.trainable]
+  coords = {"feature": list(feature_names)} if feature_names is not None else None
+  return entries(fields, adapter.dims(fitted), coords)
+
+
 def summary(fitted, X=None, y=None, *, method: str = "hessian", ci: float = 0.95,
-            round_to: int | None = None, **data_kwargs) -> pd.DataFrame:
+            round_to: int | None = None, feature_names=None, **data_kwargs) -> pd.DataFrame:
   """Table of estimate, standard error and interval, in az.summary style.
 
-  Rows are named like `az.summary` ('weights[0]', 'means[1, 0]', ...).
-  Columns: estimate, se, and the interval bounds 'ci_2.5%', 'ci_97.5%' (for
-  the default ci=0.95): Wald intervals on each entry's link scale, mapped
-  back (`link_interval`), so a weight's interval stays inside (0, 1).
+  Rows are indexed like `az.summary` ('weights[0]', 'means[1, 0]', ...); the
+  'name' column spells each entry out by its coordinates, with the feature
+  (column) names: 'means[component 1, waiting]'. A symmetric matrix's entry
+  is listed once. Columns: name, estimate, se, and the interval bounds
+  'ci_2.5%', 'ci_97.5%' (for the default ci=0.95): Wald intervals on each
+  entry's link scale, mapped back (`link_interval`), so a weight's interval
+  stays inside (0, 1).
+
+  `feature_names` default to the columns of X when it is a DataFrame, else
+  of the DataFrame the estimator was fitted on (scikit-learn's
+  `feature_names_in_`, set only then).
 
   Args:
     fitted: a fitted estimator; X, y, data_kwargs (sample_weight; clusters,
@@ -325,6 +342,12 @@ def summary(fitted, X=None, y=None, *, method: str = "hessian", ci: float = 0.95
   se = standard_errors(fitted, X, y, method=method, **data_kwargs)
   lo, hi = f"ci_{100 * (1 - ci) / 2:g}%", f"ci_{100 * (1 + ci) / 2:g}%"
   lower, upper = se.interval(ci)
-  table = pd.DataFrame({"estimate": se.estimate, "se": se.se, lo: lower, hi: upper},
-                       index=se.labels)
+  if feature_names is None and hasattr(X, "columns"):  # a DataFrame
+    feature_names = [str(c) for c in X.columns]
+  if feature_names is None:
+    feature_names = getattr(fitted, "feature_names_in_", None)  # scikit-learn's convention
+  named = named_entries(fitted, feature_names)
+  table = pd.DataFrame({"name": [e.name for e in named], "estimate": se.estimate, "se": se.se,
+                        lo: lower, hi: upper}, index=se.labels)
+  table = table[[e.keep for e in named]]
   return table.round(round_to) if round_to is not None else table
