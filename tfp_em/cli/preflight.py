@@ -64,11 +64,17 @@ def output_folder(path, writes, overwrite: bool = False, keep=()) -> str:
   return path
 
 
-def netcdf_file(path) -> str:
-  """Checks that `path` is a file that starts like a netCDF file."""
+def existing_file(path) -> str:
+  """`path` as a string, if it names a file."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ValueError(f"{path!r} does not exist or is not a file")
+  return path
+
+
+def netcdf_file(path) -> str:
+  """Checks that `path` is a file that starts like a netCDF file."""
+  path = existing_file(path)
   with open(path, "rb") as f:
     head = f.read(8)
   if not any(head.startswith(m) for m in NETCDF_MAGIC):
@@ -79,9 +85,7 @@ def netcdf_file(path) -> str:
 
 def python_file(path) -> str:
   """Checks that `path` is a Python file that compiles (syntax only; nothing runs)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise ValueError(f"{path!r} does not exist or is not a file")
+  path = existing_file(path)
   try:
     with open(path, "rb") as f:
       compile(f.read(), path, "exec", dont_inherit=True)
