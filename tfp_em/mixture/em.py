@@ -38,7 +38,6 @@ from tfp_em.engine.passes import add_stats
 from tfp_em.verification.exact import ExactPosterior, marginalize_discrete
 
 MIN_COUNT_EPS = 10.0  # counts get 10*eps added, as in scikit-learn
-ONE_OFF_TRACE_WORK = 2 ** 20  # see GaussianMixtureEM.one_off_mode
 
 
 class GaussianMixtureStats(NamedTuple):
@@ -291,13 +290,10 @@ class GaussianMixtureEM(EMModel):
     return tf.reduce_sum(data.weights * lp)
 
   # -- helpers ---------------------------------------------------------------
-  def one_off_mode(self, n_points: int, n_features: int) -> str:
+  def one_off_mode(self) -> str:
     """How to run a step called a few times per fit (initialization, predict):
-    eagerly below `ONE_OFF_TRACE_WORK` points x components x features, where
-    a trace costs more than it saves; else a cached graph."""
-    if self.compile == "eager" or n_points * self.n_components * n_features < ONE_OFF_TRACE_WORK:
-      return "eager"
-    return "graph"
+    a cached graph (traced once per configuration), or eagerly under 'eager'."""
+    return "eager" if self.compile == "eager" else "graph"
 
   def log_prob_components(self, params, x):
     """log w_k + log N(x_n | k), shape [N, K]."""
@@ -333,7 +329,7 @@ class GaussianMixtureEM(EMModel):
     compiled once per configuration (`tfp_em.engine.compiling.compiled`)."""
     step = compiled(self, "params_from_responsibilities",
                     lambda: self._params_from_responsibilities,
-                    self.one_off_mode(int(data.x.shape[0]), int(data.x.shape[1])), data_arg=-1)
+                    self.one_off_mode(), data_arg=-1)
     return step(ResponsibilityRows(data.x, data.weights, resp))
 
   def _params_from_responsibilities(self, rows: ResponsibilityRows):

@@ -329,7 +329,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     x = self._checked_x(X)
     model = self.em_model()
     log_joint = compiled(model, "log_prob_components", lambda: model.log_prob_components,
-                         model.one_off_mode(int(x.shape[0]), int(x.shape[1])), data_arg=-1)
+                         model.one_off_mode(), data_arg=-1)
     step = INFERENCE_CHUNK
     return tf.concat([log_joint(self.params_, x[i:i + step])
                       for i in range(0, max(int(x.shape[0]), 1), step)], axis=0)
