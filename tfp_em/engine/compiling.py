@@ -6,8 +6,8 @@ not EM. `compiled` keeps every traced step for the whole process, keyed on
 what the step depends on: the model's class and `step_config()`, the step's
 name and the compile mode. A fresh estimator, a refit, a restart, a CV fold
 or a BIC candidate of a configuration seen before reuses the traced step.
-A step's trace leaves the data's leading axis unknown, so a new number of
-rows does not trace again.
+A step's trace leaves the data's leading axis unknown (above `RELAX_ROWS`
+rows), so a new number of rows does not trace again.
 """
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ import os
 import tensorflow as tf
 
 MAX_CACHED_STEPS = 512  # least recently used steps are dropped beyond this
+# Data of at most this many rows are traced at their exact size: a trace with N
+# known is simpler (no chunk loop) and cheap to redo; larger data share one trace.
+RELAX_ROWS = 2048
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _COMPILED_NAMES: set[str] = set()  # qualnames of the functions compile_fn has traced
@@ -27,8 +30,9 @@ def compile_fn(fn, mode: str, autograph: bool = True, data_arg: int | None = Non
   """`fn` as a `Step` ('graph': a `tf.function`; 'xla': XLA-compiled), or itself ('eager').
 
   `data_arg`: the position of the argument holding data rows (-1: the last),
-  whose leading axis is left unknown in the trace, so every data size shares
-  one trace; other arguments are traced at their exact shapes.
+  whose leading axis is left unknown in the trace when it has more than
+  `RELAX_ROWS` rows, so every larger data size shares one trace; other
+  arguments, and smaller data, are traced at their exact shapes.
   """
   if mode == "eager":
     return fn
@@ -52,7 +56,7 @@ class Step:
     self._classes = set()
 
   def __call__(self, *args):
-    if self.data_arg is not None:
+    if self.data_arg is not None and _rows(args[self.data_arg]) > RELAX_ROWS:
       data_arg = self.data_arg % len(args)
       signature = tuple(_signature(a, relax=(i == data_arg)) for i, a in enumerate(args))
       try:
@@ -66,6 +70,15 @@ class Step:
 
   def tracing_count(self) -> int:
     return self.function.experimental_get_tracing_count()
+
+
+def _rows(value) -> int:
+  """Leading size of the first tensor in `value` (0 when unknown)."""
+  for leaf in tf.nest.flatten(value):
+    shape = getattr(leaf, "shape", None)
+    if shape is not None and len(shape) and shape[0] is not None:
+      return int(shape[0])
+  return 0
 
 
 def _signature(value, relax: bool):
