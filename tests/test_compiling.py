@@ -32,7 +32,7 @@ def test_fresh_mixtures_of_one_configuration_trace_once_for_every_n():
   compiling.clear_cache()  # so that the first fit traces
   fit = lambda n: GaussianMixture(3, covariance_type="diag", max_iter=3, tol=0, compile="graph",
                                   verbose=False).fit(_blobs(n))
-  counts = _traces_per_fit(fit, [3000, 3001, 6000, 3001, 9999])  # above RELAX_ROWS
+  counts = _traces_per_fit(fit, [3000, 3001, 6000, 3001, 9999])  # above trace_exact_rows
   assert counts[0] > 0                # a new configuration traces
   assert counts[1:] == [0, 0, 0, 0]   # with N left unknown: no trace for another N
 

@@ -88,6 +88,7 @@ class BernoulliMLPEM(EMModel):
       sqrt(D+1) for the hidden layer (default 2).
   """
   name = "BernoulliMLP"
+  trace_exact_rows = 2048  # small data: one chunk, no loop in the trace
   failure_hint = ("Standardize the inputs, add an L2 penalty (l2 > 0), reduce "
                   "n_hidden, or use float64.")
 

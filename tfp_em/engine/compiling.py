@@ -6,8 +6,8 @@ not EM. `compiled` keeps every traced step for the whole process, keyed on
 what the step depends on: the model's class and `step_config()`, the step's
 name and the compile mode. A fresh estimator, a refit, a restart, a CV fold
 or a BIC candidate of a configuration seen before reuses the traced step.
-A step's trace leaves the data's leading axis unknown (above `RELAX_ROWS`
-rows), so a new number of rows does not trace again.
+A step's trace leaves the data's leading axis unknown (above the model's
+`trace_exact_rows`), so a new number of rows does not trace again.
 """
 from __future__ import annotations
 
@@ -18,20 +18,18 @@ import os
 import tensorflow as tf
 
 MAX_CACHED_STEPS = 512  # least recently used steps are dropped beyond this
-# Data of at most this many rows are traced at their exact size: a trace with N
-# known is simpler (no chunk loop) and cheap to redo; larger data share one trace.
-RELAX_ROWS = 2048
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _COMPILED_NAMES: set[str] = set()  # qualnames of the functions compile_fn has traced
 
 
-def compile_fn(fn, mode: str, autograph: bool = True, data_arg: int | None = None):
+def compile_fn(fn, mode: str, autograph: bool = True, data_arg: int | None = None,
+               exact_rows: int = 0):
   """`fn` as a `Step` ('graph': a `tf.function`; 'xla': XLA-compiled), or itself ('eager').
 
   `data_arg`: the position of the argument holding data rows (-1: the last),
   whose leading axis is left unknown in the trace when it has more than
-  `RELAX_ROWS` rows, so every larger data size shares one trace; other
+  `exact_rows` rows, so every such data size shares one trace; other
   arguments, and smaller data, are traced at their exact shapes.
   """
   if mode == "eager":
@@ -39,7 +37,8 @@ def compile_fn(fn, mode: str, autograph: bool = True, data_arg: int | None = Non
   if mode not in ("graph", "xla"):
     raise ValueError(f"compile mode must be 'eager', 'graph' or 'xla', got {mode!r}")
   _COMPILED_NAMES.add(getattr(fn, "__qualname__", repr(fn)))
-  return Step(tf.function(fn, jit_compile=(mode == "xla"), autograph=autograph), data_arg)
+  return Step(tf.function(fn, jit_compile=(mode == "xla"), autograph=autograph), data_arg,
+              exact_rows)
 
 
 class Step:
@@ -50,13 +49,14 @@ class Step:
   per concrete shape it meets.
   """
 
-  def __init__(self, function, data_arg: int | None):
+  def __init__(self, function, data_arg: int | None, exact_rows: int = 0):
     self.function = function
     self.data_arg = data_arg
+    self.exact_rows = exact_rows
     self._classes = set()
 
   def __call__(self, *args):
-    if self.data_arg is not None and _rows(args[self.data_arg]) > RELAX_ROWS:
+    if self.data_arg is not None and _rows(args[self.data_arg]) > self.exact_rows:
       data_arg = self.data_arg % len(args)
       signature = tuple(_signature(a, relax=(i == data_arg)) for i, a in enumerate(args))
       try:
@@ -109,11 +109,12 @@ def compiled(model, name: str, build, mode: str, data_arg: int | None = None):
     return build()
   config = model.step_config()
   if config is None:
-    return compile_fn(build(), mode, model.autograph, data_arg)
+    return compile_fn(build(), mode, model.autograph, data_arg, model.trace_exact_rows)
   key = (type(model), name, mode, data_arg, config)
   step = _CACHE.get(key)
   if step is None:
-    step = _CACHE[key] = compile_fn(build(), mode, model.autograph, data_arg)
+    step = _CACHE[key] = compile_fn(build(), mode, model.autograph, data_arg,
+                                    model.trace_exact_rows)
     if len(_CACHE) > MAX_CACHED_STEPS:
       _CACHE.popitem(last=False)
   else:

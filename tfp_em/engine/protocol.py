@@ -50,6 +50,10 @@ class EMModel(abc.ABC):
       (tf.function) or 'xla'.
     autograph: False when the steps have no Python control flow on tensors:
       tracing then skips AutoGraph's source conversion (faster first fit).
+    trace_exact_rows: data of at most this many rows are traced at their
+      exact size, larger data share one trace with the row count unknown
+      (default 0: always shared). For steps whose trace is much simpler when
+      N is known, like a chunk loop that small data skip.
     fuse_steps: False when the M-step cannot share one compiled function
       with the E-step (for instance an M-step that runs eagerly).
     failure_hint: what to try when the fit goes non-finite; appended to
@@ -73,6 +77,7 @@ class EMModel(abc.ABC):
   name: str = "EMModel"
   compile: str = "graph"
   autograph: bool = True
+  trace_exact_rows: int = 0
   fuse_steps: bool = True
   failure_hint: str = ""
   param_specs = None

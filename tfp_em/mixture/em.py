@@ -229,6 +229,7 @@ class GaussianMixtureEM(EMModel):
   """
   name = "GaussianMixture"
   autograph = False  # no Python control flow on tensors in the steps
+  trace_exact_rows = 2048  # small data: one chunk, no loop in the trace
   shared_stats_fields = ("center",)
   failure_hint = ("Some components have an ill-defined covariance (collapsed onto a few "
                   "points or duplicates): increase reg_covar, reduce n_components, or "
