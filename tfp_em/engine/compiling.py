@@ -45,8 +45,8 @@ class Step:
   """A traced step: one trace per shape class of its arguments.
 
   A shape class is the arguments' dtypes and shapes, with the leading axis
-  of the data argument unknown. Under 'xla', XLA still compiles one program
-  per concrete shape it meets.
+  of the data argument unknown when it has more than `exact_rows` rows.
+  Under 'xla', XLA still compiles one program per concrete shape it meets.
   """
 
   def __init__(self, function, data_arg: int | None, exact_rows: int = 0):
