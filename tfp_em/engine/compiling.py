@@ -107,14 +107,15 @@ def compiled(model, name: str, build, mode: str, data_arg: int | None = None):
   """
   if mode == "eager":
     return build()
+  def make():
+    return compile_fn(build(), mode, model.autograph, data_arg, model.trace_exact_rows)
   config = model.step_config()
   if config is None:
-    return compile_fn(build(), mode, model.autograph, data_arg, model.trace_exact_rows)
+    return make()
   key = (type(model), name, mode, data_arg, config)
   step = _CACHE.get(key)
   if step is None:
-    step = _CACHE[key] = compile_fn(build(), mode, model.autograph, data_arg,
-                                    model.trace_exact_rows)
+    step = _CACHE[key] = make()
     if len(_CACHE) > MAX_CACHED_STEPS:
       _CACHE.popitem(last=False)
   else:
