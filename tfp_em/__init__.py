@@ -1,9 +1,15 @@
 """tfp_em: reference EM for latent-variable models on TensorFlow Probability.
 
 Public names are imported lazily (PEP 562), so `import tfp_em` and the
-`tfp-em` command start without loading TensorFlow until it is needed.
+`tfp-em` command start without loading TensorFlow until it is needed. TensorFlow's
+C++ start-up logs are kept off stderr unless TF_CPP_MIN_LOG_LEVEL is set
+(`tfp_em.tensorflow_logs`).
 """
 import importlib
+
+from tfp_em.tensorflow_logs import quiet_tensorflow_startup
+
+quiet_tensorflow_startup()  # before anything imports TensorFlow
 
 __version__ = "0.1.0"
 

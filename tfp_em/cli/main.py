@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 import time
@@ -24,8 +25,6 @@ import warnings
 
 import tfp_em
 from tfp_em.cli import preflight, readers
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
 
 EXIT_USAGE = 2
 FIT_WRITES = ("gmm_params.json", "gmm_fit.png", "inference_data.nc", "checkpoint")
@@ -169,21 +168,11 @@ def _quiet_third_parties():
 
 
 def _import_tensorflow_quietly() -> None:
-  """Imports TensorFlow with file descriptor 2 muted: its C++ start-up logs
-  (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL in TF 2.21."""
-  if "tensorflow" in sys.modules:
-    return
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      import tensorflow as tf
-      tf.config.list_logical_devices()
-  finally:
-    os.dup2(saved, 2)
-    os.close(devnull)
-    os.close(saved)
+  """Imports TensorFlow with its Python warnings muted (`import tfp_em` keeps its C++
+  start-up logs off stderr: `tfp_em.tensorflow_logs`)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    importlib.import_module("tensorflow")
 
 
 def _missing_command(parser, names) -> None:
