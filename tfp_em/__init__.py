@@ -2,7 +2,7 @@
 
 Public names are imported lazily (PEP 562), so `import tfp_em` and the
 `tfp-em` command start without loading TensorFlow until it is needed. TensorFlow's
-C++ start-up logs are kept off stderr unless TF_CPP_MIN_LOG_LEVEL is set
+C++ start-up logs obey TF_CPP_MIN_LOG_LEVEL, which defaults to 3 (silent)
 (`tfp_em.tensorflow_logs`).
 """
 import importlib
