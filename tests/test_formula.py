@@ -12,6 +12,8 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 
 from tfp_em import MixedEffectsRegressor
+from tfp_em.mixed_effects.formula import formula_design
+from tfp_em.mixed_effects.network_summary import NetworkSummary
 
 # lme4 1.1, summary(lmer(..., REML = FALSE)) on sleepstudy.
 LME4 = dict(loglik=-875.9697, sigma2=654.9457, aic=1763.9, bic=1783.1, deviance=1751.9,
@@ -181,13 +183,17 @@ def test_crossed_factors_equal_the_array_fit_and_summarize():
     ("y ~ zz + (1 | school)", "zz"),
     ("y ~ x + (1 | nowhere)", "column 'nowhere' is not in data"),
     ("y ~ x + (1 | school) + (t | rater)", r"\(t \| rater\).*random intercepts"),
-    ("y ~ x + (1 | school) + (0 + t | school)", "second term"),
-    ("y ~ x + (1 | school/rater)", "nested"),
+    ("y ~ x + (1 + t | school) + (0 + x | school)", r"\(1 \+ t \| school\).*block-diagonal"),
+    ("y ~ x + (1 | school) + (1 | school)", r"\(1 \| school\)' repeats '\(Intercept\)'"),
+    ("y ~ x + (t | school/rater)", r"\(t \| school/rater\).*random intercepts"),
+    ("y ~ x + (1 | school/gap)", "'gap' has missing values"),
+    ("y ~ x + (features | school)", r"\(features \| school\).*needs a network f"),
     ("y ~ x", "no random-effects term"),
     ("y ~ x | school", "no random-effects term|'\\|' outside"),
     ("nope ~ x + (1 | school)", "response 'nope'"),
     ("y ~ x + (1 | gap)", "missing values"),
     ("y x + (1 | school)", "response ~ terms"),
+    ("y ~ x + (1 | school", "unbalanced"),
 ])
 def test_bad_formulas_name_the_problem(formula, match):
   d = _grouped()
@@ -209,3 +215,140 @@ def test_options_set_by_the_formula_are_refused():
   with pytest.raises(ValueError, match="random_effects is set by the formula"):
     MixedEffectsRegressor.from_formula("y ~ x + (1 | school)", _grouped(),
                                        random_effects="slopes")
+
+
+# Each model of the array API and its formula (the table in formula.py's docstring).
+S, C = ("school",), ("school", "rater")
+@pytest.mark.parametrize("formula, options, groups", [
+    ("y ~ x + (1 | school)", dict(random_effects="intercept", covariance="full"), S),
+    ("y ~ x + (t | school)", dict(random_effects="slopes", degree=1, covariance="full"), S),
+    ("y ~ x + (1 + t | school)", dict(random_effects="slopes", degree=1, covariance="full"), S),
+    ("y ~ x + (t || school)", dict(random_effects="slopes", degree=1, covariance="diag"), S),
+    ("y ~ x + (1 | school) + (0 + t | school)",
+     dict(random_effects="slopes", degree=1, covariance="diag"), S),
+    ("y ~ x + (1 + t + I(t**2) | school)",
+     dict(random_effects="slopes", degree=2, covariance="full"), S),
+    ("y ~ x + (poly(t, 2, raw=True) || school)",
+     dict(random_effects="slopes", degree=2, covariance="diag"), S),
+    ("y ~ x + (0 + t + x | school)", dict(random_effects="custom", covariance="full"), S),
+    ("y ~ x + (0 + t | school) + (0 + x | school)",
+     dict(random_effects="custom", covariance="diag"), S),
+    ("y ~ x + (1 + kind | school)", dict(random_effects="custom", covariance="full"), S),
+    ("y ~ x + (features | school)", dict(random_effects="features", covariance="full"), S),
+    ("y ~ x + (1 + features || school)", dict(random_effects="features", covariance="diag"), S),
+    ("y ~ 0 + x + (1 | school)", dict(random_effects="intercept", fit_intercept=False), S),
+    ("y ~ x + (1 | school:rater)", dict(random_effects="intercept"), ("school:rater",)),
+    ("y ~ x + (1 | school) + (1 | rater)", dict(random_effects="intercept"), C),
+    ("y ~ x + (1 | school/rater)", dict(random_effects="intercept"), ("school", "school:rater")),
+])
+def test_every_array_model_has_a_formula(formula, options, groups):
+  d = _grouped()
+  design = formula_design(formula, d, network=True)
+  assert {k: design.options[k] for k in options} == options
+  assert design.options["fit_intercept"] == options.get("fit_intercept", True)
+  assert design.group_names == groups
+  assert isinstance(design.clusters, list) == (len(groups) > 1)
+  kind = options["random_effects"]
+  if kind == "slopes":
+    np.testing.assert_array_equal(design.time, d.t)
+  assert (design.Z is not None) == (kind == "custom")
+
+
+def test_two_terms_on_one_factor_are_the_uncorrelated_model():
+  d = _grouped(seed=1)
+  f = _quiet(lambda: MixedEffectsRegressor.from_formula(
+      "y ~ x + (1 | school) + (0 + t | school)", d, max_iter=100))
+  a = _quiet(lambda: MixedEffectsRegressor("slopes", covariance="diag", max_iter=100).fit(
+      d[["x"]].values, d.y.values, d.school.values, time=d.t.values))
+  _assert_same_fit(f, a)
+  assert f.summary().random_effects["Name"].tolist() == ["(Intercept)", "t", ""]
+  np.testing.assert_allclose(f.predict_data(d.iloc[:9]),
+                             a.predict(d[["x"]].values[:9], d.school.values[:9],
+                                       time=d.t.values[:9]), rtol=1e-12)
+
+
+def test_nested_groups_are_crossed_factors():
+  d = _grouped(seed=3)
+  f = _quiet(lambda: MixedEffectsRegressor.from_formula("y ~ x + (1 | school/rater)", d,
+                                                        max_iter=40))
+  inner = (d.school + ":" + d.rater).values
+  a = _quiet(lambda: MixedEffectsRegressor(max_iter=40).fit(
+      d[["x"]].values, d.y.values, [d.school.values, inner]))
+  for name in ("log_likelihood_", "sigma2_", "variances_", "intercept_", "coef_"):
+    np.testing.assert_allclose(getattr(f, name), getattr(a, name), rtol=1e-12, atol=1e-12,
+                               err_msg=name)
+  assert f.summary().n_groups == {"school": 12, "school:rater": 48}
+  np.testing.assert_allclose(f.predict_data(d), a.predict(d[["x"]].values,
+                                                          [d.school.values, inner]),
+                             rtol=1e-12)
+
+
+TINY_NET = dict(f="mlp", hidden_units=(4, 3), dropout=0., max_iter=3, batch_size=48, seed=2)
+
+
+@pytest.fixture(scope="module")
+def menets_fits():
+  d = _grouped(seed=4)
+  formula = MixedEffectsRegressor.from_formula("y ~ x + t + (features | school)", d, **TINY_NET)
+  arrays = MixedEffectsRegressor("features", **TINY_NET).fit(
+      d[["x", "t"]].values, d.y.values, d.school.values)
+  return formula, arrays, d
+
+
+def test_features_term_is_menets_design(menets_fits):
+  formula, arrays, d = menets_fits
+  assert formula.random_effects == "features" and formula.covariance == "full"
+  for name in ("log_likelihood_", "sigma2_", "cov_random_effects_", "random_effects_mean_"):
+    np.testing.assert_allclose(getattr(formula, name), getattr(arrays, name), rtol=1e-12,
+                               atol=1e-12, err_msg=name)
+  assert formula.cov_random_effects_.shape == (4, 4)  # [1, Gamma(x)], Gamma of 3 units
+  np.testing.assert_allclose(formula.predict_data(d), arrays.predict(
+      d[["x", "t"]].values, d.school.values), rtol=1e-12)
+  with pytest.raises(ValueError, match=r"\(0 \+ features \| school\).*as a whole"):
+    formula_design("y ~ x + (0 + features | school)", d, network=True)
+  with pytest.raises(ValueError, match=r"\(features \| school\).*only term"):
+    formula_design("y ~ x + (features | school) + (0 + t | school)", d, network=True)
+  with pytest.raises(ValueError, match=r"\(features \| rater\).*random intercepts"):
+    formula_design("y ~ x + (1 | school) + (features | rater)", d, network=True)
+
+
+def test_network_summary_names_the_network_and_the_variance_components(menets_fits):
+  formula, arrays, d = menets_fits
+  s = formula.summary()
+  assert isinstance(s, NetworkSummary)
+  model = formula.network_.model
+  assert s.n_network_params == model.count_params() == s.network_layers["Params"].sum()
+  assert s.network_layers["Type"].tolist() == ["Dense(4, relu)", "Dense(3, relu)",
+                                               "Dense(1, linear)"]
+  assert s.random_effects["Name"].tolist() == ["(Intercept)", "Gamma1", "Gamma2", "Gamma3", ""]
+  np.testing.assert_allclose(s.random_effects["Variance"][:4],
+                             np.diag(formula.cov_random_effects_), rtol=1e-15)
+  assert s.sigma2 == formula.sigma2_ == s.random_effects["Variance"].iloc[-1]
+  assert s.correlations["school"].shape == (4, 4)
+  assert s.log_likelihood == formula.log_likelihood_ and s.aic is None and s.bic is None
+  assert s.n_obs == len(d) and s.n_groups == {"school": 12}
+  assert s.best_iteration == formula.history_["best_iteration"]
+  residuals = d.y.values - formula.predict_data(d)
+  np.testing.assert_allclose(s.scaled_residuals["Max"],
+                             residuals.max() / np.sqrt(formula.sigma2_), rtol=1e-10)
+  text = str(s)
+  for piece in ("MeNets EM", "Formula: y ~ x + t + (features | school)",
+                "Sequential: Dense(4, relu) -> Dense(3, relu) -> Dense(1, linear)",
+                f"{model.count_params()} parameters", "AIC and BIC are not reported",
+                "Number of obs: 96, groups:  school, 12", "Gamma3"):
+    assert piece in text
+  bare = arrays.summary()  # an array fit without its data: no residuals
+  assert bare.scaled_residuals is None and bare.n_groups == {"clusters": 12}
+  np.testing.assert_allclose(bare.random_effects["Variance"], s.random_effects["Variance"],
+                             rtol=1e-12)
+
+
+def test_network_summary_of_crossed_factors():
+  d = _grouped(seed=5)
+  f = MixedEffectsRegressor.from_formula("y ~ x + (1 | school) + (1 | rater)", d,
+                                         method="nll", **TINY_NET)
+  s = f.summary()
+  assert s.trainer.startswith("LMMNN") and "epoch" in str(s)
+  assert s.random_effects["Groups"].tolist() == ["school", "rater", "Residual"]
+  np.testing.assert_allclose(s.random_effects["Variance"][:2], f.variances_, rtol=1e-12)
+  assert s.n_groups == {"school": 12, "rater": 4} and s.correlations == {}

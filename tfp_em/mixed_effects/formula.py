@@ -3,25 +3,61 @@
     Reaction ~ Days + (Days | Subject)   correlated intercept and slope per Subject
     y ~ x + (1 | g)                      random intercept
     y ~ x + (t || g)                     intercept and slope, uncorrelated (diagonal Sigma_u)
+    y ~ x + (1 | g) + (0 + t | g)        the same model as (t || g)
     y ~ x + (1 | g1) + (1 | g2)          crossed random intercepts, one variance each
     y ~ x + (1 | g1:g2)                  one factor: each combination of g1 and g2 a level
+    y ~ x + (1 | g1/g2)                  nested: (1 | g1) + (1 | g1:g2), two crossed factors
     y ~ x + (0 + z1 + z2 | g)            any design of columns (random_effects='custom')
+    y ~ x1 + x2 + (features | g)         MeNets: z = [1, Gamma(x)], Gamma the network's
+                                         last hidden layer on the fixed part's columns
 
-Only the bar terms `(design | group)` and `(design || group)` are parsed here;
-the response, the fixed part (categorical coding, `C(...)`, `I(...)`,
-interactions) and each bar term's design are built by formulaic from a pandas
-DataFrame, with missing values refused. `formula_design` maps a formula onto
-the array API of `MixedEffectsRegressor` (X, y, clusters, time, Z and the
-options random_effects, degree, covariance, fit_intercept), so a formula fit
-is the array fit of those arrays; `FormulaMixin` gives the estimator
-`from_formula`, `predict_data` and `summary`. A term the estimator cannot fit gets a
-ValueError naming the term.
+The bar terms `(design | group)` and `(design || group)` are parsed in
+`formula_terms`; the response, the fixed part (categorical coding, `C(...)`,
+`I(...)`, interactions) and each bar term's design are built by formulaic
+from a pandas DataFrame, with missing values refused. `formula_design` maps a
+formula onto the array API of `MixedEffectsRegressor` (X, y, clusters, time, Z
+and the options random_effects, degree, covariance, fit_intercept), so a
+formula fit is the array fit of those arrays; `FormulaMixin` gives the
+estimator `from_formula`, `predict_data` and `summary`.
+
+Every model the array API fits, and its formula (options not in the table,
+such as f, method and max_iter, are `from_formula` keywords; f does not change
+the formula except that `features` needs a network f):
+
+    array API                                       formula
+    ----------------------------------------------  -------------------------------------
+    random_effects='intercept'                      y ~ x + (1 | g)
+    'slopes', degree=1, covariance='full'           y ~ x + (t | g)      = (1 + t | g)
+    'slopes', degree=1, covariance='diag'           y ~ x + (t || g)     = (1 | g) + (0 + t | g)
+    'slopes', degree=d ('full' / 'diag')            (1 + t + I(t**2) + ... + I(t**d) | g)  / ||
+    'slopes', degree=0                              (1 | g): the same model as 'intercept'
+    'custom', Z=[z1, z2], 'full'                    y ~ x + (0 + z1 + z2 | g)  (any formulaic design)
+    'custom', 'diag'                                (0 + z1 + z2 || g) = (0 + z1 | g) + (0 + z2 | g)
+    'features' (network f), 'full' / 'diag'         y ~ x + (features | g)  /  (features || g)
+    'intercept', covariance='diag'                  (1 | g): one effect, the same model
+    fit_intercept=True / False                      y ~ x + ...  /  y ~ 0 + x + ...
+    clusters = labels of g1 x g2 combinations       (1 | g1:g2)
+    clusters=[g1, g2, ...] (crossed; f linear or    (1 | g1) + (1 | g2) + ...;  nested
+      a network; intercepts, one variance each)       (1 | g1/g2) = (1 | g1) + (1 | g1:g2)
+
+A design whose columns are [1, t, t^2, ..., t^d] (in any spelling: `t`,
+`I(t**2)`, `poly(t, d, raw=True)`) is 'slopes' with degree d; any other design
+with two or more columns is 'custom'. The reserved name `features` in a bar
+term means Gamma(x) (a data column called 'features' is reached as
+`I(features)`). Formulas the array API cannot fit get a ValueError naming the
+term: a correlated block of two or more effects next to another term on the
+same factor (`(1 + t | g) + (0 + x | g)`: a block-diagonal Sigma_u), a column
+repeated on one factor, slopes or `features` on one of several factors
+(crossed factors take random intercepts only), `(0 + features | g)` (the
+MeNets design always has its constant), and `features` without a network f.
 
 #### References
 
 [1] D. Bates, M. Maechler, B. Bolker and S. Walker. Fitting linear
     mixed-effects models using lme4. Journal of Statistical Software 67(1),
     2015 (Table 2: the random-effects syntax).
+[2] Y. Xiong, H. J. Kim and V. Singh. Mixed effects neural networks (MeNets)
+    with applications to gaze estimation. CVPR, 2019.
 """
 from __future__ import annotations
 
@@ -33,23 +69,17 @@ import pandas as pd
 from formulaic import model_matrix
 from formulaic.errors import FormulaicError
 
+from models import mixed_effects as me
 from tfp_em.engine import inputs as val
+from tfp_em.mixed_effects.formula_terms import (RandomTerm, check_features_term, group_terms,
+                                                split_formula)
+from tfp_em.mixed_effects.network_summary import NetworkSummary, summarize_network
 from tfp_em.mixed_effects.summary import MixedSummary, summarize
 
-BAR = re.compile(r"\(([^()|]*)(\|\|?)([^()|]*)\)")
 INTERCEPT = "Intercept"
 
-
-class RandomTerm(NamedTuple):
-  """One bar term of a formula."""
-  text: str             # as written, for messages
-  design: str           # left of the bar
-  groups: tuple         # grouping columns; several for an interaction g1:g2
-  uncorrelated: bool    # '||'
-
-  @property
-  def group_name(self) -> str:
-    return ":".join(self.groups)
+__all__ = ["FormulaDesign", "FormulaMixin", "RandomTerm", "formula_design", "new_data_inputs",
+           "split_formula"]
 
 
 class FormulaDesign(NamedTuple):
@@ -63,42 +93,11 @@ class FormulaDesign(NamedTuple):
   Z: np.ndarray | None       # [n, q] for random_effects='custom'
   options: dict              # random_effects, degree, covariance, fit_intercept
   fixed_names: tuple         # lme4's names of beta: '(Intercept)', then X's columns
-  random_names: tuple        # names of the random-effects design's columns
+  random_names: tuple        # names of a single factor's random effects; () for 'features'
   group_names: tuple         # one per grouping factor
-  terms: tuple               # the `RandomTerm`s
+  terms: tuple               # the `RandomTerm`s, nesting expanded
   fixed_spec: object         # formulaic ModelSpec of the fixed part (for new data)
-  random_spec: object        # formulaic ModelSpec of a single factor's design, or None
-
-
-def split_formula(formula: str) -> tuple[str, str, tuple]:
-  """'y ~ fixed + (a | g)' -> (response, fixed part, bar terms)."""
-  if not isinstance(formula, str) or formula.count("~") != 1:
-    raise ValueError(f"formula must be a string 'response ~ terms', got {formula!r}")
-  response, rhs = (s.strip() for s in formula.split("~"))
-  if not response:
-    raise ValueError(f"formula {formula!r} has no response left of '~'")
-  terms = []
-  for match in BAR.finditer(rhs):
-    design, bar, group = (s.strip() for s in match.groups())
-    text = match.group(0)
-    if not design or not group:
-      raise ValueError(f"random-effects term {text!r} needs a design and a group: (1 | g)")
-    if "/" in group:
-      raise ValueError(f"random-effects term {text!r}: nested groups '/' are not supported; "
-                       "write (1 | g1) + (1 | g1:g2)")
-    groups = tuple(g.strip() for g in group.split(":"))
-    if not all(re.fullmatch(r"[A-Za-z_.][\w.]*", g) for g in groups):
-      raise ValueError(f"random-effects term {text!r}: the group must be column names "
-                       "joined by ':'")
-    terms.append(RandomTerm(text, design, groups, bar == "||"))
-  fixed = BAR.sub(" ", rhs)
-  if "|" in fixed:
-    raise ValueError(f"formula {formula!r}: a '|' outside a parenthesized random-effects "
-                     "term (design | group)")
-  if not terms:
-    raise ValueError(f"formula {formula!r} has no random-effects term such as (1 | group)")
-  fixed = re.sub(r"(\s*\+\s*)+", " + ", fixed).strip(" +")  # the '+' left around removed terms
-  return response, fixed or "1", tuple(terms)
+  random_specs: tuple        # formulaic ModelSpecs of a single factor's terms, side by side
 
 
 def _matrix(spec, data: pd.DataFrame, what: str):
@@ -111,6 +110,11 @@ def _matrix(spec, data: pd.DataFrame, what: str):
   except (FormulaicError, ValueError, NameError, SyntaxError) as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ValueError(f"{what}: {message}") from None
+
+
+def lme4_name(column: str) -> str:
+  """formulaic's 'Intercept' is lme4's '(Intercept)'."""
+  return "(Intercept)" if column == INTERCEPT else column
 
 
 def _group_labels(term: RandomTerm, data: pd.DataFrame) -> np.ndarray:
@@ -128,29 +132,73 @@ def _group_labels(term: RandomTerm, data: pd.DataFrame) -> np.ndarray:
   return data[list(term.groups)].astype(str).agg(":".join, axis=1).to_numpy()
 
 
-def _single_factor(term: RandomTerm, data: pd.DataFrame):
-  """(options, time, Z, names, design's ModelSpec) of one bar term's design."""
-  z = _matrix(term.design, data, f"random-effects term {term.text!r}")
-  columns = list(z.columns)
-  names = tuple("(Intercept)" if c == INTERCEPT else c for c in columns)
-  covariance = "diag" if term.uncorrelated and len(columns) > 1 else "full"
-  spec = z.model_spec
+def _factor_matrix(terms, data: pd.DataFrame):
+  """(z [n, q], column names, ModelSpecs, covariance) of one factor's terms side by side.
+
+  Several terms on one factor are uncorrelated with each other, so each must
+  be one column or '||' (a diagonal Sigma_u); a correlated block next to
+  another term would make Sigma_u block-diagonal, which the estimator does not fit.
+  """
+  blocks, columns, specs = [], [], []
+  for term in terms:
+    z = _matrix(term.design, data, f"random-effects term {term.text!r}")
+    if len(terms) > 1 and z.shape[1] > 1 and not term.uncorrelated:
+      raise ValueError(f"random-effects term {term.text!r}: a correlated block of {z.shape[1]} "
+                       f"effects next to another term on group {term.group_name!r} makes a "
+                       "block-diagonal covariance, which the estimator does not fit; write one "
+                       "term (1 + t + x | g), or all uncorrelated (t + x || g)")
+    repeated = sorted(set(columns) & set(z.columns))
+    if repeated:
+      raise ValueError(f"random-effects term {term.text!r} repeats {lme4_name(repeated[0])!r} "
+                       f"on group {term.group_name!r}")
+    blocks.append(np.asarray(z, np.float64))
+    columns += list(z.columns)
+    specs.append(z.model_spec)
+  uncorrelated = len(terms) > 1 or terms[0].uncorrelated
+  covariance = "diag" if uncorrelated and len(columns) > 1 else "full"
+  return np.concatenate(blocks, axis=1), columns, tuple(specs), covariance
+
+
+def _single_factor(terms, data: pd.DataFrame, network: bool):
+  """(options, time, Z, names, ModelSpecs) of the terms of the only grouping factor."""
+  if any(t.uses_features for t in terms):
+    check_features_term(next(t for t in terms if t.uses_features), network, len(terms) == 1)
+    covariance = "diag" if terms[0].uncorrelated else "full"
+    return dict(random_effects="features", covariance=covariance), None, None, (), ()
+  z, columns, specs, covariance = _factor_matrix(terms, data)  # z: [n, q]
+  names = tuple(lme4_name(c) for c in columns)
   if columns == [INTERCEPT]:
-    return dict(random_effects="intercept", covariance=covariance), None, None, names, spec
-  if (len(columns) == 2 and columns[0] == INTERCEPT and columns[1] in data.columns
-      and pd.api.types.is_numeric_dtype(data[columns[1]])):
-    options = dict(random_effects="slopes", degree=1, covariance=covariance)
-    return options, data[columns[1]].to_numpy(np.float64), None, names, spec
-  return (dict(random_effects="custom", covariance=covariance), None,
-          np.asarray(z, np.float64), names, spec)
+    return dict(random_effects="intercept", covariance=covariance), None, None, names, specs
+  if (columns[0] == INTERCEPT and
+      np.allclose(z, me.polynomial_design(z[:, 1], len(columns) - 1), rtol=1e-12, atol=0.)):
+    options = dict(random_effects="slopes", degree=len(columns) - 1, covariance=covariance)
+    return options, z[:, 1], None, names, specs
+  return dict(random_effects="custom", covariance=covariance), None, z, names, specs
 
 
-def formula_design(formula: str, data) -> FormulaDesign:
+def _crossed_factors(grouped: dict, data: pd.DataFrame, network: bool) -> list:
+  """[K] label arrays of several grouping factors, each taking (1 | g) only."""
+  for group, terms in grouped.items():
+    for term in terms:
+      if term.uses_features:
+        check_features_term(term, network, len(terms) == 1)
+      if (term.uses_features or list(_matrix(term.design, data, f"random-effects term "
+                                             f"{term.text!r}").columns) != [INTERCEPT]):
+        raise ValueError(f"random-effects term {term.text!r}: several grouping factors take "
+                         "random intercepts (1 | g) only")
+    if len(terms) > 1:
+      raise ValueError(f"random-effects term {terms[1].text!r}: a second term for group "
+                       f"{group!r}; several grouping factors take one (1 | g) each")
+  return [_group_labels(terms[0], data) for terms in grouped.values()]
+
+
+def formula_design(formula: str, data, network: bool = False) -> FormulaDesign:
   """Evaluates a mixed-model formula on a DataFrame.
 
   Args:
     formula: 'response ~ fixed terms + (design | group) [+ ...]'.
     data: a pandas DataFrame holding every column the formula names.
+    network: whether f is a network (`features` in a bar term needs one).
 
   Returns:
     A `FormulaDesign`: the arrays and estimator options of the array API.
@@ -176,27 +224,17 @@ def formula_design(formula: str, data) -> FormulaDesign:
   X = X.astype(np.float64)
   y = np.asarray(mm.lhs, np.float64).reshape(-1)
   fixed_names = (("(Intercept)",) if fit_intercept else ()) + tuple(X.columns)
-  groups = [t.group_name for t in terms]
-  if len(terms) == 1:
-    options, time, Z, random_names, random_spec = _single_factor(terms[0], data)
+  grouped = group_terms(terms)
+  if len(grouped) == 1:
+    options, time, Z, random_names, random_specs = _single_factor(terms, data, network)
     clusters = _group_labels(terms[0], data)
   else:
-    seen = set()
-    for term in terms:
-      if term.group_name in seen:
-        raise ValueError(f"random-effects term {term.text!r}: a second term for group "
-                         f"{term.group_name!r} is not supported; write (1 + t | g) or (t || g)")
-      seen.add(term.group_name)
-      design = _matrix(term.design, data, f"random-effects term {term.text!r}")
-      if list(design.columns) != [INTERCEPT]:
-        raise ValueError(f"random-effects term {term.text!r}: several grouping factors take "
-                         "random intercepts (1 | g) only")
+    clusters = _crossed_factors(grouped, data, network)
     options, time, Z, random_names = dict(random_effects="intercept"), None, None, ("(Intercept)",)
-    random_spec = None
-    clusters = [_group_labels(t, data) for t in terms]
+    random_specs = ()
   options["fit_intercept"] = fit_intercept
   return FormulaDesign(formula, response, X, y, clusters, time, Z, options, fixed_names,
-                       random_names, tuple(groups), terms, mm.rhs.model_spec, random_spec)
+                       random_names, tuple(grouped), terms, mm.rhs.model_spec, random_specs)
 
 
 def new_data_inputs(design: FormulaDesign, data) -> dict:
@@ -210,12 +248,16 @@ def new_data_inputs(design: FormulaDesign, data) -> dict:
     raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
   X = pd.DataFrame(_matrix(design.fixed_spec, data, "fixed effects"))
   X = X.drop(columns=[INTERCEPT], errors="ignore").astype(np.float64)
-  clusters = [_group_labels(t, data) for t in design.terms]
+  first = {}  # one term per grouping factor gives its labels
+  for term in design.terms:
+    first.setdefault(term.group_name, term)
+  clusters = [_group_labels(t, data) for t in first.values()]
   inputs = dict(X=X, clusters=clusters[0] if len(clusters) == 1 else clusters, time=None, Z=None)
   kind = design.options["random_effects"]
-  if kind != "intercept":
-    z = np.asarray(_matrix(design.random_spec, data,
-                           f"random-effects term {design.terms[0].text!r}"), np.float64)
+  if kind in ("slopes", "custom"):
+    z = np.concatenate([np.asarray(_matrix(spec, data, f"random-effects term {term.text!r}"),
+                                   np.float64)
+                        for spec, term in zip(design.random_specs, design.terms)], axis=1)
     inputs["time" if kind == "slopes" else "Z"] = z[:, 1] if kind == "slopes" else z
   return inputs
 
@@ -227,16 +269,24 @@ class FormulaMixin:
   def from_formula(cls, formula: str, data, **options):
     """Fits an lme4 formula, e.g. 'Reaction ~ Days + (Days | Subject)', on a DataFrame.
 
-    The formula sets random_effects, degree, covariance and fit_intercept;
-    `options` are the other constructor arguments. The fit is `fit` on
+    The formula sets random_effects, degree, covariance and fit_intercept
+    (the table in `formula`'s module docstring maps every array-API model to
+    its formula); `options` are the other constructor arguments, f and method
+    among them. `(features | g)` is MeNets' design z = [1, Gamma(x)], Gamma
+    the last hidden layer of the network f on the fixed part's columns
+    (`(features || g)`: diagonal Sigma_u); it needs f='mlp' or a Keras model.
+    Nesting `(1 | g1/g2)` is `(1 | g1) + (1 | g1:g2)` (crossed factors), and
+    `(1 | g) + (0 + t | g)` is `(t || g)`. The fit is `fit` on
     `formula_design`'s arrays, and `formula_` keeps them (a `FormulaDesign`)
     for `summary()` and `predict_data()`.
 
     Raises:
-      ValueError: naming the term the estimator cannot fit, an unknown column
-        or missing values; or an option the formula already sets.
+      ValueError: naming the term the estimator cannot fit (a block-diagonal
+        covariance, slopes on crossed factors, `features` without a network),
+        an unknown column or missing values; or an option the formula
+        already sets.
     """
-    design = formula_design(formula, data)
+    design = formula_design(formula, data, network=options.get("f") is not None)
     clash = sorted(set(options) & set(design.options))
     if clash:
       raise ValueError(f"{', '.join(clash)} is set by the formula; leave it out of the options")
@@ -254,9 +304,15 @@ class FormulaMixin:
     inputs = new_data_inputs(self.formula_, data)
     return self.predict_interval(**inputs, level=level) if interval else self.predict(**inputs)
 
-  def summary(self, X=None, y=None, clusters=None, time=None, Z=None) -> MixedSummary:
-    """lme4's summary (`summary.summarize`): fixed effects with SE and t, variance
-    components, logLik, AIC, BIC, deviance, groups; `print()` it for lme4's
-    layout. The data default to a formula fit's; an array fit passes its
-    training data."""
+  def summary(self, X=None, y=None, clusters=None, time=None, Z=None
+              ) -> MixedSummary | NetworkSummary:
+    """lme4's summary; `print()` it for lme4's layout. Linear f
+    (`summary.summarize`): fixed effects with SE and t, variance components,
+    logLik, AIC, BIC, deviance, groups. A network f
+    (`network_summary.summarize_network`): the network and its parameter
+    count in place of the fixed effects. The data default to a formula fit's;
+    an array fit passes its training data (a network's summary then
+    leaves out the residuals)."""
+    if self.f is not None:
+      return summarize_network(self, X, y, clusters, time, Z)
     return summarize(self, X, y, clusters, time, Z)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -76,27 +77,34 @@ class MixedSummary:
               "Scaled residuals:",
               self.scaled_residuals.to_frame().T.to_string(
                   index=False, float_format=lambda v: f"{v:.4f}"), "",
-              "Random effects:", self._random_text(),
+              "Random effects:", random_effects_text(self.random_effects, self.correlations),
               "Number of obs: {}, groups:  {}".format(
                   self.n_obs, "; ".join(f"{g}, {n}" for g, n in self.n_groups.items())),
               "", "Fixed effects:",
               self.fixed_effects.to_string(float_format=lambda v: f"{v:.5g}")]
     return "\n".join(lines)
 
-  def _random_text(self) -> str:
-    table = self.random_effects
-    cells = [["Groups", "Name", "Variance", "Std.Dev.", "Corr"]]
-    previous = None
-    for i, (group, name, var, sd) in enumerate(table.itertuples(index=False)):
-      corr = ""
-      if group in self.correlations:
-        j = list(table["Groups"][table["Groups"] == group].index).index(i)
-        corr = " ".join(f"{c:.2f}" for c in self.correlations[group].to_numpy()[j, :j])
-      cells.append(["" if group == previous else group, name, f"{var:.5g}", f"{sd:.5g}", corr])
-      previous = group
-    widths = [max(len(row[c]) for row in cells) for c in range(5)]
-    return "\n".join(" " + " ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                     for row in cells)
+
+def random_effects_text(table: pd.DataFrame, correlations: dict) -> str:
+  """lme4's 'Random effects:' block: Groups, Name, Variance, Std.Dev., Corr."""
+  cells = [["Groups", "Name", "Variance", "Std.Dev.", "Corr"]]
+  previous = None
+  for i, (group, name, var, sd) in enumerate(table.itertuples(index=False)):
+    corr = ""
+    if group in correlations:
+      j = list(table["Groups"][table["Groups"] == group].index).index(i)
+      corr = " ".join(f"{c:.2f}" for c in correlations[group].to_numpy()[j, :j])
+    cells.append(["" if group == previous else group, name, f"{var:.5g}", f"{sd:.5g}", corr])
+    previous = group
+  widths = [max(len(row[c]) for row in cells) for c in range(5)]
+  return "\n".join(" " + " ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                   for row in cells)
+
+
+def scaled_residual_quantiles(residuals, sigma2: float) -> pd.Series:
+  """'Min', '1Q', 'Median', '3Q', 'Max' of residuals / sigma."""
+  scaled = np.quantile(np.asarray(residuals) / math.sqrt(sigma2), [0., .25, .5, .75, 1.])
+  return pd.Series(scaled, index=["Min", "1Q", "Median", "3Q", "Max"])
 
 
 def fixed_effects_covariance(x, z, codes, num_clusters, cov_u, sigma2) -> np.ndarray:
@@ -145,37 +153,108 @@ def random_effects_table(groups, names, cov_u, sigma2):
   return table, corr
 
 
+def crossed_random_table(groups, variances, sigma2) -> pd.DataFrame:
+  """The random-effects DataFrame of K crossed random intercepts."""
+  rows = [(g, "(Intercept)", v, math.sqrt(v)) for g, v in zip(groups, variances)]
+  rows.append(("Residual", "", sigma2, math.sqrt(sigma2)))
+  return pd.DataFrame(rows, columns=["Groups", "Name", "Variance", "Std.Dev."])
+
+
+def variance_components(estimator, groups, random_names):
+  """(random-effects DataFrame, {group: correlation DataFrame}, number of
+  variance parameters besides sigma^2, {group: levels}) of a fitted estimator."""
+  sigma2 = estimator.sigma2_
+  if estimator.crossed_ is not None:
+    variances = np.asarray(estimator.variances_, np.float64)
+    n_groups = {g: len(lv) for g, lv in zip(groups, estimator.crossed_.levels_)}
+    return crossed_random_table(groups, variances, sigma2), {}, len(variances), n_groups
+  cov_u = estimator.cov_random_effects_
+  table, corr = random_effects_table(groups[0], random_names, cov_u, sigma2)
+  q = cov_u.shape[0]
+  full = estimator.covariance == "full"
+  correlations = {groups[0]: corr} if corr is not None and full else {}
+  n_groups = {groups[0]: len(estimator.cluster_labels_)}
+  return table, correlations, q * (q + 1) // 2 if full else q, n_groups
+
+
 def build_summary(*, formula, method, fixed_names, beta, beta_cov, table, correlations,
                   log_likelihood, n_params, n_obs, n_groups, residuals, sigma2) -> MixedSummary:
   """Assembles a `MixedSummary` from the fit's pieces (see the attributes there)."""
   se = np.sqrt(np.diag(beta_cov))
   fixed = pd.DataFrame({"Estimate": beta, "Std. Error": se, "t value": beta / se},
                        index=list(fixed_names))
-  scaled = np.quantile(residuals / math.sqrt(sigma2), [0., .25, .5, .75, 1.])
   return MixedSummary(
       formula=formula, method=method, fixed_effects=fixed, random_effects=table,
       correlations=correlations, log_likelihood=float(log_likelihood),
       aic=-2. * log_likelihood + 2. * n_params,
       bic=-2. * log_likelihood + n_params * math.log(n_obs),
       deviance=-2. * log_likelihood, df_resid=int(n_obs - n_params), n_obs=int(n_obs),
-      n_groups=dict(n_groups),
-      scaled_residuals=pd.Series(scaled, index=["Min", "1Q", "Median", "3Q", "Max"]))
+      n_groups=dict(n_groups), scaled_residuals=scaled_residual_quantiles(residuals, sigma2))
 
 
-def _array_names(estimator, X, time, Z):
-  """Names of beta, of the random effects and of the factors for an array fit."""
+class TrainingData(NamedTuple):
+  """The data a summary reads, and the names it prints."""
+  X: object
+  y: object
+  clusters: object
+  time: object
+  Z: object
+  fixed_names: tuple    # names of beta (linear f) or of X's columns
+  random_names: tuple   # names of a single factor's random effects
+  groups: tuple         # one name per grouping factor
+
+
+def random_effect_names(estimator, given=()) -> tuple:
+  """Names of a single factor's random effects: `given` (a formula's) if any;
+  for 'features' '(Intercept)', 'Gamma1', ..., for 'custom' 'z1', ..., by
+  the fitted size."""
+  kind = estimator.random_effects
+  if kind == "features":
+    q = estimator.cov_random_effects_.shape[0]
+    return ("(Intercept)",) + tuple(f"Gamma{j}" for j in range(1, q))
+  if given:
+    return tuple(given)
+  if kind == "slopes":
+    return ("(Intercept)", "time") + tuple(f"time^{d}" for d in range(2, estimator.degree + 1))
+  if kind == "custom":
+    return tuple(f"z{j + 1}" for j in range(estimator.cov_random_effects_.shape[0]))
+  return ("(Intercept)",)
+
+
+def training_data(estimator, X=None, y=None, clusters=None, time=None, Z=None,
+                  required: bool = True) -> TrainingData | None:
+  """The training data of a fitted estimator: as given, else a formula fit's.
+
+  Returns None when there is neither and `required` is False.
+
+  Raises:
+    ValueError: when there is neither and `required` is True.
+  """
+  design = estimator.formula_
+  if X is None and design is not None:
+    return TrainingData(design.X, design.y, design.clusters, design.time, design.Z,
+                        design.fixed_names,
+                        random_effect_names(estimator, design.random_names),
+                        design.group_names)
+  if X is None:
+    if not required:
+      return None
+    raise ValueError("summary() needs the training data (X, y, clusters and time or Z) "
+                     "for a fit without a formula")
   p = np.shape(X)[1]
   columns = (list(estimator.feature_names_in_) if hasattr(X, "columns") else
              [f"x{j + 1}" for j in range(p)])
-  fixed = (["(Intercept)"] if estimator.fit_intercept else []) + columns
-  kind = estimator.random_effects
-  if kind == "slopes":
-    random = ["(Intercept)", "time"] + [f"time^{d}" for d in range(2, estimator.degree + 1)]
-  elif kind == "custom":
-    random = [f"z{j + 1}" for j in range(np.shape(Z)[1])]
-  else:
-    random = ["(Intercept)"]
-  return tuple(fixed), tuple(random)
+  linear_intercept = estimator.f is None and estimator.fit_intercept
+  fixed = (["(Intercept)"] if linear_intercept else []) + columns
+  return TrainingData(X, y, clusters, time, Z, tuple(fixed),
+                      random_effect_names(estimator), array_group_names(estimator))
+
+
+def array_group_names(estimator) -> tuple:
+  """'clusters' for one factor, 'clusters[k]' for K crossed factors."""
+  if estimator.crossed_ is None:
+    return ("clusters",)
+  return tuple(f"clusters[{i}]" for i in range(len(estimator.crossed_.levels_)))
 
 
 def summarize(estimator, X=None, y=None, clusters=None, time=None, Z=None) -> MixedSummary:
@@ -191,58 +270,41 @@ def summarize(estimator, X=None, y=None, clusters=None, time=None, Z=None) -> Mi
     A `MixedSummary`.
 
   Raises:
-    ValueError: for a network f, missing data, or labels not seen in fit.
+    ValueError: for a network f (see `network_summary.summarize_network`),
+      missing data, or labels not seen in fit.
   """
   val.check_is_fitted(estimator, "fit_result_")
   if estimator.f is not None:
-    raise ValueError("summary() covers linear f only; a network f has no fixed-effect "
-                     "standard errors")
-  design = estimator.formula_
-  if X is None:
-    if design is None:
-      raise ValueError("summary() needs the training data (X, y, clusters and time or Z) "
-                       "for a fit without a formula")
-    X, y, clusters, time, Z = design.X, design.y, design.clusters, design.time, design.Z
-    fixed_names, random_names, groups = design.fixed_names, design.random_names, design.group_names
-  else:
-    fixed_names, random_names = _array_names(estimator, X, time, Z)
-    k = len(as_factors(clusters))
-    groups = ("clusters",) if k == 1 else tuple(f"clusters[{i}]" for i in range(k))
-  x, y = estimator.checked_xy(X, y, estimator.dtype_)
+    raise ValueError("summarize() covers linear f; a network f has no fixed-effect "
+                     "standard errors: use estimator.summary() (network_summary)")
+  data = training_data(estimator, X, y, clusters, time, Z)
+  x, y = estimator.checked_xy(data.X, data.y, estimator.dtype_)
   n = y.shape[0]
-  fitted = estimator.predict(X, clusters, time, Z)
+  fitted = estimator.predict(data.X, data.clusters, data.time, data.Z)
   sigma2 = estimator.sigma2_
+  table, correlations, n_cov, n_groups = variance_components(estimator, data.groups,
+                                                             data.random_names)
   if estimator.crossed_ is None:
     num = len(estimator.cluster_labels_)
-    codes = estimator.cluster_codes(as_factors(clusters)[0], n, "clusters")
+    codes = estimator.cluster_codes(as_factors(data.clusters)[0], n, "clusters")
     if np.any(codes >= num):
       raise ValueError("summary() needs the training data: clusters has labels not seen in fit")
-    z = estimator.random_effects_design(n, time, Z, estimator.dtype_)
+    z = estimator.random_effects_design(n, data.time, data.Z, estimator.dtype_)
     beta = np.asarray(estimator.params_.beta, np.float64)
-    cov_u = estimator.cov_random_effects_
     beta_cov = fixed_effects_covariance(estimator.fixed_effects_design(x), z, codes, num,
-                                        cov_u, sigma2)
-    table, corr = random_effects_table(groups[0], random_names, cov_u, sigma2)
-    q = cov_u.shape[0]
-    n_cov = q * (q + 1) // 2 if estimator.covariance == "full" else q
-    n_groups = {groups[0]: num}
-    correlations = {} if corr is None or estimator.covariance != "full" else {groups[0]: corr}
+                                        estimator.cov_random_effects_, sigma2)
   else:
     crossed = estimator.crossed_
-    levels, codes = encode_factors(clusters, n)
+    _, codes = encode_factors(data.clusters, n)
     design_x = np.concatenate([np.ones((n, 1)), x], axis=1) if estimator.fit_intercept else x
     beta = np.concatenate([[crossed.intercept_] if estimator.fit_intercept else [],
                            np.asarray(crossed.coef_, np.float64)])
-    variances = np.asarray(crossed.variances_, np.float64)
-    beta_cov = crossed_fixed_effects_covariance(design_x, codes, variances, sigma2)
-    rows = [(g, "(Intercept)", v, math.sqrt(v)) for g, v in zip(groups, variances)]
-    rows.append(("Residual", "", sigma2, math.sqrt(sigma2)))
-    table = pd.DataFrame(rows, columns=["Groups", "Name", "Variance", "Std.Dev."])
-    n_cov, correlations = len(variances), {}
-    n_groups = {g: len(lv) for g, lv in zip(groups, levels)}
+    beta_cov = crossed_fixed_effects_covariance(design_x, codes,
+                                                np.asarray(crossed.variances_, np.float64),
+                                                sigma2)
   return build_summary(
-      formula=None if design is None else design.formula, method=estimator.method,
-      fixed_names=fixed_names, beta=beta, beta_cov=beta_cov, table=table,
-      correlations=correlations, log_likelihood=estimator.log_likelihood_,
+      formula=None if estimator.formula_ is None else estimator.formula_.formula,
+      method=estimator.method, fixed_names=data.fixed_names, beta=beta, beta_cov=beta_cov,
+      table=table, correlations=correlations, log_likelihood=estimator.log_likelihood_,
       n_params=len(beta) + n_cov + 1, n_obs=n, n_groups=n_groups, residuals=y - fitted,
       sigma2=sigma2)
