@@ -302,6 +302,7 @@ def test_features_term_is_menets_design(menets_fits):
     np.testing.assert_allclose(getattr(formula, name), getattr(arrays, name), rtol=1e-12,
                                atol=1e-12, err_msg=name)
   assert formula.cov_random_effects_.shape == (4, 4)  # [1, Gamma(x)], Gamma of 3 units
+  assert formula.formula_.random_names == ("(Intercept)", "Gamma1", "Gamma2", "Gamma3")
   np.testing.assert_allclose(formula.predict_data(d), arrays.predict(
       d[["x", "t"]].values, d.school.values), rtol=1e-12)
   with pytest.raises(ValueError, match=r"\(0 \+ features \| school\).*as a whole"):

@@ -74,7 +74,7 @@ from tfp_em.engine import inputs as val
 from tfp_em.mixed_effects.formula_terms import (RandomTerm, check_features_term, group_terms,
                                                 split_formula)
 from tfp_em.mixed_effects.network_summary import NetworkSummary, summarize_network
-from tfp_em.mixed_effects.summary import MixedSummary, summarize
+from tfp_em.mixed_effects.summary import MixedSummary, random_effect_names, summarize
 
 INTERCEPT = "Intercept"
 
@@ -93,7 +93,8 @@ class FormulaDesign(NamedTuple):
   Z: np.ndarray | None       # [n, q] for random_effects='custom'
   options: dict              # random_effects, degree, covariance, fit_intercept
   fixed_names: tuple         # lme4's names of beta: '(Intercept)', then X's columns
-  random_names: tuple        # names of a single factor's random effects; () for 'features'
+  random_names: tuple        # names of a single factor's random effects ('features':
+                             # () until from_formula's fit sets '(Intercept)', 'Gamma1', ...)
   group_names: tuple         # one per grouping factor
   terms: tuple               # the `RandomTerm`s, nesting expanded
   fixed_spec: object         # formulaic ModelSpec of the fixed part (for new data)
@@ -292,6 +293,8 @@ class FormulaMixin:
       raise ValueError(f"{', '.join(clash)} is set by the formula; leave it out of the options")
     estimator = cls(**design.options, **options)
     estimator.fit(design.X, design.y, design.clusters, time=design.time, Z=design.Z)
+    if design.options["random_effects"] == "features":  # Gamma's width is known after the fit
+      design = design._replace(random_names=random_effect_names(estimator))
     estimator.formula_ = design
     return estimator
 
