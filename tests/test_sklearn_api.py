@@ -2,8 +2,9 @@
 
 `parametrize_with_checks` runs scikit-learn's whole estimator-check suite on
 GaussianMixture and BernoulliMLPClassifier (small max_iter: the checks test
-the API, not the optimum; marked slow: 20-40 s together). Nothing is listed in `expected_failed_checks`.
-Skipped checks, and why:
+the API, not the optimum; marked slow: 20-60 s together). Nothing is listed in `expected_failed_checks`.
+With scikit-learn 1.9.1: GaussianMixture 47 passed, 1 skipped (48 checks);
+BernoulliMLPClassifier 54 passed, 1 skipped (55 checks). Skipped checks, and why:
   * check_array_api_input: scikit-learn skips it itself unless the
     SCIPY_ARRAY_API environment variable is set; the estimators compute in
     TensorFlow and take array-API inputs only as NumPy converts them.
@@ -32,7 +33,7 @@ from tfp_em import (BernoulliMLPClassifier, CrossedEffectsRegressor, GaussianMix
                     MixedEffectsRegressor)
 
 
-@pytest.mark.slow  # the set takes 20-40 s on two shared cores
+@pytest.mark.slow  # the set takes 20-60 s on two shared cores
 @parametrize_with_checks([GaussianMixture(max_iter=20, verbose=False),
                           BernoulliMLPClassifier(n_hidden=3, max_iter=30)])
 def test_scikit_learn_estimator_checks(estimator, check):

@@ -22,7 +22,8 @@ estimator `from_formula`, `predict_data` and `summary`.
 
 Every model the array API fits, and its formula (options not in the table,
 such as f, method and max_iter, are `from_formula` keywords; f does not change
-the formula except that `features` needs a network f):
+the formula except that `features` needs a network f; a network takes the
+fixed part's columns as its inputs, its own bias in place of the intercept):
 
     array API                                       formula
     ----------------------------------------------  -------------------------------------
