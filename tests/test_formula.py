@@ -353,3 +353,23 @@ def test_network_summary_of_crossed_factors():
   assert s.random_effects["Groups"].tolist() == ["school", "rater", "Residual"]
   np.testing.assert_allclose(s.random_effects["Variance"][:2], f.variances_, rtol=1e-12)
   assert s.n_groups == {"school": 12, "rater": 4} and s.correlations == {}
+
+
+def test_network_summary_flags_dead_features():
+  keras = pytest.importorskip("keras")
+
+  def net(dim):  # the second unit of the last hidden layer is 0 everywhere (bias -100)
+    dead = keras.initializers.Constant([0., -100.])
+    return keras.Sequential([keras.Input((dim,)), keras.layers.Dense(2, "relu"),
+                             keras.layers.Dense(2, "relu", bias_initializer=dead),
+                             keras.layers.Dense(1)])
+
+  d = _grouped(seed=6)
+  f = MixedEffectsRegressor.from_formula("y ~ x + (features | school)", d, f=net, max_iter=2)
+  s = f.summary()
+  model = f.network_.model
+  gamma = keras.Model(model.inputs[0], model.layers[-1].input)(
+      f.formula_.X.to_numpy(np.float32)).numpy()                        # [n, 2]
+  dead = tuple(f"Gamma{j + 1}" for j in np.flatnonzero(np.all(gamma == 0., axis=0)))
+  assert "Gamma2" in dead and s.unidentified == dead
+  assert "Gamma2: 0 on every training row" in str(s)

@@ -66,6 +66,8 @@ class NetworkSummary:
     stop_reason: 'early_stopping' or 'max_iter'.
     scaled_residuals: Series 'Min' ... 'Max' of (y - fitted) / sigma, or
       None when the training data were not given.
+    unidentified: names of Gamma columns that are 0 on every training row
+      (dead units of 'features'): the data say nothing about their variances.
   """
   formula: str | None
   method: str
@@ -86,6 +88,7 @@ class NetworkSummary:
   best_iteration: int
   stop_reason: str
   scaled_residuals: pd.Series | None
+  unidentified: tuple = ()
 
   def __str__(self) -> str:
     unit = TRAINERS[self.method][1]
@@ -100,8 +103,11 @@ class NetworkSummary:
     if self.scaled_residuals is not None:
       lines += ["Scaled residuals:", self.scaled_residuals.to_frame().T.to_string(
           index=False, float_format=lambda v: f"{v:.4f}"), ""]
-    lines += ["Random effects:", random_effects_text(self.random_effects, self.correlations),
-              "Number of obs: {}, groups:  {}".format(
+    lines += ["Random effects:", random_effects_text(self.random_effects, self.correlations)]
+    if self.unidentified:
+      lines.append(f" {', '.join(self.unidentified)}: 0 on every training row (dead units); "
+                   "their variances are not identified by the data")
+    lines += ["Number of obs: {}, groups:  {}".format(
                   self.n_obs, "; ".join(f"{g}, {n}" for g, n in self.n_groups.items())),
               "", "Network (in place of fixed effects):", self.network_layers.to_string()]
     return "\n".join(lines)
@@ -151,11 +157,15 @@ def summarize_network(estimator, X=None, y=None, clusters=None, time=None, Z=Non
   else:
     groups, names = data.groups, data.random_names
   table, correlations, _, n_groups = variance_components(estimator, groups, names)
-  residuals = None
+  residuals, unidentified = None, ()
   if data is not None:
     _, y_checked = estimator.checked_xy(data.X, data.y, estimator.dtype_)
     fitted = estimator.predict(data.X, data.clusters, data.time, data.Z)
     residuals = scaled_residual_quantiles(y_checked - fitted, estimator.sigma2_)
+    if estimator.random_effects == "features" and estimator.crossed_ is None:
+      _, hidden = estimator.network_(estimator.checked_predict_x(data.X))  # [n, H]
+      dead = np.flatnonzero(np.all(np.asarray(hidden) == 0., axis=0))
+      unidentified = tuple(names[j + 1] for j in dead)
   text, layers, n_params, n_trainable = network_tables(estimator.network_.model)
   log_lik = float(estimator.log_likelihood_)
   history = estimator.history_
@@ -168,4 +178,4 @@ def summarize_network(estimator, X=None, y=None, clusters=None, time=None, Z=Non
       criteria_note=NO_CRITERIA if math.isfinite(log_lik) else f"{NO_CRITERIA} {NO_LOGLIK}",
       n_obs=int(estimator.fit_result_.num_observations), n_groups=n_groups,
       best_iteration=int(history["best_iteration"]), stop_reason=str(history["stop_reason"]),
-      scaled_residuals=residuals)
+      scaled_residuals=residuals, unidentified=unidentified)
