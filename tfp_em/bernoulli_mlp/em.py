@@ -89,6 +89,7 @@ class BernoulliMLPEM(EMModel):
   """
   name = "BernoulliMLP"
   trace_exact_rows = 2048  # small data: one chunk, no loop in the trace
+  per_point_stats_fields = ("hidden_targets", "inputs")  # () once they are sums (issue 21)
   failure_hint = ("Standardize the inputs, add an L2 penalty (l2 > 0), reduce "
                   "n_hidden, or use float64.")
 

@@ -24,13 +24,17 @@ METHODS = ("em", "autodiff")
 def _check_labels(y, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
   """Labels (int or str) -> (classes [C], indices [N] int32).
 
-  A column vector [N, 1] is raveled with a `DataConversionWarning`, and
-  continuous targets are refused ("Unknown label type"), as in scikit-learn.
+  A column vector [N, 1] is raveled with a `DataConversionWarning`;
+  continuous targets are refused ("Unknown label type: continuous", from
+  `sklearn.utils.multiclass.type_of_target`), and so are labels that mix
+  strings and numbers (0 and '0' would otherwise become one class), as in
+  scikit-learn.
   """
   if y is None:
     raise ValueError("BernoulliMLPClassifier requires y to be passed, but the target y is None")
   if hasattr(y, "numpy") and callable(y.numpy):
     y = y.numpy()
+  _check_one_label_kind(y)
   y = np.array(y, copy=True)
   if y.ndim == 2 and y.shape[1] == 1:
     warnings.warn("A column-vector y was passed when a 1d array was expected; raveled to "
@@ -50,6 +54,21 @@ def _check_labels(y, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"y labels could not be sorted (mixed types?): {e}") from None
   check_classification_targets(y)
   return classes, indices.astype(np.int32).reshape(-1)
+
+
+def _check_one_label_kind(y) -> None:
+  """Refuses labels that mix strings and numbers, before NumPy turns them all into
+  strings (scikit-learn's `unique_labels` message)."""
+  if isinstance(y, np.ndarray) and y.dtype != object:
+    return
+  try:
+    values = np.asarray(y, dtype=object).ravel()
+  except ValueError:  # ragged: reported by the shape checks
+    return
+  kinds = {isinstance(v, (str, bytes)) for v in values if v is not None}
+  if len(kinds) > 1:
+    raise ValueError("Mix of label input types (string and number) in y: labels such as 0 and "
+                     "'0' would be ambiguous; give every label the same type")
 
 
 class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):

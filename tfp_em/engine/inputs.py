@@ -69,10 +69,12 @@ def check_array(X, name: str = "X", *, ndim: int = 2, dtype=np.float64,
                 min_rows: int = 1, allow_nonfinite: bool = False) -> np.ndarray:
   """Validates a numeric array and returns a C-contiguous copy in `dtype`."""
   if sparse.issparse(X):
-    raise ValueError(f"{name} is a scipy sparse matrix; sparse input is not supported: pass a "
-                     f"dense array ({name}.toarray())")
+    raise ValueError(f"{name} is a scipy sparse matrix: sparse matrices are not supported; call "
+                     f"{name}.toarray() for a dense array")
   if hasattr(X, "numpy") and callable(X.numpy):
     X = X.numpy()
+  if _is_pandas(X):
+    _check_no_missing(X, name)
   try:
     arr = np.array(X, copy=True)
   except (TypeError, ValueError) as e:
@@ -93,19 +95,44 @@ def check_array(X, name: str = "X", *, ndim: int = 2, dtype=np.float64,
   if ndim == 2 and arr.shape[1] < 1:
     raise ValueError(f"{name} needs at least one column: 0 feature(s) (shape={arr.shape}) while "
                      "a minimum of 1 is required.")
-  arr = np.ascontiguousarray(arr, dtype=dtype)
-  if not allow_nonfinite and not np.all(np.isfinite(arr)):
+  target = np.dtype(dtype)
+  if not allow_nonfinite:  # checked before the cast, which would overflow with a warning
+    _check_finite_and_in_range(arr, name, target)
+  return np.ascontiguousarray(arr, dtype=target)
+
+
+def _check_finite_and_in_range(arr: np.ndarray, name: str, target: np.dtype) -> None:
+  """No NaN or inf, and for a float `target`, values whose squares (summed over
+  the rows) stay finite in it."""
+  if arr.dtype == bool:
+    return
+  if not np.all(np.isfinite(arr)):
     bad = np.argwhere(~np.isfinite(arr))[0]
     kind = "NaN" if np.isnan(arr[tuple(bad)]) else "inf"
     raise ValueError(f"{name} contains {kind} (first at index {tuple(int(i) for i in bad)}); "
                      "remove or impute non-finite values")
-  if not allow_nonfinite and arr.size and np.issubdtype(arr.dtype, np.floating):
-    limit = 1e-4 * np.sqrt(np.finfo(arr.dtype).max)  # sums of N squares must stay finite
+  if arr.size and np.issubdtype(target, np.floating):
+    limit = 1e-4 * float(np.sqrt(np.finfo(target).max))  # sums of N squares must stay finite
     peak = float(np.max(np.abs(arr)))
     if peak > limit:
-      raise ValueError(f"{name} has values up to {peak:.3g}, too large for {arr.dtype} "
-                       f"arithmetic (squares overflow above {limit:.1g}); rescale {name}")
-  return arr
+      raise ValueError(f"{name} has values up to {peak:.3g}, too large for {target} "
+                       f"arithmetic (squares overflow above {limit:.1g}); rescale {name}"
+                       + (" or use dtype='float64'" if target != np.float64 else ""))
+
+
+def _is_pandas(X) -> bool:
+  return type(X).__module__.partition(".")[0] == "pandas"
+
+
+def _check_no_missing(frame, name: str) -> None:
+  """A pandas DataFrame or Series with missing values (NA, None, NaN; nullable
+  dtypes such as Float64 hold pd.NA) gets an error naming the first one."""
+  missing = np.asarray(frame.isna())
+  if missing.any():
+    first = np.argwhere(missing)[0]
+    column = f", column {frame.columns[first[1]]!r}" if missing.ndim == 2 else ""
+    raise ValueError(f"{name} has {int(missing.sum())} missing value(s) (NA, None or NaN; "
+                     f"first at row {int(first[0])}{column}); remove or impute them")
 
 
 def _object_as_float(arr: np.ndarray, name: str) -> np.ndarray:

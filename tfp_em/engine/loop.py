@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_em.engine import squarem
-from tfp_em.engine.checkpoint import Checkpointer
+from tfp_em.engine.checkpoint import Checkpointer, fingerprint
 from tfp_em.engine.compiling import compiled
 from tfp_em.engine.passes import InMemoryPass, make_pass
 from tfp_em.engine.protocol import (ConvergenceWarning, EMModel, LikelihoodDecreaseError,
@@ -86,14 +86,20 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
     strategy: a `tf.distribute` strategy; the E-step runs on every replica
       and the stats are all-reduced by SUM.
     checkpoint_dir: save the engine state there (`tfp_em.checkpoint`) every
-      `checkpoint_every` iterations and when a restart ends.
+      `checkpoint_every` iterations and when a restart starts; a last
+      checkpoint marks the fit complete.
     resume: continue from the checkpoint in `checkpoint_dir` if there is
-      one (the same fit must be asked for); otherwise start afresh.
+      one, otherwise start afresh. The checkpoint must belong to the same
+      fit (model, configuration, settings and data: see
+      `tfp_em.engine.checkpoint.fingerprint`); a complete fit is returned as
+      saved, without fitting again.
 
   Returns:
     A `FitResult`.
 
   Raises:
+    CheckpointMismatchError: `resume=True` with a checkpoint of another fit
+      (a ValueError naming what changed); nothing is written.
     LikelihoodDecreaseError: on a decrease with `on_decrease='raise'`.
     NumericalFailureError: when the loglik becomes non-finite or a
       factorization fails; the message carries the model's hint.
@@ -119,9 +125,11 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
   seeds = restart_seeds(seed, n_init)
   saver, saved = None, None
   if checkpoint_dir is not None:
-    fingerprint = dict(model=model.name, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol,
-                       accelerate=accelerate, keep_trajectory=keep_trajectory)
-    saver = Checkpointer(checkpoint_dir, checkpoint_every, fingerprint)
+    settings = dict(seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, accelerate=accelerate,
+                    keep_trajectory=keep_trajectory, init_params=init_params,
+                    on_decrease=on_decrease, decrease_tol=decrease_tol)
+    saver = Checkpointer(checkpoint_dir, checkpoint_every,
+                         fingerprint(model, iteration.e_pass.first_batch(), settings))
     saved = saver.load(_params_type(model, init_params)) if resume else None
   elif resume:
     raise ValueError("resume=True needs a checkpoint_dir")
@@ -140,6 +148,10 @@ def fit_em(model: EMModel, data, *, max_iter: int = 100, tol: float = 1e-5,
         _Saver(saver, seeds, restarts, keep_trajectory), resume_state))
 
   n_obs = iteration.e_pass.num_observations
+  if saved and saved["complete"]:  # nothing ran: a stream's size is the saved one
+    n_obs = saved["num_observations"] if n_obs is None else n_obs
+  elif saver is not None:
+    saver.save_complete(restarts, seeds, n_obs)
   best = int(np.argmax([t.final_log_likelihood for t in restarts]))
   chosen = restarts[best]
   if not chosen.converged and max_iter > 0 and chosen.stop_reason == "max_iter":

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_em.engine.compiling import compile_fn
-from tfp_em.engine.passes import StreamPass
+from tfp_em.engine.passes import StreamPass, check_summable
 from tfp_em.engine.results import FitResult, RestartTrace, restart_seeds, to_numpy, to_tensors
 from tfp_em.engine.streams import checked_batches
 
@@ -79,6 +79,7 @@ def fit_online_em(model, dataset: tf.data.Dataset, *, epochs: int = 1, kappa: fl
     raise ValueError(f"t0 must be >= 0, got {t0}")
   if not isinstance(epochs, int) or epochs < 1:
     raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+  check_summable(model, "across the batches of online EM")
   start = time.perf_counter()
   compile = model.compile if compile is None else compile
   e_step = compile_fn(model.e_step, compile, data_arg=-1)

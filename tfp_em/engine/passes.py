@@ -29,6 +29,16 @@ def is_stream(data) -> bool:
   return isinstance(data, tf.data.Dataset)
 
 
+def check_summable(model, over: str) -> None:
+  """Refuses to combine stats `over` batches or replicas when some are per point."""
+  fields = model.per_point_stats_fields
+  if fields:
+    raise ValueError(
+        f"{model.name}: its E-step statistics {list(fields)} are per data point, not sums, so "
+        f"they cannot be added {over}; fit it on in-memory data (a tuple of tensors) without "
+        "a strategy")
+
+
 class InMemoryPass:
   """One compiled E-step over data held in memory."""
 
@@ -137,6 +147,10 @@ def dataset_of(parts) -> tf.data.Dataset:
 
 def make_pass(model, data, compile: str = "graph", strategy=None):
   """Chooses the pass for `data`: a tuple of tensors or a `tf.data.Dataset`."""
+  if strategy is not None:
+    check_summable(model, "across the replicas of a tf.distribute strategy")
+  elif is_stream(data):
+    check_summable(model, "across the batches of a tf.data.Dataset")
   if strategy is not None:
     if is_stream(data):
       return DistributedPass(model, data, strategy, compile)

@@ -6,7 +6,9 @@ declared here once, with its default: nothing in tfp_em probes a model for
 optional attributes.
 
 `Params` and `Stats` are NamedTuples of tensors. Stats are sums over data
-points (or clusters), so partial stats from batches or replicas add up.
+points (or clusters), so partial stats from batches or replicas add up;
+a model whose stats are not all sums names the others in
+`per_point_stats_fields`, and the engine then fits it on in-memory data only.
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ class EMModel(abc.ABC):
       SQUAREM, standard errors and the autodiff checks. None: not offered.
     shared_stats_fields: stats fields that are the same in every batch of a
       pass (a centring point, say): taken, not added.
+    per_point_stats_fields: stats fields that hold one row per data point
+      (concatenated, not summed). Batches and replicas cannot add them, so
+      `fit_em` and `fit_online_em` refuse a `tf.data.Dataset` or a strategy
+      for a model that declares any (default (): every field is a sum).
     generalized_m_step_fields: params whose M-step is iterative (a
       generalized M-step that must not decrease Q) rather than an argmax; the
       verifier checks Q increases there instead of a zero gradient.
@@ -82,6 +88,7 @@ class EMModel(abc.ABC):
   failure_hint: str = ""
   param_specs = None
   shared_stats_fields: tuple = ()
+  per_point_stats_fields: tuple = ()
   generalized_m_step_fields: tuple = ()
   component_axes = types.MappingProxyType({})
   verification_tolerances = None

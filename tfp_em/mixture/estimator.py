@@ -28,6 +28,7 @@ from tfp_em.engine.compiling import compiled
 from tfp_em.engine.streams import checked_batches, features_dataset
 from tfp_em.mixture.em import GaussianMixtureEM, MixtureData, precision_cholesky
 from tfp_em.mixture import reseed as mr
+from tfp_em.mixture import spurious
 from tfp_em.mixture.initialization import INIT_METHODS, Initializer
 
 # XLA's E-step kernel costs about 0.3 s more than a graph trace, once per process
@@ -210,6 +211,11 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
         result = self._revive_empty(model, data, result)
       else:
         _warn_empty_streamed(result)
+    n_points = (np.count_nonzero(data.weights) if isinstance(data, MixtureData)
+                else result.num_observations)  # in units of an average point's weight
+    spurious.warn(spurious.fit_findings(result.params.weights, result.params.covariances,
+                                        n_points, self.covariance_type, n_features,
+                                        self.reg_covar), "after")
     self.set_fitted_params(result.params, n_features)
     # In-memory training data (already a private copy) for summary() and reports.
     self.fit_data_ = data if isinstance(data, MixtureData) else None
@@ -259,6 +265,10 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     if np.count_nonzero(w) < self.n_components:
       raise ValueError(f"only {np.count_nonzero(w)} points have positive sample_weight "
                        f"but n_components={self.n_components}")
+    largest_variance = float(np.max(x.var(axis=0, dtype=np.float64)))
+    spurious.warn(spurious.size_findings(np.count_nonzero(w), x.shape[1], self.n_components,
+                                         self.covariance_type, largest_variance, self.reg_covar),
+                  "before", stacklevel=3)
     return MixtureData(tf.constant(x), tf.constant(w))
 
   def _stream(self, source, columns, batch_size, dtype):
