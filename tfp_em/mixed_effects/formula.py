@@ -250,10 +250,7 @@ def new_data_inputs(design: FormulaDesign, data) -> dict:
     raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
   X = pd.DataFrame(_matrix(design.fixed_spec, data, "fixed effects"))
   X = X.drop(columns=[INTERCEPT], errors="ignore").astype(np.float64)
-  first = {}  # one term per grouping factor gives its labels
-  for term in design.terms:
-    first.setdefault(term.group_name, term)
-  clusters = [_group_labels(t, data) for t in first.values()]
+  clusters = [_group_labels(terms[0], data) for terms in group_terms(design.terms).values()]
   inputs = dict(X=X, clusters=clusters[0] if len(clusters) == 1 else clusters, time=None, Z=None)
   kind = design.options["random_effects"]
   if kind in ("slopes", "custom"):
