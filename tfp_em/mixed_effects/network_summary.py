@@ -1,9 +1,11 @@
 """`NetworkSummary`: the summary of a mixed-effects fit whose f is a network.
 
 lme4's layout with the network in place of the fixed-effects table: the
-layers, their output shapes and parameter counts; the variance components
-with standard deviations and correlations; the residual variance; logLik;
-groups and observations; which trainer fitted it and where it stopped.
+layers and their parameter counts; the variance components with standard
+deviations and correlations; the residual variance; logLik; groups and
+observations; which trainer fitted it and where it stopped; for MeNets'
+Gamma(x), the columns that are 0 on every training row (dead units, whose
+variances the data do not identify).
 
 logLik is the exact marginal log-likelihood of y given the trained f (the
 random effects integrated out). AIC and BIC are not reported: the weights of
@@ -162,7 +164,7 @@ def summarize_network(estimator, X=None, y=None, clusters=None, time=None, Z=Non
     _, y_checked = estimator.checked_xy(data.X, data.y, estimator.dtype_)
     fitted = estimator.predict(data.X, data.clusters, data.time, data.Z)
     residuals = scaled_residual_quantiles(y_checked - fitted, estimator.sigma2_)
-    if estimator.random_effects == "features" and estimator.crossed_ is None:
+    if estimator.random_effects == "features":
       _, hidden = estimator.network_(estimator.checked_predict_x(data.X))  # [n, H]
       dead = np.flatnonzero(np.all(np.asarray(hidden) == 0., axis=0))
       unidentified = tuple(names[j + 1] for j in dead)
