@@ -120,3 +120,90 @@ def test_classification_table_and_selection_figure():
           for k in (1, 2) for c in ("full", "diag")]
   fig = model_selection_figure(rows, (2, "full"))
   assert [ax.get_title() for ax in fig.axes] == ["BIC (lower is better)", "ICL (lower is better)"]
+
+
+def test_dataset_coords_name_dims_and_their_bis_twins():
+  from tfp_em.diagnostics.naming import dataset_coords
+  sizes = {"chain": 2, "effect": 2, "effect_bis": 2, "coef": 3}
+  got = dataset_coords({"effect": ["(Intercept)", "Days"], "class": ["a"]}, sizes)
+  assert got == {"effect": ["(Intercept)", "Days"], "effect_bis": ["(Intercept)", "Days"]}
+  with pytest.raises(ValueError, match="feature_names has 3 names but the data has 2"):
+    dataset_coords({"feature": ["a", "b", "c"]}, {"feature": 2})
+  with pytest.raises(ValueError, match="'coef'"):
+    dataset_coords({"coef": ["x"]}, sizes)
+  named = entries([("covariance", (2, 2))], {"covariance": ("effect", "effect_bis")}, got)
+  assert [e.name for e in named if e.keep] == [
+      "covariance[(Intercept), (Intercept)]", "covariance[(Intercept), Days]",
+      "covariance[Days, Days]"]
+
+
+def test_posterior_intervals_of_random_effects():
+  from tfp_em.diagnostics.group_plots import posterior_intervals
+  mean = np.array([[1.0, -2.0], [0.0, 0.5]])
+  cov = np.array([[[4.0, 0.3], [0.3, 0.25]], [[1.0, 0.0], [0.0, 0.0]]])
+  lower, upper = posterior_intervals(mean, cov, level=0.9)
+  z = norm.ppf(0.95)
+  np.testing.assert_allclose(upper - mean, z * np.array([[2.0, 0.5], [1.0, 0.0]]))
+  np.testing.assert_allclose(mean - lower, upper - mean)
+  with pytest.raises(ValueError, match="do not match"):
+    posterior_intervals(mean, cov[:, :1, :1])
+  with pytest.raises(ValueError, match="level"):
+    posterior_intervals(mean, cov, level=95)
+
+
+def test_few_groups_are_all_labelled_many_only_a_few():
+  from tfp_em.diagnostics.group_plots import ALL_LABELS, labelled_ranks
+  np.testing.assert_array_equal(labelled_ranks(5), np.arange(5))
+  many = labelled_ranks(500)
+  assert len(many) <= 9 and many[0] == 0 and many[-1] == 499   # both ends, evenly spaced
+  assert np.all(np.diff(many) > 50)
+  assert len(labelled_ranks(ALL_LABELS)) == ALL_LABELS
+
+
+def test_caterpillar_has_one_panel_per_random_effect():
+  from tfp_em.diagnostics.group_plots import caterpillar
+  rng = np.random.default_rng(0)
+  g = 300
+  cov = np.broadcast_to(np.diag([0.2, 0.05]), (g, 2, 2))
+  fig = caterpillar(rng.normal(size=(g, 2)), cov, [f"s{i}" for i in range(g)],
+                    ["(Intercept)", "Days"], group_name="Subject")
+  panels = [ax for ax in fig.axes if ax.get_visible()]
+  assert [ax.get_title() for ax in panels] == ["(Intercept)", "Days"]
+  assert all(len(ax.get_yticklabels()) <= 9 for ax in panels)     # a few labels, not 300
+
+
+def test_mixed_model_terms_are_named_as_lme4_names_them():
+  from types import SimpleNamespace
+  from tfp_em.mixed_effects.names import term_names
+  est = SimpleNamespace(formula_=None, n_random_effects_=3, random_effects="slopes",
+                        network_=None, fit_intercept=True, n_features_in_=2)
+  names = term_names(est)
+  assert names == (("(Intercept)", "x1", "x2"), ("(Intercept)", "time", "time^2"), "clusters")
+  assert term_names(est, ["dose", "age"]).fixed == ("(Intercept)", "dose", "age")
+  est.feature_names_in_ = np.array(["a", "b"], dtype=object)       # fitted on a DataFrame
+  assert term_names(est).fixed == ("(Intercept)", "a", "b")
+  custom = SimpleNamespace(**{**vars(est), "random_effects": "custom", "fit_intercept": False})
+  assert term_names(custom) == (("a", "b"), ("z1", "z2", "z3"), "clusters")
+  net = SimpleNamespace(**{**vars(est), "network_": object(), "random_effects": "intercept",
+                           "n_random_effects_": 1})
+  assert term_names(net)[:2] == (("f(x)",), ("(Intercept)",))
+
+
+def test_class_summary_and_calibration():
+  from tfp_em.diagnostics.classifier_plots import calibration, class_summary
+  probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.45, 0.55]])
+  labels = np.array([0, 1, 1, 1, 0])
+  replicated = np.array([[0, 0, 1, 1, 1]] * 50 + [[0, 1, 1, 1, 1]] * 50)
+  s = class_summary(probs, labels, replicated)
+  np.testing.assert_array_equal(s.observed, [2, 3])
+  np.testing.assert_allclose(s.expected, [2.85, 2.15])
+  # predicted 0, 0, 1, 1, 1: class 0 recall 1/2, precision 1/2; class 1 recall 2/3, prec. 2/3
+  np.testing.assert_allclose(s.recall, [0.5, 2 / 3])
+  np.testing.assert_allclose(s.precision, [0.5, 2 / 3])
+  assert list(s.replicated_lower) == [1, 3] and list(s.replicated_upper) == [2, 4]
+  predicted, observed, what = calibration(probs, labels, n_bins=2)
+  assert what == "P(class 1)"
+  np.testing.assert_allclose(predicted, [0.15, 0.6166666666666667])   # bins [0, .5), [.5, 1]
+  np.testing.assert_allclose(observed, [0.5, 2 / 3])
+  with pytest.raises(ValueError, match="do not match"):
+    class_summary(probs, labels[:3], replicated)

@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from models import bernoulli_mlp as mlp
 from tfp_em.bernoulli_mlp.newton import l2_penalty
 from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
-from tfp_em.diagnostics.adapters import Adapter, register
+from tfp_em.diagnostics.adapters import Adapter, Table, register
 from tfp_em.engine import inputs as v
 
 tfd = tfp.distributions
@@ -31,6 +31,7 @@ class BernoulliMLPAdapter(Adapter):
   params_type = mlp.BernoulliMLPParams
   observed_names = ("y",)
   latent_states = True
+  density_check = False  # `figures` checks the class counts
 
   def model(self, fitted):
     return fitted.em_model(len(fitted.classes_))
@@ -83,6 +84,10 @@ class BernoulliMLPAdapter(Adapter):
     rows = np.arange(len(perm))
     return perm, np.where(minus[rows, perm] < plus[rows, perm], -1.0, 1.0)
 
+  def is_relabelling(self, perm_signs) -> bool:
+    perm, signs = perm_signs
+    return not np.array_equal(perm, np.arange(len(perm))) or bool(np.any(signs < 0))
+
   def permute(self, fitted, params, perm_signs):
     perm, signs = perm_signs
     w = np.array(params.hidden_weights, copy=True)
@@ -111,11 +116,54 @@ class BernoulliMLPAdapter(Adapter):
     return {name: tfd.Independent(tfd.Normal(tf.zeros(value.shape, dtype), tf.constant(10.0, dtype)), 2)
             for name, value in zip(p._fields, p)}
 
+  def coords(self, fitted, feature_names=None):
+    """Inputs by feature (the bias first), hidden units by number, classes by label."""
+    if feature_names is None:
+      feature_names = getattr(fitted, "feature_names_in_", None)
+    features = ([str(f) for f in feature_names] if feature_names is not None
+                else [f"x{j}" for j in range(int(fitted.n_features_in_))])
+    units = [f"unit {h}" for h in range(int(fitted.n_hidden))]
+    return {"input": ["bias"] + features, "hidden": units, "hidden_bias": ["bias"] + units,
+            "class": [f"class {c}" for c in fitted.classes_]}
+
+  def _fit_on_training_data(self, fitted, data):
+    """(p(y | x) [N, C], replicated labels [100, N]) at the estimate."""
+    params = self.params(fitted)
+    probs = np.exp(self.model(fitted).predict_log_proba(params, data[0]).numpy())
+    replicated = self.posterior_predictive(fitted, params, data, 100, seed=1)["y"]
+    return probs, replicated
+
+  def tables(self, fitted, data, feature_names=None):
+    from tfp_em.diagnostics.classifier_plots import class_summary  # sklearn.calibration
+    probs, replicated = self._fit_on_training_data(fitted, data)
+    labels = np.asarray(data[1])
+    s = class_summary(probs, labels, replicated)
+    rows = [[str(c), int(s.observed[i]), float(s.expected[i]),
+             f"{s.replicated_lower[i]:.0f} - {s.replicated_upper[i]:.0f}",
+             float(s.recall[i]), float(s.precision[i])] for i, c in enumerate(fitted.classes_)]
+    accuracy = float(np.mean(np.argmax(probs, axis=1) == labels))
+    log_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-300))))
+    note = (f"On the {len(labels)} training points: accuracy {accuracy:.3f}, log loss "
+            f"{log_loss:.4f}. Expected count: the sum of p(class | x); replicated range: the "
+            "2.5-97.5% range of the class counts in 100 label sets drawn from the fitted model; "
+            "recall and precision of the most probable class.")
+    return [Table("Classes", note, ["class", "observed count", "expected count",
+                                    "replicated 95% range", "recall", "precision"], rows)]
+
   def figures(self, fitted, data, feature_names=None):
-    from tfp_em.diagnostics import plots  # matplotlib and ArviZ load on first use
-    return [(plots.hidden_unit_heatmap(fitted, data), "hidden_units.png",
-             "Posterior E[z_h | x, y] of every hidden unit (columns) for every point (rows, "
-             "grouped by class).")]
+    from tfp_em.diagnostics import classifier_plots, plots  # matplotlib loads on first use
+    probs, replicated = self._fit_on_training_data(fitted, data)
+    return [
+        (classifier_plots.classifier_figure(probs, np.asarray(data[1]), replicated,
+                                            fitted.classes_), "classifier.png",
+         "On the training data: the confusion matrix (counts; shade: share of the true class), "
+         "the calibration curve (predicted probability against observed frequency, 10 bins) "
+         "and each class's count against the counts in 100 label sets drawn from the fitted "
+         "model (a per-class predictive check)."),
+        (plots.hidden_unit_heatmap(fitted, data), "hidden_units.png",
+         "Posterior E[z_h | x, y] of every hidden unit (columns) for every point (rows, "
+         "grouped by class)."),
+    ]
 
   def rebuild(self, estimator_class, config, params, n_features):
     raise ValueError("rebuilding a BernoulliMLPClassifier from netCDF is not supported (the "

@@ -22,6 +22,8 @@ import json
 import pkgutil
 import sys
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -89,6 +91,14 @@ def _names() -> list[str]:
   return sorted(cls.__name__ for cls in _ADAPTERS)
 
 
+class Table(NamedTuple):
+  """A model-specific table of the report: a title, a note and its cells."""
+  title: str
+  note: str
+  header: list
+  rows: list
+
+
 class Adapter(abc.ABC):
   """Interface that every estimator family implements: abstract methods, and defaults.
 
@@ -100,6 +110,9 @@ class Adapter(abc.ABC):
     pointwise_dim: dim of the pointwise log-likelihood ('obs', 'cluster').
     latent_states: whether `complete_log_prob_table` exists (discrete latents
       that can be enumerated; enables Louis' method).
+    density_check: whether the report draws the generic predictive check
+      (densities of observed and replicated data); False where `figures`
+      has a check of its own (a classifier's class counts).
   """
   fitted_attribute = "params_"
   params_type = None
@@ -107,6 +120,7 @@ class Adapter(abc.ABC):
   observed_names = ("x",)
   pointwise_dim = "obs"
   latent_states = False
+  density_check = True
 
   @abc.abstractmethod
   def model(self, fitted):
@@ -156,6 +170,10 @@ class Adapter(abc.ABC):
     """Permutation of latent labels matching `params` to `reference`, or None."""
     return None
 
+  def is_relabelling(self, perm) -> bool:
+    """Whether `perm` (from `label_permutation`) changes any label."""
+    return perm is not None and not np.array_equal(perm, np.arange(len(perm)))
+
   def permute(self, fitted, params, perm):
     """`params` (numpy) with latent labels reordered by `perm`."""
     return params
@@ -179,8 +197,17 @@ class Adapter(abc.ABC):
   def default_priors(self, fitted, data):
     """{field: tfd.Distribution} weak proper priors on the constrained params."""
 
+  def coords(self, fitted, feature_names=None) -> dict:
+    """{dim: names} naming the positions of the params' dims (`naming.entries`): by
+    default the features' names ({'feature': feature_names}) when given."""
+    return {} if feature_names is None else {"feature": [str(f) for f in feature_names]}
+
   def figures(self, fitted, data, feature_names=None):
     """Model-specific figures: list of (Figure, file name, caption)."""
+    return []
+
+  def tables(self, fitted, data, feature_names=None):
+    """Model-specific tables: list of `Table`."""
     return []
 
   def config(self, fitted) -> str:

@@ -219,9 +219,10 @@ def _to_idata(adapter, fitted, flat, names, draws, stats, data, seconds, chunk):
   for c in range(num_chains):
     for s in range(num_results):
       one = type(reference)(*[full[n][c, s] for n in reference._fields])
-      aligned = adapter.align(fitted, reference, one)
+      perm = adapter.label_permutation(fitted, reference, one)
+      relabelled[c, s] = adapter.is_relabelling(perm)
+      aligned = one if perm is None else adapter.permute(fitted, one, perm)
       for n in names:
-        relabelled[c, s] |= not np.array_equal(full[n][c, s], getattr(aligned, n))
         full[n][c, s] = getattr(aligned, n)
   stats = dict(stats, relabelled=relabelled.T)  # [S, C] like the other stats
   dims = adapter.dims(fitted)

@@ -43,6 +43,7 @@ import xarray as xr
 import arviz as az
 
 from tfp_em.diagnostics.adapters import estimator_class, get_adapter
+from tfp_em.diagnostics.naming import dataset_coords
 from tfp_em.engine import inputs as v
 
 
@@ -121,11 +122,8 @@ def to_inference_data(fitted, X=None, y=None, *, feature_names=None, model_selec
   dims = adapter.dims(fitted)
   params = adapter.params(fitted)
   coords = _coords(dims, params)
-  if feature_names is not None and "feature" in coords:
-    if len(feature_names) != len(coords["feature"]):
-      raise ValueError(f"feature_names has {len(feature_names)} names but the data has "
-                       f"{len(coords['feature'])} features")
-    coords["feature"] = coords["feature_bis"] = np.array([str(f) for f in feature_names])
+  sizes = {dim: len(values) for dim, values in coords.items()}
+  coords.update(dataset_coords(adapter.coords(fitted, feature_names), sizes))
 
   posterior = {}
   for i, name in enumerate(params._fields):

@@ -84,6 +84,30 @@ def entries(fields, dims: dict, coords: dict | None = None) -> list[Entry]:
   return out
 
 
+def dataset_coords(coords: dict, sizes: dict) -> dict:
+  """{dim: [str]} for every dim of `sizes` that `coords` names ('<d>_bis' takes d's names).
+
+  Args:
+    coords: {dim: sequence of names}, e.g. an adapter's `coords` ({'feature':
+      ['eruptions', 'waiting']}, {'effect': ['(Intercept)', 'Days']}).
+    sizes: {dim: length} of a dataset (xarray's `sizes`).
+
+  Raises:
+    ValueError: a dim's names do not match its length.
+  """
+  out = {}
+  for dim, size in sizes.items():
+    base = dim[:-len(BIS)] if dim.endswith(BIS) else dim
+    names = coords.get(base)
+    if names is None:
+      continue
+    if len(names) != size:
+      what = "feature_names" if base == "feature" else f"the names of {base!r}"
+      raise ValueError(f"{what} has {len(names)} names but the data has {size} {base}s")
+    out[dim] = [str(n) for n in names]
+  return out
+
+
 def posterior_coords(dataset) -> dict:
   """{dim: list of str} of an xarray Dataset's string-valued coordinates
   (numbered coordinates are left out: they are named '<dim> <i>')."""

@@ -9,12 +9,15 @@ global state, no GUI backend needed); save it with `fig.savefig(path)`.
     posterior_predictive(em_idata)     observed vs replicated data (needs
                                        add_posterior_predictive): densities per
                                        feature, contours for 2-D data, pairs beyond
-    caterpillar(fitted), hidden_unit_heatmap(fitted, data)
+    hidden_unit_heatmap(fitted, data)
 
 HMC plots are in `tfp_em.diagnostics.hmc_plots`; model selection and
-classification in `tfp_em.diagnostics.selection`.
+classification in `tfp_em.diagnostics.selection`; random effects and residuals
+by group in `group_plots`; a classifier's fit in `classifier_plots`.
 """
 from __future__ import annotations
+
+import textwrap
 
 import numpy as np
 import xarray as xr
@@ -57,7 +60,7 @@ def label_small_multiples(fig, axes, entries_shown, total: int, xlabel: str, tit
   """Titles each panel with its entry's name, the bottom row's x axes with `xlabel`, the
   figure with `title` (and how many entries are left out), one legend below the panels."""
   for ax, entry in zip(axes, entries_shown):
-    ax.set_title(entry.name, fontsize=8)
+    ax.set_title(textwrap.fill(entry.name, 34, break_on_hyphens=False), fontsize=8)
     ax.tick_params(labelsize=7)
   for ax in axes[-min(4, len(axes)):]:
     ax.set_xlabel(xlabel, fontsize=8)
@@ -98,7 +101,7 @@ def loglik_traces(em_idata) -> Figure:
   return fig
 
 
-def parameter_traces(em_idata, max_panels: int = 24) -> Figure:
+def parameter_traces(em_idata, max_panels: int = 36) -> Figure:
   """Small multiples: one panel per parameter entry (named by component and
   feature; symmetric repeats once), one line per restart, own y scale each.
 
@@ -235,34 +238,6 @@ def posterior_predictive(em_idata, num_pp_samples: int = 50) -> Figure:
   axes[0].legend(fontsize=8)
   fig.suptitle(f"Posterior predictive check: {reps.shape[0]} data sets drawn at the estimate",
                fontsize=10)
-  return fig
-
-
-def caterpillar(fitted, level: float = 0.95, max_clusters: int = 60) -> Figure:
-  """Random effects E[u_i | y] per cluster with `level` posterior intervals.
-
-  One panel per random-effect column, clusters sorted by their mean; at most
-  `max_clusters` (evenly spaced in that order) are drawn.
-  """
-  from scipy.stats import norm
-  mean = np.asarray(fitted.random_effects_mean_)                        # [G, q]
-  sd = np.sqrt(np.diagonal(np.asarray(fitted.random_effects_covariance_), axis1=1, axis2=2))
-  labels = np.asarray(fitted.cluster_labels_).astype(str)
-  g, q = mean.shape
-  half = norm.ppf(0.5 + level / 2) * sd
-  names = ["intercept"] + [f"effect {j}" for j in range(1, q)]
-  fig = Figure(figsize=(4.2 * q, 1.4 + 0.18 * min(g, max_clusters)), layout="constrained")
-  axes = np.atleast_1d(fig.subplots(1, q))
-  for j, ax in enumerate(axes):
-    order = np.argsort(mean[:, j])
-    if g > max_clusters:
-      order = order[np.linspace(0, g - 1, max_clusters).astype(int)]
-    pos = np.arange(len(order))
-    ax.errorbar(mean[order, j], pos, xerr=half[order, j], fmt="o", ms=3, color="C0",
-                ecolor="0.5", elinewidth=1)
-    ax.axvline(0.0, color="k", lw=0.8, ls="--")
-    ax.set_yticks(pos, labels[order] if len(order) <= 40 else [""] * len(order), fontsize=7)
-    ax.set(xlabel=f"u[{names[j]}]", title=f"Random effects: {names[j]} ({level:.0%} intervals)")
   return fig
 
 

@@ -151,12 +151,17 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
       "restart, labels aligned to the best restart."))
   parts.append("<h2>Fit</h2>")
   adapter = get_adapter(fitted)
+  for table in adapter.tables(fitted, data, feature_names=feature_names):
+    parts.append(f"<h3>{page.esc(table.title)}</h3>"
+                 f'<p class="note">{page.esc(table.note)}</p>'
+                 + page.table(table.header, table.rows))
   for fig, file_name, caption in adapter.figures(fitted, data, feature_names=feature_names):
     parts.append(page.save(fig, out_dir, file_name, caption))
-  parts.append(page.save(
-      plots.posterior_predictive(em_idata), out_dir, "ppc.png",
-      "Posterior predictive check: data sets drawn from the fitted JointDistribution at the "
-      "estimate (blue) against the observed data (black)."))
+  if adapter.density_check:
+    parts.append(page.save(
+        plots.posterior_predictive(em_idata), out_dir, "ppc.png",
+        "Posterior predictive check: data sets drawn from the fitted JointDistribution at the "
+        "estimate (blue) against the observed data (black)."))
   parts.append(hmc_html)
 
   page.write_netcdf(em_idata, out_dir / "inference_data.nc")

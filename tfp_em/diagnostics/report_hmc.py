@@ -8,6 +8,7 @@ import arviz as az
 from tfp_em.diagnostics import hmc_plots, page
 from tfp_em.diagnostics.adapters import get_adapter
 from tfp_em.diagnostics.hmc import compare_with_em, sample_posterior
+from tfp_em.diagnostics.naming import dataset_coords
 
 RHAT_LIMIT = 1.01
 ESS_MIN = 400
@@ -19,7 +20,8 @@ def hmc_section(fitted, data, out_dir, kwargs, progress, hmc_idata, se, named, f
     kwargs: arguments for `sample_posterior` (unless `hmc_idata` is given).
     hmc_idata: an InferenceData from `sample_posterior`, or None to sample.
     se: the fit's `StandardErrors` (Hessian); named: its `naming.Entry` list.
-    feature_names: names for the feature coordinates of the plots.
+    feature_names: the features' names (with the adapter's `coords`, they name the plots'
+      panels).
   """
   kwargs = dict(kwargs)
   kwargs.setdefault("progress", progress)
@@ -48,7 +50,7 @@ def hmc_section(fitted, data, out_dir, kwargs, progress, hmc_idata, se, named, f
   columns = ["em_estimate", "em_se", "post_mean", "post_sd", "map", "z_mean", "z_map", "r_hat",
              "ess_bulk", "ess_tail"]
   rows = [[names[label]] + [table.loc[label, c] for c in columns] for label in table.index]
-  shown = _with_feature_names(hmc_idata, feature_names)
+  shown = _with_names(hmc_idata, get_adapter(fitted).coords(fitted, feature_names))
   body = [
       "<h2>HMC cross-check</h2>",
       f'<p class="note">TFP NUTS on the same marginalized model with weak priors, '
@@ -77,20 +79,18 @@ def label_switching_note(hmc_idata) -> str:
     return ""
   flags = stats["relabelled"].values                                   # [chain, draw]
   if not flags.any():
-    return ('<p class="note">Label switching: none. No draw needed its component labels '
-            "permuted to match the EM estimate.</p>")
+    return ('<p class="note">Label switching: none. No draw needed its latent labels '
+            "(components, hidden units) permuted to match the EM estimate.</p>")
   per_chain = ", ".join(f"chain {c}: {f.mean():.1%}" for c, f in enumerate(flags) if f.any())
-  return ('<p class="note"><b>Label switching:</b> the sampler swapped component labels in '
-          f"{int(flags.sum())} of {flags.size} draws ({per_chain}). The mixture likelihood is "
-          "the same under any relabelling; every draw was relabelled to match the EM estimate "
-          "(Hungarian matching on the means) before the summaries, R-hat and the plots, so the "
-          "table describes the mode EM found.</p>")
+  return ('<p class="note"><b>Label switching:</b> the sampler moved to another labelling of '
+          f"the latent variables (components, hidden units) in {int(flags.sum())} of "
+          f"{flags.size} draws ({per_chain}). The likelihood is the same under any relabelling; "
+          "every draw was mapped back to the EM estimate's labelling (Hungarian matching) "
+          "before the summaries, R-hat and the plots, so the table describes the mode EM "
+          "found.</p>")
 
-def _with_feature_names(hmc_idata, feature_names):
-  """An InferenceData whose feature coordinates carry the feature names (for plot titles)."""
+def _with_names(hmc_idata, coords):
+  """An InferenceData whose coordinates carry the adapter's names (for plot titles)."""
   post = hmc_idata.posterior
-  dims = [d for d in ("feature", "feature_bis") if d in post.sizes]
-  if feature_names is None or not dims or len(feature_names) != post.sizes[dims[0]]:
-    return hmc_idata
-  post = post.assign_coords({d: [str(f) for f in feature_names] for d in dims})
-  return az.InferenceData(posterior=post, sample_stats=hmc_idata.sample_stats)
+  return az.InferenceData(posterior=post.assign_coords(dataset_coords(coords, post.sizes)),
+                          sample_stats=hmc_idata.sample_stats)

@@ -309,8 +309,7 @@ def named_entries(fitted, feature_names=None):
   adapter = get_adapter(fitted)
   params, specs = adapter.params(fitted), adapter.param_specs(fitted)
   fields = [(n, p.shape) for n, p, s in zip(params._fields, params, specs) if s.trainable]
-  coords = {"feature": list(feature_names)} if feature_names is not None else None
-  return entries(fields, adapter.dims(fitted), coords)
+  return entries(fields, adapter.dims(fitted), adapter.coords(fitted, feature_names))
 
 
 def summary(fitted, X=None, y=None, *, method: str = "hessian", ci: float = 0.95,

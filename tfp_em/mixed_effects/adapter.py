@@ -7,10 +7,12 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from models import mixed_effects as me
-from tfp_em.diagnostics.adapters import Adapter, register
+from tfp_em.diagnostics.adapters import Adapter, Table, register
 from tfp_em.engine import inputs as v
 from tfp_em.mixed_effects.em import MixedEffectsEM
 from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
+from tfp_em.mixed_effects.names import term_names
+from tfp_em.mixed_effects.summary import random_effects_table
 
 tfd = tfp.distributions
 
@@ -109,11 +111,62 @@ class MixedEffectsAdapter(Adapter):
                                                tf.constant(100 * np.sqrt(var), dtype)), 1),
             "covariance": cov, "noise_variance": tfd.Exponential(rate)}
 
+  def coords(self, fitted, feature_names=None):
+    names = term_names(fitted, feature_names)
+    return {"coef": list(names.fixed), "effect": list(names.random)}
+
+  def training_data(self, fitted):
+    """A formula fit's data (`from_formula` keeps its design); None for an array fit."""
+    design = fitted.formula_
+    if design is None:
+      return None
+    return self.data(fitted, design.X, design.y, clusters=design.clusters, time=design.time,
+                     Z=design.Z)
+
+  def tables(self, fitted, data, feature_names=None):
+    """The variance components as lme4 prints them (Groups, Name, Variance, Std.Dev.,
+    Corr)."""
+    names = term_names(fitted, feature_names)
+    cov_u = np.asarray(fitted.cov_random_effects_, np.float64)
+    table, corr = random_effects_table(names.group, names.random, cov_u, fitted.sigma2_)
+    full = corr is not None and fitted.covariance == "full"
+    rows = []
+    for i, (group, name, variance, sd) in enumerate(table.itertuples(index=False)):
+      row = [group if i == 0 or group == "Residual" else "", name, variance, sd]
+      if full:
+        row.append(" ".join(f"{c:.2f}" for c in corr.to_numpy()[i, :i])
+                   if group != "Residual" else "")
+      rows.append(row)
+    note = (f"{len(fitted.cluster_labels_)} groups of {names.group}, "
+            f"{int(data.y.shape[0])} observations. Maximum-likelihood estimates; Corr holds "
+            "each random effect's correlations with the ones above it"
+            + ("" if full else " (a diagonal covariance: none)") + ".")
+    return [Table("Variance components", note,
+                  ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if full else []), rows)]
+
   def figures(self, fitted, data, feature_names=None):
-    from tfp_em.diagnostics import plots  # matplotlib and ArviZ load on first use
-    return [(plots.caterpillar(fitted), "caterpillar.png",
-             "Caterpillar plot: posterior mean and 95% interval of each cluster's random "
-             "effects, sorted.")]
+    from tfp_em.diagnostics import group_plots  # matplotlib loads on first use
+    names = term_names(fitted, feature_names)
+    params = self.params(fitted)
+    blups = np.asarray(fitted.random_effects_mean_)                       # [G, q]
+    codes = np.asarray(data.cluster)
+    fitted_values = (np.asarray(data.x) @ np.asarray(params.beta)
+                     + np.sum(np.asarray(data.z) * blups[codes], axis=-1))  # [N]
+    residuals = np.asarray(data.y) - fitted_values
+    labels = fitted.cluster_labels_
+    return [
+        (group_plots.caterpillar(blups, fitted.random_effects_covariance_, labels, names.random,
+                                 group_name=names.group), "caterpillar.png",
+         f"Caterpillar plot of the random effects by {names.group}: each group's BLUP (the "
+         "posterior mean E[u | y]) with a 95% interval from its posterior SD, one panel per "
+         "random effect, groups sorted by the BLUP; the dashed line is the population value 0."),
+        (group_plots.residuals_by_group(fitted_values, residuals, codes, labels,
+                                        float(np.sqrt(fitted.sigma2_)), names.group),
+         "residuals.png",
+         "Conditional residuals y - f(x) - z BLUP: against the fitted value (dashed: 2 residual "
+         f"SDs); by {names.group}, each group's median and interquartile range (sorted; band: "
+         "2 residual SDs); each group's residual SD against its size."),
+    ]
 
   def rebuild(self, estimator_class, config, params, n_features):
     raise ValueError("rebuilding a MixedEffectsRegressor from netCDF is not supported "

@@ -1,0 +1,51 @@
+"""lme4's names of a fitted mixed model's terms, for the diagnostics report.
+
+    fixed effects   '(Intercept)', then X's columns (a DataFrame's names, else x1, x2, ...);
+                    a network f is one column, 'f(x)', with beta = 1 held fixed
+    random effects  '(Intercept)', 'time', 'time^2', ... ('slopes'); z1, z2, ... ('custom');
+                    '(Intercept)', 'hidden 1', ... ('features': the network's last layer)
+    group           the formula's grouping factor, else 'clusters'
+
+A formula fit (`from_formula`) takes the formula's names.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class TermNames(NamedTuple):
+  fixed: tuple    # [p] names of beta
+  random: tuple   # [q] names of the random effects
+  group: str      # the grouping factor
+
+
+def term_names(estimator, feature_names=None) -> TermNames:
+  """`TermNames` of a `MixedEffectsRegressor` fitted with one grouping factor.
+
+  Args:
+    estimator: the fitted estimator.
+    feature_names: names of X's columns (default: the DataFrame columns seen
+      in fit, `feature_names_in_`, else x1, x2, ...).
+  """
+  design = estimator.formula_
+  if design is not None:
+    return TermNames(tuple(design.fixed_names), tuple(design.random_names),
+                     str(design.group_names[0]))
+  q = int(estimator.n_random_effects_)
+  kind = estimator.random_effects
+  if kind == "slopes":
+    random = ("(Intercept)", "time") + tuple(f"time^{d}" for d in range(2, q))
+  elif kind == "custom":
+    random = tuple(f"z{j + 1}" for j in range(q))
+  elif kind == "features":
+    random = ("(Intercept)",) + tuple(f"hidden {j}" for j in range(1, q))
+  else:
+    random = ("(Intercept)",)
+  if estimator.network_ is not None:
+    return TermNames(("f(x)",), random, "clusters")
+  if feature_names is None:
+    feature_names = getattr(estimator, "feature_names_in_", None)
+  columns = ([str(c) for c in feature_names] if feature_names is not None
+             else [f"x{j + 1}" for j in range(int(estimator.n_features_in_))])
+  fixed = (("(Intercept)",) if estimator.fit_intercept else ()) + tuple(columns)
+  return TermNames(fixed, random, "clusters")
