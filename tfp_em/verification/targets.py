@@ -26,7 +26,7 @@ from tfp_em.verification.params import (Coordinates, check_precision, conform, l
 from tfp_em.verification.statistics import (expected_statistics_discrete,
                                             expected_statistics_gaussian, linear_gaussian_defect)
 
-# Relative change of the latents' Hessian above which a model declared
+# Relative change of the latents' second differences above which a model declared
 # linear-Gaussian is not (round-off leaves ~1e-15).
 LINEAR_GAUSSIAN_TOL = 1e-8
 
@@ -124,7 +124,8 @@ def user_target(joint_distribution, data, *, e_step, m_step, init_params, param_
 
   jd_fn = (lambda p: joint_distribution(p, data)) if arity(joint_distribution) >= 2 \
       else joint_distribution
-  variables = _jd_variables(jd_fn(start))
+  jd0 = jd_fn(start)  # one instance: its static attributes are traced once
+  variables = _jd_variables(jd0)
   if not variables:
     raise ValueError("joint_distribution must return a JointDistribution with named variables "
                      "(e.g. tfd.JointDistributionNamed)")
@@ -137,28 +138,28 @@ def user_target(joint_distribution, data, *, e_step, m_step, init_params, param_
   if absent:
     raise ValueError(f"data has no values for the JointDistribution's observed variables {absent}; "
                      f"every variable that is not in latents ({sorted(latents)}) must be in data")
-  dtypes = jd_fn(start).dtype
+  dtypes = jd0.dtype
   dtypes = dtypes._asdict() if hasattr(dtypes, "_asdict") else dtypes
   observed = {k: tf.cast(data[k], dtypes[k]) for k in observed_names}
 
   exact_note = ""
   if kind == "gaussian":
-    defect = linear_gaussian_defect(jd_fn(start), latents, observed)
+    defect = linear_gaussian_defect(jd0, latents, observed)
     if not defect <= LINEAR_GAUSSIAN_TOL:
       exact_note = (f"the latents {sorted(latents)} are declared Gaussian, but log p(data, "
-                    f"latents) is not quadratic in them (its Hessian changes by {defect:.3g} "
-                    "relative), so the exact Gaussian-conditioning path does not apply")
+                    f"latents) is not quadratic in them (its second differences change by "
+                    f"{defect:.3g} relative), so the exact Gaussian-conditioning path does not apply")
       if marginal_log_prob is None or expected_log_joint is None:
         raise ValueError(exact_note + "; give marginal_log_prob(params, data) and "
                          "expected_log_joint(params, stats) to run the autodiff checks")
       kind = None
   exact0 = None
   if kind == "discrete":  # raises a ValueError if the latents are coupled across points
-    exact0 = _exact_at_start(lambda: marginalize_discrete(lambda: jd_fn(start), latents, observed,
+    exact0 = _exact_at_start(lambda: marginalize_discrete(jd0, latents, observed,
                                                  check_factorization=True), latents)
   elif kind == "gaussian":
     exact0 = _exact_at_start(
-        lambda: marginalize_gaussian(lambda: jd_fn(start), latents, observed), latents)
+        lambda: marginalize_gaussian(jd0, latents, observed), latents)
 
   def exact_fn(p):
     if kind == "discrete":
@@ -235,7 +236,7 @@ def user_target(joint_distribution, data, *, e_step, m_step, init_params, param_
       log_prior=prior, n_obs=float(tf.shape(observed[observed_names[0]])[0]),
       component_axes=dict(component_axes or {}), generalized_fields=(),
       compile=True if compile is None else compile, notes=[])
-  preflight(target, latents, kind, jd_fn, stat, exact0)
+  preflight(target, latents, kind, jd0, stat, exact0)
   return target
 
 
@@ -251,7 +252,7 @@ def _exact_at_start(fn, latents):
                      "JointDistribution") from None
 
 
-def preflight(target: Target, latents: dict, kind, jd_fn, statistics, exact0) -> None:
+def preflight(target: Target, latents: dict, kind, jd, statistics, exact0) -> None:
   """One call of each user function at the start; ValueError for setup mistakes.
 
   A step that raises is left to the checks (which report it with the file and
@@ -261,7 +262,7 @@ def preflight(target: Target, latents: dict, kind, jd_fn, statistics, exact0) ->
     target: the user's target.
     latents, kind: the declared latents and their kind ('discrete',
       'gaussian' or None).
-    jd_fn: params -> JointDistribution.
+    jd: the JointDistribution at the start.
     statistics: (params, data, latent_values) -> statistics, or None.
     exact0: the exact reference at the start, or None.
   """
@@ -292,7 +293,6 @@ def preflight(target: Target, latents: dict, kind, jd_fn, statistics, exact0) ->
     if post is not None:
       _check_posterior_keys(post, latents, kind, exact0)
   if statistics is not None and out is not None and exact0 is not None:
-    jd = jd_fn(start)
     shapes = latent_shapes(jd, list(latents))
     dtypes = jd.dtype._asdict() if hasattr(jd.dtype, "_asdict") else jd.dtype
     if kind == "discrete" and tf.convert_to_tensor(exact0.posterior[next(iter(latents))]).shape[0] \
