@@ -81,23 +81,85 @@ def report(tmp_path_factory):
   return index, est
 
 
+def rendered_cleanly(index: Path, width: int) -> str:
+  """Renders `index` at `width` px, asserts every image loads and nothing sticks out;
+  returns the page's text."""
+  found = render(index, width)
+  assert found["vw"] <= width
+  files = re.findall(r'<img src="([^"]+)"', index.read_text())
+  assert found["images"] == len(files) and not found["broken"], found["broken"]
+  assert not found["over"], f"sticking out at {width} px: {found['over'][:5]}"
+  assert found["scroll"] <= found["vw"], "the page scrolls sideways"
+  return found["text"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("width", [800, 1400])
 def test_report_in_headless_chromium(report, width):
   index, est = report
-  found = render(index, width)
-  assert found["vw"] <= width
+  text = rendered_cleanly(index, width)
   files = re.findall(r'<img src="([^"]+)"', index.read_text())
   for name in ("model_selection.png", "clusters.png", "parameter_traces.png", "hmc_trace.png",
                "hmc_rank.png", "ppc.png", "mixture_ellipses.png"):
     assert name in files
-  assert found["images"] == len(files) and not found["broken"], found["broken"]
-  assert not found["over"], f"sticking out at {width} px: {found['over'][:5]}"
-  assert found["scroll"] <= found["vw"], "the page scrolls sideways"
-  text = found["text"]
   assert "lower is better" in text and "Model selection" in text
   # parameters named by component and column, the symmetric entry once
   assert "means[component 0, eruptions]" in text and "weights[component 1]" in text
   if est.covariance_type == "full":
     assert "covariances[component 0, eruptions, waiting]" in text
     assert "covariances[component 0, waiting, eruptions]" not in text
+
+
+@pytest.fixture(scope="module")
+def mixed_report(tmp_path_factory):
+  """A random intercept and slope for each of 150 subjects; X a DataFrame."""
+  import numpy as np
+  from tfp_em.diagnostics.report import write_report
+  from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
+  rng = np.random.default_rng(0)
+  groups, n = 150, 5
+  member = np.repeat(np.arange(groups), n)
+  subject = np.array([f"subject {i:03d}" for i in member])
+  days = np.tile(np.arange(n, dtype=float), groups)
+  u = rng.multivariate_normal([0, 0], [[1.0, 0.2], [0.2, 0.25]], groups)
+  X = pd.DataFrame({"dose": rng.normal(size=groups * n), "age": rng.normal(size=groups * n)})
+  y = (1 + 0.5 * X["dose"] - X["age"] + u[member, 0] + u[member, 1] * days
+       + rng.normal(0, 0.7, groups * n)).to_numpy()
+  est = MixedEffectsRegressor(random_effects="slopes").fit(X, y, subject, time=days)
+  out = tmp_path_factory.mktemp("browser") / "mixed"
+  return write_report(est, X, out, y=y, clusters=subject, time=days, progress=False,
+                      hmc_kwargs=dict(num_chains=2, num_results=60, num_burnin=60))
+
+
+@pytest.mark.slow
+def test_mixed_model_report_in_headless_chromium(mixed_report):
+  text = rendered_cleanly(mixed_report, 800)
+  files = re.findall(r'<img src="([^"]+)"', mixed_report.read_text())
+  assert {"caterpillar.png", "residuals.png", "hmc_trace.png"} <= set(files)
+  assert "Variance components" in text and "Std.Dev." in text and "Residual" in text
+  assert "beta[dose]" in text and "covariance[(Intercept), time]" in text
+  assert "covariance[time, (Intercept)]" not in text          # the symmetric entry once
+  assert "Caterpillar plot of the random effects" in text
+
+
+@pytest.fixture(scope="module")
+def classifier_report(tmp_path_factory):
+  from sklearn.datasets import load_iris
+  from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
+  from tfp_em.diagnostics.report import write_report
+  X, y = load_iris(return_X_y=True, as_frame=True)
+  y = load_iris().target_names[y]
+  est = BernoulliMLPClassifier(n_hidden=2, l2=1.0, n_init=2, seed=0).fit(X, y)
+  out = tmp_path_factory.mktemp("browser") / "mlp"
+  return write_report(est, X, out, y=y, progress=False,
+                      hmc_kwargs=dict(num_chains=2, num_results=60, num_burnin=60))
+
+
+@pytest.mark.slow
+def test_classifier_report_in_headless_chromium(classifier_report):
+  text = rendered_cleanly(classifier_report, 800)
+  files = re.findall(r'<img src="([^"]+)"', classifier_report.read_text())
+  assert {"classifier.png", "hidden_units.png", "parameter_traces.png"} <= set(files)
+  assert "ppc.png" not in files                     # the class counts are its predictive check
+  assert "hidden_weights[petal width (cm), unit 1]" in text
+  assert "output_weights[unit 0, class virginica]" in text and "accuracy" in text
