@@ -82,7 +82,32 @@ BAD_X = [
     ("X is None", lambda: None, "X"),
     ("X is a scalar", lambda: 3.0, "2-D"),
     ("X near the float64 limit (1e300)", lambda: _x() * 1e300, "too large"),
+    ("X is a scipy sparse matrix", lambda: _sparse(_x()),
+     r"sparse matrices are not supported; call X\.toarray\(\)"),
+    ("X is a pandas Float64 frame with NA", lambda: _nullable_with_na(_x()),
+     r"missing value\(s\) \(NA, None or NaN; first at row 3, column 'b'\)"),
 ]
+
+
+def _sparse(x):
+  from scipy import sparse
+  return sparse.csr_matrix(x)
+
+
+def _nullable_with_na(x):
+  import pandas as pd
+  frame = pd.DataFrame(x, columns=["a", "b"]).astype("Float64")
+  frame.iloc[3, 1] = pd.NA
+  return frame
+
+
+def _no_runtime_warning(run):
+  """`run` with RuntimeWarnings raised: a cast-overflow warning before the error is a crash."""
+  def wrapped(tmp):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", RuntimeWarning)
+      return run(tmp)
+  return wrapped
 
 
 # ---- Estimators. ------------------------------------------------------------
@@ -302,6 +327,34 @@ def _estimator_cases():
            expect="handled", check=_finite_fit),
       Case(f"{g}: data scaled by 1e6", g, _fit_gmm(lambda: _x() * 1e6), expect="handled",
            check=_finite_fit),
+      # Issue 17: inputs that passed unnoticed, resumes of another fit, spurious fits.
+      Case(f"{g}: float32 with 1e40 (no cast-overflow warning first)", g,
+           _no_runtime_warning(_fit_gmm(lambda: _x() * 1e40, dtype="float32")),
+           "too large for float32 .*use dtype='float64'"),
+      Case(f"{g}: resume with another n_components", g,
+           lambda tmp: _resume_changed(tmp, n_components=3), "n_components 2 -> 3"),
+      Case(f"{g}: resume with another covariance_type", g,
+           lambda tmp: _resume_changed(tmp, covariance_type="diag"),
+           "covariance_type 'full' -> 'diag'"),
+      Case(f"{g}: resume with another column set", g,
+           lambda tmp: _resume_changed(tmp, X=np.c_[_x(), _x(seed=1)[:, 0]]),
+           r"data x shape \(40, 2\) -> \(40, 3\)"),
+      Case(f"{g}: resume with shifted data", g, lambda tmp: _resume_changed(tmp, X=_x() + 3.0),
+           r"data x values changed \(column sums differ"),
+      Case(f"{g}: resume a finished fit", g, _resume_finished, expect="handled",
+           check=_same_fit_again),
+      Case(f"{g}: as many components as points", g,
+           _fit_gmm(lambda: _x(6), n_components=6), expect="handled",
+           check=_finite_and_warned("each component can hold a single point")),
+      Case(f"{g}: more features than points (D=50, N=10)", g,
+           _fit_gmm(lambda: _x(10, 50)), expect="handled",
+           check=_finite_and_warned("50 features but only 10 points")),
+      Case(f"{g}: X scaled by 1e-300", g, _fit_gmm(lambda: _x() * 1e-300), expect="handled",
+           check=_finite_and_warned("below reg_covar")),
+      Case(f"{g}: a component collapsed onto repeated points (positive loglik)", g,
+           _fit_gmm(lambda: np.array([[1.0, 2.0]] * 20 + [[5, 5], [6, 5.5], [5.5, 7], [7, 6]]),
+                    init_params="kmeans"), expect="handled",
+           check=_finite_and_warned("spurious solution")),
   ]
 
   m = "BernoulliMLPClassifier"
@@ -338,6 +391,16 @@ def _estimator_cases():
            expect="handled", check=_finite_fit),
       Case(f"{m}: string labels", m, _fit_mlp(y=lambda: np.where(_labels() > 0, "yes", "no")),
            expect="handled", check=_finite_fit),
+      Case(f"{m}: continuous y", m, _fit_mlp(y=lambda: _x()[:, 0]),
+           "Unknown label type: continuous"),
+      Case(f"{m}: labels mixing 0 and '0'", m, _fit_mlp(y=lambda: [0, "0"] * 20),
+           r"Mix of label input types \(string and number\)"),
+      Case("fit_em: BernoulliMLP over a tf.data.Dataset", "fit_em",
+           lambda tmp: _mlp_em_fit(stream=True), "per data point, not sums"),
+      Case("fit_em: BernoulliMLP under a tf.distribute strategy", "fit_em",
+           lambda tmp: _mlp_em_fit(strategy=True), "per data point, not sums"),
+      Case("fit_online_em: BernoulliMLP", "fit_em", lambda tmp: _mlp_em_fit(online=True),
+           "per data point, not sums"),
   ]
 
   r = "MixedEffectsRegressor"
@@ -430,6 +493,12 @@ def _csv_rows(n=30):
   return "a,b\n" + "".join(f"{p:.6f},{q:.6f}\n" for p, q in x)
 
 
+def _csv_abc(n=30, shift=0.0):
+  """CSV text: columns a, b of `_x(n)` and c, all plus `shift`."""
+  x = np.c_[_x(n), _x(n, 1, seed=1)] + shift
+  return "a,b,c\n" + "".join(f"{p:.6f},{q:.6f},{r:.6f}\n" for p, q, r in x)
+
+
 def _plain_file(tmp):
   path = pathlib.Path(tmp) / "plain.txt"
   path.write_text("not a folder")
@@ -442,6 +511,41 @@ def _resume_other_fit(tmp):
     warnings.simplefilter("ignore")
     _gmm(max_iter=3).fit(_x(), checkpoint_dir=ck, checkpoint_every=1)
   return _gmm(max_iter=3, seed=7).fit(_x(), checkpoint_dir=ck, resume=True)
+
+
+def _resume_changed(tmp, X=None, **kw):
+  """A checkpointed fit of `_x()`, then a resume of it with `X` or estimator options changed."""
+  ck = pathlib.Path(tmp) / "ck"
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    _gmm(max_iter=3).fit(_x(), checkpoint_dir=ck, checkpoint_every=1)
+  return _gmm(max_iter=3, **kw).fit(_x() if X is None else X, checkpoint_dir=ck, resume=True)
+
+
+def _resume_finished(tmp):
+  ck = pathlib.Path(tmp) / "ck"
+  first = _gmm().fit(_x(), checkpoint_dir=ck)
+  return first, _gmm().fit(_x(), checkpoint_dir=ck, resume=True)
+
+
+def _same_fit_again(result, caught):
+  first, again = result
+  if not (again.log_likelihood_ == first.log_likelihood_ and again.n_iter_ == first.n_iter_
+          and np.array_equal(again.means_, first.means_)):
+    return "resuming a finished fit did not return that fit"
+  return _finite_fit(again, caught)
+
+
+def _mlp_em_fit(stream=False, strategy=False, online=False):
+  import tensorflow as tf
+  from tfp_em.bernoulli_mlp.em import BernoulliMLPEM
+  from tfp_em.engine import fit_em, fit_online_em
+  data = (tf.constant(_x()), tf.constant(_labels().astype(np.int32)))
+  batches = tf.data.Dataset.from_tensor_slices(data).batch(10)
+  if online:
+    return fit_online_em(BernoulliMLPEM(2, 2), batches)
+  return fit_em(BernoulliMLPEM(2, 2), batches if stream else data, max_iter=2,
+                strategy=tf.distribute.get_strategy() if strategy else None)
 
 
 def _resume_corrupt(tmp):
@@ -596,6 +700,19 @@ def _cli_cases():
            lambda tmp: ["fit", "gmm", "--components", "2"], "required"),
       Case("tfp-em fit gmm: --resume with a corrupt checkpoint", "cli",
            lambda tmp: _corrupt_checkpoint_argv(tmp), "checkpoint"),
+      Case("tfp-em fit gmm: --resume with another --components", "cli",
+           lambda tmp: _after_fit(tmp, "--components", "3"), "n_components 2 -> 3"),
+      Case("tfp-em fit gmm: --resume with another --covariance", "cli",
+           lambda tmp: _after_fit(tmp, "--covariance", "diag"),
+           "covariance_type 'full' -> 'diag'"),
+      Case("tfp-em fit gmm: --resume with another --columns", "cli",
+           lambda tmp: _after_fit(tmp, "--columns", "a", "c"),
+           r"data x values changed \(column sums differ in column\(s\) \[1\]"),
+      Case("tfp-em fit gmm: --resume with shifted data", "cli",
+           lambda tmp: _after_fit(tmp, "--data", _write(tmp, "shifted.csv", _csv_abc(30, 3.0))),
+           r"data x values changed \(column sums differ in column\(s\) \[0, 1\]"),
+      Case("tfp-em fit gmm: --resume a finished fit", "cli", lambda tmp: _after_fit(tmp),
+           expect="handled", check=_reported_finished),
       Case("tfp-em fit: unknown model", "cli", lambda tmp: ["fit", "svm"], "invalid choice"),
       Case("tfp-em fit: no model", "cli", lambda tmp: ["fit"], "required"),
       Case("tfp-em: unknown command", "cli", lambda tmp: ["frobnicate"], "invalid choice"),
@@ -691,6 +808,34 @@ def _replace(argv, flag, value):
   return argv
 
 
+def _after_fit(tmp, *changed):
+  """Fits abc.csv (columns a b, K=2) into tmp/out, then returns the argv that resumes it
+  with `changed` (an option and its values) replacing the first fit's."""
+  first = _cli_fit("--columns", "a", "b", "--n-init", "1", "--quiet",
+                   data=lambda tmp: _write(tmp, "abc.csv", _csv_abc(30)))(tmp)
+  from tfp_em.cli.main import main
+  with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()), \
+      warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    if main(first) != 0:
+      raise RuntimeError("the first fit failed")
+  argv = first + ["--resume"]
+  if changed and changed[0] not in argv:
+    return argv + list(changed)
+  if changed:
+    at = argv.index(changed[0])
+    end = next(i for i in range(at + 1, len(argv)) if argv[i].startswith("--"))
+    argv[at:end] = list(changed)
+  return argv
+
+
+def _reported_finished(result, _):
+  rc, out, err = result
+  if rc != 0 or "holds this fit, finished earlier" not in out:
+    return f"exit code {rc}, stdout {out[:200]!r}: the finished fit was not reported"
+  return None
+
+
 def _corrupt_checkpoint_argv(tmp):
   out = pathlib.Path(tmp) / "out"
   (out / "checkpoint").mkdir(parents=True)
@@ -740,7 +885,10 @@ def run_case(case: Case, tmp) -> Outcome:
 
 def _run_cli(case: Case, tmp) -> Outcome:
   from tfp_em.cli.main import main
-  argv = case.run(tmp)
+  try:
+    argv = case.run(tmp)
+  except Exception as e:  # noqa: BLE001 - a case that cannot even set up is a crash
+    return Outcome("crash", f"setting up the case failed: {type(e).__name__}: {_one_line(e)}")
   before = _snapshot(tmp)
   out, err = _io.StringIO(), _io.StringIO()
   try:

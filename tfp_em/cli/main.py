@@ -10,8 +10,10 @@ Every command first checks its arguments and input files in plain Python
 (`tfp_em.cli.preflight`, `tfp_em.cli.readers`), then imports TensorFlow. An
 error prints one line to stderr and exits with code 2; nothing is written
 before the input has been checked, and an output folder holding another run
-is not overwritten without --overwrite. Progress bars show on a terminal
-(stderr) unless --quiet.
+is not overwritten without --overwrite. `fit gmm --resume` continues the fit
+in DIR/checkpoint only if it is the same fit (data, columns, options): another
+one is an error naming what changed; a finished one is reported, not refitted.
+Progress bars show on a terminal (stderr) unless --quiet.
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random seed")
   gmm.add_argument("--out", default="tfp_em_fit", metavar="DIR", help="output folder")
   gmm.add_argument("--resume", action="store_true",
-                   help="continue an interrupted fit from DIR/checkpoint")
+                   help="continue an interrupted fit from DIR/checkpoint (the same data and "
+                   "options only; a finished fit is reported, not refitted)")
   gmm.add_argument("--checkpoint-every", type=preflight.int_at_least(1), default=10, metavar="N",
                    help="iterations between checkpoints in DIR/checkpoint")
 
@@ -196,22 +199,36 @@ def _progress(args) -> bool:
 def _check_fit(args):
   x, names = readers.load_csv(args.data, args.columns)
   preflight.components(args.components, x.shape[0], args.data)
+  # --resume: outputs beside a checkpoint belong to its fit (the fit's fingerprint decides).
+  resumable = args.resume and os.path.isfile(os.path.join(args.out, "checkpoint", "latest.json"))
   preflight.output_folder(args.out, FIT_WRITES, args.overwrite,
-                          keep=("checkpoint",) if args.resume else ())
+                          keep=FIT_WRITES if resumable else ("checkpoint",) if args.resume else ())
   return x, names
 
 
 def _fit_gmm(args, checked) -> int:
   from tfp_em.cli import writers
-  from tfp_em.engine import outputs
+  from tfp_em.engine import checkpoint, outputs
   x, names = checked
   # The checkpoint folder is created by the fit, after the input has been checked.
-  est = _fit_mixture(x, args.components, args.covariance, args.n_init, args.max_iter,
-                     args.seed, _progress(args),
-                     checkpoint=dict(checkpoint_dir=os.path.join(args.out, "checkpoint"),
-                                     checkpoint_every=args.checkpoint_every, resume=args.resume))
+  folder = os.path.join(args.out, "checkpoint")
+  finished = args.resume and checkpoint.holds_complete_fit(folder)
+  try:
+    est = _fit_mixture(x, args.components, args.covariance, args.n_init, args.max_iter,
+                       args.seed, _progress(args),
+                       checkpoint=dict(checkpoint_dir=folder, resume=args.resume,
+                                       checkpoint_every=args.checkpoint_every))
+  except checkpoint.CheckpointMismatchError as e:
+    raise ValueError(f"--resume: the checkpoint in {folder} belongs to another fit: {e.summary}; "
+                     "pass --overwrite without --resume to start over, or choose another --out"
+                     ) from None
+  if finished and all(os.path.exists(os.path.join(args.out, n)) for n in FIT_WRITES):
+    print(f"{args.out} holds this fit, finished earlier: log-likelihood "
+          f"{est.log_likelihood_:.4f} ({est.n_iter_} iterations, converged={est.converged_}); "
+          "nothing refitted or rewritten. Pass --overwrite without --resume to fit again.")
+    return 0
   writers.write_fit_outputs(est, x, names, outputs.ensure_writable_dir(args.out),
-                 title=os.path.basename(args.data))
+                            title=os.path.basename(args.data))
   return 0
 
 

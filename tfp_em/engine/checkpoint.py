@@ -49,15 +49,17 @@ class CheckpointMismatchError(ValueError):
   Attributes:
     directory: the checkpoint folder.
     changes: what differs, one phrase each ('n_components 3 -> 2').
+    summary: the first `MAX_CHANGES` of them in one line.
   """
 
   def __init__(self, directory, changes):
     self.directory, self.changes = directory, list(changes)
-    named = "; ".join(self.changes[:MAX_CHANGES]) + (
-        f"; and {len(self.changes) - MAX_CHANGES} more" if len(self.changes) > MAX_CHANGES else "")
-    super().__init__(f"checkpoint in {directory!r} belongs to another fit: {named}. Resume only "
-                     "the same fit: start over with resume=False (the checkpoint is replaced) or "
-                     "use another checkpoint_dir")
+    more = len(self.changes) - MAX_CHANGES
+    self.summary = "; ".join(self.changes[:MAX_CHANGES]) + (f"; and {more} more" if more > 0
+                                                             else "")
+    super().__init__(f"checkpoint in {directory!r} belongs to another fit: {self.summary}. "
+                     "Resume only the same fit: start over with resume=False (the checkpoint is "
+                     "replaced) or use another checkpoint_dir")
 
 
 class Checkpointer:
@@ -214,9 +216,9 @@ def describe_changes(saved: dict, current: dict) -> list[str]:
     changes.append(f"model {saved['model']} -> {current['model']}")
   for part in ("config", "settings"):
     old, new = saved[part], current[part]
-    for key in sorted(set(old) | set(new)):
-      if old.get(key) != new.get(key):
-        changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    differ = [key for key in set(old) | set(new) if old.get(key) != new.get(key)]
+    for key in sorted(differ, key=lambda k: (_is_repr(new.get(k)), k)):  # plain values first
+      changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
   for name in sorted(set(saved["data"]) | set(current["data"])):
     changes += _data_changes(name, saved["data"].get(name), current["data"].get(name))
   return changes
@@ -239,6 +241,10 @@ def _data_changes(name, old, new) -> list[str]:
   if old["sample"] != new["sample"]:
     return [f"data {name} values changed (a sample of rows differs: rows edited or reordered?)"]
   return []
+
+
+def _is_repr(value) -> bool:
+  return isinstance(value, str) and value.endswith(")")
 
 
 def _plain(value):
