@@ -91,6 +91,37 @@ def test_fit_gmm_on_csv_selects_columns(tmp_path):
   assert json.loads((out / "gmm_params.json").read_text())["covariance_type"] == "full"
 
 
+def _files(folder):
+  return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_checks_the_fit_and_reports_a_finished_one(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(0, 1, (60, 3)), rng.normal(5, 1, (60, 3))])
+  data = _write(tmp_path / "d.csv", "a,b,c\n" + "".join(f"{p},{q},{r}\n" for p, q, r in x))
+  out = tmp_path / "fit"
+  args = ["fit", "gmm", "--data", data, "--columns", "a", "b", "--components", "2", "--n-init",
+          "1", "--quiet", "--out", str(out)]
+  assert main(args) == 0
+  done = _files(out)
+  capsys.readouterr()
+  assert main(args + ["--resume", "--components", "3"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("tfp-em: error: --resume: the checkpoint in ")
+  assert "n_components 2 -> 3" in err
+  assert main(args[:5] + ["c", "b"] + args[7:] + ["--resume"]) == 2     # --columns c b
+  assert "data x values changed (column sums differ in column(s) [0]" in capsys.readouterr().err
+  assert _files(out) == done                      # refused: nothing written
+  assert main(args + ["--resume"]) == 0
+  assert "holds this fit, finished earlier" in capsys.readouterr().out
+  assert _files(out) == done                      # finished: reported, not refitted
+  assert main(args + ["--components", "3", "--overwrite"]) == 0      # starts over
+  assert json.loads((out / "gmm_params.json").read_text())["n_components"] == 3
+  assert main(args + ["--components", "3", "--resume"]) == 0
+  assert "finished earlier" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("content,match", [
     ("", "empty"),
     ("a,b\n", "no data rows"),

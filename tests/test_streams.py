@@ -78,3 +78,27 @@ def test_init_in_chunks_equals_one_chunk(covariance_type):
   means = rw.T @ x / rw.sum(0)[:, None]
   np.testing.assert_allclose(a.means, means, rtol=1e-12)
   np.testing.assert_allclose(a.weights, rw.sum(0) / rw.sum(), rtol=1e-12)
+
+
+def test_models_with_per_point_stats_are_neither_streamed_nor_distributed():
+  from tfp_em.bernoulli_mlp.em import BernoulliMLPEM
+  from tfp_em.engine import fit_online_em
+  from tfp_em.engine.passes import InMemoryPass, StreamPass, make_pass
+  rng = np.random.default_rng(0)
+  data = (tf.constant(rng.normal(size=(40, 2))), tf.constant(rng.integers(0, 2, 40, np.int32)))
+  batches = tf.data.Dataset.from_tensor_slices(data).batch(10)
+  model = BernoulliMLPEM(2, 2)
+  assert model.per_point_stats_fields == ("hidden_targets", "inputs")
+  fields = r"BernoulliMLP: its E-step statistics \['hidden_targets', 'inputs'\] are per data point"
+  with pytest.raises(ValueError, match=fields + ".*batches of a tf.data.Dataset"):
+    make_pass(model, batches)
+  with pytest.raises(ValueError, match=fields + ".*replicas of a tf.distribute strategy"):
+    make_pass(model, data, strategy=tf.distribute.get_strategy())
+  with pytest.raises(ValueError, match=fields + ".*batches of online EM"):
+    fit_online_em(model, batches)
+  assert isinstance(make_pass(model, data), InMemoryPass)
+
+  class Summable(BernoulliMLPEM):  # what issue 21 flips: the declaration is all that counts
+    per_point_stats_fields = ()
+
+  assert isinstance(make_pass(Summable(2, 2), batches), StreamPass)
