@@ -189,8 +189,9 @@ def _model_section(fitted, em_idata, feature_names) -> str:
   attrs = em_idata.posterior.attrs
   n_obs = em_idata.observed_data.sizes["obs"]
   loglik = float(attrs["log_likelihood"])
-  features = (f"{len(feature_names)} features ({', '.join(map(str, feature_names))})"
-              if feature_names is not None else f"{int(attrs['n_features'])} features")
+  count = len(feature_names) if feature_names is not None else int(attrs["n_features"])
+  features = f"{count} feature{'s' if count != 1 else ''}" + (
+      f" ({', '.join(map(str, feature_names))})" if feature_names is not None else "")
   return ("<h2>Model and data</h2>"
           f"<p>{page.esc(type(fitted).__name__)} fitted to {n_obs} observations of "
           f"{page.esc(features)}. Log-likelihood at the estimate {loglik:.4f} "
