@@ -52,6 +52,8 @@ from tfp_em.verification.params import (Coordinates, conform, field_names, field
 from tfp_em.verification.report import CHECK_TITLES, CheckResult
 
 EPS = float(np.finfo(np.float64).eps)
+# Random directions of check 4d (each taken with both signs).
+N_DIRECTIONS = 3
 
 
 class Tolerances(NamedTuple):
@@ -107,14 +109,18 @@ class Target(NamedTuple):
     specs: list of ParamSpec, parallel to the params' fields.
     e_step: (params, data) -> (stats, loglik).
     m_step: (params, stats) -> params.
-    q_fisher: (params, old_params, stats) -> Q(params | old_params) from the
-      E-step's own output (check 3), or None.
+    q: (params, evidence) -> Q(params), the evidence being what Q is built
+      from: the E-step's statistics, or a posterior at the old params.
+    fisher_evidence: (stats, posterior) -> the evidence of check 3, from the
+      E-step's own output (its statistics, or the user's posterior at the
+      old params), or None (no check 3).
     q_fisher_source: what check 3's Q is built from, for messages.
-    q_m: (params, old_params, stats, exact_old) -> Q for the M-step checks,
-      `stats` being what the M-step was given.
+    m_evidence: (stats, posterior, exact_old) -> the evidence of the M-step
+      checks, `stats` being what the M-step was given.
     statistics: (old_params, exact_old) -> the exact expectation of the
       E-step's statistics (check 2b; the M-step then gets these), or None.
-    marginal: params -> differentiable log p(data | params).
+    marginal: params -> differentiable log p(data | params), or None: the
+      exact reference's log_prob.
     exact: params -> ExactPosterior, or None.
     exact_note: why there is no exact reference (when `exact` is None).
     posterior: params -> dict, the E-step's posterior, or None.
@@ -133,11 +139,12 @@ class Target(NamedTuple):
   specs: list
   e_step: Callable
   m_step: Callable
-  q_fisher: Callable | None
+  q: Callable
+  fisher_evidence: Callable | None
   q_fisher_source: str
-  q_m: Callable
+  m_evidence: Callable
   statistics: Callable | None
-  marginal: Callable
+  marginal: Callable | None
   exact: Callable | None
   exact_note: str
   posterior: Callable | None
@@ -171,33 +178,39 @@ class Kernels:
     self.statistics = (Compiled(target.statistics, on, "the expected statistics", notes)
                        if target.statistics else None)
 
+    # Without a marginal of its own, loglik is the exact reference's log_prob:
+    # vg then returns the whole reference too (one trace for both).
+    self.exact_in_vg = target.marginal is None and target.exact is not None
+
     def vg(u):
-      marginal, g_marginal = value_and_gradient(lambda w: target.marginal(c.unflatten(w)), u)
+      held = []
+
+      def marginal(w):
+        if not self.exact_in_vg:
+          return target.marginal(c.unflatten(w))
+        held.append(target.exact(c.unflatten(w)))
+        return held[-1].log_prob
+      value, g_marginal = value_and_gradient(marginal, u)
       log_prior, g_prior = value_and_gradient(lambda w: prior(c.unflatten(w)), u)
-      return marginal, g_marginal, log_prior, g_prior
+      return value, g_marginal, log_prior, g_prior, (held[0] if held else ())
 
-    # loglik, its gradient, log prior, its gradient at u: one trace serves every check.
+    # loglik, its gradient, log prior, its gradient at u (and the exact
+    # reference): one trace serves every check.
     self.vg = Compiled(vg, on, "the marginal log-likelihood", notes)
-    if target.q_fisher is not None:
-      self.q_fisher_vg = Compiled(
-          lambda u, stats: value_and_gradient(
-              lambda w: target.q_fisher(c.unflatten(w), c.unflatten(tf.stop_gradient(u)), stats),
-              u), on,
-          "Q of check 3", notes)
-
-    def m_kernel(u_new, u_old, directions, stats, exact_old):
-      old = c.unflatten(u_old)
-      q = lambda w: target.q_m(c.unflatten(w), old, stats, exact_old) + prior(c.unflatten(w))
-      q_new, g_new = value_and_gradient(q, u_new)
-      # Q at theta_old and at the perturbed points: one loop body, traced once.
-      points = tf.concat([u_old[tf.newaxis], u_new + directions], 0)            # [1 + D, P]
-      values = tf.map_fn(q, points, fn_output_signature=tf.float64)
-      return q_new, g_new, values[0], values[1:]
-    self.m_kernel = Compiled(m_kernel, on, "Q of the M-step checks", notes)
+    # Q (+ log prior) and its gradient at u_eval, and Q at each of `points`
+    # [R, P], from `evidence`: one trace serves check 3 and the M-step checks
+    # (R = n_q_points always, so the trace is reused).
+    def q_kernel(u_eval, points, evidence):
+      q = lambda w: target.q(c.unflatten(w), evidence) + prior(c.unflatten(w))
+      value, grad = value_and_gradient(q, u_eval)
+      return value, grad, tf.map_fn(q, points, fn_output_signature=tf.float64)   # [R]
+    self.q_kernel = Compiled(q_kernel, on, "Q", notes)
+    self.exact_fields = [i for i, n in enumerate(c.names) if n not in target.generalized_fields]
+    self.n_q_points = 1 + 2 * N_DIRECTIONS * bool(self.exact_fields)
 
   def objective_vg(self, u):
     """loglik + log prior at u, and its gradient."""
-    marginal, g_marginal, log_prior, g_prior = self.vg(u)
+    marginal, g_marginal, log_prior, g_prior, _ = self.vg(u)
     return marginal + log_prior, g_marginal + g_prior
 
   def objective(self, params) -> float:
@@ -283,8 +296,12 @@ def check_point(target: Target, k: Kernels, params, index: int, tol: Tolerances,
   """Runs checks 1-4 at `params`; returns the gradient scale (None if unknown)."""
   where = f"point {index}"
   u = k.coords.flatten(params)
-  reference = guard(acc, ("1", "3"), where, lambda: k.vg(u))
-  exact = guard(acc, ("1", "2", "2b"), where, lambda: k.exact(params)) if k.exact else None
+  if k.exact_in_vg:
+    reference = guard(acc, ("1", "2", "2b", "3"), where, lambda: k.vg(u))
+    exact = reference[4] if reference is not None else None
+  else:
+    reference = guard(acc, ("1", "3"), where, lambda: k.vg(u))
+    exact = guard(acc, ("1", "2", "2b"), where, lambda: k.exact(params)) if k.exact else None
   e_out = guard(acc, ("1", "2b", "3"), where,
                 lambda: k.e_step(params))
   stats, ll = e_out if e_out is not None else (None, None)
@@ -296,16 +313,16 @@ def check_point(target: Target, k: Kernels, params, index: int, tol: Tolerances,
     _check_likelihood(target, params, float(ll), marg, ref, where, acc)
 
   # 2. posterior.
+  post = guard(acc, ("2",) if exact is not None else (), where,
+               lambda: k.posterior(params)) if k.posterior is not None else None
   if exact is None:
     acc["2"].skip = target.exact_note or "no exact posterior (give `latents`, or an oracle)"
   elif k.posterior is None:
     acc["2"].skip = "the E-step exposes no posterior (give `posterior(params, data)`)"
-  else:
-    post = guard(acc, ("2",), where, lambda: k.posterior(params))
-    if post is not None:
-      _check_posterior(post, exact, where, acc)
-    elif not acc["2"].raised:
-      acc["2"].skip = "the E-step exposes no posterior"
+  elif post is not None:
+    _check_posterior(post, exact, where, acc)
+  elif not acc["2"].raised:
+    acc["2"].skip = "the E-step exposes no posterior"
 
   # 2b. statistics, field by field.
   stats_m = stats
@@ -323,13 +340,15 @@ def check_point(target: Target, k: Kernels, params, index: int, tol: Tolerances,
   if reference is not None:
     g_ll = k.coords.per_field(reference[1].numpy())
     gscale = max(max_abs(g_ll), 1e-3 * target.n_obs)
-  if target.q_fisher is None:
+  if target.fisher_evidence is None:
     acc["3"].skip = ("Q comes from the exact posterior (no expected_log_joint or posterior): "
                      "check 2b covers the E-step")
   elif stats is not None and reference is not None:
-    q_out = guard(acc, ("3",), where, lambda: k.q_fisher_vg(u, stats))
+    points = tf.tile(u[tf.newaxis], [k.n_q_points, 1])  # unused values: the trace's shape
+    q_out = guard(acc, ("3",), where, lambda: k.q_kernel(
+        u, points, target.fisher_evidence(stats, post)))
     if q_out is not None:
-      g_q = k.coords.per_field(q_out[1].numpy())
+      g_q = k.coords.per_field((q_out[1] - reference[3]).numpy())  # without the log prior
       gscale = max(gscale, max_abs(g_q))
       field, err = worst_field(k.coords.names, [a - b for a, b in zip(g_q, g_ll)])
       acc["3"].add(err, gscale, f"{where}: |grad Q - grad loglik| = {err:.3g} in {field!r} "
@@ -341,8 +360,8 @@ def check_point(target: Target, k: Kernels, params, index: int, tol: Tolerances,
                 lambda: conform(target.starts[0], k.m_step(params, stats_m), "m_step"))
     if new is not None:
       guard(acc, ("4a", "4b", "4c", "4d", "4e"), where, lambda: check_m_step(
-          target, k, params, u, stats_m, exact, new, gscale or 1e-3 * target.n_obs, where,
-          tol, acc, rng))
+          target, k, params, u, target.m_evidence(stats_m, post, exact), new,
+          gscale or 1e-3 * target.n_obs, where, tol, acc, rng))
   return gscale
 
 
@@ -403,8 +422,8 @@ def _check_statistics(stats, expected, where, acc):
                   f"by {err:.3g} (scale {scale:.3g})")
 
 
-def check_m_step(target, k, old, u_old, stats, exact, new, gscale, where, tol, acc, rng):
-  """Checks 4a-4e for theta_new = M-step(theta_old, stats)."""
+def check_m_step(target, k, old, u_old, evidence, new, gscale, where, tol, acc, rng):
+  """Checks 4a-4e for theta_new = M-step(theta_old), with Q from `evidence`."""
   names = field_names(new)
   trainable = [s.trainable for s in target.specs]
   # 4e: fixed fields unchanged.
@@ -433,16 +452,16 @@ def check_m_step(target, k, old, u_old, stats, exact, new, gscale, where, tol, a
     err = np.inf
   acc["4a"].add(err, max(max_abs(values), 1e-300),
                 f"{where}: {field!r} moves by {err:.3g} when mapped to the support and back")
-  exact_fields = [i for i, n in enumerate(k.coords.names) if n not in target.generalized_fields]
+  exact_fields = k.exact_fields
   shapes = [tuple(s) for s in k.coords.flattener.shapes]
   directions = np.stack([np.concatenate(
       [np.ravel(sign * tol.perturbation * noise[i] if i in exact_fields else np.zeros(shape))
        for i, shape in enumerate(shapes)] + [np.zeros(0)])
-      for noise in [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
+      for noise in [[rng.standard_normal(s) for s in shapes] for _ in range(N_DIRECTIONS)]
       for sign in (1.0, -1.0)]) if exact_fields else np.zeros([0, u_new.shape[0]])
-  q_new, g_new, q_old, moved = k.m_kernel(u_new, u_old, tf.constant(directions, tf.float64),
-                                          stats, exact)
-  q_new, q_old = float(q_new), float(q_old)
+  points = tf.concat([u_old[tf.newaxis], u_new + directions], 0)                # [R, P]
+  q_new, g_new, values = k.q_kernel(u_new, points, evidence)
+  q_new, q_old, moved = float(q_new), float(values[0]), values[1:]
   g_new = k.coords.per_field(g_new.numpy())
   scale_q = abs(q_old) + target.n_obs
   # 4b: zero gradient of Q at theta_new (closed-form fields).

@@ -110,7 +110,7 @@ def linear_gaussian_defect(jd, latents, observed: dict, n_directions: int = 3) -
 
   A function f is quadratic iff its second differences
   f(u + h) - 2 f(u) + f(u - h) = h^T H h do not depend on u. They are
-  compared at u = 0 and at a random u1, along random directions h (nine
+  compared at u = 0 and at a random u1, along random directions h (2 + 4 n_directions
   evaluations of `log_prob`, no Hessian); returns
   max_h |D(0, h) - D(u1, h)| / max_h |D(0, h)| (0 for a linear-Gaussian
   model, up to round-off).
@@ -122,11 +122,11 @@ def linear_gaussian_defect(jd, latents, observed: dict, n_directions: int = 3) -
   d = sum(sizes)
   f = lambda u: float(jd.log_prob(**split_latents(tf.constant(u, dtype), names, shapes, sizes),
                                   **observed))
-  zero, other = np.zeros(d), rng.standard_normal(d)
+  points = [(u, f(u)) for u in (np.zeros(d), rng.standard_normal(d))]
   diffs = []
   for _ in range(n_directions):
     h = rng.standard_normal(d)
-    diffs.append([f(u + h) - 2.0 * f(u) + f(u - h) for u in (zero, other)])
+    diffs.append([f(u + h) - 2.0 * f_u + f(u - h) for u, f_u in points])
   diffs = np.array(diffs)                                          # [n_directions, 2]
   scale = float(np.max(np.abs(diffs[:, 0])))
   diff = float(np.max(np.abs(diffs[:, 0] - diffs[:, 1])))

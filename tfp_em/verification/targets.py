@@ -18,9 +18,10 @@ import tensorflow as tf
 
 from tfp_em.engine.protocol import EMModel
 from tfp_em.verification.checks import Target
-from tfp_em.verification.exact import (GAUSSIAN, ExactPosterior,
+from tfp_em.verification.exact import (GAUSSIAN, ExactPosterior, dense_covariance,
                                        expected_log_joint_discrete, expected_log_joint_gaussian,
-                                       latent_shapes, marginalize_discrete, marginalize_gaussian)
+                                       flat_latents, latent_shapes, marginalize_discrete,
+                                       marginalize_gaussian)
 from tfp_em.verification.params import (Coordinates, check_precision, conform, leaf_paths,
                                         normalize_specs, to_float64)
 from tfp_em.verification.statistics import (expected_statistics_discrete,
@@ -67,11 +68,12 @@ def model_target(model: EMModel, data, *, init_params, param_specs, oracle, comp
   specs = normalize_specs(start, model.param_specs if param_specs is None else param_specs)
   exact_fn = model.verification_oracle if oracle is None else oracle
   point = perturbed_starts(start, specs, perturbation, seed)
-  elj = lambda p, old, stats, *_: model.expected_log_joint(p, stats)
+  from_stats = lambda stats, *_: stats
   return Target(
       name=model.name, data=data, starts=[point(i) for i in range(n_points)], more_starts=point,
-      specs=specs, e_step=model.e_step, m_step=model.m_step, q_fisher=elj,
-      q_fisher_source="the model's expected_log_joint of the E-step statistics", q_m=elj,
+      specs=specs, e_step=model.e_step, m_step=model.m_step, q=model.expected_log_joint,
+      fisher_evidence=from_stats, m_evidence=from_stats,
+      q_fisher_source="the model's expected_log_joint of the E-step statistics",
       statistics=None, marginal=lambda p: model.marginal_log_prob(p, data),
       exact=lambda p: exact_fn(p, data), exact_note="", posterior=lambda p: model.posterior(p, data),
       log_prior=None, n_obs=float(model.num_observations(data)),
@@ -168,57 +170,62 @@ def user_target(joint_distribution, data, *, e_step, m_step, init_params, param_
       return marginalize_gaussian(lambda: jd_fn(p), latents, observed)
     return ExactPosterior(jd_fn(p).log_prob(**observed), {})
 
-  marginal = ((lambda p: marginal_log_prob(p, data)) if marginal_log_prob is not None
-              else (lambda p: exact_fn(p).log_prob))
+  if marginal_log_prob is not None:
+    marginal = lambda p: marginal_log_prob(p, data)
+  else:  # None: the exact reference's log_prob
+    marginal = None if kind is not None else (lambda p: exact_fn(p).log_prob)
 
-  def q_exact(p, exact_old):
-    """Q(p | old) under the exact posterior at old."""
+  # Q is one function of (params, evidence), so checks 3 and 4 share one trace:
+  # the evidence is the E-step's statistics (with expected_log_joint), or a
+  # posterior (the user's or the exact one) in one layout: [N, M]
+  # probabilities (discrete), flat means and dense covariances (Gaussian).
+  def posterior_evidence(post):
+    if post is None:
+      raise ValueError("your posterior() failed at this point (see check 2)")
     if kind == "discrete":
-      (lat, *_) = latents
-      return expected_log_joint_discrete(lambda: jd_fn(p), latents, observed,
-                                         exact_old.posterior[lat])
-    return expected_log_joint_gaussian(lambda: jd_fn(p), latents, observed, exact_old.posterior)
+      return tf.cast(post[next(iter(latents))], tf.float64)                # [N, M]
+    _, sizes = flat_latents(jd0, list(latents))
+    return {key: value for n, s in zip(latents, sizes) for key, value in (
+        (n + "_mean", tf.reshape(tf.cast(post[n + "_mean"], tf.float64), [-1])),   # [s]
+        (n + "_cov", dense_covariance(tf.cast(post[n + "_cov"], tf.float64), s)))}  # [s, s]
 
-  def q_posterior(p, old):
-    """Q(p | old) under the user's posterior at old."""
-    post = posterior(old, data)
+  def q_posterior(p, evidence):
+    """Q(p) under a posterior in the layout of `posterior_evidence`."""
     if kind == "discrete":
-      (lat, *_) = latents
-      return expected_log_joint_discrete(lambda: jd_fn(p), latents, observed,
-                                         tf.cast(post[lat], tf.float64))
-    return expected_log_joint_gaussian(lambda: jd_fn(p), latents, observed, to_float64(dict(post)))
+      return expected_log_joint_discrete(lambda: jd_fn(p), latents, observed, evidence)
+    return expected_log_joint_gaussian(lambda: jd_fn(p), latents, observed, evidence)
 
   if kind == "discrete" and len(latents) > 1 and posterior is not None and \
       expected_log_joint is None and statistics is None:
     raise ValueError("with several discrete latents give expected_log_joint(params, stats) or "
                      "statistics(params, data, latent_values)")
-  if expected_log_joint is not None:
-    q_fisher = lambda p, old, stats: expected_log_joint(p, stats)
-    source = "expected_log_joint of your E-step's statistics"
-  elif posterior is not None and kind is not None:
-    q_fisher = lambda p, old, stats: q_posterior(p, old)
-    source = "your posterior() (the E-step's statistics do not enter it)"
-  else:
-    q_fisher, source = None, ""
-  stats_fn = stat = None
+  stat = None
   if statistics is not None and kind is not None:
     stat = statistics if arity(statistics) >= 3 else (lambda p, d, values: statistics(d, values))
 
-    def stats_fn(old, exact_old):
-      fn = lambda values: stat(old, data, values)
-      if kind == "discrete":
-        (lat, *_) = latents
-        return expected_statistics_discrete(fn, jd_fn(old), latents, observed,
-                                            exact_old.posterior[lat])
-      return expected_statistics_gaussian(
-          fn, jd_fn(old), latents, {n: exact_old.posterior[n + "_mean"] for n in latents},
-          exact_old.joint_cov)
+  def stats_fn(old, exact_old):
+    """The exact expectation of the E-step's statistics at old."""
+    fn = lambda values: stat(old, data, values)
+    if kind == "discrete":
+      (lat, *_) = latents
+      return expected_statistics_discrete(fn, jd_fn(old), latents, observed,
+                                          exact_old.posterior[lat])
+    return expected_statistics_gaussian(
+        fn, jd_fn(old), latents, {n: exact_old.posterior[n + "_mean"] for n in latents},
+        exact_old.joint_cov)
   if expected_log_joint is not None:
-    q_m = lambda p, old, stats, exact_old: expected_log_joint(p, stats)
-  elif stats_fn is not None:
-    q_m = lambda p, old, stats, exact_old: q_exact(p, exact_old)
-  elif posterior is not None and kind is not None:
-    q_m = lambda p, old, stats, exact_old: q_posterior(p, old)
+    q = lambda p, stats: expected_log_joint(p, stats)
+    fisher_evidence = lambda stats, post: stats
+    m_evidence = lambda stats, post, exact_old: stats
+    source = "expected_log_joint of your E-step's statistics"
+  elif kind is not None and (posterior is not None or stat is not None):
+    q = q_posterior
+    fisher_evidence = ((lambda stats, post: posterior_evidence(post)) if posterior is not None
+                       else None)
+    m_evidence = ((lambda stats, post, exact_old: posterior_evidence(exact_old.posterior))
+                  if stat is not None
+                  else (lambda stats, post, exact_old: posterior_evidence(post)))
+    source = "your posterior() (the E-step's statistics do not enter it)"
   else:
     raise ValueError("the verifier needs Q: give expected_log_joint(params, stats), or "
                      "statistics(params, data, latent_values) (the complete-data statistics "
@@ -230,8 +237,10 @@ def user_target(joint_distribution, data, *, e_step, m_step, init_params, param_
   target = Target(
       name=name or getattr(joint_distribution, "__name__", "user model"), data=data,
       starts=[point(i) for i in range(n_points)], more_starts=point, specs=specs,
-      e_step=e_step, m_step=user_m_step, q_fisher=q_fisher, q_fisher_source=source, q_m=q_m,
-      statistics=stats_fn, marginal=marginal, exact=exact_fn if kind is not None else None,
+      e_step=e_step, m_step=user_m_step, q=q, fisher_evidence=fisher_evidence,
+      m_evidence=m_evidence, q_fisher_source=source,
+      statistics=stats_fn if stat is not None else None, marginal=marginal,
+      exact=exact_fn if kind is not None else None,
       exact_note=exact_note, posterior=(lambda p: posterior(p, data)) if posterior else None,
       log_prior=prior, n_obs=float(tf.shape(observed[observed_names[0]])[0]),
       component_axes=dict(component_axes or {}), generalized_fields=(),
