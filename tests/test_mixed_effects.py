@@ -497,9 +497,11 @@ def test_network_paths_fit_and_use_the_clusters(nn_data, method, design):
   assert est.random_effects_mean_.shape == (30, q)
   hist = est.history_
   assert len(hist["log_likelihood"]) <= 7 and hist["best_iteration"] == np.argmin(hist["criterion"])
-  assert est.log_likelihood_ == pytest.approx(hist["log_likelihood"][hist["best_iteration"]],
-                                              rel=1e-6)
-  assert hist["log_likelihood"][hist["best_iteration"]] > hist["log_likelihood"][0]
+  # The variances are refitted exactly given the returned network: l only rises.
+  assert est.log_likelihood_ >= hist["log_likelihood"][hist["best_iteration"]] * (1 + 1e-7)
+  staged = design == "features" and method == "em"  # MeNets: random intercepts first
+  trained = hist["pretraining"].trace if staged else hist["log_likelihood"]
+  assert np.max(trained) > trained[0]
   mse_seen = np.mean((est.predict(x[va], cluster[va]) - y[va]) ** 2)
   mse_f = np.mean((est.predict(x[va]) - y[va]) ** 2)
   assert mse_seen < 0.5 * mse_f  # the BLUPs carry the cluster effects (sigma_b^2 = 4)

@@ -26,7 +26,6 @@ uncertainty of f itself is not included).
 from __future__ import annotations
 
 import time
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -42,7 +41,8 @@ from tfp_em.mixed_effects.crossed_estimator import fit_crossed
 from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats, fit_marginal_lbfgs
 from tfp_em.mixed_effects.formula import FormulaMixin
 from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
-from tfp_em.mixed_effects.networks import fit_network_em, fit_network_nll
+from tfp_em.mixed_effects.networks import (fit_menets, fit_network_em, fit_network_nll,
+                                           variances_given_network)
 from tfp_em.mixed_effects.training import (Network, check_validation_data, default_mlp,
                                            fit_summary)
 
@@ -72,6 +72,17 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
       'intercept' z = [1]; 'slopes' z = [1, t, ..., t^degree] from `time`;
       'features' (MeNets) z = [1, Gamma(x)], Gamma the network's last hidden
       layer (needs a network f); 'custom' z = the `Z` passed to fit/predict.
+      When to use 'features': each cluster's effect varies along directions
+      the network also uses for f (random slopes on inputs f depends on),
+      with enough points per cluster for a q = H + 1 dimensional random
+      effect (H the last hidden layer's width; shrinkage makes 5 per cluster
+      work, and far fewer than H become noisy). With method='em' it is
+      fitted in two stages (`networks.fit_menets`): f with random
+      intercepts first, then [1, Gamma] on that network. When you know
+      which inputs carry random slopes, 'custom' with Z = [1, those
+      inputs] is the model to prefer; when the slope is on an input f does
+      not use, Gamma cannot represent it and 'features' falls back to about
+      the random-intercept fit.
     degree: polynomial degree for 'slopes' (default 1).
     covariance: 'full' (default) or 'diag' Sigma_u.
     f: the fixed effect. None (default): linear, x^T beta (+ intercept).
@@ -110,12 +121,19 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     coef_, intercept_: linear f only.
     network_: the trained Keras model (network f only).
     log_likelihood_: training marginal log-likelihood at the returned params.
+      For a network f, Sigma_u and sigma^2 are at the end refitted exactly
+      given the returned network in inference mode (with its output bias,
+      and for 'features' its output layer, as fixed effects:
+      `networks.variances_given_network`), so they are the ML estimates given
+      f and do not absorb dropout noise; l is then >= the trainer's.
     fit_result_: an `engine.FitResult`; for a network, one restart whose
       trace holds l up to the returned iteration/epoch.
     history_ (network f only): dict with 'log_likelihood' (training l at each
       iteration/epoch, inference mode), 'criterion' (the early-stopping NLL),
       'best_iteration', 'stop_reason' and 'n_decreases' (drops of l beyond
-      round-off: tracked, not enforced, since the network step is stochastic).
+      round-off: tracked, not enforced, since the network step is stochastic),
+      and 'pretraining': the random-intercept stage of MeNets EM (a
+      `training.NetworkFit`), or None.
   """
 
   def __init__(self, random_effects: str = "intercept", degree: int = 1,
@@ -322,35 +340,33 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     self._finish(model, result, train, loc=None)
 
   def _fit_network(self, train, valid):
-    model = MixedEffectsEM(self.covariance)
     net = self.network_
-    init = self._initial_variances(model, net, train)
     common = dict(max_iter=self.max_iter, batch_size=self.batch_size,
                   learning_rate=self.learning_rate, patience=self.patience, seed=self.seed)
-    if self.method == "em":
-      expand = {"features": "all", "custom": "none"}.get(self.random_effects, "intercept")
-      fit = fit_network_em(net, train, valid, self.covariance, init, expand=expand,
-                           epochs_per_step=self.epochs_per_step, **common)
+    pretraining = None
+    if self.method == "em" and self.random_effects == "features":
+      pretraining, fit = fit_menets(net, train, valid, self.covariance,
+                                    epochs_per_step=self.epochs_per_step, **common)
+      init = pretraining.params
     else:
-      fit = fit_network_nll(net, train, valid, self.covariance, init, **common)
-    self.history_, result = fit_summary(fit, init, fit.params, fit.log_likelihood,
+      init, _ = variances_given_network(net, train, self.covariance, seed=self.seed,
+                                        max_iter=50, tol=1e-6)
+      if self.method == "em":
+        expand = "none" if self.random_effects == "custom" else "intercept"
+        fit = fit_network_em(net, train, valid, self.covariance, init, expand=expand,
+                             epochs_per_step=self.epochs_per_step, **common)
+      else:
+        fit = fit_network_nll(net, train, valid, self.covariance, init, **common)
+    params, log_likelihood = fit.params, fit.log_likelihood
+    if net.shifts_output:  # the exact ML variances given the returned f
+      params, log_likelihood = variances_given_network(net, train, self.covariance,
+                                                       seed=self.seed, start=fit.params)
+    self.history_, result = fit_summary(fit, init, params, log_likelihood,
                                         train.y.shape[0], self.seed, self.dtype_)
+    self.history_["pretraining"] = pretraining
     f, hidden = net(train.x)
-    self._finish(model, result, train._replace(z=net.design(hidden, train.z)), loc=f)
-
-  def _initial_variances(self, model, net, train):
-    """Start from a random-intercept-plus-constant LMM fitted by EM (<= 50
-    iterations) to y - f_0(x), with the constant moved into f's output bias."""
-    f0, hidden = net(train.x)
-    n = train.y.shape[0]
-    probe = train._replace(x=tf.ones([n, 1], train.y.dtype), y=train.y - f0,
-                           z=net.design(hidden, train.z))
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      start = fit_em(model, probe, max_iter=50, tol=1e-6, seed=self.seed,
-                     progress=False).params
-    net.shift_output(np.eye(probe.z.shape[1])[0] * float(start.beta[0]))  # bias += beta_0
-    return start._replace(beta=tf.zeros([0], train.y.dtype))
+    self._finish(MixedEffectsEM(self.covariance), result,
+                 train._replace(z=net.design(hidden, train.z)), loc=f)
 
   def _finish(self, model, result, train, loc):
     post, _ = model.cluster_posterior(result.params, train, loc=loc)

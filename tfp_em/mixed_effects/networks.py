@@ -4,17 +4,20 @@ Both trainers fit the same model, y_ij = f(x_ij) + z_ij^T u_i + eps_ij, with f
 a Keras 3 model:
 
 * `fit_network_em` (MeNets): EM with the closed-form Sigma_u and sigma^2
-  updates of `em` and a generalized M-step for f: a few
-  epochs of Adam on the mean squared error to the target y - z^T m.
-  sigma^2 is updated after f, with the new f (and the new z for the 'features'
-  design), so each block maximizes Q given the others.
+  updates of `em` and a generalized M-step for f: a few epochs of Adam on
+  the expected complete-data squared error E[(y - f(x) - z^T u)^2 | y], in
+  which the MeNets design z = [1, Gamma(x)] moves with the weights (a fixed
+  target y - z^T m would ignore that). sigma^2 is updated after f, with the
+  new f and z, so each block maximizes Q given the others. `fit_menets`
+  runs it in two stages for the MeNets design.
 * `fit_network_nll` (LMMNN): Adam on the exact marginal negative log-likelihood,
   jointly over the network weights and the variance parameters (Sigma_u through
   its Cholesky factor, sigma^2 through softplus). Each mini-batch is a set of
   whole clusters, so its loss is an exact marginal (an unbiased estimate of
   the full one).
 
-Both run `training.train_with_early_stopping`. Early stopping (patience
+Both run `training.train_with_early_stopping`; `variances_given_network`
+then refits Sigma_u and sigma^2 exactly given the returned network. Early stopping (patience
 counted in EM iterations or epochs) is on the
 validation NLL -log p(y_val | y_train, theta) = -(l(train + val) - l(train)),
 exact from the same segment sums; without validation data it is on the
@@ -33,15 +36,19 @@ Every epoch runs inside one `tf.function` (a graph loop over mini-batches).
 """
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
+import scipy.linalg
 import tensorflow as tf
 
 from models import mixed_effects as me
+from tfp_em.engine import ConvergenceWarning, fit_em
 from tfp_em.engine.unconstrained import Flattener
 from tfp_em.mixed_effects import em as mem
 from tfp_em.mixed_effects.training import (Network, NetworkFit, cluster_minibatches,
-                                           minibatch_epoch, minibatches, mse_epoch,
+                                           expected_loss_epoch, minibatch_epoch, minibatches,
                                            train_with_early_stopping)
 
 
@@ -79,6 +86,84 @@ class _Evaluator:
     return ll, crit, post, z
 
 
+def independent_columns(z: np.ndarray) -> np.ndarray:
+  """Indices (sorted) of a maximal set of linearly independent columns of z [N, q]."""
+  r, pivots = scipy.linalg.qr(z, mode="r", pivoting=True)
+  diagonal = np.abs(np.diag(r))
+  rank = int(np.sum(diagonal > max(z.shape) * np.finfo(z.dtype).eps * diagonal[0]))
+  return np.sort(pivots[:rank])
+
+
+def variances_given_network(net: Network, train: me.MixedEffectsData, covariance_type: str, *,
+                            seed: int, max_iter: int = 500, tol: float = 1e-10, start=None):
+  """(params, l): the exact ML of Sigma_u and sigma^2 with f held fixed, and the
+  mean of the random effects moved into f.
+
+  The linear mixed model y - f(x) = x^T beta + z^T u + eps, with f and the
+  design z of the network in inference mode (the given z, or [1, Gamma(x)] for
+  MeNets), fitted by PX-EM (at most `max_iter` iterations: near a
+  singular Sigma_u, common with [1, Gamma], EM and L-BFGS both crawl). Its fixed effects x are the columns
+  of z that the output layer can absorb: the constant, and for MeNets the
+  linearly independent columns of [1, Gamma]. `Network.shift_output` then adds
+  x^T beta to f, so the returned params (with an empty beta) and the shifted
+  network give the marginal l. With f = w^T Gamma + b this is the exact M-step
+  of (w, b, Sigma_u, sigma^2) given Gamma. From `start` (params with an
+  empty beta; the fixed effects start at 0), l never ends below l(start)
+  (up to the float32 rounding of the shift); without it EM starts from
+  `MixedEffectsEM.initialize`.
+  """
+  f, hidden = net(train.x)
+  z = net.design(hidden, train.z)                                     # [N, q]
+  n, dtype = int(train.y.shape[0]), train.y.dtype
+  columns = independent_columns(np.asarray(z)) if net.features else np.array([0])
+  x = tf.gather(z, columns, axis=1) if net.features else tf.ones([n, 1], dtype)
+  probe = train._replace(x=x, y=train.y - f, z=z)
+  model = mem.MixedEffectsEM(covariance_type, expand=True)
+  if start is not None:
+    start = start._replace(beta=tf.zeros([columns.size], dtype))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)  # a bounded polish, not a fit
+    result = fit_em(model, probe, max_iter=max_iter, tol=tol, seed=seed, init_params=start,
+                    progress=False).params
+  shift = np.zeros(int(z.shape[1]))
+  shift[columns] = np.asarray(result.beta)
+  net.shift_output(shift)
+  params = result._replace(beta=tf.zeros([0], dtype))
+  f, hidden = net(train.x)  # l of the shifted network as it computes (float32 weights)
+  post, _ = model.cluster_posterior(
+      params, train._replace(z=net.design(hidden, train.z)), loc=f)
+  return params, float(tf.reduce_sum(post.log_prob))
+
+
+def fit_menets(net: Network, train: me.MixedEffectsData, val, covariance_type: str, *,
+               seed: int, **options) -> tuple[NetworkFit, NetworkFit]:
+  """MeNets EM in two stages: (pretraining, fit).
+
+  The design [1, Gamma(x)] is only as good as the features Gamma, and from
+  random weights EM drifts into a degenerate corner: Gamma's scale and
+  Sigma_u trade off freely, the Adam step pushes units with a large posterior
+  spread towards zero, ReLU units die or turn constant (columns of z that are
+  zero or collinear with the constant), and f loses its capacity. So f is
+  first trained with random intercepts only (the sub-model with the
+  Gamma block of Sigma_u at 0), then Sigma_u and sigma^2 are fitted exactly
+  on the Gamma of that network, and MeNets EM goes on from there.
+  `options` are `fit_network_em`'s keyword arguments.
+  """
+  intercepts = net.with_features(False)
+
+  def intercept_design(data):
+    return None if data is None else data._replace(
+        z=tf.ones([int(data.y.shape[0]), 1], data.y.dtype))
+
+  start, _ = variances_given_network(intercepts, intercept_design(train), covariance_type,
+                                     seed=seed, max_iter=50, tol=1e-6)
+  pretraining = fit_network_em(intercepts, intercept_design(train), intercept_design(val),
+                               covariance_type, start, expand="intercept", seed=seed, **options)
+  start, _ = variances_given_network(net, train, covariance_type, seed=seed)
+  return pretraining, fit_network_em(net, train, val, covariance_type, start, expand="all",
+                                     seed=seed, **options)
+
+
 def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_type: str,
                    init_params: me.MixedEffectsParams, *, max_iter: int, epochs_per_step: int,
                    batch_size: int, learning_rate: float, patience: int, seed: int,
@@ -100,7 +185,7 @@ def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_typ
   n = int(train.y.shape[0])
   dtype = train.y.dtype
 
-  train_epoch = mse_epoch(net, train.x, optimizer)
+  train_epoch = expected_loss_epoch(net, train.x, train.z, train.cluster, optimizer)
 
   @tf.function(reduce_retracing=True)
   def noise_update(mean, covariance):
@@ -128,9 +213,9 @@ def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_typ
         mean = mean - mu
     covariance = mem.update_covariance(mem.posterior_second_moment(mean, post.covariance),
                                        tf.cast(train.num_clusters, dtype), covariance_type)
-    target = train.y - tf.reduce_sum(z * tf.gather(mean, train.cluster), -1)
     for _ in range(epochs_per_step):
-      train_epoch(*map(tf.constant, minibatches(rng, n, batch_size)), target)
+      train_epoch(*map(tf.constant, minibatches(rng, n, batch_size)), train.y, mean,
+                  post.covariance)
     return me.MixedEffectsParams(beta=params.beta, covariance=covariance,
                                  noise_variance=noise_update(mean, post.covariance))
 

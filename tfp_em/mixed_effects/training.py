@@ -73,6 +73,7 @@ class Network:
 
   def __init__(self, model: keras.Model, features: bool, dtype):
     self.model = model
+    self.features = bool(features)
     self.dtype = tf.as_dtype(dtype)
     self.input_dtype = tf.as_dtype(model.compute_dtype or "float32")
     self._two = None
@@ -98,6 +99,17 @@ class Network:
       hidden = tf.cast(hidden, self.dtype)
     return tf.cast(out[:, 0] if out.shape.rank == 2 else out, self.dtype), hidden
 
+  def with_features(self, features: bool) -> "Network":
+    """The same Keras model (shared weights) seen with or without the MeNets design."""
+    return Network(self.model, features, self.dtype)
+
+  @property
+  def shifts_output(self) -> bool:
+    """Whether `shift_output` can move a shift into the last layer (a biased linear Dense)."""
+    last = self.model.layers[-1]
+    return (isinstance(last, keras.layers.Dense) and last.use_bias
+            and last.activation in (None, keras.activations.linear))
+
   def shift_output(self, shift) -> bool:
     """f(x) += z(x)^T shift, exactly, where the design allows it.
 
@@ -106,10 +118,9 @@ class Network:
     layer with a bias and linear activation; returns False (and does
     nothing) otherwise.
     """
-    last = self.model.layers[-1]
-    if not (isinstance(last, keras.layers.Dense) and last.use_bias
-            and last.activation in (None, keras.activations.linear)):
+    if not self.shifts_output:
       return False
+    last = self.model.layers[-1]
     shift = np.asarray(shift)
     last.bias.assign_add(np.full(last.bias.shape, shift[0], last.bias.dtype))
     if self._two is not None:
@@ -211,6 +222,29 @@ def minibatch_epoch(batch_loss, variables, optimizer):
       optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
 
   return train_epoch
+
+
+def expected_loss_epoch(net: Network, x, z, cluster, optimizer):
+  """`minibatch_epoch` of f's weights on the expected complete-data squared error
+
+      mean_j E[(y_j - f(x_j) - z_j^T u_i)^2 | y] = mean_j (r_j - z_j^T m_i)^2 + z_j^T S_i z_j
+
+  over rows of x [N, p], with z_j the design (given z [N, q], or [1, Gamma(x_j)]
+  for the MeNets design, recomputed from the weights being trained), r_j =
+  y_j - f(x_j) and (m_i, S_i) the E-step's posterior of row j's cluster.
+  This is -2 sigma^2 Q up to a constant, so Adam on it is a generalized
+  M-step for f. Called as `train_epoch(order, starts, ends, y [N], mean [G, q],
+  covariance [G, q, q])`.
+  """
+  def batch_loss(idx, start, end, y, mean, covariance):
+    f, hidden = net(tf.gather(x, idx), training=True)
+    design = net.design(hidden, tf.gather(z, idx))                     # [B, q]
+    c = tf.gather(cluster, idx)
+    resid = tf.gather(y, idx) - f - tf.reduce_sum(design * tf.gather(mean, c), -1)
+    spread = tf.einsum("bq,bqr,br->b", design, tf.gather(covariance, c), design)
+    return tf.reduce_mean(tf.square(resid) + spread)
+
+  return minibatch_epoch(batch_loss, net.trainable_variables, optimizer)
 
 
 def mse_epoch(net: Network, x, optimizer):
