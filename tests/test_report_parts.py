@@ -201,9 +201,13 @@ def test_class_summary_and_calibration():
   np.testing.assert_allclose(s.recall, [0.5, 2 / 3])
   np.testing.assert_allclose(s.precision, [0.5, 2 / 3])
   assert list(s.replicated_lower) == [1, 3] and list(s.replicated_upper) == [2, 4]
-  predicted, observed, what = calibration(probs, labels, n_bins=2)
-  assert what == "P(class 1)"
+  predicted, observed, counts, what = calibration(probs, labels, n_bins=2)
+  assert what == "P(class 1)" and list(counts) == [2, 3]
   np.testing.assert_allclose(predicted, [0.15, 0.6166666666666667])   # bins [0, .5), [.5, 1]
   np.testing.assert_allclose(observed, [0.5, 2 / 3])
+  three = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+  predicted, observed, counts, what = calibration(three, np.array([0, 0, 2, 1]), n_bins=2)
+  assert what == "top-class P" and list(counts) == [1, 3]   # 0.5 falls in the lower bin
+  np.testing.assert_allclose(observed, [0.0, 2 / 3])       # upper bin: 2 of 3 right
   with pytest.raises(ValueError, match="do not match"):
     class_summary(probs, labels[:3], replicated)

@@ -2,8 +2,8 @@
 predictive check of the class counts.
 
     class_summary(probs, labels, replicated)      per-class counts, intervals, recall, precision
-    calibration(probs, labels)                    reliability curve (binary: P(class 1);
-                                                  more classes: the top class's probability)
+    calibration(probs, labels)                    reliability curve and points per bin (binary:
+                                                  P(class 1); more: the top class's probability)
     classifier_figure(probs, labels, replicated, class_names)
 """
 from __future__ import annotations
@@ -50,16 +50,20 @@ def class_summary(probs, labels, replicated) -> ClassSummary:
 
 
 def calibration(probs, labels, n_bins: int = 10):
-  """(predicted probability, observed frequency, what) per non-empty bin: for two classes
-  P(class 1) against the share of class 1, else the top class's probability against the
-  share of points it classifies right."""
+  """(predicted probability, observed frequency, points, what) per non-empty bin of
+  `n_bins` equal bins: for two classes P(class 1) against the share of class 1, else the
+  top class's probability against the share of points it classifies right."""
   probs, labels = _check(probs, labels)
   if probs.shape[1] == 2:
     hit, score, what = labels == 1, probs[:, 1], "P(class 1)"
   else:
     hit, score, what = np.argmax(probs, axis=1) == labels, probs.max(axis=1), "top-class P"
-  observed, predicted = calibration_curve(hit.astype(int), np.clip(score, 0, 1), n_bins=n_bins)
-  return predicted, observed, what
+  score = np.clip(score, 0, 1)
+  observed, predicted = calibration_curve(hit.astype(int), score, n_bins=n_bins)
+  # sklearn's uniform bins: the same edges and side, so the counts line up with its bins
+  counts = np.bincount(np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], score),
+                       minlength=n_bins)
+  return predicted, observed, counts[counts > 0], what
 
 
 def classifier_figure(probs, labels, replicated, class_names) -> Figure:
@@ -82,12 +86,14 @@ def classifier_figure(probs, labels, replicated, class_names) -> Figure:
   conf.set_xticks(ticks, [names[t] for t in ticks], fontsize=7, rotation=45 if c > 4 else 0)
   conf.set_yticks(ticks, [names[t] for t in ticks], fontsize=7)
   conf.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (training)")
-  predicted, observed, what = calibration(probs, labels)
+  predicted, observed, counts, what = calibration(probs, labels)
   cal.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
-  cal.plot(predicted, observed, "o-", color="C0", ms=4, label="fitted model")
-  cal.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"predicted {what}", ylabel="observed frequency",
-          title="Calibration (10 bins)")
-  cal.legend(fontsize=7, loc="upper left")
+  cal.plot(predicted, observed, "-", color="C0", lw=1)
+  cal.scatter(predicted, observed, s=12 + 150 * counts / counts.max(), color="C0", zorder=3,
+              label="fitted model (area: points)")
+  cal.set(xlim=(-0.04, 1.04), ylim=(-0.04, 1.04), xlabel=f"predicted {what}",
+          ylabel="observed frequency", title="Calibration (10 bins)")
+  cal.legend(fontsize=7, loc="upper left", markerscale=0.5)
   summary = class_summary(probs, labels, replicated)
   pos = np.arange(c)
   ppc.vlines(pos, summary.replicated_lower, summary.replicated_upper, color="C0", lw=6,
