@@ -41,6 +41,9 @@ def test_fit_findings_name_each_reason():
   healthy = spurious.fit_findings([0.5, 0.5], np.stack([np.eye(2), np.eye(2) * 3]), 100, "full",
                                   2, reg_covar=1e-6)
   assert healthy == []
+  empty = spurious.fit_findings([1.0, 1e-9], np.stack([np.eye(2), np.eye(2) * 1e-6]), 100,
+                                "full", 2, reg_covar=1e-6)
+  assert empty == []  # reported as empty by tfp_em.mixture.reseed, not twice
   # tied: one pooled covariance; a component on too few points is still named.
   tied = spurious.fit_findings([0.995, 0.005], np.eye(2), 100, "tied", 2, reg_covar=1e-6)
   assert tied == ["component 1: holds 0.5 points' worth of weight, fewer than the 1 its tied "

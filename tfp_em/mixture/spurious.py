@@ -33,6 +33,8 @@ import warnings
 
 import numpy as np
 
+from tfp_em.mixture.reseed import MIN_COUNT
+
 NARROW_ORDERS = 4.0  # orders of magnitude in det(Sigma_k)^(1/D) below the others' median
 MAX_NAMED = 8        # components named in one message
 
@@ -84,7 +86,8 @@ def fit_findings(weights, covariances, n_points: float, covariance_type: str,
 
   Besides the two checks above, a component whose variance in every
   direction is below twice `reg_covar` sits on one (possibly repeated) point:
-  its covariance is reg_covar itself.
+  its covariance is reg_covar itself. Empty components (below
+  `reseed.MIN_COUNT` of a point) are left to the `EmptyComponentWarning`.
 
   Args:
     weights: [K] mixing weights.
@@ -100,6 +103,8 @@ def fit_findings(weights, covariances, n_points: float, covariance_type: str,
   on_point = largest_variances(covariances, covariance_type) < 2 * reg_covar  # [K] or [1]
   findings = []
   for k in range(counts.size):
+    if counts[k] < MIN_COUNT:  # empty: `reseed` reports it (EmptyComponentWarning)
+      continue
     why = []
     if counts[k] < needed:
       why.append(f"holds {counts[k]:.3g} points' worth of weight, fewer than the {needed} its "
