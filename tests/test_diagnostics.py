@@ -487,3 +487,30 @@ def test_bernoulli_mlp_hmc():
   table = compare_with_em(fitted, idata, X, y)
   assert table["r_hat"].max() < 1.01          # after undoing unit permutations and flips
   assert np.abs(table["z_map"]).max() < 0.25  # the N(0, 10^2) prior adds a little to the L2 penalty
+
+
+@pytest.mark.slow
+def test_mixed_effects_network_fit_exports_and_reports(tmp_path):
+  """MeNets: beta (held at 1) is stored empty in the trace, the design grows from [1] to
+  [1, Gamma] during the fit, and only the first and last params are kept."""
+  from tfp_em.diagnostics.report import write_report
+  from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
+  rng = np.random.default_rng(0)
+  g, n = 30, 8
+  member = np.repeat(np.arange(g), n)
+  X = pd.DataFrame(rng.normal(size=(g * n, 2)), columns=["a", "b"])
+  y = np.sin(X["a"]).to_numpy() + rng.normal(size=g)[member] + 0.3 * rng.normal(size=g * n)
+  fitted = MixedEffectsRegressor(random_effects="features", f="mlp", hidden_units=(6, 3),
+                                 max_iter=3, seed=0).fit(X, y, member)
+  idata = to_inference_data(fitted, X, y, clusters=member)
+  post = idata.posterior
+  assert post.sizes["draw"] == len(fitted.fit_result_.restarts[0].params)
+  np.testing.assert_array_equal(post["beta"].values, 1.0)           # f(x) enters with beta = 1
+  assert list(post.coords["coef"].values) == ["f(x)"]
+  assert list(post.coords["effect"].values) == ["(Intercept)", "hidden 1", "hidden 2", "hidden 3"]
+  final = post["covariance"].values[0, -1]
+  np.testing.assert_allclose(final, fitted.params_.covariance)
+  index = write_report(fitted, X, tmp_path / "report", y=y, clusters=member, hmc=False,
+                       progress=False)
+  page = index.read_text()
+  assert "caterpillar.png" in page and "covariance[(Intercept), hidden 1]" in page

@@ -52,7 +52,8 @@ def caterpillar(mean, covariance, labels, effect_names, level: float = 0.95,
   g, q = mean.shape
   cols = min(q, 3)
   rows = -(-q // cols)
-  height = min(8.0, 1.5 + 0.16 * min(g, 60)) if g > ALL_LABELS else 1.4 + 0.2 * g
+  height = min(8.0 if rows == 1 else 5.0,
+               1.5 + 0.16 * min(g, 60) if g > ALL_LABELS else 1.4 + 0.2 * g)  # one row
   fig = Figure(figsize=(10, 0.4 + height * rows), layout="constrained")
   axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
   thin = g > ALL_LABELS

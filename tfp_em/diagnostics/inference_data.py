@@ -86,6 +86,13 @@ def aligned_restarts(fitted):
   return out
 
 
+def _shaped(value, shape):
+  """`value` as float64, or NaN of `shape` where its shape differs (an iteration before a
+  fit's design grew, e.g. MeNets' random intercepts before [1, Gamma(x)])."""
+  value = np.asarray(value, np.float64)
+  return value if value.shape == tuple(shape) else np.full(shape, np.nan)
+
+
 def _pad(rows, length):
   """Stacks per-iteration arrays, repeating the last row up to `length`."""
   rows = list(rows)
@@ -118,7 +125,7 @@ def to_inference_data(fitted, X=None, y=None, *, feature_names=None, model_selec
   data = resolve_data(fitted, X, y, **data_kwargs)
   result = fitted.fit_result_
   trajectories = aligned_restarts(fitted)
-  length = max(len(t.log_likelihood) for t in result.restarts)
+  length = max(max(len(t.log_likelihood), len(t.params)) for t in result.restarts)
   dims = adapter.dims(fitted)
   params = adapter.params(fitted)
   coords = _coords(dims, params)
@@ -126,9 +133,14 @@ def to_inference_data(fitted, X=None, y=None, *, feature_names=None, model_selec
   coords.update(dataset_coords(adapter.coords(fitted, feature_names), sizes))
 
   posterior = {}
-  for i, name in enumerate(params._fields):
-    stacked = np.stack([_pad([np.asarray(p[i], np.float64) for p in traj], length)
-                        for traj in trajectories])   # [chain, draw, ...]
+  for i, (name, spec) in enumerate(zip(params._fields, adapter.param_specs(fitted))):
+    if spec.trainable:
+      shape = np.shape(params[i])
+      stacked = np.stack([_pad([_shaped(p[i], shape) for p in traj], length)
+                          for traj in trajectories])   # [chain, draw, ...]
+    else:  # held fixed (a network f's beta = 1, which its trace stores empty)
+      value = np.asarray(params[i], np.float64)
+      stacked = np.broadcast_to(value, (len(trajectories), length) + value.shape)
     posterior[name] = (("chain", "draw") + dims[name], stacked)
   n_iter = np.array([t.n_iter for t in result.restarts])
   draw = np.arange(length)
