@@ -85,6 +85,17 @@ def test_statistics_check_names_the_field_and_size(tmp_path):
   assert "E-step:" in str(report)
 
 
+def test_without_statistics_an_e_step_bug_is_flagged_as_suspected(tmp_path):
+  no_statistics = ("def statistics(params, data, latent_values):",
+                   "def complete_statistics(params, data, latent_values):")
+  dropped = next(m for m in em.MUTANTS if m.example == em.GMM and m.name == "dropped_point")
+  report = verify_file(_file(tmp_path, em.GMM, "dropped", no_statistics, *dropped.edits),
+                       checks=POINT, n_points=1)
+  assert report.blamed_steps == ["M"], str(report)   # Q never sees the statistics...
+  assert any("E-step suspected" in n and "statistics(params, data, latent_values)" in n
+             for n in report.notes), str(report)    # ...so the report says where to look
+
+
 # ----------------------------------------------------------------------------
 # Fixed parameters, key order, degenerate starts, MAP.
 

@@ -131,6 +131,9 @@ class Target(NamedTuple):
       checks 4b and 4d skip them, 4c still applies.
     compile: whether to compile the reference computations and the steps.
     notes: list of lines for the report (what ran eagerly, degenerate starts).
+    unchecked_statistics: the M-step is handed the E-step's statistics, which
+      no check reads (Q comes from the posterior: no `statistics`, no
+      `expected_log_joint`), so a bug in them shows as an M-step failure.
   """
   name: str
   data: Any
@@ -154,6 +157,7 @@ class Target(NamedTuple):
   generalized_fields: tuple
   compile: bool
   notes: list
+  unchecked_statistics: bool = False
 
 
 class Kernels:

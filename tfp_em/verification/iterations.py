@@ -272,6 +272,21 @@ def _distance(k: Kernels, u_a, u_b):
   return err, field
 
 
+def _statistics_note(acc: dict) -> str:
+  """What checks 4 can say when the E-step's statistics go to the M-step unchecked."""
+  failed = lambda checks: [c for c in checks if acc[c].seen and acc[c].result().passed is False]
+  m_failed, e_failed = failed(("4a", "4b", "4c", "4d")), failed(("1", "2", "3"))
+  advice = ("define statistics(params, data, latent_values) in the file (the statistics of one "
+            "complete data set) and check 2b compares the E-step's with their exact expectation")
+  if m_failed and not e_failed:
+    return (f"E-step suspected as well: checks {', '.join(m_failed)} failed with checks 1-3 "
+            "passing, and without `statistics` or `expected_log_joint` the M-step was handed "
+            "the E-step's statistics unchecked, so the bug may be in them rather than in the "
+            f"M-step; to tell the steps apart, {advice}")
+  return ("the E-step's statistics are not checked (no `statistics` or `expected_log_joint`): "
+          f"a bug in them would show as an M-step failure (checks 4); {advice}")
+
+
 ACCUMULATED = ("1", "2", "2b", "3", "4a", "4b", "4c", "4d", "4e", "5", "6a", "6b")
 
 
@@ -298,6 +313,8 @@ def run_checks(target: Target, tol: Tolerances, *, checks, n_steps: int, max_ite
   for c in acc:
     if c[0] not in checks:
       acc[c].seen, acc[c].skip = False, "not selected"
+  if target.unchecked_statistics:
+    target.notes.append(_statistics_note(acc))
   if target.notes:
     info["notes"] = list(dict.fromkeys(target.notes))
   return [acc[c].result() for c in acc], info

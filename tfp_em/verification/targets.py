@@ -82,6 +82,22 @@ def model_target(model: EMModel, data, *, init_params, param_specs, oracle, comp
       compile=model.compile != "eager" if compile is None else compile, notes=[])
 
 
+class KnownLayout:
+  """A JointDistribution whose event shapes and dtypes are given.
+
+  TFP derives them by tracing the whole model, once per instance, and the
+  checks build a new instance at every parameter point and in every trace:
+  the verifier takes them from the instance at the start. Only `log_prob`,
+  `event_shape` and `dtype` are used.
+  """
+
+  def __init__(self, jd, event_shape, dtype):
+    self.jd, self.event_shape, self.dtype = jd, event_shape, dtype
+
+  def log_prob(self, *args, **values):
+    return self.jd.log_prob(*args, **values)
+
+
 def _jd_variables(jd):
   names = jd.event_shape
   if hasattr(names, "_asdict"):
@@ -124,9 +140,9 @@ def user_target(joint_distribution, data, *, e_step, m_step, init_params, param_
   specs = normalize_specs(start, param_specs)
   latents, kind = _check_latents(latents)
 
-  jd_fn = (lambda p: joint_distribution(p, data)) if arity(joint_distribution) >= 2 \
+  user_jd = (lambda p: joint_distribution(p, data)) if arity(joint_distribution) >= 2 \
       else joint_distribution
-  jd0 = jd_fn(start)  # one instance: its static attributes are traced once
+  jd0 = user_jd(start)  # one instance: its static attributes are traced once
   variables = _jd_variables(jd0)
   if not variables:
     raise ValueError("joint_distribution must return a JointDistribution with named variables "
@@ -141,6 +157,7 @@ def user_target(joint_distribution, data, *, e_step, m_step, init_params, param_
     raise ValueError(f"data has no values for the JointDistribution's observed variables {absent}; "
                      f"every variable that is not in latents ({sorted(latents)}) must be in data")
   dtypes = jd0.dtype
+  jd_fn = lambda p: KnownLayout(user_jd(p), jd0.event_shape, dtypes)
   dtypes = dtypes._asdict() if hasattr(dtypes, "_asdict") else dtypes
   observed = {k: tf.cast(data[k], dtypes[k]) for k in observed_names}
 
@@ -244,7 +261,8 @@ def user_target(joint_distribution, data, *, e_step, m_step, init_params, param_
       exact_note=exact_note, posterior=(lambda p: posterior(p, data)) if posterior else None,
       log_prior=prior, n_obs=float(tf.shape(observed[observed_names[0]])[0]),
       component_axes=dict(component_axes or {}), generalized_fields=(),
-      compile=True if compile is None else compile, notes=[])
+      compile=True if compile is None else compile, notes=[],
+      unchecked_statistics=expected_log_joint is None and stat is None)
   preflight(target, latents, kind, jd0, stat, exact0)
   return target
 
