@@ -417,6 +417,8 @@ def _estimator_cases():
       Case(f"{r}: clusters has NaN", r, _fit_me(clusters=lambda: _with(_clusters(), 0, np.nan)),
            "missing"),
       Case(f"{r}: clusters is None", r, _fit_me(clusters=lambda: None), "clusters"),
+      Case(f"{r}: clusters mixes 0 and '0'", r,
+           _fit_me(clusters=lambda: [0, "0"] * 20), "mixes string and number labels"),
       Case(f"{r}: clusters is 2-D", r,
            _fit_me(clusters=lambda: _clusters()[:, None].repeat(2, 1)), "clusters"),
       Case(f"{r}: a single cluster", r, _fit_me(clusters=lambda: np.zeros(40)), "single level"),

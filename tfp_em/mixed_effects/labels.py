@@ -31,6 +31,11 @@ def encode_clusters(clusters, n: int, name: str = "clusters"):
   for v in arr:
     if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
       raise ValueError(f"{name} contains a missing label (None or NaN)")
+  kinds = {isinstance(v, (str, bytes)) for v in arr if isinstance(v, (str, bytes, int, float,
+                                                                        np.number))}
+  if len(kinds) == 2:
+    raise ValueError(f"{name} mixes string and number labels (such as 0 and '0', which would "
+                     "be two clusters); convert them to one type first")
   try:
     labels, codes = np.unique(arr, return_inverse=True)
   except TypeError:  # labels of mixed, unorderable types: first-seen order
