@@ -14,6 +14,7 @@ quiet_tensorflow_startup()  # before anything imports TensorFlow
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "CheckpointMismatchError": "tfp_em.engine",
     "ConvergenceWarning": "tfp_em.engine",
     "EMModel": "tfp_em.engine",
     "FitResult": "tfp_em.engine",
@@ -25,6 +26,7 @@ _EXPORTS = {
     "fit_online_em": "tfp_em.engine",
     "GaussianMixture": "tfp_em.mixture",
     "EmptyComponentWarning": "tfp_em.mixture",
+    "SpuriousSolutionWarning": "tfp_em.mixture",
     "BernoulliMLPClassifier": "tfp_em.bernoulli_mlp",
     "MixedEffectsRegressor": "tfp_em.mixed_effects",
     "CrossedEffectsRegressor": "tfp_em.mixed_effects",

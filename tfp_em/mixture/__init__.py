@@ -2,7 +2,8 @@
 from tfp_em.mixture.em import GaussianMixtureEM, GaussianMixtureStats, MixtureData
 from tfp_em.mixture.estimator import GaussianMixture
 from tfp_em.mixture.reseed import EmptyComponentWarning
+from tfp_em.mixture.spurious import SpuriousSolutionWarning
 from tfp_em.mixture import adapter as _adapter  # registers the diagnostics adapter
 
 __all__ = ["EmptyComponentWarning", "GaussianMixture", "GaussianMixtureEM", "GaussianMixtureStats",
-           "MixtureData"]
+           "MixtureData", "SpuriousSolutionWarning"]
