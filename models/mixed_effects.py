@@ -225,6 +225,62 @@ def marginal_log_prob(params, data, covariance_type: str, loc=None):
   return tf.reduce_sum(marginal_log_prob_per_cluster(params, data, covariance_type, loc))
 
 
+class FixedEffectsPosterior(NamedTuple):
+  """beta | y, theta under a flat prior: N(mean, A^-1), A = X^T V^-1 X (the GLS fit)."""
+  mean: tf.Tensor              # [p] GLS beta
+  information_chol: tf.Tensor  # [p, p] Cholesky factor of A
+  xtx: tf.Tensor               # [G, p, p] X_i^T X_i
+  xtz: tf.Tensor               # [G, p, q] X_i^T Z_i
+
+
+def fixed_effects_posterior(params: MixedEffectsParams, data: MixedEffectsData,
+                            covariance_type: str) -> FixedEffectsPosterior:
+  """GLS beta and A = X^T V^-1 X = sum_i X_i^T V_i^-1 X_i from per-cluster sums.
+
+  Woodbury per cluster: V_i^-1 = (I - Z_i P_i^-1 Z_i^T / sigma^2) / sigma^2,
+  so A = sum_i (X_i^T X_i - X_i^T Z_i K_i) / sigma^2 with
+  K_i = P_i^-1 Z_i^T X_i / sigma^2, and X^T V^-1 y likewise. `params.beta`
+  is not used.
+  """
+  seg = lambda v: tf.math.unsorted_segment_sum(v, data.cluster, data.num_clusters)
+  x, z = data.x, data.z
+  xtx = seg(x[:, :, tf.newaxis] * x[:, tf.newaxis, :])                   # [G, p, p]
+  xtz = seg(x[:, :, tf.newaxis] * z[:, tf.newaxis, :])                   # [G, p, q]
+  xty = seg(x * data.y[:, tf.newaxis])                                   # [G, p]
+  cov_u = covariance_matrix(params.covariance, covariance_type)
+  post = cluster_posterior(cov_u, params.noise_variance,
+                           cluster_stats(z, data.y, data.cluster, data.num_clusters))
+  s2 = params.noise_variance
+  k = tf.matmul(post.covariance, xtz, transpose_b=True) / s2            # [G, q, p]
+  information = tf.reduce_sum(xtx - tf.matmul(xtz, k), axis=0) / s2      # [p, p]
+  information = 0.5 * (information + tf.transpose(information))
+  score = tf.reduce_sum(xty - tf.linalg.matvec(xtz, post.mean), axis=0) / s2  # [p]
+  chol = tf.linalg.cholesky(information)
+  mean = tf.linalg.cholesky_solve(chol, score[:, tf.newaxis])[:, 0]
+  return FixedEffectsPosterior(mean=mean, information_chol=chol, xtx=xtx, xtz=xtz)
+
+
+def restricted_log_prob(params: MixedEffectsParams, data: MixedEffectsData,
+                        covariance_type: str):
+  """The REML criterion / -2: log p(y | theta) with beta integrated out under a flat prior,
+
+      l_R(theta) = l(theta, beta_GLS) - 1/2 log|X^T V^-1 X| + p/2 log(2 pi),
+
+  lme4's and statsmodels' restricted log-likelihood. A function of the
+  variances only: `params.beta` is not used (beta_GLS is profiled).
+
+  #### References
+
+  [1] D. A. Harville. Maximum likelihood approaches to variance component
+      estimation and to related problems. JASA, 72(358):320-338, 1977.
+  """
+  fixed = fixed_effects_posterior(params, data, covariance_type)
+  ml = marginal_log_prob(params._replace(beta=fixed.mean), data, covariance_type)
+  p = tf.cast(tf.shape(fixed.mean)[0], ml.dtype)
+  half_logdet = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(fixed.information_chol)))
+  return ml - half_logdet + 0.5 * p * math.log(2. * math.pi)
+
+
 def linear_loc(params: MixedEffectsParams, data: MixedEffectsData):
   """x @ beta, shape [N]."""
   return tf.linalg.matvec(data.x, params.beta)

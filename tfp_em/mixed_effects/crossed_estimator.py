@@ -154,6 +154,10 @@ def fit_crossed(estimator, X, y, clusters, time=None, Z=None, valid=None):
   if estimator.random_effects != "intercept":
     raise ValueError("several grouping factors take random intercepts only "
                      f"(random_effects='intercept'), got {estimator.random_effects!r}")
+  if estimator.reml:
+    raise ValueError("reml=True is available for one grouping factor only: REML for several "
+                     "(crossed) factors is not implemented; fit by maximum likelihood "
+                     "(reml=False)")
   if time is not None or Z is not None or (valid is not None and (valid.time is not None
                                                                   or valid.Z is not None)):
     raise ValueError("time and Z are not used with several grouping factors")

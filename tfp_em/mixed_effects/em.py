@@ -194,10 +194,15 @@ class MixedEffectsEM(EMModel):
 
   def e_step(self, params, data):
     post, stats = self.cluster_posterior(params, data)
+    return self.posterior_stats(params, data, post, stats), tf.reduce_sum(post.log_prob)
+
+  def posterior_stats(self, params, data, post: me.ClusterPosterior,
+                      stats: me.ClusterStats) -> MixedEffectsStats:
+    """The E-step's `MixedEffectsStats` from the u_i posterior at `params`."""
     e = (data.y - me.linear_loc(params, data)
          - tf.reduce_sum(data.z * tf.gather(post.mean, data.cluster), -1))   # [N]
     dtype = data.y.dtype
-    out = MixedEffectsStats(
+    return MixedEffectsStats(
         xtx=tf.matmul(data.x, data.x, transpose_a=True),
         xte=tf.linalg.matvec(data.x, e, transpose_a=True),
         ete=tf.reduce_sum(tf.square(e)),
@@ -209,7 +214,6 @@ class MixedEffectsEM(EMModel):
         ztz=tf.matmul(data.z, data.z, transpose_a=True),
         mean_sum=tf.reduce_sum(post.mean, axis=0),
         beta_ref=params.beta)
-    return out, tf.reduce_sum(post.log_prob)
 
   def _second_moment(self, mean, covariance):
     return posterior_second_moment(mean, covariance)

@@ -25,7 +25,6 @@ uncertainty of f itself is not included).
 """
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -35,14 +34,16 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.metrics import r2_score
 
 from models import mixed_effects as me
-from tfp_em.engine import FitResult, RestartTrace, fit_em, to_numpy
 from tfp_em.engine import inputs as val
 from tfp_em.mixed_effects.crossed_estimator import fit_crossed
-from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats, fit_marginal_lbfgs
+from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats
 from tfp_em.mixed_effects.formula import FormulaMixin
 from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
+from tfp_em.mixed_effects.linear_fit import fit_linear, linear_model
 from tfp_em.mixed_effects.networks import (fit_menets, fit_network_em, fit_network_nll,
                                            variances_given_network)
+from tfp_em.mixed_effects.singular import warn_if_singular
+from tfp_em.mixed_effects.summary import random_effect_names
 from tfp_em.mixed_effects.training import (Network, check_validation_data, default_mlp,
                                            fit_summary)
 
@@ -109,6 +110,10 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     hidden_units, dropout: for f='mlp' (defaults (100, 50, 25, 12), 0.25).
     on_decrease: `fit_em`'s guard for linear EM: 'warn' (default), 'raise' or
       'revert'.
+    reml: linear f with one factor: fit by restricted maximum likelihood
+      (`reml`; lme4's and statsmodels' default) instead of maximum likelihood
+      (default False: l is then comparable across fixed-effects designs, and
+      the EM objective stays the likelihood).
 
   Attributes (after fit):
     random_effects_: dict cluster label -> `RandomEffect(mean [q], covariance [q, q])`.
@@ -120,7 +125,12 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
       attributes above are not set and `crossed_` holds the BLUPs).
     coef_, intercept_: linear f only.
     network_: the trained Keras model (network f only).
-    log_likelihood_: training marginal log-likelihood at the returned params.
+    log_likelihood_: training marginal log-likelihood at the returned params
+      (reml=True: the restricted one, -1/2 the REML criterion).
+    polish_: linear f, method='em': `linear_fit.Polish` (L-BFGS iterations
+      after EM and the l they gained); None for 'nll'.
+    singular_: linear f: True when the estimate is on the boundary (a
+      `singular.SingularFitWarning` was issued).
       For a network f, Sigma_u and sigma^2 are at the end refitted exactly
       given the returned network in inference mode (with its output bias,
       and for 'features' its output layer, as fixed effects:
@@ -142,7 +152,7 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
                seed: int = 0, dtype="float64", epochs_per_step: int = 1,
                batch_size: int = 100, learning_rate: float = 1e-3, patience: int = 10,
                hidden_units=(100, 50, 25, 12), dropout: float = 0.25,
-               on_decrease: str = "warn"):
+               on_decrease: str = "warn", reml: bool = False):
     self.random_effects = random_effects
     self.degree = degree
     self.covariance = covariance
@@ -160,6 +170,7 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     self.hidden_units = hidden_units
     self.dropout = dropout
     self.on_decrease = on_decrease
+    self.reml = reml
 
   # -- checks -------------------------------------------------------------------
   def _check_options(self):
@@ -175,6 +186,11 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     val.check_float("learning_rate", self.learning_rate, minimum=0., strict=True)
     val.check_int("patience", self.patience, minimum=1)
     val.check_float("dropout", self.dropout, minimum=0.)
+    if not isinstance(self.reml, (bool, np.bool_)):
+      raise ValueError(f"reml must be True or False, got {self.reml!r}")
+    if self.reml and self.f is not None:
+      raise ValueError("reml=True applies to linear f (f=None); a network f is fitted by "
+                       "maximum likelihood")
     if self.f is None and self.random_effects == "features":
       raise ValueError("random_effects='features' (MeNets) needs a network f; "
                        "pass f='mlp' or a Keras model")
@@ -262,9 +278,10 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     self.crossed_ = None
     self.formula_ = None  # `from_formula` sets it after the fit
     factors = as_factors(clusters)
-    if strategy is not None and (self.f is not None or self.method != "em" or len(factors) > 1):
-      raise ValueError("strategy= is supported for linear f with one grouping factor and "
-                       "method='em'")
+    if strategy is not None and (self.f is not None or self.method != "em" or len(factors) > 1
+                                 or self.reml):
+      raise ValueError("strategy= is supported for linear f with one grouping factor, "
+                       "method='em' and reml=False")
     valid = check_validation_data(validation_data, self.f is not None, len(factors))
     if len(factors) > 1 and self.f is None:  # CrossedEffectsRegressor checks X and y
       return fit_crossed(self, X, y, factors, time, Z)
@@ -315,29 +332,18 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
       raise ValueError(f"X{' with the intercept column' if self.fit_intercept else ''} has "
                        f"rank {rank} < {design.shape[1]} columns: drop collinear or constant "
                        "columns (beta is not identifiable)")
-    model = MixedEffectsEM(self.covariance, compile="graph", expand=self.method == "em")
+    model = linear_model(self.covariance, self.method, self.reml)
     train = rows_by_cluster(train)
-    if self.method == "em":
-      result = fit_em(model, train, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
-                      on_decrease=self.on_decrease, progress=False,
-                      strategy=strategy)
-    else:
-      start = time.perf_counter()
-      init = model.initialize(train, self.seed)
-      params, ll, converged, n_iter = fit_marginal_lbfgs(
-          model, train, init, max_iter=self.max_iter, tol=self.tol)
-      trace = RestartTrace(
-          seed=self.seed, log_likelihood=np.array([float(model.marginal_log_prob(init, train)), ll]),
-          params=[to_numpy(init), to_numpy(params)], converged=converged, n_iter=n_iter,
-          stop_reason="converged" if converged else "max_iter",
-          seconds=time.perf_counter() - start)
-      result = FitResult(params=params, log_likelihood=ll, n_iter=n_iter, converged=converged,
-                         best_restart=0, restarts=(trace,),
-                         num_observations=model.num_observations(train))
+    result, self.polish_ = fit_linear(model, train, method=self.method, max_iter=self.max_iter,
+                                      tol=self.tol, seed=self.seed,
+                                      on_decrease=self.on_decrease, strategy=strategy)
     beta = np.asarray(result.params.beta)
     self.intercept_ = float(beta[0]) if self.fit_intercept else 0.
     self.coef_ = beta[1:] if self.fit_intercept else beta
     self._finish(model, result, train, loc=None)
+    self.log_likelihood_ = result.log_likelihood  # l_R for REML
+    self.singular_ = warn_if_singular(self.cov_random_effects_, self.sigma2_,
+                                      random_effect_names(self))
 
   def _fit_network(self, train, valid):
     net = self.network_

@@ -265,7 +265,7 @@ class FormulaMixin:
   """`from_formula`, `predict_data` and lme4's `summary` for `MixedEffectsRegressor`."""
 
   @classmethod
-  def from_formula(cls, formula: str, data, **options):
+  def from_formula(cls, formula: str, data, REML: bool | None = None, **options):
     """Fits an lme4 formula, e.g. 'Reaction ~ Days + (Days | Subject)', on a DataFrame.
 
     The formula sets random_effects, degree, covariance and fit_intercept
@@ -277,7 +277,8 @@ class FormulaMixin:
     Nesting `(1 | g1/g2)` is `(1 | g1) + (1 | g1:g2)` (crossed factors), and
     `(1 | g) + (0 + t | g)` is `(t || g)`. The fit is `fit` on
     `formula_design`'s arrays, and `formula_` keeps them (a `FormulaDesign`)
-    for `summary()` and `predict_data()`.
+    for `summary()` and `predict_data()`. `REML` is lme4's name for the
+    estimator's `reml` (default: the estimator's default, maximum likelihood).
 
     Raises:
       ValueError: naming the term the estimator cannot fit (a block-diagonal
@@ -285,6 +286,10 @@ class FormulaMixin:
         an unknown column or missing values; or an option the formula
         already sets.
     """
+    if REML is not None:
+      if "reml" in options:
+        raise ValueError("pass REML= or reml=, not both")
+      options["reml"] = REML
     design = formula_design(formula, data, network=options.get("f") is not None)
     clash = sorted(set(options) & set(design.options))
     if clash:

@@ -39,18 +39,21 @@ class MixedSummary:
 
   Attributes:
     formula: the formula, or None for an array fit.
-    method: 'em' or 'nll' (both maximum likelihood).
+    method: 'em' or 'nll'.
     fixed_effects: DataFrame indexed by term: 'Estimate', 'Std. Error', 't value'.
     random_effects: DataFrame with 'Groups', 'Name', 'Variance', 'Std.Dev.'
       (one row per random effect, then 'Residual').
     correlations: {group: DataFrame} correlation matrix of each factor's
       random effects (one factor with q >= 2 and a full covariance).
-    log_likelihood, aic, bic, deviance: at the ML estimates.
+    log_likelihood, aic, bic, deviance: at the estimates (REML: from the
+      restricted log-likelihood, as lme4's `logLik` of a REML fit).
     df_resid: observations minus estimated parameters.
     n_obs: number of observations.
     n_groups: {group: number of levels}.
     scaled_residuals: Series 'Min', '1Q', 'Median', '3Q', 'Max' of
       (y - fitted) / sigma, fitted including the BLUPs.
+    reml: True for a REML fit; it then prints lme4's "REML criterion at
+      convergence" (-2 l_R) in place of the AIC/BIC/logLik line.
   """
   formula: str | None
   method: str
@@ -65,16 +68,21 @@ class MixedSummary:
   n_obs: int
   n_groups: dict
   scaled_residuals: pd.Series
+  reml: bool = False
 
   def __str__(self) -> str:
-    lines = [f"Linear mixed model fit by maximum likelihood (tfp_em, method={self.method!r})"]
+    criterion = "REML" if self.reml else "maximum likelihood"
+    lines = [f"Linear mixed model fit by {criterion} (tfp_em, method={self.method!r})"]
     if self.formula:
       lines.append(f"Formula: {self.formula}")
-    fit = pd.DataFrame([[self.aic, self.bic, self.log_likelihood, self.deviance,
-                         self.df_resid]], columns=["AIC", "BIC", "logLik", "deviance",
-                                                   "df.resid"])
-    lines += ["", fit.to_string(index=False, float_format=lambda v: f"{v:.1f}"), "",
-              "Scaled residuals:",
+    if self.reml:
+      fit_text = f"REML criterion at convergence: {self.deviance:.4f}"
+    else:
+      fit_text = pd.DataFrame([[self.aic, self.bic, self.log_likelihood, self.deviance,
+                                self.df_resid]], columns=["AIC", "BIC", "logLik", "deviance",
+                                                          "df.resid"]).to_string(
+          index=False, float_format=lambda v: f"{v:.1f}")
+    lines += ["", fit_text, "", "Scaled residuals:",
               self.scaled_residuals.to_frame().T.to_string(
                   index=False, float_format=lambda v: f"{v:.4f}"), "",
               "Random effects:", random_effects_text(self.random_effects, self.correlations),
@@ -178,7 +186,8 @@ def variance_components(estimator, groups, random_names):
 
 
 def build_summary(*, formula, method, fixed_names, beta, beta_cov, table, correlations,
-                  log_likelihood, n_params, n_obs, n_groups, residuals, sigma2) -> MixedSummary:
+                  log_likelihood, n_params, n_obs, n_groups, residuals, sigma2,
+                  reml: bool = False) -> MixedSummary:
   """Assembles a `MixedSummary` from the fit's pieces (see the attributes there)."""
   se = np.sqrt(np.diag(beta_cov))
   fixed = pd.DataFrame({"Estimate": beta, "Std. Error": se, "t value": beta / se},
@@ -189,7 +198,8 @@ def build_summary(*, formula, method, fixed_names, beta, beta_cov, table, correl
       aic=-2. * log_likelihood + 2. * n_params,
       bic=-2. * log_likelihood + n_params * math.log(n_obs),
       deviance=-2. * log_likelihood, df_resid=int(n_obs - n_params), n_obs=int(n_obs),
-      n_groups=dict(n_groups), scaled_residuals=scaled_residual_quantiles(residuals, sigma2))
+      n_groups=dict(n_groups), scaled_residuals=scaled_residual_quantiles(residuals, sigma2),
+      reml=reml)
 
 
 class TrainingData(NamedTuple):
@@ -307,4 +317,4 @@ def summarize(estimator, X=None, y=None, clusters=None, time=None, Z=None) -> Mi
       method=estimator.method, fixed_names=data.fixed_names, beta=beta, beta_cov=beta_cov,
       table=table, correlations=correlations, log_likelihood=estimator.log_likelihood_,
       n_params=len(beta) + n_cov + 1, n_obs=n, n_groups=n_groups, residuals=y - fitted,
-      sigma2=sigma2)
+      sigma2=sigma2, reml=estimator.reml)

@@ -1,0 +1,137 @@
+"""Fitting the linear-f mixed model with one grouping factor: ML or REML, EM or L-BFGS.
+
+`fit_linear` runs EM (`MixedEffectsEM` with the PX-EM step for ML,
+`reml.RestrictedMixedEffectsEM` for REML) and ends it with an L-BFGS polish
+on the exact (restricted) marginal from the EM point, then Newton steps:
+EM gets ℓ close fast but crawls in flat directions, and a few quasi-Newton
+and Newton steps take every parameter to the optimum. `method='nll'` is
+L-BFGS from the initial point, then the same Newton steps.
+After either, `singular.warn_if_singular` flags a boundary estimate.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_em.engine import ConvergenceWarning, FitResult, RestartTrace, fit_em, to_numpy
+from tfp_em.engine.unconstrained import Flattener
+from tfp_em.mixed_effects.em import MixedEffectsEM, fit_marginal_lbfgs
+from tfp_em.mixed_effects.reml import RestrictedMixedEffectsEM
+
+
+class Polish(NamedTuple):
+  """The polish after EM: L-BFGS iterations, then Newton steps (`newton_steps`);
+  the ℓ gained (>= 0) and whether L-BFGS converged."""
+  n_iter: int
+  newton_steps: int
+  gain: float
+  converged: bool
+
+
+def linear_model(covariance_type: str, method: str, reml: bool) -> MixedEffectsEM:
+  """The EM model whose `marginal_log_prob` is the fitted criterion (ℓ or ℓ_R)."""
+  if reml:
+    return RestrictedMixedEffectsEM(covariance_type, compile="graph")
+  return MixedEffectsEM(covariance_type, compile="graph", expand=method == "em")
+
+
+def fit_linear(model: MixedEffectsEM, train, *, method: str, max_iter: int, tol: float,
+               seed: int, on_decrease: str, strategy=None, polish: bool = True):
+  """(FitResult, Polish or None): EM (then the polish) or L-BFGS on the marginal.
+
+  A `ConvergenceWarning` of EM at `max_iter` is dropped when the polish
+  converges (the returned point is then the optimum).
+  """
+  if method == "nll":
+    return _fit_lbfgs(model, train, max_iter=max_iter, tol=tol, seed=seed), None
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result = fit_em(model, train, max_iter=max_iter, tol=tol, seed=seed,
+                    on_decrease=on_decrease, progress=False, strategy=strategy)
+  finish = None
+  if polish:
+    params, _, converged, n_iter = fit_marginal_lbfgs(model, train, result.params,
+                                                      max_iter=max_iter, tol=tol)
+    params, newton = newton_steps(model, train, params)
+    ll = float(model.marginal_log_prob(params, train))
+    before = float(model.marginal_log_prob(result.params, train))
+    if ll >= before:
+      result = result._replace(params=params, log_likelihood=ll)
+    finish = Polish(n_iter=n_iter, newton_steps=newton, gain=max(ll - before, 0.),
+                    converged=converged)
+  for w in caught:
+    if not (issubclass(w.category, ConvergenceWarning) and finish is not None
+            and finish.converged):
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  return _with_gls_beta(model, train, result), finish
+
+
+def _fit_lbfgs(model, train, *, max_iter, tol, seed) -> FitResult:
+  start = time.perf_counter()
+  init = model.initialize(train, seed)
+  params, _, converged, n_iter = fit_marginal_lbfgs(model, train, init, max_iter=max_iter,
+                                                    tol=tol)
+  params = newton_steps(model, train, params)[0]
+  ll = float(model.marginal_log_prob(params, train))
+  trace = RestartTrace(
+      seed=seed, log_likelihood=np.array([float(model.marginal_log_prob(init, train)), ll]),
+      params=[to_numpy(init), to_numpy(params)], converged=converged, n_iter=n_iter,
+      stop_reason="converged" if converged else "max_iter",
+      seconds=time.perf_counter() - start)
+  result = FitResult(params=params, log_likelihood=ll, n_iter=n_iter, converged=converged,
+                     best_restart=0, restarts=(trace,),
+                     num_observations=model.num_observations(train))
+  return _with_gls_beta(model, train, result)
+
+
+def _with_gls_beta(model, train, result: FitResult) -> FitResult:
+  """REML: beta is profiled, so it is set to beta_GLS at the returned variances."""
+  if isinstance(model, RestrictedMixedEffectsEM):
+    return result._replace(params=model.gls_params(result.params, train))
+  return result
+
+
+def newton_steps(model: MixedEffectsEM, data, params, max_steps: int = 5):
+  """(params, number of steps taken): Newton's method on grad l = 0 in the
+  unconstrained parameters, from a point L-BFGS has brought close.
+
+  L-BFGS stops where l is flat to round-off, which leaves the parameters
+  about sqrt(eps) off in flat directions; Newton steps on the gradient (exact
+  to round-off) go on to about eps / curvature. A step is kept only while it
+  shrinks the gradient; the Hessian is solved by least squares, so directions
+  with no curvature (beta under REML, profiled) do not move.
+  """
+  flat = Flattener(params, model.param_specs)
+  n_obs = model.num_observations(data)
+
+  @tf.function(autograph=False)
+  def derivatives(u):
+    with tf.GradientTape() as outer:
+      outer.watch(u)
+      with tf.GradientTape() as inner:
+        inner.watch(u)
+        loss = -model.marginal_log_prob(flat.unflatten(u), data) / n_obs
+      grad = inner.gradient(loss, u)                                         # [P]
+    return grad, outer.jacobian(grad, u, experimental_use_pfor=False)      # [P, P]
+
+  def gradient_and_hessian(u):
+    grad, hessian = derivatives(u)
+    return grad.numpy(), hessian.numpy()
+
+  u = flat.u_hat
+  grad, hessian = gradient_and_hessian(u)
+  taken = 0
+  for _ in range(max_steps):
+    if not np.all(np.isfinite(hessian)):
+      break
+    step = np.linalg.lstsq(hessian, -grad, rcond=1e-10)[0]
+    trial = u + tf.constant(step, u.dtype)
+    trial_grad, trial_hessian = gradient_and_hessian(trial)
+    if not np.max(np.abs(trial_grad)) < np.max(np.abs(grad)):
+      break
+    u, grad, hessian, taken = trial, trial_grad, trial_hessian, taken + 1
+  return flat.unflatten(u), taken
