@@ -130,7 +130,11 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     polish_: linear f, method='em': `linear_fit.Polish` (L-BFGS iterations
       after EM and the l they gained); None for 'nll'.
     singular_: linear f: True when the estimate is on the boundary (a
-      `singular.SingularFitWarning` was issued).
+      `singular.SingularFitWarning` was issued); cov_random_effects_ is
+      then the boundary estimate (`singular.boundary_fit`: those variances
+      exactly 0, correlations exactly +-1), params_ the interior point the
+      optimizer stopped at, within the tolerance 1e-4 of it (relative
+      Cholesky scale).
       For a network f, Sigma_u and sigma^2 are at the end refitted exactly
       given the returned network in inference mode (with its output bias,
       and for 'features' its output layer, as fixed effects:
@@ -342,8 +346,9 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     self.coef_ = beta[1:] if self.fit_intercept else beta
     self._finish(model, result, train, loc=None)
     self.log_likelihood_ = result.log_likelihood  # l_R for REML
-    self.singular_ = warn_if_singular(self.cov_random_effects_, self.sigma2_,
-                                      random_effect_names(self))
+    found, self.cov_random_effects_ = warn_if_singular(self.cov_random_effects_, self.sigma2_,
+                                                       random_effect_names(self))
+    self.singular_ = bool(found)
 
   def _fit_network(self, train, valid):
     net = self.network_

@@ -23,6 +23,9 @@ from tfp_em.mixed_effects.em import MixedEffectsEM, fit_marginal_lbfgs
 from tfp_em.mixed_effects.reml import RestrictedMixedEffectsEM
 
 
+POLISH_MAX_ITER = 200  # L-BFGS iterations after EM, whatever EM's max_iter
+
+
 class Polish(NamedTuple):
   """The polish after EM: L-BFGS iterations, then Newton steps (`newton_steps`);
   the ℓ gained (>= 0) and whether L-BFGS converged."""
@@ -55,7 +58,7 @@ def fit_linear(model: MixedEffectsEM, train, *, method: str, max_iter: int, tol:
   finish = None
   if polish:
     params, _, converged, n_iter = fit_marginal_lbfgs(model, train, result.params,
-                                                      max_iter=max_iter, tol=tol)
+                                                      max_iter=POLISH_MAX_ITER, tol=tol)
     params, newton = newton_steps(model, train, params)
     ll = float(model.marginal_log_prob(params, train))
     before = float(model.marginal_log_prob(result.params, train))

@@ -28,37 +28,46 @@ class SingularFitWarning(ConvergenceWarning):
   "boundary (singular) fit")."""
 
 
-def singular_components(cov_u, sigma2: float, names, tol: float = SINGULAR_TOL) -> list:
-  """Descriptions of the boundary components of Sigma_u [q, q], [] when none.
+def boundary_fit(cov_u, sigma2: float, names, tol: float = SINGULAR_TOL):
+  """(descriptions of the boundary components, Sigma_u on the boundary) for Sigma_u [q, q].
+
+  The relative Cholesky factor L (Sigma_u = sigma^2 L L^T) is formed column
+  by column; a diagonal entry below `tol` is set to 0 with the rest of its
+  column (and, for a variance of 0, its row), so the returned Sigma_u has
+  those variances exactly 0 and those correlations exactly +-1. With no
+  boundary component the descriptions are [] and Sigma_u is returned as is.
 
   Args:
     cov_u: [q, q] Sigma_u. sigma2: the noise variance. names: [q] names of
       the random effects. tol: threshold on the relative Cholesky diagonal.
   """
   cov = np.asarray(cov_u, np.float64) / float(sigma2)
-  sd = np.sqrt(np.maximum(np.diag(cov), 0.))
-  found = []
-  for j in range(cov.shape[0]):
-    if sd[j] < tol:
+  q = cov.shape[0]
+  chol = np.zeros((q, q))
+  found, zero = [], []
+  for j in range(q):
+    if np.sqrt(max(cov[j, j], 0.)) < tol:
       found.append(f"variance of {names[j]} is 0")
+      zero.append(j)
       continue
-    # Var(u_j | earlier) / sigma^2 by the Schur complement (pivoting on earlier nonzero sds)
-    keep = [i for i in range(j) if sd[i] >= tol]
-    conditional = cov[j, j]
-    if keep:
-      block = cov[np.ix_(keep, keep)]
-      cross = cov[keep, j]
-      conditional -= cross @ np.linalg.lstsq(block, cross, rcond=None)[0]
-    if np.sqrt(max(conditional, 0.)) < tol:
-      partners = ", ".join(names[i] for i in keep)
+    pivot = cov[j, j] - chol[j, :j] @ chol[j, :j]  # Var(u_j | earlier) / sigma^2
+    if np.sqrt(max(pivot, 0.)) < tol:
+      partners = ", ".join(names[i] for i in range(j) if chol[i, i] > 0.)
       found.append(f"correlation of {names[j]} with {partners} is +-1")
-  return found
+      continue
+    chol[j, j] = np.sqrt(pivot)
+    below = slice(j + 1, q)
+    chol[below, j] = (cov[below, j] - chol[below, :j] @ chol[j, :j]) / chol[j, j]
+  if not found:
+    return found, np.asarray(cov_u)
+  chol[zero, :] = 0.
+  return found, float(sigma2) * chol @ chol.T
 
 
-def warn_if_singular(cov_u, sigma2: float, names, tol: float = SINGULAR_TOL) -> bool:
-  """One `SingularFitWarning` naming every boundary component; True if any."""
-  found = singular_components(cov_u, sigma2, names, tol)
+def warn_if_singular(cov_u, sigma2: float, names, tol: float = SINGULAR_TOL):
+  """`boundary_fit`, with one `SingularFitWarning` naming every boundary component."""
+  found, boundary = boundary_fit(cov_u, sigma2, names, tol)
   if found:
     warnings.warn("boundary (singular) fit: " + "; ".join(found), SingularFitWarning,
                   stacklevel=3)
-  return bool(found)
+  return found, boundary
