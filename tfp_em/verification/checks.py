@@ -1,16 +1,9 @@
 """Checks 1-4 of `tfp_em.verify` at one parameter point, on a normalized `Target`.
 
-A `Target` is what every input (an EMModel, or a user's JointDistribution with
-plain-function steps) is turned into: E-step, M-step, the Q functions, a
-differentiable marginal log-likelihood, optionally an exact posterior and the
-exact expectation of the E-step's statistics, and parameter specs. Params may
-be NamedTuples or dicts of tensors, matched by name; all work is in float64.
-
-Gradients are taken in unconstrained coordinates u (the ParamSpec bijectors,
-through the engine's `Flattener`) of the trainable fields, around the start,
-so that every coordinate is free and a stationary point means a zero
-gradient. Every reference computation is a `Compiled` function of u, traced
-once per `verify` call (`Kernels`).
+A `Target` (see `tfp_em.verification.kernels`) is what every input is turned
+into; its reference computations are compiled once per `verify` call
+(`Kernels`). Params may be NamedTuples or dicts of tensors, matched by name;
+all work is in float64.
 
 Each check runs on its own (`guard`): an exception in the user's code becomes
 that check's failure, with the user's file and line, and the other checks
@@ -40,20 +33,18 @@ from __future__ import annotations
 import os
 import re
 import traceback
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
-from tfp_em.verification.compiling import Compiled, value_and_gradient
 from tfp_em.verification.exact import dense_covariance
-from tfp_em.verification.params import (Coordinates, conform, field_names, field_values,
+from tfp_em.verification.kernels import N_DIRECTIONS, Kernels, Target
+from tfp_em.verification.params import (conform, field_names, field_values,
                                         leaf_paths, max_abs, worst_field)
 from tfp_em.verification.report import CHECK_TITLES, CheckResult
 
 EPS = float(np.finfo(np.float64).eps)
-# Random directions of check 4d (each taken with both signs).
-N_DIRECTIONS = 3
 
 
 class Tolerances(NamedTuple):
@@ -96,139 +87,6 @@ class Tolerances(NamedTuple):
   fixed: float = 1e-12
   stationary: float = 1e-4
   lbfgs: float = 1e-3
-
-
-class Target(NamedTuple):
-  """Everything the checks need, whatever the input was.
-
-  Attributes:
-    name: shown in the report.
-    data: passed to the steps.
-    starts: list of parameter points (the first is the EM start of check 6).
-    more_starts: i -> another perturbed start (replacing degenerate ones).
-    specs: list of ParamSpec, parallel to the params' fields.
-    e_step: (params, data) -> (stats, loglik).
-    m_step: (params, stats) -> params.
-    q: (params, evidence) -> Q(params), the evidence being what Q is built
-      from: the E-step's statistics, or a posterior at the old params.
-    fisher_evidence: (stats, posterior) -> the evidence of check 3, from the
-      E-step's own output (its statistics, or the user's posterior at the
-      old params), or None (no check 3).
-    q_fisher_source: what check 3's Q is built from, for messages.
-    m_evidence: (stats, posterior, exact_old) -> the evidence of the M-step
-      checks, `stats` being what the M-step was given.
-    statistics: (old_params, exact_old) -> the exact expectation of the
-      E-step's statistics (check 2b; the M-step then gets these), or None.
-    marginal: params -> differentiable log p(data | params), or None: the
-      exact reference's log_prob.
-    exact: params -> ExactPosterior, or None.
-    exact_note: why there is no exact reference (when `exact` is None).
-    posterior: params -> dict, the E-step's posterior, or None.
-    log_prior: params -> log p(params) (MAP EM), or None.
-    n_obs: the data's total weight N.
-    component_axes: {field: axis} of fields permuted by label switching.
-    generalized_fields: fields updated by a generalized (non-exact) M-step:
-      checks 4b and 4d skip them, 4c still applies.
-    compile: whether to compile the reference computations and the steps.
-    notes: list of lines for the report (what ran eagerly, degenerate starts).
-    unchecked_statistics: the M-step is handed the E-step's statistics, which
-      no check reads (Q comes from the posterior: no `statistics`, no
-      `expected_log_joint`), so a bug in them shows as an M-step failure.
-  """
-  name: str
-  data: Any
-  starts: list
-  more_starts: Callable
-  specs: list
-  e_step: Callable
-  m_step: Callable
-  q: Callable
-  fisher_evidence: Callable | None
-  q_fisher_source: str
-  m_evidence: Callable
-  statistics: Callable | None
-  marginal: Callable | None
-  exact: Callable | None
-  exact_note: str
-  posterior: Callable | None
-  log_prior: Callable | None
-  n_obs: float
-  component_axes: dict
-  generalized_fields: tuple
-  compile: bool
-  notes: list
-  unchecked_statistics: bool = False
-
-
-class Kernels:
-  """The target's computations, each compiled once (`Compiled`) for every point.
-
-  Functions of u [P] work in the coordinates `coords` around the first start;
-  fixed fields always come from it.
-  """
-
-  def __init__(self, target: Target):
-    self.coords = c = Coordinates(target.specs, target.starts[0])
-    self.cache = {}  # further compiled functions, by key
-    on, notes = bool(target.compile), target.notes
-    prior = target.log_prior or (lambda p: tf.constant(0.0, tf.float64))
-    self.prior = prior
-    self.e_step = Compiled(lambda p: target.e_step(p, target.data), on, "your e_step", notes)
-    self.m_step = Compiled(target.m_step, on, "your m_step", notes)
-    self.iterate = Compiled(self._iteration(target), on, "the EM iteration", notes)
-    self.exact = Compiled(target.exact, on, "the exact reference", notes) if target.exact else None
-    self.posterior = (Compiled(target.posterior, on, "your posterior", notes)
-                      if target.posterior else None)
-    self.statistics = (Compiled(target.statistics, on, "the expected statistics", notes)
-                       if target.statistics else None)
-
-    # Without a marginal of its own, loglik is the exact reference's log_prob:
-    # vg then returns the whole reference too (one trace for both).
-    self.exact_in_vg = target.marginal is None and target.exact is not None
-
-    def vg(u):
-      held = []
-
-      def marginal(w):
-        if not self.exact_in_vg:
-          return target.marginal(c.unflatten(w))
-        held.append(target.exact(c.unflatten(w)))
-        return held[-1].log_prob
-      value, g_marginal = value_and_gradient(marginal, u)
-      log_prior, g_prior = value_and_gradient(lambda w: prior(c.unflatten(w)), u)
-      return value, g_marginal, log_prior, g_prior, (held[0] if held else ())
-
-    # loglik, its gradient, log prior, its gradient at u (and the exact
-    # reference): one trace serves every check.
-    self.vg = Compiled(vg, on, "the marginal log-likelihood", notes)
-    # Q (+ log prior) and its gradient at u_eval, and Q at each of `points`
-    # [R, P], from `evidence`: one trace serves check 3 and the M-step checks
-    # (R = n_q_points always, so the trace is reused).
-    def q_kernel(u_eval, points, evidence):
-      q = lambda w: target.q(c.unflatten(w), evidence) + prior(c.unflatten(w))
-      value, grad = value_and_gradient(q, u_eval)
-      return value, grad, tf.map_fn(q, points, fn_output_signature=tf.float64)   # [R]
-    self.q_kernel = Compiled(q_kernel, on, "Q", notes)
-    self.exact_fields = [i for i, n in enumerate(c.names) if n not in target.generalized_fields]
-    self.n_q_points = 1 + 2 * N_DIRECTIONS * bool(self.exact_fields)
-
-  def objective_vg(self, u):
-    """loglik + log prior at u, and its gradient."""
-    marginal, g_marginal, log_prior, g_prior, _ = self.vg(u)
-    return marginal + log_prior, g_marginal + g_prior
-
-  def objective(self, params) -> float:
-    """loglik + log prior at params (their trainable fields)."""
-    return float(self.objective_vg(self.coords.flatten(params))[0])
-
-  @staticmethod
-  def _iteration(target):
-    template = target.starts[0]
-
-    def iteration(params):
-      stats, ll = target.e_step(params, target.data)
-      return conform(template, target.m_step(params, stats), "m_step"), tf.cast(ll, tf.float64)
-    return iteration
 
 
 # ----------------------------------------------------------------------------
@@ -348,9 +206,9 @@ def check_point(target: Target, k: Kernels, params, index: int, tol: Tolerances,
     acc["3"].skip = ("Q comes from the exact posterior (no expected_log_joint or posterior): "
                      "check 2b covers the E-step")
   elif stats is not None and reference is not None:
-    points = tf.tile(u[tf.newaxis], [k.n_q_points, 1])  # unused values: the trace's shape
+    points = tf.tile(u[tf.newaxis], [k.n_q_points, 1])  # not evaluated: the trace's shape
     q_out = guard(acc, ("3",), where, lambda: k.q_kernel(
-        u, points, target.fisher_evidence(stats, post)))
+        u, points, tf.zeros([k.n_q_points], tf.bool), target.fisher_evidence(stats, post)))
     if q_out is not None:
       g_q = k.coords.per_field((q_out[1] - reference[3]).numpy())  # without the log prior
       gscale = max(gscale, max_abs(g_q))
@@ -464,7 +322,7 @@ def check_m_step(target, k, old, u_old, evidence, new, gscale, where, tol, acc, 
       for noise in [[rng.standard_normal(s) for s in shapes] for _ in range(N_DIRECTIONS)]
       for sign in (1.0, -1.0)]) if exact_fields else np.zeros([0, u_new.shape[0]])
   points = tf.concat([u_old[tf.newaxis], u_new + directions], 0)                # [R, P]
-  q_new, g_new, values = k.q_kernel(u_new, points, evidence)
+  q_new, g_new, values = k.q_kernel(u_new, points, tf.ones([len(points)], tf.bool), evidence)
   q_new, q_old, moved = float(q_new), float(values[0]), values[1:]
   g_new = k.coords.per_field(g_new.numpy())
   scale_q = abs(q_old) + target.n_obs

@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 from scipy.optimize import linear_sum_assignment, minimize
 
-from tfp_em.verification.checks import (Acc, Kernels, Target, Tolerances, check_point,
-                                        describe_exception, guard)
+from tfp_em.verification.checks import Acc, Tolerances, check_point, describe_exception, guard
+from tfp_em.verification.kernels import Kernels, Target
 from tfp_em.verification.params import field_names, field_values, max_abs, pack
 
 # |u| beyond which a parameter sits at the edge of its support (a variance or

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_em.engine.protocol import EMModel
-from tfp_em.verification.checks import Target
+from tfp_em.verification.kernels import Target
 from tfp_em.verification.exact import (GAUSSIAN, ExactPosterior, dense_covariance,
                                        expected_log_joint_discrete, expected_log_joint_gaussian,
                                        flat_latents, latent_shapes, marginalize_discrete,
