@@ -475,6 +475,17 @@ def _estimator_cases():
            _fit_me(y=lambda: _x() @ np.array([1.0, -0.5])
                    + 0.1 * np.random.default_rng(2).normal(size=40), max_iter=200),
            expect="handled", check=_finite_fit),
+      # degenerate data and REML (#16)
+      Case(f"{r}: y constant within every cluster", r,
+           _fit_me(y=lambda: np.repeat(np.arange(8.0), 5)), "residual variance is 0"),
+      Case(f"{r}: y constant", r, _fit_me(y=lambda: np.full(40, 3.0)), "y is constant"),
+      Case(f"{r}: X scaled by 1e140 (a scale problem, not collinearity)", r,
+           _fit_me(X=lambda: _x() * 1e140), expect="handled", check=_finite_fit),
+      Case(f"{r}: X scaled by 1e-140, REML", r, _fit_me(X=lambda: _x() * 1e-140, reml=True),
+           expect="handled", check=_finite_fit),
+      Case(f"{r}: reml with crossed factors", r,
+           _fit_me(clusters=lambda: list(_factors()), reml=True), "REML for several"),
+      Case(f"{r}: reml not a bool", r, _fit_me(reml="yes"), "reml must be True or False"),
   ]
   return cases
 

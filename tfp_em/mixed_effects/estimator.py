@@ -36,6 +36,7 @@ from sklearn.metrics import r2_score
 from models import mixed_effects as me
 from tfp_em.engine import inputs as val
 from tfp_em.mixed_effects.crossed_estimator import fit_crossed
+from tfp_em.mixed_effects.degenerate import check_fixed_design, check_response
 from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats
 from tfp_em.mixed_effects.formula import FormulaMixin
 from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
@@ -304,6 +305,7 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
                        "identifiable from one cluster; fit an ordinary regression instead")
     self.network_ = self._build_network(X.shape[1])
     z = self.random_effects_design(n, time, Z, dtype)
+    check_response(y, z, codes, len(labels))
     self.cluster_labels_ = labels
     train = self.em_data(self.fixed_effects_design(X), y, z, codes, len(labels))
     if self.network_ is None:
@@ -330,21 +332,16 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     return code_labels(self.cluster_labels_, clusters, n, name)[0]
 
   def _fit_linear(self, train, strategy=None):
-    design = np.asarray(train.x)
-    rank = np.linalg.matrix_rank(design)
-    if rank < design.shape[1]:
-      raise ValueError(f"X{' with the intercept column' if self.fit_intercept else ''} has "
-                       f"rank {rank} < {design.shape[1]} columns: drop collinear or constant "
-                       "columns (beta is not identifiable)")
+    scales = check_fixed_design(np.asarray(train.x), self.fit_intercept)
     model = linear_model(self.covariance, self.method, self.reml)
-    train = rows_by_cluster(train)
-    result, self.polish_ = fit_linear(model, train, method=self.method, max_iter=self.max_iter,
-                                      tol=self.tol, seed=self.seed,
-                                      on_decrease=self.on_decrease, strategy=strategy)
+    result, self.polish_ = fit_linear(model, rows_by_cluster(train), scales,
+                                      method=self.method, max_iter=self.max_iter, tol=self.tol,
+                                      seed=self.seed, on_decrease=self.on_decrease,
+                                      strategy=strategy)
     beta = np.asarray(result.params.beta)
     self.intercept_ = float(beta[0]) if self.fit_intercept else 0.
     self.coef_ = beta[1:] if self.fit_intercept else beta
-    self._finish(model, result, train, loc=None)
+    self._finish(model, result, rows_by_cluster(train), loc=None)
     self.log_likelihood_ = result.log_likelihood  # l_R for REML
     found, self.cov_random_effects_ = warn_if_singular(self.cov_random_effects_, self.sigma2_,
                                                        random_effect_names(self))

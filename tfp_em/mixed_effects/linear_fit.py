@@ -42,34 +42,45 @@ def linear_model(covariance_type: str, method: str, reml: bool) -> MixedEffectsE
   return MixedEffectsEM(covariance_type, compile="graph", expand=method == "em")
 
 
-def fit_linear(model: MixedEffectsEM, train, *, method: str, max_iter: int, tol: float,
-               seed: int, on_decrease: str, strategy=None, polish: bool = True):
-  """(FitResult, Polish or None): EM (then the polish) or L-BFGS on the marginal.
+def fit_linear(model: MixedEffectsEM, train, column_scales, *, method: str, max_iter: int,
+               tol: float, seed: int, on_decrease: str, strategy=None):
+  """(FitResult, Polish or None): EM then the polish, or L-BFGS then Newton steps.
 
-  A `ConvergenceWarning` of EM at `max_iter` is dropped when the polish
+  The fit runs on x / column_scales ([p], powers of two from
+  `degenerate.check_fixed_design`); the returned beta and l are those of
+  the given x (the restarts' traces stay on the scaled x). A
+  `ConvergenceWarning` of EM at `max_iter` is dropped when the polish
   converges (the returned point is then the optimum).
   """
+  scales = np.asarray(column_scales, np.float64)
+  scaled = train._replace(x=train.x / tf.constant(scales, train.x.dtype))
+  result, finish = _fit_scaled(model, scaled, method=method, max_iter=max_iter, tol=tol,
+                               seed=seed, on_decrease=on_decrease, strategy=strategy)
+  beta = result.params.beta / tf.constant(scales, result.params.beta.dtype)
+  ll = result.log_likelihood
+  if isinstance(model, RestrictedMixedEffectsEM):  # l_R has -1/2 log|X^T V^-1 X|
+    ll -= float(np.sum(np.log(scales)))
+  return result._replace(params=result.params._replace(beta=beta), log_likelihood=ll), finish
+
+
+def _fit_scaled(model, train, *, method, max_iter, tol, seed, on_decrease, strategy):
   if method == "nll":
     return _fit_lbfgs(model, train, max_iter=max_iter, tol=tol, seed=seed), None
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     result = fit_em(model, train, max_iter=max_iter, tol=tol, seed=seed,
                     on_decrease=on_decrease, progress=False, strategy=strategy)
-  finish = None
-  if polish:
-    params, _, converged, n_iter = fit_marginal_lbfgs(model, train, result.params,
-                                                      max_iter=POLISH_MAX_ITER, tol=tol)
-    params, newton = newton_steps(model, train, params)
-    ll = float(model.marginal_log_prob(params, train))
-    before = float(model.marginal_log_prob(result.params, train))
-    if ll >= before:
-      result = result._replace(params=params, log_likelihood=ll)
-    finish = Polish(n_iter=n_iter, newton_steps=newton, gain=max(ll - before, 0.),
-                    converged=converged)
-  for w in caught:
-    if not (issubclass(w.category, ConvergenceWarning) and finish is not None
-            and finish.converged):
-      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  params, _, converged, n_iter = fit_marginal_lbfgs(model, train, result.params,
+                                                    max_iter=POLISH_MAX_ITER, tol=tol)
+  params, newton = newton_steps(model, train, params)
+  ll = float(model.marginal_log_prob(params, train))
+  before = float(model.marginal_log_prob(result.params, train))
+  if ll >= before:
+    result = result._replace(params=params, log_likelihood=ll)
+  finish = Polish(n_iter=n_iter, newton_steps=newton, gain=max(ll - before, 0.),
+                  converged=converged)
+  _warn_once_per_kind([w for w in caught if not (issubclass(w.category, ConvergenceWarning)
+                                                 and finish.converged)])
   return _with_gls_beta(model, train, result), finish
 
 
@@ -138,3 +149,12 @@ def newton_steps(model: MixedEffectsEM, data, params, max_steps: int = 5):
       break
     u, grad, hessian, taken = trial, trial_grad, trial_hessian, taken + 1
   return flat.unflatten(u), taken
+
+
+def _warn_once_per_kind(caught) -> None:
+  """Re-issues the first warning of each category, saying how many more there were."""
+  for category in dict.fromkeys(w.category for w in caught):
+    same = [w for w in caught if w.category is category]
+    more = f" ({len(same) - 1} more like it in this fit)" if len(same) > 1 else ""
+    warnings.warn_explicit(f"{same[0].message}{more}", category, same[0].filename,
+                           same[0].lineno)
