@@ -112,3 +112,19 @@ def test_boundary_fit_finds_a_correlation_of_one_and_a_zero_variance():
   assert boundary[1, 1] == 0. and boundary[0, 1] == 0.
   np.testing.assert_allclose(boundary[[0, 2], [0, 2]], [2., 1.], rtol=1e-12)
   assert boundary_fit(np.diag([2., 1e-6, 1.]), 1., names)[0] == []  # sd 1e-3 > tol
+
+
+@pytest.mark.parametrize("reml", [False, True], ids=["ml", "reml"])
+def test_x_scaled_by_1e140_is_the_same_fit_rescaled(reml):
+  X, y, g, _ = _unbalanced()
+  keep = g < 12
+  X, y, g = X[keep], y[keep], g[keep]
+  plain, _ = _fit(X, y, g, reml=reml)
+  scaled, caught = _fit(X * 1e140, y, g, reml=reml)
+  assert not caught
+  np.testing.assert_allclose(scaled.coef_ * 1e140, plain.coef_, rtol=1e-8)
+  np.testing.assert_allclose(scaled.sigma2_, plain.sigma2_, rtol=1e-8)
+  np.testing.assert_allclose(scaled.cov_random_effects_, plain.cov_random_effects_, rtol=1e-8)
+  # l is invariant to the units of X; l_R moves by -1/2 log|S^2| (S = diag(1e140, 1e140))
+  shift = -2. * np.log(1e140) if reml else 0.
+  np.testing.assert_allclose(scaled.log_likelihood_, plain.log_likelihood_ + shift, rtol=1e-10)
