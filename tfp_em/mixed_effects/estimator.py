@@ -280,7 +280,7 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     val.check_features(self, X, reset=True, dtype=dtype)  # n_features_in_, feature_names_in_
     self.dtype_ = dtype
     self.__dict__.pop("n_random_effects_", None)  # a refit may change q
-    self.crossed_ = None
+    self.crossed_, self.polish_, self.singular_ = None, None, False
     self.formula_ = None  # `from_formula` sets it after the fit
     factors = as_factors(clusters)
     if strategy is not None and (self.f is not None or self.method != "em" or len(factors) > 1
