@@ -41,8 +41,7 @@ from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats
 from tfp_em.mixed_effects.formula import FormulaMixin
 from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
 from tfp_em.mixed_effects.linear_fit import fit_linear, linear_model
-from tfp_em.mixed_effects.networks import (fit_menets, fit_network_em, fit_network_nll,
-                                           variances_given_network)
+from tfp_em.mixed_effects.networks import fit_network
 from tfp_em.mixed_effects.singular import warn_if_singular
 from tfp_em.mixed_effects.summary import random_effect_names
 from tfp_em.mixed_effects.training import (Network, check_validation_data, default_mlp,
@@ -349,31 +348,16 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
 
   def _fit_network(self, train, valid):
     net = self.network_
-    common = dict(max_iter=self.max_iter, batch_size=self.batch_size,
-                  learning_rate=self.learning_rate, patience=self.patience, seed=self.seed)
-    pretraining = None
-    if self.method == "em" and self.random_effects == "features":
-      pretraining, fit = fit_menets(net, train, valid, self.covariance,
-                                    epochs_per_step=self.epochs_per_step, **common)
-      init = pretraining.params
-    else:
-      init, _ = variances_given_network(net, train, self.covariance, seed=self.seed,
-                                        max_iter=50, tol=1e-6)
-      if self.method == "em":
-        expand = "none" if self.random_effects == "custom" else "intercept"
-        fit = fit_network_em(net, train, valid, self.covariance, init, expand=expand,
-                             epochs_per_step=self.epochs_per_step, **common)
-      else:
-        fit = fit_network_nll(net, train, valid, self.covariance, init, **common)
-    params, log_likelihood = fit.params, fit.log_likelihood
-    if net.shifts_output:  # the exact ML variances given the returned f
-      params, log_likelihood = variances_given_network(net, train, self.covariance,
-                                                       seed=self.seed, start=fit.params)
-    self.history_, result = fit_summary(fit, init, params, log_likelihood,
-                                        train.y.shape[0], self.seed, self.dtype_)
-    self.history_["pretraining"] = pretraining
+    result = fit_network(net, train, valid, self.covariance, method=self.method, seed=self.seed,
+                         epochs_per_step=self.epochs_per_step, max_iter=self.max_iter,
+                         batch_size=self.batch_size, learning_rate=self.learning_rate,
+                         patience=self.patience)
+    self.history_, fit_result = fit_summary(result.fit, result.start, result.params,
+                                            result.log_likelihood, train.y.shape[0], self.seed,
+                                            self.dtype_)
+    self.history_["pretraining"] = result.pretraining
     f, hidden = net(train.x)
-    self._finish(MixedEffectsEM(self.covariance), result,
+    self._finish(MixedEffectsEM(self.covariance), fit_result,
                  train._replace(z=net.design(hidden, train.z)), loc=f)
 
   def _finish(self, model, result, train, loc):

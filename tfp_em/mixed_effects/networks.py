@@ -37,6 +37,7 @@ Every epoch runs inside one `tf.function` (a graph loop over mini-batches).
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -135,9 +136,54 @@ def variances_given_network(net: Network, train: me.MixedEffectsData, covariance
   return params, float(tf.reduce_sum(post.log_prob))
 
 
+class NetworkResult(NamedTuple):
+  """What `fit_network` returns."""
+  fit: NetworkFit                 # the trainer's (for MeNets EM, its [1, Gamma] stage)
+  start: me.MixedEffectsParams    # the params the trainer started from
+  params: me.MixedEffectsParams   # Sigma_u, sigma^2 refitted given the returned network
+  log_likelihood: float           # training marginal at `params` and the returned network
+  pretraining: NetworkFit | None  # MeNets EM's random-intercept stage, else None
+
+
+def fit_network(net: Network, train: me.MixedEffectsData, val, covariance_type: str, *,
+                method: str, seed: int, epochs_per_step: int, **options) -> NetworkResult:
+  """Trains a network f by MeNets EM (`method='em'`) or LMMNN (`'nll'`), then
+  refits Sigma_u and sigma^2 exactly given the returned network.
+
+  The refit (`variances_given_network` from the trainer's params) makes the
+  returned variances the ML estimates given f in inference mode: the trainers
+  see f with dropout, and LMMNN's sigma^2 otherwise absorbs the dropout noise
+  (about twice EM's on the same model). It needs an output layer that can
+  take the fixed part (`Network.shifts_output`); otherwise the trainer's
+  params are returned. PX-EM's expansion ('intercept') applies when z's first
+  column is the constant 1; MeNets EM (`net.features`) runs `fit_menets`.
+  `options`: max_iter, batch_size, learning_rate, patience.
+  """
+  pretraining = None
+  if method == "em" and net.features:
+    pretraining, start, fit = fit_menets(net, train, val, covariance_type, seed=seed,
+                                         epochs_per_step=epochs_per_step, **options)
+  else:
+    start, _ = variances_given_network(net, train, covariance_type, seed=seed, max_iter=50,
+                                       tol=1e-6)
+    if method == "em":
+      z = np.asarray(train.z)
+      constant_first = z.shape[1] > 0 and bool(np.all(z[:, 0] == 1.))
+      fit = fit_network_em(net, train, val, covariance_type, start, seed=seed,
+                           expand="intercept" if constant_first else "none",
+                           epochs_per_step=epochs_per_step, **options)
+    else:
+      fit = fit_network_nll(net, train, val, covariance_type, start, seed=seed, **options)
+  params, log_likelihood = fit.params, fit.log_likelihood
+  if net.shifts_output:
+    params, log_likelihood = variances_given_network(net, train, covariance_type, seed=seed,
+                                                     start=fit.params)
+  return NetworkResult(fit, start, params, log_likelihood, pretraining)
+
+
 def fit_menets(net: Network, train: me.MixedEffectsData, val, covariance_type: str, *,
-               seed: int, **options) -> tuple[NetworkFit, NetworkFit]:
-  """MeNets EM in two stages: (pretraining, fit).
+               seed: int, **options) -> tuple[NetworkFit, me.MixedEffectsParams, NetworkFit]:
+  """MeNets EM in two stages: (pretraining, the second stage's start, fit).
 
   The design [1, Gamma(x)] is only as good as the features Gamma, and from
   random weights EM drifts into a degenerate corner: Gamma's scale and
@@ -160,8 +206,8 @@ def fit_menets(net: Network, train: me.MixedEffectsData, val, covariance_type: s
   pretraining = fit_network_em(intercepts, intercept_design(train), intercept_design(val),
                                covariance_type, start, expand="intercept", seed=seed, **options)
   start, _ = variances_given_network(net, train, covariance_type, seed=seed)
-  return pretraining, fit_network_em(net, train, val, covariance_type, start, expand="all",
-                                     seed=seed, **options)
+  return pretraining, start, fit_network_em(net, train, val, covariance_type, start,
+                                            expand="all", seed=seed, **options)
 
 
 def fit_network_em(net: Network, train: me.MixedEffectsData, val, covariance_type: str,
