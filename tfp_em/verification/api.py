@@ -46,8 +46,10 @@ coordinates) on the data you give:
       from which EM runs into a singularity of the likelihood (a collapsing
       component) is reported as degenerate and replaced.
   6a  EM run to convergence ends at grad loglik(theta*) = 0.
-  6b  the EM optimum matches an L-BFGS optimum of -loglik from the same start,
-      up to label permutation (Hungarian matching on `component_axes`).
+  6b  the EM optimum is an optimum of loglik: L-BFGS (SciPy) started there
+      stays, or, EM's point being stationary, L-BFGS from the same start
+      reaches it up to label permutation (Hungarian matching on
+      `component_axes`).
 
 Checks 1-3 and 2b examine the E-step, checks 4a-4e the M-step; the report
 names the step, the field and the size of each failure. Each check runs on

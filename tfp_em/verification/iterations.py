@@ -232,10 +232,12 @@ def check_fixed_point(target: Target, k: Kernels, gscale: float, tol: Tolerances
 
   scale = 1.0 + max_abs([u_em.numpy()])
   info["loglik_em"] = ll_em
-  # 6b passes when L-BFGS from the same start reaches theta_EM, or when theta_EM
-  # is a local optimum itself (L-BFGS started there stays): another local
-  # optimum from the start is no error. The second test is the cheaper one
-  # (a few iterations from a converged EM), so it runs first.
+  # 6b passes when theta_EM is a local optimum (L-BFGS started there stays), or,
+  # theta_EM being stationary (6a), when L-BFGS from the same start reaches it:
+  # another local optimum from the start is no error. The first test is the
+  # cheaper one (a few iterations from a converged EM), so it runs first; a
+  # point that is not stationary and that L-BFGS leaves fails without the
+  # second.
   polish = None
   if np.isfinite(ll_em):
     polish = lbfgs_optimum(k, target.n_obs, u_em, max_iter)
@@ -246,6 +248,11 @@ def check_fixed_point(target: Target, k: Kernels, gscale: float, tol: Tolerances
       acc["6b"].add(err2, scale, f"L-BFGS from theta_EM moves by max |du| = {err2:.3g} in "
                     f"{field2!r}; objective EM {ll_em:.12g}, L-BFGS {polish.objective:.12g}")
       return
+    if not stationary:
+      acc["6b"].add(err2, scale, f"EM stopped at a point that is not stationary (check 6a): "
+                    f"L-BFGS from theta_EM moves by max |du| = {err2:.3g} in {field2!r} "
+                    f"(objective EM {ll_em:.12g}, L-BFGS {polish.objective:.12g})")
+      return
   optimum = lbfgs_optimum(k, target.n_obs, k.coords.flatten(start), max_iter)
   theta_bfgs = k.coords.unflatten(optimum.position)
   info["lbfgs_iterations"] = optimum.iterations
@@ -255,13 +262,9 @@ def check_fixed_point(target: Target, k: Kernels, gscale: float, tol: Tolerances
   detail = (f"max |u_EM - u_LBFGS| = {err:.3g} in {field!r}; objective EM {ll_em:.12g}, "
             f"L-BFGS {optimum.objective:.12g}")
   if np.isfinite(err) and err > tol.lbfgs * scale and polish is not None:
-    if stationary:
-      detail = (f"L-BFGS from the start found another local optimum (objective "
-                f"{optimum.objective:.12g} vs EM {ll_em:.12g}); L-BFGS from theta_EM "
-                f"moves by max |du| = {err2:.3g} in {field2!r}")
-    else:
-      detail = (f"EM stopped at a point that is not stationary (check 6a): L-BFGS from "
-                f"theta_EM moves by max |du| = {err2:.3g} in {field2!r}")
+    detail = (f"L-BFGS from the start found another local optimum (objective "
+              f"{optimum.objective:.12g} vs EM {ll_em:.12g}); L-BFGS from theta_EM "
+              f"moves by max |du| = {err2:.3g} in {field2!r}")
     err = err2
   acc["6b"].add(err, scale, detail)
 

@@ -48,8 +48,8 @@ MEANINGS = {
     "5": "the objective (loglik, + log prior for MAP) decreased along EM iterations: {detail}",
     "6a": ("EM did not converge to a stationary point of the objective: "
            "grad(theta*) = {detail}"),
-    "6b": ("the EM optimum differs from the L-BFGS optimum of the objective started at the same "
-           "point (after matching labels): {detail}"),
+    "6b": ("the EM optimum is not an optimum of the objective found by L-BFGS (started at "
+           "theta_EM, and at the same start after matching labels): {detail}"),
 }
 
 
