@@ -16,6 +16,9 @@ and n_i (r = y - f), with the matrix determinant lemma and Woodbury:
     log|V_i| = log|Sigma_u| + log|P_i| + n_i log sigma^2
     r_i^T V_i^-1 r_i = (r_i^T r_i - r_i^T Z_i P_i^-1 Z_i^T r_i / sigma^2) / sigma^2
 
+(computed as P_i^-1 = L M_i^-1 L^T, M_i = I + L^T Z_i^T Z_i L / sigma^2,
+Sigma_u = L L^T, so that Sigma_u itself is never inverted)
+
 so the cost is O(N q^2 + G q^3) and no n_i x n_i matrix is ever built. The
 same P_i gives the posterior u_i | y ~ N(m_i, P_i^-1), m_i = P_i^-1 Z_i^T r_i /
 sigma^2.
@@ -192,19 +195,22 @@ def cluster_posterior(cov_u, noise_variance, stats: ClusterStats) -> ClusterPost
   dtype = stats.ztr.dtype
   q = tf.shape(cov_u)[-1]
   eye = tf.eye(q, dtype=dtype)
-  chol_u = tf.linalg.cholesky(cov_u)                                   # [q, q]
-  precision_u = tf.linalg.cholesky_solve(chol_u, eye)                  # [q, q]
-  precision = precision_u + stats.ztz / noise_variance                 # [G, q, q]
-  chol_p = tf.linalg.cholesky(precision)                               # [G, q, q]
-  covariance = tf.linalg.cholesky_solve(chol_p, tf.broadcast_to(eye, tf.shape(precision)))
-  mean = tf.linalg.cholesky_solve(
-      chol_p, stats.ztr[..., tf.newaxis])[..., 0] / noise_variance     # [G, q]
-  white = tf.linalg.triangular_solve(chol_p, stats.ztr[..., tf.newaxis])[..., 0]
+  # In the relative form M_i = I + L^T Z_i^T Z_i L / sigma^2 (Sigma_u = L L^T), never
+  # Sigma_u^-1: M_i has eigenvalues >= 1, so a nearly singular Sigma_u (a boundary fit)
+  # costs no accuracy. P_i^-1 = L M_i^-1 L^T and |V_i| = sigma^(2 n_i) |M_i|.
+  chol_u = tf.linalg.cholesky(cov_u)                                   # [q, q] L
+  scaled = tf.matmul(tf.matmul(chol_u, stats.ztz, transpose_a=True), chol_u)  # [G, q, q]
+  relative = eye + scaled / noise_variance                             # [G, q, q] M_i
+  chol_m = tf.linalg.cholesky(relative)                                # [G, q, q]
+  half = tf.linalg.triangular_solve(
+      chol_m, tf.broadcast_to(tf.transpose(chol_u), tf.shape(relative)))  # [G, q, q] C^-1 L^T
+  covariance = tf.matmul(half, half, transpose_a=True)                 # [G, q, q] L M^-1 L^T
+  white = tf.linalg.matvec(half, stats.ztr)                            # [G, q] C^-1 L^T Z^T r
+  mean = tf.linalg.matvec(half, white, transpose_a=True) / noise_variance  # [G, q]
   quad = (stats.rtr - tf.reduce_sum(tf.square(white), -1) / noise_variance) / noise_variance
-  logdet_u = 2. * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol_u)), -1)
-  logdet_p = 2. * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol_p)), -1)
+  logdet_m = 2. * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol_m)), -1)
   log_prob = -0.5 * (stats.counts * (math.log(2. * math.pi) + tf.math.log(noise_variance))
-                     + logdet_u + logdet_p + quad)                     # [G]
+                     + logdet_m + quad)                                # [G]
   return ClusterPosterior(mean=mean, covariance=covariance, log_prob=log_prob)
 
 

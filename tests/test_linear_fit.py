@@ -128,3 +128,26 @@ def test_x_scaled_by_1e140_is_the_same_fit_rescaled(reml):
   # l is invariant to the units of X; l_R moves by -1/2 log|S^2| (S = diag(1e140, 1e140))
   shift = -2. * np.log(1e140) if reml else 0.
   np.testing.assert_allclose(scaled.log_likelihood_, plain.log_likelihood_ + shift, rtol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reml", [False, True], ids=["ml", "reml"])
+def test_correlation_at_one_em_equals_nll_and_warns(reml):
+  """True correlation 0.99 between intercept and slope: the estimate is on the
+  boundary (correlation 1); EM + polish and NLL meet there and both say so."""
+  rng = np.random.default_rng(3)
+  sizes = rng.integers(3, 15, 40)
+  g = np.repeat(np.arange(40), sizes)
+  t = rng.uniform(0, 4, g.size)
+  X = rng.normal(size=(g.size, 1))
+  u = rng.multivariate_normal([0, 0], [[1., 0.495], [0.495, 0.25]], 40)
+  y = 1 + X[:, 0] + u[g, 0] + u[g, 1] * t + 0.5 * rng.normal(size=g.size)
+  em, em_warnings = _fit(X, y, g, t, reml=reml)
+  nll, _ = _fit(X, y, g, t, reml=reml, method="nll")
+  assert [w.category for w in em_warnings] == [SingularFitWarning]
+  assert "correlation of time with (Intercept) is +-1" in str(em_warnings[0].message)
+  assert em.polish_.converged
+  np.testing.assert_allclose(em.log_likelihood_, nll.log_likelihood_, rtol=1e-12)
+  np.testing.assert_allclose(_params(em), _params(nll), rtol=1e-8)
+  c = em.cov_random_effects_
+  np.testing.assert_allclose(c[0, 1] / np.sqrt(c[0, 0] * c[1, 1]), 1., rtol=1e-12)

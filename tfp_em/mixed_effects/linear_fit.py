@@ -116,7 +116,9 @@ def newton_steps(model: MixedEffectsEM, data, params, max_steps: int = 5):
   L-BFGS stops where l is flat to round-off, which leaves the parameters
   about sqrt(eps) off in flat directions; Newton steps on the gradient (exact
   to round-off) go on to about eps / curvature. A step is kept only while it
-  shrinks the gradient; the Hessian is solved by least squares, so directions
+  shrinks the gradient and does not lower l beyond round-off (far from the
+  optimum, where the Hessian may be indefinite, Newton stops at once); the
+  Hessian is solved by least squares, so directions
   with no curvature (beta under REML, profiled) do not move.
   """
   flat = Flattener(params, model.param_specs)
@@ -136,8 +138,12 @@ def newton_steps(model: MixedEffectsEM, data, params, max_steps: int = 5):
     grad, hessian = derivatives(u)
     return grad.numpy(), hessian.numpy()
 
+  def loglik(u):
+    return float(model.marginal_log_prob(flat.unflatten(u), data))
+
   u = flat.u_hat
   grad, hessian = gradient_and_hessian(u)
+  value = loglik(u)
   taken = 0
   for _ in range(max_steps):
     if not np.all(np.isfinite(hessian)):
@@ -145,9 +151,11 @@ def newton_steps(model: MixedEffectsEM, data, params, max_steps: int = 5):
     step = np.linalg.lstsq(hessian, -grad, rcond=1e-10)[0]
     trial = u + tf.constant(step, u.dtype)
     trial_grad, trial_hessian = gradient_and_hessian(trial)
-    if not np.max(np.abs(trial_grad)) < np.max(np.abs(grad)):
+    trial_value = loglik(trial)
+    if not (np.max(np.abs(trial_grad)) < np.max(np.abs(grad))
+            and trial_value >= value - 1e-12 * abs(value)):  # l flat to round-off, not lower
       break
-    u, grad, hessian, taken = trial, trial_grad, trial_hessian, taken + 1
+    u, grad, hessian, value, taken = trial, trial_grad, trial_hessian, trial_value, taken + 1
   return flat.unflatten(u), taken
 
 
