@@ -238,35 +238,35 @@ def check_fixed_point(target: Target, k: Kernels, gscale: float, tol: Tolerances
   # cheaper one (a few iterations from a converged EM), so it runs first; a
   # point that is not stationary and that L-BFGS leaves fails without the
   # second.
-  polish = None
-  if np.isfinite(ll_em):
-    polish = lbfgs_optimum(k, target.n_obs, u_em, max_iter)
-    err2, field2 = _distance(k, u_em, polish.position)
-    info["lbfgs_from_em_iterations"] = polish.iterations
-    info["lbfgs_converged"], info["loglik_lbfgs"] = polish.converged, polish.objective
-    if np.isfinite(err2) and err2 <= tol.lbfgs * scale:
-      acc["6b"].add(err2, scale, f"L-BFGS from theta_EM moves by max |du| = {err2:.3g} in "
-                    f"{field2!r}; objective EM {ll_em:.12g}, L-BFGS {polish.objective:.12g}")
-      return
-    if not stationary:
-      acc["6b"].add(err2, scale, f"EM stopped at a point that is not stationary (check 6a): "
-                    f"L-BFGS from theta_EM moves by max |du| = {err2:.3g} in {field2!r} "
-                    f"(objective EM {ll_em:.12g}, L-BFGS {polish.objective:.12g})")
-      return
+  if not np.isfinite(ll_em):
+    acc["6b"].add(np.inf, scale, f"the objective at EM's end point is {ll_em}: not an optimum")
+    return
+  polish = lbfgs_optimum(k, target.n_obs, u_em, max_iter)
+  err2, field2 = _distance(k, u_em, polish.position)
+  info["lbfgs_from_em_iterations"] = polish.iterations
+  info["lbfgs_converged"], info["loglik_lbfgs"] = polish.converged, polish.objective
+  if np.isfinite(err2) and err2 <= tol.lbfgs * scale:
+    acc["6b"].add(err2, scale, f"L-BFGS from theta_EM moves by max |du| = {err2:.3g} in "
+                  f"{field2!r}; objective EM {ll_em:.12g}, L-BFGS {polish.objective:.12g}")
+    return
+  if not stationary:
+    acc["6b"].add(err2, scale, f"EM stopped at a point that is not stationary (check 6a): "
+                  f"L-BFGS from theta_EM moves by max |du| = {err2:.3g} in {field2!r} "
+                  f"(objective EM {ll_em:.12g}, L-BFGS {polish.objective:.12g})")
+    return
   optimum = lbfgs_optimum(k, target.n_obs, k.coords.flatten(start), max_iter)
   theta_bfgs = k.coords.unflatten(optimum.position)
   info["lbfgs_iterations"] = optimum.iterations
   info["lbfgs_converged"], info["loglik_lbfgs"] = optimum.converged, optimum.objective
   u_matched = k.coords.flatten(match_labels(target, theta, theta_bfgs))
   err, field = _distance(k, u_em, u_matched)
-  detail = (f"max |u_EM - u_LBFGS| = {err:.3g} in {field!r}; objective EM {ll_em:.12g}, "
-            f"L-BFGS {optimum.objective:.12g}")
-  if np.isfinite(err) and err > tol.lbfgs * scale and polish is not None:
-    detail = (f"L-BFGS from the start found another local optimum (objective "
-              f"{optimum.objective:.12g} vs EM {ll_em:.12g}); L-BFGS from theta_EM "
-              f"moves by max |du| = {err2:.3g} in {field2!r}")
-    err = err2
-  acc["6b"].add(err, scale, detail)
+  if np.isfinite(err) and err <= tol.lbfgs * scale:
+    acc["6b"].add(err, scale, f"max |u_EM - u_LBFGS| = {err:.3g} in {field!r}; objective EM "
+                  f"{ll_em:.12g}, L-BFGS {optimum.objective:.12g}")
+  else:
+    acc["6b"].add(err2, scale, f"L-BFGS from the start found another local optimum (objective "
+                  f"{optimum.objective:.12g} vs EM {ll_em:.12g}); L-BFGS from theta_EM moves "
+                  f"by max |du| = {err2:.3g} in {field2!r}")
 
 
 def _distance(k: Kernels, u_a, u_b):
