@@ -88,6 +88,9 @@ def test_formula_reml_and_summary(sleepstudy):
   text = str(est.summary())
   assert "fit by REML" in text and "REML criterion at convergence: 1743.6" in text
   assert "logLik" not in text
+  reference = _statsmodels_reml(sleepstudy, "~Days")
+  np.testing.assert_allclose(est.summary().fixed_effects["Std. Error"].to_numpy(),
+                             reference.bse_fe.to_numpy(), rtol=1e-7)
   ml = MixedEffectsRegressor.from_formula("Reaction ~ Days + (Days | Subject)", sleepstudy)
   assert "maximum likelihood" in str(ml.summary()) and "REML" not in str(ml.summary())
   with pytest.raises(ValueError, match="REML= or reml="):
