@@ -507,10 +507,10 @@ def test_mixed_effects_network_fit_exports_and_reports(tmp_path):
   assert post.sizes["draw"] == len(fitted.fit_result_.restarts[0].params)
   np.testing.assert_array_equal(post["beta"].values, 1.0)           # f(x) enters with beta = 1
   assert list(post.coords["coef"].values) == ["f(x)"]
-  assert list(post.coords["effect"].values) == ["(Intercept)", "hidden 1", "hidden 2", "hidden 3"]
+  assert list(post.coords["effect"].values) == ["(Intercept)", "Gamma1", "Gamma2", "Gamma3"]
   final = post["covariance"].values[0, -1]
   np.testing.assert_allclose(final, fitted.params_.covariance)
   index = write_report(fitted, X, tmp_path / "report", y=y, clusters=member, hmc=False,
                        progress=False)
   page = index.read_text()
-  assert "caterpillar.png" in page and "covariance[(Intercept), hidden 1]" in page
+  assert "caterpillar.png" in page and "covariance[(Intercept), Gamma1]" in page

@@ -41,9 +41,9 @@ from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats
 from tfp_em.mixed_effects.formula import FormulaMixin
 from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
 from tfp_em.mixed_effects.linear_fit import fit_linear, linear_model
+from tfp_em.mixed_effects.names import random_effect_names
 from tfp_em.mixed_effects.networks import fit_network
 from tfp_em.mixed_effects.singular import warn_if_singular
-from tfp_em.mixed_effects.summary import random_effect_names
 from tfp_em.mixed_effects.training import (Network, check_validation_data, default_mlp,
                                            fit_summary)
 

@@ -75,7 +75,8 @@ from tfp_em.engine import inputs as val
 from tfp_em.mixed_effects.formula_terms import (RandomTerm, check_features_term, group_terms,
                                                 split_formula)
 from tfp_em.mixed_effects.network_summary import NetworkSummary, summarize_network
-from tfp_em.mixed_effects.summary import MixedSummary, random_effect_names, summarize
+from tfp_em.mixed_effects.names import random_effect_names
+from tfp_em.mixed_effects.summary import MixedSummary, summarize
 
 INTERCEPT = "Intercept"
 

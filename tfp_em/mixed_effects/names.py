@@ -3,7 +3,7 @@
     fixed effects   '(Intercept)', then X's columns (a DataFrame's names, else x1, x2, ...);
                     a network f is one column, 'f(x)', with beta = 1 held fixed
     random effects  '(Intercept)', 'time', 'time^2', ... ('slopes'); z1, z2, ... ('custom');
-                    '(Intercept)', 'hidden 1', ... ('features': the network's last layer)
+                    '(Intercept)', 'Gamma1', ... ('features': the network's last layer)
     group           the formula's grouping factor, else 'clusters'
 
 A formula fit (`from_formula`) takes the formula's names.
@@ -19,6 +19,21 @@ class TermNames(NamedTuple):
   group: str      # the grouping factor
 
 
+def random_effect_names(estimator, given=()) -> tuple:
+  """Names of a single factor's random effects: `given` (a formula's) if any;
+  for 'features' '(Intercept)', 'Gamma1', ..., for 'custom' 'z1', ..., by
+  the fitted size."""
+  kind = estimator.random_effects
+  if kind == "intercept" or (given and kind != "features"):
+    return tuple(given) or ("(Intercept)",)
+  q = int(estimator.n_random_effects_)  # one factor: set by the fit
+  if kind == "features":
+    return ("(Intercept)",) + tuple(f"Gamma{j}" for j in range(1, q))
+  if kind == "slopes":
+    return ("(Intercept)", "time") + tuple(f"time^{d}" for d in range(2, q))
+  return tuple(f"z{j + 1}" for j in range(q))
+
+
 def term_names(estimator, feature_names=None) -> TermNames:
   """`TermNames` of a `MixedEffectsRegressor` fitted with one grouping factor.
 
@@ -29,18 +44,9 @@ def term_names(estimator, feature_names=None) -> TermNames:
   """
   design = estimator.formula_
   if design is not None:
-    return TermNames(tuple(design.fixed_names), tuple(design.random_names),
+    return TermNames(tuple(design.fixed_names), random_effect_names(estimator, design.random_names),
                      str(design.group_names[0]))
-  q = int(estimator.n_random_effects_)
-  kind = estimator.random_effects
-  if kind == "slopes":
-    random = ("(Intercept)", "time") + tuple(f"time^{d}" for d in range(2, q))
-  elif kind == "custom":
-    random = tuple(f"z{j + 1}" for j in range(q))
-  elif kind == "features":
-    random = ("(Intercept)",) + tuple(f"hidden {j}" for j in range(1, q))
-  else:
-    random = ("(Intercept)",)
+  random = random_effect_names(estimator)
   if estimator.network_ is not None:
     return TermNames(("f(x)",), random, "clusters")
   if feature_names is None:

@@ -32,9 +32,10 @@ import numpy as np
 import pandas as pd
 
 from tfp_em.engine import inputs as val
-from tfp_em.mixed_effects.summary import (array_group_names, random_effect_names,
-                                          random_effects_text, scaled_residual_quantiles,
-                                          training_data, variance_components)
+from tfp_em.mixed_effects.names import random_effect_names
+from tfp_em.mixed_effects.summary import (array_group_names, random_effects_text,
+                                          scaled_residual_quantiles, training_data,
+                                          variance_components)
 
 TRAINERS = {"em": ("MeNets EM", "iteration"), "nll": ("LMMNN marginal NLL (Adam)", "epoch")}
 NO_CRITERIA = ("AIC and BIC are not reported: the network's weights are trained by Adam with "

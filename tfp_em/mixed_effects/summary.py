@@ -29,6 +29,7 @@ import pandas as pd
 
 from tfp_em.engine import inputs as val
 from tfp_em.mixed_effects.labels import as_factors, encode_factors
+from tfp_em.mixed_effects.names import random_effect_names
 
 MAX_DENSE_ROWS = 3000
 
@@ -212,23 +213,6 @@ class TrainingData(NamedTuple):
   fixed_names: tuple    # names of beta (linear f) or of X's columns
   random_names: tuple   # names of a single factor's random effects
   groups: tuple         # one name per grouping factor
-
-
-def random_effect_names(estimator, given=()) -> tuple:
-  """Names of a single factor's random effects: `given` (a formula's) if any;
-  for 'features' '(Intercept)', 'Gamma1', ..., for 'custom' 'z1', ..., by
-  the fitted size."""
-  kind = estimator.random_effects
-  if kind == "features":
-    q = estimator.cov_random_effects_.shape[0]
-    return ("(Intercept)",) + tuple(f"Gamma{j}" for j in range(1, q))
-  if given:
-    return tuple(given)
-  if kind == "slopes":
-    return ("(Intercept)", "time") + tuple(f"time^{d}" for d in range(2, estimator.degree + 1))
-  if kind == "custom":
-    return tuple(f"z{j + 1}" for j in range(estimator.cov_random_effects_.shape[0]))
-  return ("(Intercept)",)
 
 
 def training_data(estimator, X=None, y=None, clusters=None, time=None, Z=None,
