@@ -323,10 +323,16 @@ def test_estimator_refits_match_fresh_models_on_unsorted_data():
     ref = fit_em(MixedEffectsEM("full", expand=True), data, max_iter=2000, tol=1e-10,
                  progress=False)
     assert est.fit_result_.converged and ref.converged
-    np.testing.assert_allclose(est.log_likelihood_, ref.log_likelihood, rtol=1e-12)
-    np.testing.assert_allclose(est.coef_, np.asarray(ref.params.beta)[1:], rtol=1e-8)
-    post = MixedEffectsEM("full").posterior(ref.params, data)
-    np.testing.assert_allclose(est.random_effects_mean_, post["u_mean"], rtol=1e-7, atol=1e-9)
+    fresh = mx.MixedEffectsRegressor("slopes", tol=1e-10, max_iter=2000).fit(x, y, g, time=t)
+    np.testing.assert_allclose(est.log_likelihood_, fresh.log_likelihood_, rtol=1e-12)
+    # The estimator's EM ends with the L-BFGS polish: at or just above plain PX-EM's l.
+    assert est.log_likelihood_ >= ref.log_likelihood - 1e-12 * abs(ref.log_likelihood)
+    np.testing.assert_allclose(est.log_likelihood_, ref.log_likelihood, rtol=1e-8)
+    np.testing.assert_allclose(est.coef_, fresh.coef_, rtol=1e-12)
+    np.testing.assert_allclose(est.random_effects_mean_, fresh.random_effects_mean_, rtol=1e-12)
+    # Plain EM's params lag in flat directions (beta ~1e-6, BLUPs ~3e-4 here) where its
+    # l has converged; the polish removes that lag.
+    np.testing.assert_allclose(est.coef_, np.asarray(ref.params.beta)[1:], rtol=1e-4)
 
 
 @pytest.mark.parametrize("labels", [
