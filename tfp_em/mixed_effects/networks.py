@@ -17,9 +17,9 @@ a Keras 3 model:
   the full one).
 
 Both run `training.train_with_early_stopping`; `variances_given_network`
-then refits Sigma_u and sigma^2 exactly given the returned network. Early stopping (patience
-counted in EM iterations or epochs) is on the
-validation NLL -log p(y_val | y_train, theta) = -(l(train + val) - l(train)),
+then refits Sigma_u and sigma^2 exactly given the returned network (`fit_network`
+runs the whole). Early stopping (patience counted in EM iterations or epochs)
+is on the validation NLL -log p(y_val | y_train, theta) = -(l(train + val) - l(train)),
 exact from the same segment sums; without validation data it is on the
 training -l. The weights and parameters with the best criterion are returned,
 and the log-likelihood reported is the training marginal at those.
@@ -102,16 +102,16 @@ def variances_given_network(net: Network, train: me.MixedEffectsData, covariance
 
   The linear mixed model y - f(x) = x^T beta + z^T u + eps, with f and the
   design z of the network in inference mode (the given z, or [1, Gamma(x)] for
-  MeNets), fitted by PX-EM (at most `max_iter` iterations: near a
-  singular Sigma_u, common with [1, Gamma], EM and L-BFGS both crawl). Its fixed effects x are the columns
-  of z that the output layer can absorb: the constant, and for MeNets the
-  linearly independent columns of [1, Gamma]. `Network.shift_output` then adds
-  x^T beta to f, so the returned params (with an empty beta) and the shifted
-  network give the marginal l. With f = w^T Gamma + b this is the exact M-step
-  of (w, b, Sigma_u, sigma^2) given Gamma. From `start` (params with an
-  empty beta; the fixed effects start at 0), l never ends below l(start)
-  (up to the float32 rounding of the shift); without it EM starts from
-  `MixedEffectsEM.initialize`.
+  MeNets), fitted by PX-EM for at most `max_iter` iterations (near a singular
+  Sigma_u, common with [1, Gamma], EM and L-BFGS both crawl). Its fixed
+  effects x are the columns of z that the output layer can absorb: the
+  constant, and for MeNets the linearly independent columns of [1, Gamma].
+  `Network.shift_output` then adds x^T beta to f, so the returned params (with
+  an empty beta) and the shifted network give the marginal l. With f = w^T
+  Gamma + b this is the exact M-step of (w, b, Sigma_u, sigma^2) given Gamma.
+  From `start` (params with an empty beta; the fixed effects start at 0), l
+  never ends below l(start) (up to the float32 rounding of the shift); without
+  it EM starts from `MixedEffectsEM.initialize`.
   """
   f, hidden = net(train.x)
   z = net.design(hidden, train.z)                                     # [N, q]
