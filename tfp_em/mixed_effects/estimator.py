@@ -44,7 +44,7 @@ from tfp_em.mixed_effects.linear_fit import fit_linear, linear_model
 from tfp_em.mixed_effects.names import random_effect_names
 from tfp_em.mixed_effects.networks import fit_network
 from tfp_em.mixed_effects.singular import warn_if_singular
-from tfp_em.mixed_effects.training import (Network, check_validation_data, default_mlp,
+from tfp_em.mixed_effects.training import (build_network, check_validation_data, default_mlp,
                                            fit_summary)
 
 RANDOM_EFFECTS = ("intercept", "slopes", "features", "custom")
@@ -236,26 +236,6 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
       raise ValueError(f"y{name} has length {y.shape[0]} but X{name} has {X.shape[0]} rows")
     return X, y
 
-  def _build_network(self, input_dim: int):
-    f = self.f
-    if f is None:
-      return None
-    import keras
-    if isinstance(f, str):
-      if f != "mlp":
-        raise ValueError(f"f must be None, 'mlp', a Keras model or a callable, got {f!r}")
-      model = default_mlp(input_dim, tuple(self.hidden_units), self.dropout, seed=self.seed)
-    elif isinstance(f, keras.Model):
-      model = keras.models.clone_model(f)
-      model.set_weights(f.get_weights())
-    elif callable(f):
-      model = f(input_dim)
-      if not isinstance(model, keras.Model):
-        raise ValueError(f"f(input_dim) must return a keras.Model, got {type(model).__name__}")
-    else:
-      raise ValueError(f"f must be None, 'mlp', a Keras model or a callable, got {f!r}")
-    return Network(model, features=self.random_effects == "features", dtype=self.dtype_)
-
   # -- fit ------------------------------------------------------------------------
   def fit(self, X, y, clusters, time=None, Z=None, validation_data=None, *, strategy=None):
     """Fits the model.
@@ -294,15 +274,17 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
       Xv, yv = self.checked_xy(valid.X, valid.y, dtype, name=" (validation)")
       val.check_n_features(Xv, self.n_features_in_, "X (validation)")
       valid = valid._replace(X=Xv, y=yv)
-    if len(factors) > 1:  # K crossed grouping factors, network f
-      self.network_ = self._build_network(X.shape[1])
-      return fit_crossed(self, X, y, factors, time, Z, valid)
     n = X.shape[0]
-    labels, codes = encode_clusters(factors[0], n)
-    if labels.shape[0] < 2:
-      raise ValueError("clusters has a single level: the random-effects covariance is not "
-                       "identifiable from one cluster; fit an ordinary regression instead")
-    self.network_ = self._build_network(X.shape[1])
+    if len(factors) == 1:
+      labels, codes = encode_clusters(factors[0], n)
+      if labels.shape[0] < 2:
+        raise ValueError("clusters has a single level: the random-effects covariance is not "
+                         "identifiable from one cluster; fit an ordinary regression instead")
+    self.network_ = build_network(self.f, X.shape[1], features=self.random_effects == "features",
+                                  hidden_units=self.hidden_units, dropout=self.dropout,
+                                  seed=self.seed, dtype=self.dtype_)
+    if len(factors) > 1:  # K crossed grouping factors, network f
+      return fit_crossed(self, X, y, factors, time, Z, valid)
     z = self.random_effects_design(n, time, Z, dtype)
     check_response(y, z, codes, len(labels))
     self.cluster_labels_ = labels

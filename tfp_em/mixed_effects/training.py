@@ -65,6 +65,32 @@ def default_mlp(input_dim: int, hidden_units=(100, 50, 25, 12), dropout: float =
   return keras.Sequential(layers)
 
 
+def build_network(f, input_dim: int, *, features: bool, hidden_units, dropout: float, seed: int,
+                  dtype) -> "Network | None":
+  """The estimator's `f` as a `Network` (None for a linear f).
+
+  'mlp' is `default_mlp(input_dim, hidden_units, dropout, seed)`; a Keras
+  model is cloned with its weights (the user's stays untouched); a callable
+  is called with `input_dim` and must return a Keras model.
+  """
+  if f is None:
+    return None
+  if isinstance(f, str):
+    if f != "mlp":
+      raise ValueError(f"f must be None, 'mlp', a Keras model or a callable, got {f!r}")
+    model = default_mlp(input_dim, tuple(hidden_units), dropout, seed=seed)
+  elif isinstance(f, keras.Model):
+    model = keras.models.clone_model(f)
+    model.set_weights(f.get_weights())
+  elif callable(f):
+    model = f(input_dim)
+    if not isinstance(model, keras.Model):
+      raise ValueError(f"f(input_dim) must return a keras.Model, got {type(model).__name__}")
+  else:
+    raise ValueError(f"f must be None, 'mlp', a Keras model or a callable, got {f!r}")
+  return Network(model, features=features, dtype=dtype)
+
+
 class Network:
   """A Keras model seen as f(x) [N] and, for the MeNets design, Gamma(x) [N, H].
 
