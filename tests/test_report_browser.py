@@ -62,6 +62,9 @@ def render(index: Path, width: int) -> dict:
   return json.loads(html.unescape(found.group(1)))
 
 
+SHORT_HMC = dict(num_chains=2, num_results=60, num_burnin=60)  # enough for the plots
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   from tfp_em.diagnostics.report import write_report
@@ -77,28 +80,27 @@ def report(tmp_path_factory):
   est = fits[chosen["k"], chosen["covariance_type"]]
   out = tmp_path_factory.mktemp("browser") / "report"
   index = write_report(est, x, out, model_selection=rows, progress=False,
-                       hmc_kwargs=dict(num_chains=2, num_results=60, num_burnin=60))
+                       hmc_kwargs=SHORT_HMC)
   return index, est
 
 
-def rendered_cleanly(index: Path, width: int) -> str:
+def rendered_cleanly(index: Path, width: int) -> tuple[str, list]:
   """Renders `index` at `width` px, asserts every image loads and nothing sticks out;
-  returns the page's text."""
+  returns the page's text and its image files."""
   found = render(index, width)
   assert found["vw"] <= width
   files = re.findall(r'<img src="([^"]+)"', index.read_text())
   assert found["images"] == len(files) and not found["broken"], found["broken"]
   assert not found["over"], f"sticking out at {width} px: {found['over'][:5]}"
   assert found["scroll"] <= found["vw"], "the page scrolls sideways"
-  return found["text"]
+  return found["text"], files
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("width", [800, 1400])
 def test_report_in_headless_chromium(report, width):
   index, est = report
-  text = rendered_cleanly(index, width)
-  files = re.findall(r'<img src="([^"]+)"', index.read_text())
+  text, files = rendered_cleanly(index, width)
   for name in ("model_selection.png", "clusters.png", "parameter_traces.png", "hmc_trace.png",
                "hmc_rank.png", "ppc.png", "mixture_ellipses.png"):
     assert name in files
@@ -128,13 +130,12 @@ def mixed_report(tmp_path_factory):
   est = MixedEffectsRegressor(random_effects="slopes").fit(X, y, subject, time=days)
   out = tmp_path_factory.mktemp("browser") / "mixed"
   return write_report(est, X, out, y=y, clusters=subject, time=days, progress=False,
-                      hmc_kwargs=dict(num_chains=2, num_results=60, num_burnin=60))
+                      hmc_kwargs=SHORT_HMC)
 
 
 @pytest.mark.slow
 def test_mixed_model_report_in_headless_chromium(mixed_report):
-  text = rendered_cleanly(mixed_report, 800)
-  files = re.findall(r'<img src="([^"]+)"', mixed_report.read_text())
+  text, files = rendered_cleanly(mixed_report, 800)
   assert {"caterpillar.png", "residuals.png", "hmc_trace.png"} <= set(files)
   assert "Variance components" in text and "Std.Dev." in text and "Residual" in text
   assert "beta[dose]" in text and "covariance[(Intercept), time]" in text
@@ -152,13 +153,12 @@ def classifier_report(tmp_path_factory):
   est = BernoulliMLPClassifier(n_hidden=2, l2=1.0, n_init=2, seed=0).fit(X, y)
   out = tmp_path_factory.mktemp("browser") / "mlp"
   return write_report(est, X, out, y=y, progress=False,
-                      hmc_kwargs=dict(num_chains=2, num_results=60, num_burnin=60))
+                      hmc_kwargs=SHORT_HMC)
 
 
 @pytest.mark.slow
 def test_classifier_report_in_headless_chromium(classifier_report):
-  text = rendered_cleanly(classifier_report, 800)
-  files = re.findall(r'<img src="([^"]+)"', classifier_report.read_text())
+  text, files = rendered_cleanly(classifier_report, 800)
   assert {"classifier.png", "hidden_units.png", "parameter_traces.png"} <= set(files)
   assert "ppc.png" not in files                     # the class counts are its predictive check
   assert "hidden_weights[petal width (cm), unit 1]" in text
