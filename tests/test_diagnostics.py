@@ -244,7 +244,8 @@ def test_summary_table(faithful):
 
 # -- HMC -----------------------------------------------------------------------
 
-def test_hmc_quick(faithful, faithful_hmc):
+@pytest.mark.slow  # 30 s of sampling in its fixture
+def test_hmc_short_run(faithful, faithful_hmc):
   fitted, x = faithful
   post = faithful_hmc.posterior
   assert dict(post.sizes) == {"chain": 4, "draw": 300, "component": 2, "feature": 2,
