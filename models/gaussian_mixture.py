@@ -11,10 +11,23 @@ covariance type:
     diag      [K, D]      per-component diagonal variances
     spherical [K]         per-component single variance
 
+mclust's 14 models [2, 3] write Sigma_k = lambda_k D_k A_k D_k^T (volume
+lambda_k, shape A_k diagonal with |A_k| = 1, orientation D_k orthogonal), each
+of the three Equal across components, Varying, or the Identity. Four are
+scikit-learn's types under other names (VII = spherical, VVI = diag,
+EEE = tied, VVV = full) and keep their layout; the other ten store
+`covariances` as [K, D, D] (`covariance_layout`), constrained to the family by
+the bijector of `models.eigen_covariance`.
+
 #### References
 
 [1] C. M. Bishop. Pattern Recognition and Machine Learning, section 9.2.
     Springer, 2006.
+[2] G. Celeux and G. Govaert. Gaussian parsimonious clustering models.
+    Pattern Recognition, 28(5):781-793, 1995.
+[3] L. Scrucca, M. Fop, T. B. Murphy and A. E. Raftery. mclust 5: clustering,
+    classification and density estimation using Gaussian finite mixture
+    models. The R Journal, 8(1):289-317, 2016 (`nVarParams`).
 """
 import functools
 from typing import NamedTuple
@@ -27,7 +40,12 @@ from models.specs import ParamSpec
 tfd = tfp.distributions
 tfb = tfp.bijectors
 
-COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")  # scikit-learn's names
+MCLUST_MODELS = ("EII", "VII", "EEI", "VEI", "EVI", "VVI", "EEE",
+                 "VEE", "EVE", "VVE", "EEV", "VEV", "EVV", "VVV")
+# mclust names that are scikit-learn's types: the same maths, the same code path.
+MCLUST_ALIASES = {"VII": "spherical", "VVI": "diag", "EEE": "tied", "VVV": "full"}
+ALL_COVARIANCE_TYPES = COVARIANCE_TYPES + MCLUST_MODELS
 
 
 class GaussianMixtureParams(NamedTuple):
@@ -37,10 +55,49 @@ class GaussianMixtureParams(NamedTuple):
 
 
 def check_covariance_type(covariance_type: str) -> str:
-  if covariance_type not in COVARIANCE_TYPES:
-    raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, "
-                     f"got {covariance_type!r}")
+  if not isinstance(covariance_type, str) or covariance_type not in ALL_COVARIANCE_TYPES:
+    raise ValueError(f"covariance_type must be one of scikit-learn's {COVARIANCE_TYPES} or "
+                     f"mclust's {MCLUST_MODELS}, got {covariance_type!r}")
   return covariance_type
+
+
+def canonical_type(covariance_type: str) -> str:
+  """The name whose code path fits `covariance_type`: scikit-learn's name for
+  its four types under either name, mclust's name for the ten others."""
+  check_covariance_type(covariance_type)
+  return MCLUST_ALIASES.get(covariance_type, covariance_type)
+
+
+def mclust_name(covariance_type: str) -> str:
+  """mclust's name of `covariance_type` ('full' -> 'VVV')."""
+  canonical = canonical_type(covariance_type)
+  return {v: k for k, v in MCLUST_ALIASES.items()}.get(canonical, canonical)
+
+
+def covariance_layout(covariance_type: str) -> str:
+  """How `covariances` is stored: 'full' [K, D, D], 'tied' [D, D], 'diag'
+  [K, D] or 'spherical' [K]. mclust's ten constrained models are 'full'."""
+  canonical = canonical_type(covariance_type)
+  return canonical if canonical in COVARIANCE_TYPES else "full"
+
+
+def n_covariance_parameters(covariance_type: str, n_components: int, n_features: int) -> int:
+  """Free parameters of the K covariances (mclust's `nVarParams` [3])."""
+  g, d = n_components, n_features
+  rotation = d * (d - 1) // 2  # one orientation D
+  return {"EII": 1, "VII": g, "EEI": d, "VEI": g + d - 1, "EVI": 1 + g * (d - 1),
+          "VVI": g * d, "EEE": d * (d + 1) // 2,
+          "VEE": g + d - 1 + rotation, "EVE": 1 + g * (d - 1) + rotation,
+          "VVE": g * d + rotation, "EEV": d + g * rotation,
+          "VEV": g + d - 1 + g * rotation, "EVV": 1 + g * (d - 1) + g * rotation,
+          "VVV": g * d * (d + 1) // 2}[mclust_name(covariance_type)]
+
+
+def n_parameters(covariance_type: str, n_components: int, n_features: int) -> int:
+  """Free parameters of the mixture, for BIC: covariances + means (K D) +
+  weights (K - 1), as mclust's `nMclustParams` [3]."""
+  k, d = n_components, n_features
+  return n_covariance_parameters(covariance_type, k, d) + k * d + k - 1
 
 
 @functools.lru_cache(maxsize=None)  # bijectors built once per argument
