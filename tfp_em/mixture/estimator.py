@@ -387,6 +387,26 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     """Akaike information criterion on X (lower is better)."""
     return -2 * self.score(X) * np.asarray(X).shape[0] + 2 * self._n_parameters()
 
+  def icl(self, X) -> float:
+    """Integrated completed likelihood on X (lower is better, like `bic`).
+
+    ICL = BIC - 2 sum_n log r_n,z_n with z_n the most probable component of x_n:
+    BIC plus twice the entropy of the hard classification, as mclust's `icl`
+    (which reports -ICL, larger is better) [1, 2].
+
+    #### References
+
+    [1] C. Biernacki, G. Celeux and G. Govaert. Assessing a mixture model for
+        clustering with the integrated completed likelihood. IEEE TPAMI
+        22(7):719-725, 2000.
+    [2] L. Scrucca, M. Fop, T. B. Murphy and A. E. Raftery. mclust 5. The R
+        Journal 8(1):289-317, 2016.
+    """
+    log_joint = self._log_joint(X)  # [N, K]
+    log_resp = log_joint - tf.reduce_logsumexp(log_joint, axis=-1, keepdims=True)
+    return self.bic(X) - 2.0 * float(tf.reduce_sum(tf.reduce_max(log_resp, axis=-1)))
+
+
 
 def _unit_weights(x) -> MixtureData:
   return MixtureData(x, tf.ones(tf.shape(x)[:1], x.dtype))
