@@ -66,15 +66,22 @@ def check_seed(seed):
 
 
 def check_array(X, name: str = "X", *, ndim: int = 2, dtype=np.float64,
-                min_rows: int = 1, allow_nonfinite: bool = False) -> np.ndarray:
-  """Validates a numeric array and returns a C-contiguous copy in `dtype`."""
+                min_rows: int = 1, allow_nonfinite: bool = False, allow_nan: bool = False,
+                nan_hint: str = "") -> np.ndarray:
+  """Validates a numeric array and returns a C-contiguous copy in `dtype`.
+
+  `allow_nan`: NaN (and pandas' missing values) are kept, as NaN; `nan_hint`
+  ends the message that rejects them otherwise.
+  """
   if sparse.issparse(X):
     raise ValueError(f"{name} is a scipy sparse matrix: sparse matrices are not supported; call "
                      f"{name}.toarray() for a dense array")
   if hasattr(X, "numpy") and callable(X.numpy):
     X = X.numpy()
-  if _is_pandas(X):
-    _check_no_missing(X, name)
+  if _is_pandas(X) and allow_nan:
+    X = _pandas_with_nan(X)
+  elif _is_pandas(X):
+    _check_no_missing(X, name, nan_hint)
   try:
     arr = np.array(X, copy=True)
   except (TypeError, ValueError) as e:
@@ -97,23 +104,27 @@ def check_array(X, name: str = "X", *, ndim: int = 2, dtype=np.float64,
                      "a minimum of 1 is required.")
   target = np.dtype(dtype)
   if not allow_nonfinite:  # checked before the cast, which would overflow with a warning
-    _check_finite_and_in_range(arr, name, target)
+    _check_finite_and_in_range(arr, name, target, allow_nan, nan_hint)
   return np.ascontiguousarray(arr, dtype=target)
 
 
-def _check_finite_and_in_range(arr: np.ndarray, name: str, target: np.dtype) -> None:
-  """No NaN or inf, and for a float `target`, values whose squares (summed over
-  the rows) stay finite in it."""
+def _check_finite_and_in_range(arr: np.ndarray, name: str, target: np.dtype,
+                               allow_nan: bool = False, nan_hint: str = "") -> None:
+  """No NaN (unless `allow_nan`) or inf, and for a float `target`, values whose
+  squares (summed over the rows) stay finite in it."""
   if arr.dtype == bool:
     return
-  if not np.all(np.isfinite(arr)):
-    bad = np.argwhere(~np.isfinite(arr))[0]
-    kind = "NaN" if np.isnan(arr[tuple(bad)]) else "inf"
-    raise ValueError(f"{name} contains {kind} (first at index {tuple(int(i) for i in bad)}); "
-                     "remove or impute non-finite values")
+  bad = np.isinf(arr) if allow_nan else ~np.isfinite(arr)
+  if np.any(bad):
+    first = np.argwhere(bad)[0]
+    kind = "NaN" if np.isnan(arr[tuple(first)]) else "inf"
+    raise ValueError(f"{name} contains {kind} (first at index {tuple(int(i) for i in first)}); "
+                     "remove or impute non-finite values" + (nan_hint if kind == "NaN" else ""))
+  if np.all(np.isnan(arr)):
+    return
   if arr.size and np.issubdtype(target, np.floating):
     limit = 1e-4 * float(np.sqrt(np.finfo(target).max))  # sums of N squares must stay finite
-    peak = float(np.max(np.abs(arr)))
+    peak = float(np.nanmax(np.abs(arr)))
     if peak > limit:
       raise ValueError(f"{name} has values up to {peak:.3g}, too large for {target} "
                        f"arithmetic (squares overflow above {limit:.1g}); rescale {name}"
@@ -124,7 +135,16 @@ def _is_pandas(X) -> bool:
   return type(X).__module__.partition(".")[0] == "pandas"
 
 
-def _check_no_missing(frame, name: str) -> None:
+def _pandas_with_nan(frame):
+  """A pandas DataFrame or Series as float64 with NaN for its missing values
+  (NA, None, NaN); as it is when it holds non-numbers (checked later)."""
+  try:
+    return frame.to_numpy(dtype=np.float64, na_value=np.nan)
+  except (TypeError, ValueError):
+    return frame
+
+
+def _check_no_missing(frame, name: str, nan_hint: str = "") -> None:
   """A pandas DataFrame or Series with missing values (NA, None, NaN; nullable
   dtypes such as Float64 hold pd.NA) gets an error naming the first one."""
   missing = np.asarray(frame.isna())
@@ -132,7 +152,7 @@ def _check_no_missing(frame, name: str) -> None:
     first = np.argwhere(missing)[0]
     column = f", column {frame.columns[first[1]]!r}" if missing.ndim == 2 else ""
     raise ValueError(f"{name} has {int(missing.sum())} missing value(s) (NA, None or NaN; "
-                     f"first at row {int(first[0])}{column}); remove or impute them")
+                     f"first at row {int(first[0])}{column}); remove or impute them{nan_hint}")
 
 
 def _object_as_float(arr: np.ndarray, name: str) -> np.ndarray:
@@ -147,7 +167,7 @@ def _object_as_float(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def check_features(estimator, X, *, reset: bool, name: str = "X", dtype=np.float64,
-                   min_rows: int = 1) -> np.ndarray:
+                   min_rows: int = 1, allow_nan: bool = False, nan_hint: str = "") -> np.ndarray:
   """`check_array(X)` plus scikit-learn's bookkeeping of the columns.
 
   With `reset=True` (fit) sets `estimator.n_features_in_` and, for a
@@ -159,7 +179,8 @@ def check_features(estimator, X, *, reset: bool, name: str = "X", dtype=np.float
   Returns:
     The checked array, as `check_array` returns it.
   """
-  arr = check_array(X, name, dtype=dtype, min_rows=min_rows)
+  arr = check_array(X, name, dtype=dtype, min_rows=min_rows, allow_nan=allow_nan,
+                    nan_hint=nan_hint)
   validate_data(estimator, X if hasattr(X, "columns") else arr, reset=reset,
                 skip_check_array=True)
   return arr

@@ -27,6 +27,8 @@ from tfp_em.engine import inputs as v
 from tfp_em.engine.compiling import compiled
 from tfp_em.engine.streams import checked_batches, features_dataset
 from tfp_em.mixture.em import GaussianMixtureEM, MixtureData, precision_cholesky
+from tfp_em.mixture import missing as mv
+from tfp_em.mixture.missing_em import MissingValuesGaussianMixtureEM
 from tfp_em.mixture import reseed as mr
 from tfp_em.mixture import spurious
 from tfp_em.mixture.initialization import INIT_METHODS, Initializer
@@ -78,6 +80,12 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     warm_start: if True, a refit starts from the last fit's parameters (one
       run; `n_init` and the `*_init` arguments are ignored), as in
       scikit-learn (default False).
+    missing: 'error' (default: NaN in X is an error) or 'em': NaN entries are
+      missing at random; EM conditions them on each row's observed entries
+      (`tfp_em.mixture.missing`), the log-likelihood is that of the observed
+      entries, `predict`, `predict_proba` and `score_samples` take NaN too
+      and `impute` fills them. In-memory X only; rows with every entry
+      missing are an error; diagnostics (`summary`, reports) need X then.
 
   A scikit-learn estimator: `get_params`/`set_params`, `clone`, pipelines and
   grid searches (`score` is the mean log-likelihood); `feature_names_in_` is
@@ -105,7 +113,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
                means_init=None, precisions_init=None, seed: int | None = 0,
                dtype="float64", on_decrease: str = "warn", compile: str = "auto",
                accelerate: str | None = None, verbose: bool | None = None,
-               warm_start: bool = False):
+               warm_start: bool = False, missing: str = "error"):
     self.n_components = n_components
     self.covariance_type = covariance_type
     self.tol = tol
@@ -123,6 +131,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     self.accelerate = accelerate
     self.verbose = verbose
     self.warm_start = warm_start
+    self.missing = missing
 
   # -- fitting ---------------------------------------------------------------
   def _check_options(self):
@@ -135,6 +144,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     v.check_option("init_params", self.init_params, INIT_METHODS)
     v.check_option("on_decrease", self.on_decrease, ON_DECREASE_OPTIONS)
     v.check_option("compile", self.compile, ("auto", "graph", "xla", "eager"))
+    v.check_option("missing", self.missing, ("error", "em"))
     if self.accelerate is not None:
       v.check_option("accelerate", self.accelerate, ("squarem",))
     v.check_seed(self.seed)
@@ -144,6 +154,11 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     """The `GaussianMixtureEM` this estimator fits; its compile mode suits
     n_points x n_features data (None: streamed)."""
     mode = self._compile_mode(n_points, n_features)
+    if self.missing == "em":  # its E-step loops over patterns: never XLA
+      return MissingValuesGaussianMixtureEM(
+          self.n_components, self.covariance_type, self.reg_covar,
+          init=Initializer(self.init_params, self.n_components),
+          compile="graph" if mode == "xla" else mode)
     return GaussianMixtureEM(self.n_components, self.covariance_type, self.reg_covar,
                              init=Initializer(self.init_params, self.n_components),
                              compile="graph" if mode == "xla" else mode,
@@ -183,6 +198,9 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     v.check_int("batch_size", batch_size, minimum=1)
     warm = self.warm_start and hasattr(self, "params_")
     if _is_stream_source(X):
+      if self.missing == "em":
+        raise ValueError("missing='em' needs X in memory (an array or DataFrame); streamed "
+                         "input (files, datasets) must have no missing values")
       if sample_weight is not None:
         raise ValueError("sample_weight is only supported for in-memory arrays")
       data, first = self._stream(X, columns, batch_size, dtype)
@@ -218,7 +236,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
                                         self.reg_covar), "after")
     self.set_fitted_params(result.params, n_features)
     # In-memory training data (already a private copy) for summary() and reports.
-    self.fit_data_ = data if isinstance(data, MixtureData) else None
+    self.fit_data_ = data if isinstance(data, MixtureData) and self.missing != "em" else None
     self.log_likelihood_ = result.log_likelihood
     self.n_iter_ = result.n_iter
     self.converged_ = result.converged
@@ -228,7 +246,8 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
   def _revive_empty(self, model, data, result):
     """Re-seeds components that lost all their points (`tfp_em.mixture.reseed`);
     each continuation is appended to `result.restarts`."""
-    x, w = data.x.numpy(), data.weights.numpy()
+    w = data.weights.numpy()
+    x = mv.fill_column_means(data.x.numpy(), w)  # a re-seeded mean must be finite
     for _ in range(self.n_components):
       empty = mr.empty_components(result.params.weights, w)
       if not empty.any():
@@ -255,7 +274,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     return result
 
   def _in_memory(self, X, sample_weight, dtype) -> MixtureData:
-    x = v.check_features(self, X, reset=True, dtype=dtype)
+    x = self._features(X, reset=True, dtype=dtype)
     if x.shape[0] < self.n_components:
       raise ValueError(f"X has {x.shape[0]} points but n_components={self.n_components}; "
                        "need at least as many points as components")
@@ -265,7 +284,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     if np.count_nonzero(w) < self.n_components:
       raise ValueError(f"only {np.count_nonzero(w)} points have positive sample_weight "
                        f"but n_components={self.n_components}")
-    largest_variance = float(np.max(x.var(axis=0, dtype=np.float64)))
+    largest_variance = float(np.max(np.nanvar(x, axis=0, dtype=np.float64)))
     spurious.warn(spurious.size_findings(np.count_nonzero(w), x.shape[1], self.n_components,
                                          self.covariance_type, largest_variance, self.reg_covar),
                   "before", stacklevel=3)
@@ -329,9 +348,18 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
       self.precisions_ = u ** 2
 
   # -- inference -------------------------------------------------------------
+  def _features(self, X, reset: bool, dtype):
+    """X checked; NaN allowed (rows not all NaN) with missing='em'."""
+    hint = " (or use GaussianMixture(missing='em') to fit with missing values)"
+    allow = self.missing == "em"
+    x = v.check_features(self, X, reset=reset, dtype=dtype, allow_nan=allow, nan_hint=hint)
+    if allow:
+      mv.check_no_empty_rows(x)
+    return x
+
   def _checked_x(self, X):
     v.check_is_fitted(self, "params_")
-    return tf.constant(v.check_features(self, X, reset=False, dtype=v.check_dtype(self.dtype)))
+    return tf.constant(self._features(X, reset=False, dtype=v.check_dtype(self.dtype)))
 
   def _log_joint(self, X):
     """log w_k + log N(x_n | k), shape [N, K], in chunks so that memory stays
@@ -359,6 +387,16 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
   def predict(self, X):
     """Most probable component of each row, shape [N]."""
     return np.argmax(self._log_joint(X).numpy(), axis=-1)
+
+  def impute(self, X):
+    """X [N, D] with each NaN replaced by E[x_missing | x_observed] under the
+    fitted mixture (responsibility-weighted conditional means); observed
+    entries unchanged, X not modified. Needs missing='em'."""
+    if self.missing != "em":
+      raise ValueError("impute needs a GaussianMixture fitted with missing='em'")
+    x = self._checked_x(X)
+    filled = self.em_model().impute(self.params_, x).numpy()
+    return np.where(np.isnan(x.numpy()), filled, x.numpy())
 
   def fit_predict(self, X, y=None, sample_weight=None):
     return self.fit(X, sample_weight=sample_weight).predict(X)
@@ -424,8 +462,8 @@ def _warn_empty_streamed(result) -> None:
 
 def _warn_float32_offset(x) -> None:
   """Warns when float32 cannot resolve the data's spread next to its offset."""
-  offset = np.abs(x.mean(axis=0, dtype=np.float64))
-  spread = x.std(axis=0, dtype=np.float64)
+  offset = np.abs(np.nanmean(x, axis=0, dtype=np.float64))
+  spread = np.nanstd(x, axis=0, dtype=np.float64)
   ratio = float(np.max(offset / spread, initial=0.0, where=spread > 0))
   if ratio > 1e3:
     warnings.warn(f"X is far from the origin relative to its spread (|mean| / std up to "
