@@ -27,6 +27,7 @@ _EXPORTS = {
     "GaussianMixture": "tfp_em.mixture",
     "EmptyComponentWarning": "tfp_em.mixture",
     "SpuriousSolutionWarning": "tfp_em.mixture",
+    "select_mixture": "tfp_em.mixture.selection",
     "BernoulliMLPClassifier": "tfp_em.bernoulli_mlp",
     "MixedEffectsRegressor": "tfp_em.mixed_effects",
     "CrossedEffectsRegressor": "tfp_em.mixed_effects",

@@ -33,6 +33,8 @@ FIT_WRITES = ("gmm_params.json", "gmm_fit.png", "inference_data.nc", "checkpoint
 DEMO_WRITES = FIT_WRITES + ("report",)
 REPORT_WRITES = ("index.html", "inference_data.nc", "hmc_posterior.nc")
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+DEMO_HEADERS = dict(k="K", covariance_type="covariance", log_likelihood="loglik", bic="BIC",
+                    icl="ICL", n_iter="iters")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -240,26 +242,23 @@ def _check_demo(args):
 def _demo(args, checked) -> int:
   from tfp_em.cli import writers
   from tfp_em.engine import outputs
+  from tfp_em.mixture.selection import select_mixture
   x, names = checked
   progress = _progress(args)
   print(f"Old Faithful: {x.shape[0]} eruptions, columns {names}")
   print(f"Selecting K in 1..{args.max_components} and the covariance type by BIC "
         "(lower is better)\n")
-  rows, best = [], None
-  print(f"{'K':>3} {'covariance':>10} {'loglik':>12} {'BIC':>12} {'ICL':>12} {'iters':>6} "
-        f"{'converged':>9}")
-  for cov in COVARIANCE_TYPES:
-    for k in range(1, args.max_components + 1):
-      est = _fit_mixture(x, k, cov, n_init=3, max_iter=500, seed=args.seed, progress=progress)
-      bic, icl = _bic_icl(est, x)
-      rows.append(dict(k=k, covariance_type=cov, log_likelihood=est.log_likelihood_, bic=bic,
-                       icl=icl, n_iter=est.n_iter_, converged=bool(est.converged_)))
-      print(f"{k:>3} {cov:>10} {est.log_likelihood_:>12.3f} {bic:>12.3f} {icl:>12.3f} "
-            f"{est.n_iter_:>6} {str(est.converged_):>9}", flush=True)
-      if best is None or bic < best[0]:
-        best = (bic, est)
-  est = best[1]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # per-fit convergence and warnings are in the table
+    search = select_mixture(x, range(1, args.max_components + 1), models=COVARIANCE_TYPES,
+                            n_init=3, max_iter=500, seed=args.seed, progress=progress)
+  shown = search.table[["k", "covariance_type", "log_likelihood", "bic", "icl", "n_iter",
+                        "converged", "notes"]]
+  print(shown.rename(columns=DEMO_HEADERS).to_string(index=False,
+                                                     float_format=lambda v: f"{v:.3f}"))
+  est = search.best_estimator_
   print(f"\nBest by BIC: K={est.n_components}, covariance_type={est.covariance_type!r}")
+  rows = search.report_rows()
   out = outputs.ensure_writable_dir(args.out)
   writers.write_fit_outputs(est, x, names, out, title="Old Faithful", selection=rows)
   if not args.no_report:
@@ -315,14 +314,6 @@ COMMANDS = {"demo": (_check_demo, _demo), "fit": (_check_fit, _fit_gmm),
 def _fit_mixture(x, k, cov, n_init, max_iter, seed, progress, checkpoint=None):
   from tfp_em.mixture import GaussianMixture
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # per-fit convergence is reported in the table
+    warnings.simplefilter("ignore")  # convergence is printed with the fit
     return GaussianMixture(k, covariance_type=cov, n_init=n_init, max_iter=max_iter,
                            seed=seed, verbose=progress).fit(x, **(checkpoint or {}))
-
-
-def _bic_icl(est, x) -> tuple[float, float]:
-  """BIC, and ICL = BIC + 2 x the classification entropy (Biernacki et al. 2000)."""
-  import numpy as np
-  resp = np.clip(est.predict_proba(x), 1e-300, 1.0)
-  bic = float(est.bic(x))
-  return bic, bic - 2.0 * float(np.sum(resp * np.log(resp)))

@@ -6,8 +6,9 @@
     classification_figure(resp)            the same as bars and a histogram
 
 `rows` is a model search's table, one dict per candidate with keys `k`,
-`covariance_type`, `bic` and optionally `icl` (the demo's BIC sweep writes
-it; `write_report(model_selection=rows)` puts it in the report).
+`covariance_type`, `bic` and optionally `icl`, lower is better, NaN for a
+candidate that failed (`tfp_em.select_mixture(...).report_rows()` writes it;
+`write_report(model_selection=rows)` puts it in the report).
 
 #### References
 
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+MARKERS = "os^Dv<>ph"  # with 10 colours: distinct pairs for up to 90 lines (mclust has 14)
 SURE = 0.9  # an assignment with max posterior probability below this counts as uncertain
 
 
@@ -41,15 +43,18 @@ def model_selection_figure(rows, chosen: tuple) -> Figure:
   axes = np.atleast_1d(fig.subplots(1, len(metrics)))
   types = list(dict.fromkeys(r["covariance_type"] for r in rows))
   for ax, metric in zip(axes, metrics):
-    values = np.array([r[metric] for r in rows], float)
+    fitted = [r for r in rows if np.isfinite(r[metric])]  # failed candidates left out
+    values = np.array([r[metric] for r in fitted], float)
     low = values.min()
     top = low + max(0.1 * abs(low), 20.0)  # zoom on the competitive models
     zoom = values.max() > top
     for j, cov in enumerate(types):
-      sel = sorted((r["k"], r[metric]) for r in rows if r["covariance_type"] == cov)
+      sel = sorted((r["k"], r[metric]) for r in fitted if r["covariance_type"] == cov)
+      if not sel:
+        continue
       ks, vals = zip(*sel)
       off = zoom and min(vals) > top
-      ax.plot(ks, vals, marker="os^D"[j % 4], color=f"C{j}",
+      ax.plot(ks, vals, marker=MARKERS[j % len(MARKERS)], color=f"C{j % 10}",
               label=f"{cov} (off the scale: >= {min(vals):.0f})" if off else cov)
     if zoom:
       ax.set_ylim(low - 0.05 * (top - low), top)
