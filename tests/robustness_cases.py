@@ -858,8 +858,36 @@ def _corrupt_checkpoint_argv(tmp):
 
 # ---- Running and classifying. -------------------------------------------------
 
+def _select(X=None, **kw):
+  def run(tmp):
+    from tfp_em import select_mixture
+    return select_mixture(_x() if X is None else X, progress=False, **kw)
+  return run
+
+
+def _selection_cases():
+  s = "select_mixture"
+  return [
+      Case(f"{s}: n_components empty", s, _select(n_components=[]), "n_components is empty"),
+      Case(f"{s}: n_components an int", s, _select(n_components=3), "list or range of integers"),
+      Case(f"{s}: n_components 0", s, _select(n_components=[0, 1]), "n_components must be >= 1"),
+      Case(f"{s}: more components than rows", s, _select(n_components=[1, 50]),
+           "goes up to 50 but X has 40 rows"),
+      Case(f"{s}: models unknown word", s, _select(models="mclust"),
+           "models must be 'all', 'sklearn' or a list"),
+      Case(f"{s}: models with an unknown name", s, _select(models=["full", "banana"]),
+           "covariance_type must be one of"),
+      Case(f"{s}: models empty", s, _select(models=[]), "models is empty"),
+      Case(f"{s}: criterion unknown", s, _select(criterion="bic2"), "criterion"),
+      Case(f"{s}: covariance_type passed", s, _select(covariance_type="full"),
+           "select_mixture sets"),
+      Case(f"{s}: misspelt option", s, _select(max_iters=10), "unknown GaussianMixture option"),
+      Case(f"{s}: X 1-D", s, _select(X=np.arange(10.0)), "2-D"),
+  ]
+
+
 def all_cases() -> list[Case]:
-  return _estimator_cases() + _loader_cases() + _cli_cases()
+  return _estimator_cases() + _loader_cases() + _cli_cases() + _selection_cases()
 
 
 def _one_line(e) -> str:

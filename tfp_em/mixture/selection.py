@@ -112,7 +112,7 @@ def select_mixture(X, n_components=range(1, 10), models="all", *, n_init: int = 
       candidate failed.
   """
   ks, names = _candidates(n_components, models)
-  n_rows = v.check_array(X, allow_nonfinite=True).shape[0]  # the fits check X
+  n_rows = v.check_array(X, allow_nan=True).shape[0]  # the fits check X (NaN: missing="em")
   if ks[-1] > n_rows:
     raise ValueError(f"n_components goes up to {ks[-1]} but X has {n_rows} rows; "
                      "need at least as many rows as components")
