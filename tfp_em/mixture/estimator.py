@@ -275,6 +275,8 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
 
   def _in_memory(self, X, sample_weight, dtype) -> MixtureData:
     x = self._features(X, reset=True, dtype=dtype)
+    if self.missing == "em":
+      mv.check_no_empty_columns(x)
     if x.shape[0] < self.n_components:
       raise ValueError(f"X has {x.shape[0]} points but n_components={self.n_components}; "
                        "need at least as many points as components")

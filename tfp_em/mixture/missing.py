@@ -65,9 +65,20 @@ def check_no_empty_rows(x, name: str = "X") -> None:
   """A ValueError naming the rows of x [N, D] (numpy) whose every entry is NaN."""
   rows = np.flatnonzero(np.all(np.isnan(x), axis=1))
   if rows.size:
-    shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if rows.size > 10 else "")
-    raise ValueError(f"{name} has {rows.size} row(s) with every entry missing (rows {shown}): "
-                     "they carry no information; drop them")
+    raise ValueError(f"{name} has {rows.size} row(s) with every entry missing (rows "
+                     f"{_listed(rows)}): they carry no information; drop them")
+
+
+def check_no_empty_columns(x, name: str = "X") -> None:
+  """A ValueError naming the columns of x [N, D] (numpy) never observed (nothing to fit)."""
+  columns = np.flatnonzero(np.all(np.isnan(x), axis=0))
+  if columns.size:
+    raise ValueError(f"{name} has {columns.size} column(s) with every entry missing (columns "
+                     f"{_listed(columns)}): their parameters cannot be estimated; drop them")
+
+
+def _listed(indices) -> str:
+  return ", ".join(str(i) for i in indices[:10]) + (", ..." if indices.size > 10 else "")
 
 
 def fill_column_means(x, weights) -> np.ndarray:
