@@ -886,8 +886,50 @@ def _selection_cases():
   ]
 
 
+def _gappy(n=40, d=2, fraction=0.2, seed=0):
+  """_x with `fraction` of its entries NaN (no row all NaN)."""
+  x = _x(n, d, seed)
+  gaps = np.random.default_rng(seed + 1).random(x.shape) < fraction
+  gaps[:, 0] &= ~gaps[:, 1:].all(axis=1)
+  return np.where(gaps, np.nan, x)
+
+
+def _missing_value_cases():
+  """GaussianMixture(missing='em') (issue 20)."""
+  g = "GaussianMixture"
+
+  def fitted():
+    return _gmm(missing="em").fit(_gappy())
+
+  return [
+      Case(f"{g}: missing unknown", g, _fit_gmm(missing="drop"), "missing"),
+      Case(f"{g}: NaN without missing='em' names the option", g,
+           _fit_gmm(lambda: _gappy()), "NaN .*missing='em'"),
+      Case(f"{g}(missing='em'): a row with every entry NaN", g,
+           lambda tmp: _gmm(missing="em").fit(_with(_gappy(), 5, np.nan)),
+           r"every entry missing \(rows 5\)"),
+      Case(f"{g}(missing='em'): a column with every entry NaN", g,
+           lambda tmp: _gmm(missing="em").fit(_with(_gappy(d=3), (slice(None), 1), np.nan)),
+           r"every entry missing \(columns 1\)"),
+      Case(f"{g}(missing='em'): X has inf", g,
+           lambda tmp: _gmm(missing="em").fit(_with(_gappy(), (2, 0), np.inf)), "inf"),
+      Case(f"{g}(missing='em'): streamed input", g,
+           lambda tmp: _gmm(missing="em").fit(_write(tmp, "d.csv", _csv_rows(30))), "in memory"),
+      Case(f"{g}(missing='em'): predict with an all-NaN row", g,
+           lambda tmp: fitted().predict(_with(_gappy(), 0, np.nan)), r"rows 0\)"),
+      Case(f"{g}: impute without missing='em'", g, lambda tmp: _fitted("gmm").impute(_x()),
+           "missing='em'"),
+      Case(f"{g}(missing='em'): 20% NaN entries", g, lambda tmp: fitted(), expect="handled",
+           check=_finite_fit),
+      Case(f"{g}(missing='em'): float32 with NaN entries", g,
+           lambda tmp: _gmm(missing="em", dtype="float32").fit(_gappy()), expect="handled",
+           check=_finite_fit),
+  ]
+
+
 def all_cases() -> list[Case]:
-  return _estimator_cases() + _loader_cases() + _cli_cases() + _selection_cases()
+  return (_estimator_cases() + _loader_cases() + _cli_cases() + _selection_cases()
+          + _missing_value_cases())
 
 
 def _one_line(e) -> str:
