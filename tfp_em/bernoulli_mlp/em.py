@@ -234,15 +234,21 @@ class BernoulliMLPEM(EMModel):
 
   def m_step(self, params, stats):
     l2 = self.l2
-    inputs, targets, counts = stats.inputs, stats.hidden_targets, stats.config_counts
+    inputs, targets = stats.inputs, stats.hidden_targets
     hidden_t = damped_newton(
         lambda w: hidden_unit_objective(w, inputs, targets, l2),
         lambda w: self.hidden_gradient(w, inputs, targets, l2),
         lambda w: hidden_unit_neg_hessian(w, inputs, l2),
         tf.transpose(params.hidden_weights), direction=self.direction,
         max_iter=self.max_newton_iter)
+    return BernoulliMLPParams(tf.transpose(hidden_t),
+                              self.output_m_step(params.output_weights, stats.config_counts))
 
-    shape = params.output_weights.shape
+  def output_m_step(self, output_weights, counts):
+    """argmax_V of the output layer's Q from the configuration counts [K, C]
+    (damped Newton; its cost does not depend on N)."""
+    l2 = self.l2
+    shape = output_weights.shape
     configs_tilde = self._configs_tilde(counts.dtype)
 
     def unflatten(theta):
@@ -252,19 +258,21 @@ class BernoulliMLPEM(EMModel):
         lambda th: output_layer_objective(unflatten(th), configs_tilde, counts, l2),
         lambda th: tf.reshape(output_layer_gradient(unflatten(th)[0], configs_tilde, counts, l2), [1, -1]),
         lambda th: output_layer_neg_hessian(unflatten(th)[0], configs_tilde, counts, l2)[tf.newaxis],
-        tf.reshape(params.output_weights, [1, -1]), direction=self.direction,
+        tf.reshape(output_weights, [1, -1]), direction=self.direction,
         max_iter=self.max_newton_iter)
-    return BernoulliMLPParams(tf.transpose(hidden_t),
-                              center_output_weights(tf.reshape(output, shape)))
+    return center_output_weights(tf.reshape(output, shape))
+
+  def output_objective(self, output_weights, counts):
+    """The output layer's penalized Q from the configuration counts."""
+    return output_layer_objective(output_weights, self._configs_tilde(output_weights.dtype),
+                                  counts, self.l2)
 
   def expected_log_joint(self, params, stats):
     """Q(params | old) - penalty; differs from the loglik by the entropy of tau."""
     hidden = hidden_unit_objective(tf.transpose(params.hidden_weights), stats.inputs,
                                    stats.hidden_targets, self.l2)
-    output = output_layer_objective(
-        params.output_weights, self._configs_tilde(params.output_weights.dtype),
-        stats.config_counts, self.l2)
-    return tf.reduce_sum(hidden) + output
+    return tf.reduce_sum(hidden) + self.output_objective(params.output_weights,
+                                                         stats.config_counts)
 
   def marginal_log_prob(self, params, data):
     """Penalized log p(y | x) from the TFP model (unchunked, differentiable)."""
