@@ -13,6 +13,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from models import bernoulli_mlp as mlp
 from models.bernoulli_mlp import BernoulliMLPParams
 from tfp_em.bernoulli_mlp.em import BernoulliMLPEM, check_num_hidden, fit_autodiff
+from tfp_em.bernoulli_mlp.summed import model_class
 from tfp_em.diagnostics.mixin import DiagnosticsMixin
 from tfp_em.engine import inputs as v
 from tfp_em.engine import fit_em
@@ -89,12 +90,17 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     dtype: 'float64' (default) or 'float32'.
     method: 'em' (default) or 'autodiff' (L-BFGS on the same TFP marginal).
     memory_budget_mb: bound on the E-step's work arrays (default 256).
+    m_step: 'exact' (default; the hidden units' Newton M-step run to
+      convergence on per-point soft targets, faster in memory) or 'summed'
+      (`BernoulliMLPSummedEM`: one certified Newton step per iteration from
+      statistics summed over points, the model that streams and distributes).
 
   Attributes (after `fit`):
     classes_, mean_, scale_, n_features_in_, params_ (BernoulliMLPParams,
     numpy), fit_result_ (`tfp_em.FitResult`; per-iteration objective of every
     restart in `fit_result_.restarts[i].log_likelihood`), iteration_seconds_
     (seconds since the start of the chosen restart at each trace entry),
+    m_step_ (the M-step EM used: 'exact' or 'summed'; None for 'autodiff'),
     n_iter_, converged_, objective_ (penalized loglik the fit maximized),
     log_likelihood_ (unpenalized log p(y | x) on the training data),
     feature_names_in_ (when X is a DataFrame with string column names).
@@ -107,7 +113,7 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
   def __init__(self, n_hidden: int = 5, max_iter: int = 200, tol: float = 1e-6,
                l2: float = 0., n_init: int = 1, seed: int | None = 0,
                dtype: str = "float64", method: str = "em",
-               memory_budget_mb: float = 256.):
+               memory_budget_mb: float = 256., m_step: str = "exact"):
     self.n_hidden = n_hidden
     self.max_iter = max_iter
     self.tol = tol
@@ -117,11 +123,12 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     self.dtype = dtype
     self.method = method
     self.memory_budget_mb = memory_budget_mb
+    self.m_step = m_step
 
   def em_model(self, num_classes: int) -> BernoulliMLPEM:
     """The `BernoulliMLPEM` this estimator fits, for `num_classes` classes."""
     budget = v.check_float("memory_budget_mb", self.memory_budget_mb, minimum=0., strict=True)
-    return BernoulliMLPEM(self.n_hidden, num_classes, l2=self.l2,
+    return model_class(self.m_step)(self.n_hidden, num_classes, l2=self.l2,
                           memory_budget_bytes=int(budget * 2 ** 20))
 
   def fit(self, X, y):
@@ -156,6 +163,7 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     stamps = np.asarray(times[result.best_restart][:len(chosen.log_likelihood)])
     # The restart began about `seconds` before its last trace entry.
     self.iteration_seconds_ = stamps - (stamps[-1] - chosen.seconds)
+    self.m_step_ = self.m_step if method == "em" else None
     self.classes_ = classes
     self.params_ = BernoulliMLPParams(*[np.array(p) for p in result.params])
     self.fit_result_ = result
