@@ -20,9 +20,11 @@ A candidate whose fit looks spurious (`SpuriousSolutionWarning`: a component
 on a point or a few, whose likelihood grows without bound) is listed but not
 chosen, as mclust gives singular fits no BIC.
 
-Candidates of a configuration fitted before in the process (the same K and
-covariance model, any data size) reuse its compiled steps
-(`tfp_em.engine.compiling`); every restart of a candidate shares them too.
+Compiled steps are shared by every restart of a candidate and by any later fit
+of the same configuration (K, covariance model, D; and N when N <= 2048,
+`tfp_em.engine.compiling`): a second search traces nothing. Each new K traces
+its steps (three graphs) once; on small data that tracing, not EM, is most of a
+first search's time.
 
 #### References
 
