@@ -106,3 +106,15 @@ def test_failed_candidate_gets_nan_and_a_note():
   failed = found.table[found.table["notes"].str.startswith("failed")]
   assert len(failed) >= 1 and failed["bic"].isna().all()
   assert not found.table.loc[found.table["best"], "bic"].isna().any()
+
+
+def test_missing_values_pass_through_to_the_fits():
+  x = _blobs(4, 40)
+  x[::7, 1] = np.nan
+  found = tfp_em.select_mixture(x, [1, 2], models=["diag"], missing="em", progress=False)
+  est = found.best_estimator_
+  assert est.missing == "em" and found.best_["k"] == 2
+  assert found.best_["bic"] == pytest.approx(est.bic(x), rel=1e-12)
+  assert found.best_["icl"] == pytest.approx(est.icl(x), rel=1e-12)
+  with pytest.raises(ValueError, match="missing='em'"):  # NaN without the option
+    tfp_em.select_mixture(x, [1], models=["diag"], progress=False)
