@@ -252,8 +252,9 @@ def _demo(args, checked) -> int:
     warnings.simplefilter("ignore")  # per-fit convergence and warnings are in the table
     search = select_mixture(x, range(1, args.max_components + 1), models=COVARIANCE_TYPES,
                             n_init=3, max_iter=500, seed=args.seed, progress=progress)
+  notes = ["notes"] if search.table["notes"].any() else []  # the fits' warnings, by kind
   shown = search.table[["k", "covariance_type", "log_likelihood", "bic", "icl", "n_iter",
-                        "converged", "notes"]]
+                        "converged"] + notes]
   print(shown.rename(columns=DEMO_HEADERS).to_string(index=False,
                                                      float_format=lambda v: f"{v:.3f}"))
   est = search.best_estimator_
