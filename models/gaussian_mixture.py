@@ -35,6 +35,7 @@ from typing import NamedTuple
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from models.eigen_covariance import EigenCovariance
 from models.specs import ParamSpec
 
 tfd = tfp.distributions
@@ -102,12 +103,15 @@ def n_parameters(covariance_type: str, n_components: int, n_features: int) -> in
 
 @functools.lru_cache(maxsize=None)  # bijectors built once per argument
 def param_specs(covariance_type: str) -> GaussianMixtureParams:
-  """Specs with bijectors from unconstrained space for each parameter."""
-  check_covariance_type(covariance_type)
-  if covariance_type in ("full", "tied"):
+  """Specs with bijectors from unconstrained space for each parameter; mclust's
+  ten constrained models map onto their family (`EigenCovariance`)."""
+  canonical = canonical_type(covariance_type)
+  if canonical in ("full", "tied"):
     cov = tfb.Chain([tfb.CholeskyOuterProduct(), tfb.FillScaleTriL(diag_shift=None)])
-  else:
+  elif canonical in ("diag", "spherical"):
     cov = tfb.Softplus()
+  else:
+    cov = EigenCovariance(canonical)
   return GaussianMixtureParams(
       weights=ParamSpec(True, tfb.SoftmaxCentered()),
       means=ParamSpec(True, tfb.Identity()),
@@ -119,13 +123,13 @@ def component_scale_tril(params: GaussianMixtureParams, covariance_type: str):
   k = tf.shape(params.means)[0]
   d = tf.shape(params.means)[1]
   cov = params.covariances
-  if covariance_type == "full":
+  layout = covariance_layout(covariance_type)
+  if layout == "full":
     return tf.linalg.cholesky(cov)
-  if covariance_type == "tied":
+  if layout == "tied":
     return tf.broadcast_to(tf.linalg.cholesky(cov)[tf.newaxis], [k, d, d])
-  if covariance_type == "diag":
+  if layout == "diag":
     return tf.linalg.diag(tf.sqrt(cov))
-  check_covariance_type(covariance_type)
   return tf.sqrt(cov)[:, tf.newaxis, tf.newaxis] * tf.eye(d, dtype=cov.dtype)
 
 

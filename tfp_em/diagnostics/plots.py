@@ -26,6 +26,7 @@ from matplotlib.patches import Ellipse
 
 import arviz as az
 
+from models.gaussian_mixture import covariance_layout
 from tfp_em.diagnostics.adapters import get_adapter
 from tfp_em.diagnostics.naming import entries, posterior_coords
 
@@ -145,7 +146,7 @@ def mixture_ellipses(fitted, data, features=(0, 1), feature_names=None) -> Figur
   params = get_adapter(fitted).params(fitted)
   weights, means = np.asarray(params.weights), np.asarray(params.means)
   k, d = means.shape
-  covs = _covariance_matrices(params, fitted.covariance_type, k, d)
+  covs = _covariance_matrices(params, covariance_layout(fitted.covariance_type), k, d)
   labels = fitted.predict(x)
   names = feature_names or [f"feature {j}" for j in range(d)]
   fig = Figure(figsize=(6.4, 5.2), layout="constrained")

@@ -53,7 +53,7 @@ class GaussianMixtureAdapter(Adapter):
     cov = {"full": ("component", "feature", "feature_bis"),
            "tied": ("feature", "feature_bis"),
            "diag": ("component", "feature"),
-           "spherical": ("component",)}[fitted.covariance_type]
+           "spherical": ("component",)}[gm.covariance_layout(fitted.covariance_type)]
     return {"weights": ("component",), "means": ("component", "feature"), "covariances": cov}
 
   def label_permutation(self, fitted, reference, params):
@@ -65,7 +65,8 @@ class GaussianMixtureAdapter(Adapter):
     axis = w.ndim - 1
     return type(params)(
         weights=np.take(w, perm, axis), means=np.take(m, perm, axis),
-        covariances=c if fitted.covariance_type == "tied" else np.take(c, perm, axis))
+        covariances=(c if gm.covariance_layout(fitted.covariance_type) == "tied"
+                     else np.take(c, perm, axis)))
 
   def posterior_predictive(self, fitted, params, data, num_draws, seed, num_points=None):
     marginal = gm.marginal(params, fitted.covariance_type)
@@ -97,7 +98,7 @@ class GaussianMixtureAdapter(Adapter):
         "means": tfd.Independent(tfd.Normal(tf.constant(np.broadcast_to(loc, (k, d)), dtype),
                                              tf.constant(10 * np.broadcast_to(sd, (k, d)), dtype)), 2),
     }
-    ct = fitted.covariance_type
+    ct = gm.covariance_layout(fitted.covariance_type)
     if ct in ("full", "tied"):
       wishart = tfd.WishartTriL(df=tf.constant(d + 1.0, dtype),
                                 scale_tril=tf.constant(np.sqrt(100 * var) * np.eye(d), dtype),

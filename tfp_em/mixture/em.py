@@ -4,16 +4,9 @@ E-step: r_nk ∝ w_k N(x_n | mu_k, Sigma_k), in log space through the precision
 Cholesky factor U_k (Sigma_k^{-1} = U_k U_k^T), so the Mahalanobis term is a
 matmul rather than a triangular solve.
 
-Stats are sums over points, taken about the E-step's means c_k (the `center`
-field, shared, not summed):
-
-    counts_k  = sum_n w_n r_nk
-    dev_k     = sum_n w_n r_nk (x_n - c_k)                 # [K, D]
-    sq_dev_k  = sum_n w_n r_nk (x_n - c_k)(x_n - c_k)^T     # [K, D, D] or [K, D]
-
-Centring on the current means keeps the covariance update free of the
-cancellation in E[x x^T] - mu mu^T that breaks float32 (scikit-learn #30382).
-No N x K x D x D tensor is ever formed; data are processed in chunks so the
+The stats (`tfp_em.mixture.stats`) are sums over points about the E-step's
+means; the M-step needs nothing else. mclust's ten constrained covariance
+models take their M-step from `tfp_em.mixture.covariance_models`. No N x K x D x D tensor is ever formed; data are processed in chunks so the
 largest intermediate is [chunk, K, D].
 
 #### References
@@ -30,21 +23,17 @@ import numpy as np
 import tensorflow as tf
 
 from models import gaussian_mixture as gm
-from models.gaussian_mixture import GaussianMixtureParams
+from models.gaussian_mixture import GaussianMixtureParams, covariance_layout
 from tfp_em.engine import EMModel
 from tfp_em.engine.chunks import equal_chunks, fixed_chunks, in_chunks
 from tfp_em.engine.compiling import compiled
 from tfp_em.engine.passes import add_stats
+from tfp_em.mixture.covariance_models import GENERALIZED_MODELS, constrained_covariances
+from tfp_em.mixture.stats import (GaussianMixtureStats, scatter_about, stats_about_centres,
+                                  stats_by_matmul)
 from tfp_em.verification.exact import ExactPosterior, marginalize_discrete
 
 MIN_COUNT_EPS = 10.0  # counts get 10*eps added, as in scikit-learn
-
-
-class GaussianMixtureStats(NamedTuple):
-  counts: tf.Tensor   # [K]
-  dev: tf.Tensor      # [K, D]
-  sq_dev: tf.Tensor   # [K, D, D] (full, tied) or [K, D] (diag, spherical)
-  center: tf.Tensor   # [K, D] E-step means; shared across batches, not summed
 
 
 class MixtureData(NamedTuple):
@@ -61,12 +50,17 @@ class ResponsibilityRows(NamedTuple):
 # ----------------------------------------------------------------------------
 # Pure maths.
 
+def full_stats(covariance_type: str) -> bool:
+  """Whether the stats hold full [K, D, D] second moments (else diagonals)."""
+  return covariance_layout(covariance_type) in ("full", "tied")
+
+
 def precision_cholesky(covariances, covariance_type: str):
   """U with Sigma^{-1} = U U^T (scikit-learn's `precisions_cholesky_`).
 
-  Shapes: full [K, D, D], tied [D, D], diag [K, D], spherical [K].
+  Shapes (`covariance_layout`): full [K, D, D], tied [D, D], diag [K, D], spherical [K].
   """
-  if covariance_type in ("full", "tied"):
+  if full_stats(covariance_type):
     chol = tf.linalg.cholesky(covariances)
     eye = tf.eye(tf.shape(covariances)[-1], batch_shape=tf.shape(covariances)[:-2],
                  dtype=covariances.dtype)
@@ -76,9 +70,9 @@ def precision_cholesky(covariances, covariance_type: str):
 
 def log_det_precision_cholesky(prec_chol, covariance_type: str, num_features: int):
   """log |U_k| = 0.5 log |Sigma_k^{-1}|, shape [K] (tied: scalar)."""
-  if covariance_type in ("full", "tied"):
+  if full_stats(covariance_type):
     return tf.reduce_sum(tf.math.log(tf.linalg.diag_part(prec_chol)), axis=-1)
-  if covariance_type == "diag":
+  if covariance_layout(covariance_type) == "diag":
     return tf.reduce_sum(tf.math.log(prec_chol), axis=-1)
   return num_features * tf.math.log(prec_chol)
 
@@ -89,11 +83,12 @@ def component_log_prob(x, means, prec_chol, covariance_type: str):
   log_det = log_det_precision_cholesky(prec_chol, covariance_type, d)
   shift = tf.reduce_mean(means, axis=0)  # a common offset cancels badly in x U - mu U
   x, means = x - shift, means - shift
-  if covariance_type == "full":
+  layout = covariance_layout(covariance_type)
+  if layout == "full":
     y = tf.einsum("nd,kde->nke", x, prec_chol) - tf.einsum("kd,kde->ke", means, prec_chol)
-  elif covariance_type == "tied":
+  elif layout == "tied":
     y = (x @ prec_chol)[:, tf.newaxis, :] - (means @ prec_chol)[tf.newaxis]
-  elif covariance_type == "diag":
+  elif layout == "diag":
     y = (x[:, tf.newaxis, :] - means[tf.newaxis]) * prec_chol[tf.newaxis]
   else:
     y = (x[:, tf.newaxis, :] - means[tf.newaxis]) * prec_chol[tf.newaxis, :, tf.newaxis]
@@ -111,27 +106,15 @@ def estimate_means(stats: GaussianMixtureStats, counts):
   return stats.center + stats.dev / counts[:, tf.newaxis]
 
 
-def scatter_about(stats: GaussianMixtureStats, means, full: bool):
-  """sum_n w r_nk (x_n - mu_k)(x_n - mu_k)^T from stats taken about c_k.
-
-  With delta = mu - c: sq_dev - dev delta^T - delta dev^T + N delta delta^T.
-  Returns [K, D, D] if `full`, else its diagonal [K, D].
-  """
-  delta = means - stats.center  # [K, D]
-  n = stats.counts
-  if full:
-    cross = tf.einsum("kd,ke->kde", stats.dev, delta)
-    return (stats.sq_dev - cross - tf.linalg.matrix_transpose(cross)
-            + n[:, None, None] * tf.einsum("kd,ke->kde", delta, delta))
-  return stats.sq_dev - 2.0 * stats.dev * delta + n[:, None] * tf.square(delta)
-
-
 def estimate_covariances(stats: GaussianMixtureStats, means, counts,
-                         covariance_type: str, reg_covar: float):
-  """Sigma_k = scatter_k / N_k + reg I (tied: pooled scatter / sum N)."""
+                         covariance_type: str, reg_covar: float, previous=None):
+  """Sigma_k = scatter_k / N_k + reg I (tied: pooled scatter / sum N); mclust's
+  constrained models: `constrained_covariances` (which starts from `previous`)."""
   dtype = stats.counts.dtype
-  full = covariance_type in ("full", "tied")
-  scatter = scatter_about(stats, means, full)
+  covariance_type = gm.canonical_type(covariance_type)
+  scatter = scatter_about(stats, means, full_stats(covariance_type))
+  if covariance_layout(covariance_type) != covariance_type:
+    return constrained_covariances(covariance_type, scatter, counts, reg_covar, previous)
   if covariance_type == "full":
     d = tf.shape(means)[-1]
     return scatter / counts[:, None, None] + reg_covar * tf.eye(d, dtype=dtype)
@@ -146,15 +129,15 @@ def expected_log_joint(params: GaussianMixtureParams, stats: GaussianMixtureStat
                        covariance_type: str):
   """Q(params | old) = E_{z ~ p(z | x, old)} log p(x, z | params), from stats."""
   d = params.means.shape[-1]
-  full = covariance_type in ("full", "tied")
-  scatter = scatter_about(stats, params.means, full)
+  scatter = scatter_about(stats, params.means, full_stats(covariance_type))
   prec_chol = precision_cholesky(params.covariances, covariance_type)
   half_log_det_prec = log_det_precision_cholesky(prec_chol, covariance_type, d)  # [K] or []
-  if covariance_type == "full":
+  layout = covariance_layout(covariance_type)
+  if layout == "full":
     quad = tf.linalg.trace(tf.linalg.matrix_transpose(prec_chol) @ scatter @ prec_chol)
-  elif covariance_type == "tied":
+  elif layout == "tied":
     quad = tf.linalg.trace(tf.linalg.matrix_transpose(prec_chol)[None] @ scatter @ prec_chol[None])
-  elif covariance_type == "diag":
+  elif layout == "diag":
     quad = tf.reduce_sum(scatter * tf.square(prec_chol), -1)
   else:
     quad = tf.reduce_sum(scatter, -1) * tf.square(prec_chol)
@@ -163,39 +146,6 @@ def expected_log_joint(params: GaussianMixtureParams, stats: GaussianMixtureStat
                    - 0.5 * n * d * math.log(2 * math.pi)
                    + n * half_log_det_prec - 0.5 * quad)
   return tf.reduce_sum(per_component)
-
-
-def stats_about_centres(rw, x, center, full: bool) -> GaussianMixtureStats:
-  """Stats of weighted responsibilities rw [N, K], each component centred on
-  its own c_k: no cancellation whatever the dtype. Forms [N, K, D]."""
-  xc = x[:, tf.newaxis, :] - center[tf.newaxis]              # [N, K, D]
-  counts = tf.reduce_sum(rw, 0)                              # [K]
-  dev = tf.einsum("nk,nkd->kd", rw, xc)                      # [K, D]
-  if full:
-    sq_dev = tf.einsum("nkd,nke->kde", rw[..., tf.newaxis] * xc, xc)  # [K, D, D]
-  else:
-    sq_dev = tf.einsum("nk,nkd->kd", rw, tf.square(xc))      # [K, D]
-  return GaussianMixtureStats(counts, dev, sq_dev, center)
-
-
-def stats_by_matmul(rw, x, center) -> GaussianMixtureStats:
-  """The full/tied stats from one [D, N] x [N, K D] matmul about the mean m
-  of the centres, moved to each centre c_k exactly (2-3x faster than
-  `stats_about_centres`). The move costs |c_k - m|^2 / sigma_k^2 of
-  relative precision: harmless in float64, not in float32."""
-  k, d = tf.shape(center)[0], x.shape[-1]
-  shift = tf.reduce_mean(center, 0)
-  dx = x - shift                                                      # [N, D]
-  delta = center - shift                                              # [K, D]
-  counts = tf.reduce_sum(rw, 0)                                       # [K]
-  first = tf.matmul(rw, dx, transpose_a=True)                         # [K, D]
-  weighted = tf.reshape(rw[:, :, tf.newaxis] * dx[:, tf.newaxis], [-1, k * d])   # [N, K D]
-  about_shift = tf.transpose(tf.reshape(tf.matmul(dx, weighted, transpose_a=True),
-                                        [d, k, d]), [1, 0, 2])        # [K, D, D]
-  cross = delta[:, :, tf.newaxis] * first[:, tf.newaxis]              # [K, D, D]
-  sq_dev = (about_shift - cross - tf.linalg.matrix_transpose(cross)
-            + counts[:, tf.newaxis, tf.newaxis] * delta[:, :, tf.newaxis] * delta[:, tf.newaxis])
-  return GaussianMixtureStats(counts, first - counts[:, tf.newaxis] * delta, sq_dev, center)
 
 
 def default_chunk_size(n_components: int, n_features: int) -> int:
@@ -211,7 +161,9 @@ class GaussianMixtureEM(EMModel):
 
   Args:
     n_components: K.
-    covariance_type: 'full', 'tied', 'diag' or 'spherical'.
+    covariance_type: 'full', 'tied', 'diag', 'spherical' or one of mclust's 14
+      models (`models.gaussian_mixture.MCLUST_MODELS`); VII, VVI, EEE and
+      VVV are spherical, diag, tied and full.
     reg_covar: added to covariance diagonals after each M-step. With
       `reg_covar > 0` the M-step is no longer the exact argmax of Q.
     init: callable `(x [N, D] numpy, weights [N], seed) -> responsibilities
@@ -239,7 +191,9 @@ class GaussianMixtureEM(EMModel):
                reg_covar: float = 1e-6, init=None, chunk_size: int | None = None,
                compile: str = "graph", jit_chunks: bool = False):
     self.n_components = n_components
-    self.covariance_type = gm.check_covariance_type(covariance_type)
+    self.covariance_type = gm.canonical_type(covariance_type)
+    if self.covariance_type in GENERALIZED_MODELS:  # an M-step that only increases Q
+      self.generalized_m_step_fields = ("covariances",)
     self.reg_covar = reg_covar
     self.init = init
     self.chunk_size = chunk_size  # None: default_chunk_size(K, D)
@@ -273,18 +227,19 @@ class GaussianMixtureEM(EMModel):
     return GaussianMixtureParams(
         weights=estimate_weights(counts), means=means,
         covariances=estimate_covariances(stats, means, counts, self.covariance_type,
-                                         self.reg_covar))
+                                         self.reg_covar, None if params is None
+                                         else params.covariances))
 
   def expected_log_joint(self, params, stats):
     return expected_log_joint(params, stats, self.covariance_type)
 
   def rebase_stats(self, stats: GaussianMixtureStats, like: GaussianMixtureStats):
     """The same stats re-expressed about `like.center` (exact algebra)."""
-    full = self.covariance_type in ("full", "tied")
     shift = stats.center - like.center  # [K, D]
     return GaussianMixtureStats(
         counts=stats.counts, dev=stats.dev + stats.counts[:, tf.newaxis] * shift,
-        sq_dev=scatter_about(stats, like.center, full), center=like.center)
+        sq_dev=scatter_about(stats, like.center, full_stats(self.covariance_type)),
+        center=like.center)
 
   def marginal_log_prob(self, params, data: MixtureData):
     lp = gm.marginal(params, self.covariance_type).log_prob(data.x)
@@ -311,7 +266,7 @@ class GaussianMixtureEM(EMModel):
   def component_axes(self):
     """Label switching permutes weights, means and (untied) covariances along axis 0."""
     axes = {"weights": 0, "means": 0}
-    if self.covariance_type != "tied":
+    if covariance_layout(self.covariance_type) != "tied":
       axes["covariances"] = 0
     return axes
 
@@ -354,7 +309,7 @@ class GaussianMixtureEM(EMModel):
 
   def _stats_from_resp(self, resp, x, weights, center):
     rw = resp * weights[:, tf.newaxis]                         # [N, K]
-    full = self.covariance_type in ("full", "tied")
+    full = full_stats(self.covariance_type)
     if full and x.dtype == tf.float64:
       return stats_by_matmul(rw, x, center)
     return stats_about_centres(rw, x, center, full)
@@ -395,7 +350,6 @@ class GaussianMixtureEM(EMModel):
 
   def _zero_stats(self, center) -> GaussianMixtureStats:
     """Stats of no points, about `center` [K, D]."""
-    full = self.covariance_type in ("full", "tied")
     sq_dev = (tf.zeros(tf.concat([tf.shape(center), tf.shape(center)[-1:]], 0), center.dtype)
-              if full else tf.zeros_like(center))
+              if full_stats(self.covariance_type) else tf.zeros_like(center))
     return GaussianMixtureStats(tf.zeros_like(center[:, 0]), tf.zeros_like(center), sq_dev, center)
