@@ -47,7 +47,10 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
 
   Args:
     n_components: number of components K (default 1).
-    covariance_type: 'full' (default), 'tied', 'diag' or 'spherical'.
+    covariance_type: 'full' (default), 'tied', 'diag' or 'spherical', or one of
+      mclust's 14 models (`models.gaussian_mixture.MCLUST_MODELS`: VII, VVI,
+      EEE and VVV are the same fits as spherical, diag, tied and full; the
+      ten others keep [K, D, D] `covariances_`).
     tol: convergence tolerance on the change of the mean log-likelihood per
       point, relative to max(1, |mean loglik|) (default 1e-6).
     reg_covar: non-negative value added to covariance diagonals (default 1e-6),
@@ -169,7 +172,8 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
       return self.compile
     if n_points is None or n_features is None:  # streamed: batches are large by construction
       return "xla"
-    per_point = n_features ** (2 if self.covariance_type in ("full", "tied") else 1)
+    per_point = n_features ** (2 if gm.covariance_layout(self.covariance_type) in ("full", "tied")
+                               else 1)
     work = (n_points * self.n_components * per_point * self.n_init
             * min(self.max_iter, EXPECTED_ITERATIONS))
     return "xla" if work >= XLA_MIN_WORK else "graph"
@@ -232,7 +236,8 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     n_points = (np.count_nonzero(data.weights) if isinstance(data, MixtureData)
                 else result.num_observations)  # in units of an average point's weight
     spurious.warn(spurious.fit_findings(result.params.weights, result.params.covariances,
-                                        n_points, self.covariance_type, n_features,
+                                        n_points, gm.covariance_layout(self.covariance_type),
+                                        n_features,
                                         self.reg_covar), "after")
     self.set_fitted_params(result.params, n_features)
     # In-memory training data (already a private copy) for summary() and reports.
@@ -253,7 +258,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
       if not empty.any():
         break
       params = mr.reseed(result.params, model.log_prob_components, x, w, empty,
-                         self.covariance_type, self.reg_covar)
+                         gm.covariance_layout(self.covariance_type), self.reg_covar)
       more = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
                     init_params=params, on_decrease=self.on_decrease, progress=self.verbose)
       slack = default_decrease_tol(x.dtype) * (abs(result.log_likelihood) + w.sum())
@@ -288,7 +293,8 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
                        f"but n_components={self.n_components}")
     largest_variance = float(np.max(np.nanvar(x, axis=0, dtype=np.float64)))
     spurious.warn(spurious.size_findings(np.count_nonzero(w), x.shape[1], self.n_components,
-                                         self.covariance_type, largest_variance, self.reg_covar),
+                                         gm.covariance_layout(self.covariance_type),
+                                         largest_variance, self.reg_covar),
                   "before", stacklevel=3)
     return MixtureData(tf.constant(x), tf.constant(w))
 
@@ -329,7 +335,8 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
       if means.shape != (k, d):
         raise ValueError(f"means_init must have shape {(k, d)}, got {means.shape}")
     if self.precisions_init is not None:
-      covariances = _covariances_from_precisions(self.precisions_init, self.covariance_type,
+      covariances = _covariances_from_precisions(self.precisions_init,
+                                                 gm.covariance_layout(self.covariance_type),
                                                  k, d, dtype)
     return GaussianMixtureParams(tf.constant(weights), tf.constant(means),
                                  tf.constant(covariances))
@@ -344,7 +351,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     self.precisions_cholesky_ = precision_cholesky(params.covariances,
                                                    self.covariance_type).numpy()
     u = self.precisions_cholesky_
-    if self.covariance_type in ("full", "tied"):
+    if gm.covariance_layout(self.covariance_type) in ("full", "tied"):
       self.precisions_ = u @ np.swapaxes(u, -1, -2)
     else:
       self.precisions_ = u ** 2
@@ -413,10 +420,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     return draw["x"].numpy(), draw["z"].numpy()
 
   def _n_parameters(self) -> int:
-    k, d = self.n_components, self.n_features_in_
-    cov = {"full": k * d * (d + 1) / 2, "diag": k * d, "tied": d * (d + 1) / 2,
-           "spherical": k}[self.covariance_type]
-    return int(cov + k * d + k - 1)
+    return gm.n_parameters(self.covariance_type, self.n_components, self.n_features_in_)
 
   def bic(self, X) -> float:
     """Bayesian information criterion on X (lower is better)."""
