@@ -67,8 +67,10 @@ def test_conditional_is_gaussian_conditioning():
   x = rng.normal(size=(n, d))
   mask = np.array([1.0, 0.0, 1.0, 0.0])
   o, m = mask > 0, mask == 0
-  cond = mv.conditional(tf.constant(np.where(o, x, 0.0)), tf.constant(mask), tf.constant(means),
-                        tf.constant(cov))
+  x0 = np.where(o, x, 0.0)
+  cond = mv.conditional(tf.constant(x0[np.newaxis]), tf.constant(mask[np.newaxis]),
+                        tf.constant(means), tf.constant(cov))        # one group of n rows
+  assert cond.cov.shape == (1, k, d, d)
   for j in range(k):
     s_oo, s_mo = cov[j][np.ix_(o, o)], cov[j][np.ix_(m, o)]
     gain = s_mo @ np.linalg.inv(s_oo)
@@ -76,34 +78,47 @@ def test_conditional_is_gaussian_conditioning():
     np.testing.assert_allclose(cond.mean.numpy()[:, j][:, m], mean_m, rtol=1e-12)
     np.testing.assert_array_equal(cond.mean.numpy()[:, j][:, o], x[:, o])
     c_mm = cov[j][np.ix_(m, m)] - gain @ s_mo.T
-    np.testing.assert_allclose(cond.cov.numpy()[j][np.ix_(m, m)], c_mm, rtol=1e-12)
-    assert np.all(cond.cov.numpy()[j][o] == 0) and np.all(cond.cov.numpy()[j][:, o] == 0)
+    np.testing.assert_allclose(cond.cov.numpy()[0, j][np.ix_(m, m)], c_mm, rtol=1e-12)
+    assert np.all(cond.cov.numpy()[0, j][o] == 0) and np.all(cond.cov.numpy()[0, j][:, o] == 0)
     ref = tfd.MultivariateNormalFullCovariance(means[j, o], s_oo).log_prob(x[:, o]).numpy()
     np.testing.assert_allclose(cond.log_prob.numpy()[:, j], ref, rtol=1e-12)
+  # the same rows one per group (as pooled rows of rare patterns are conditioned)
+  per_row = mv.conditional(tf.constant(x0[:, np.newaxis]), tf.constant(np.tile(mask, (n, 1))),
+                           tf.constant(means), tf.constant(cov))
+  assert per_row.cov.shape == (n, k, d, d)
+  np.testing.assert_allclose(per_row.log_prob.numpy(), cond.log_prob.numpy(), rtol=1e-12)
+  np.testing.assert_allclose(per_row.mean.numpy(), cond.mean.numpy(), rtol=1e-12)
+  np.testing.assert_allclose(per_row.cov.numpy(), np.repeat(cond.cov.numpy(), n, 0), atol=1e-12)
 
 
-def test_pattern_blocks_cover_each_row_once_with_one_pattern_per_block():
+@pytest.mark.parametrize("shared_rows", [1, 8, 1000])
+def test_pattern_blocks_cover_each_row_once(shared_rows):
   rng = np.random.default_rng(4)
   observed = rng.random((200, 3)) < 0.6
-  blocks = mv.pattern_blocks(tf.constant(observed), size=16)
-  order, starts, ends = (t.numpy() for t in blocks)
-  assert np.all(ends - starts <= 16) and np.all(ends > starts)
+  blocks = mv.pattern_blocks(tf.constant(observed), size=16, shared_rows=shared_rows)
+  order, starts, ends, per_row = (t.numpy() for t in blocks)
+  assert np.all(ends > starts)
   rows = np.concatenate([order[a:b] for a, b in zip(starts, ends)])
   np.testing.assert_array_equal(np.sort(rows), np.arange(200))
-  for a, b in zip(starts, ends):
-    assert (observed[order[a:b]] == observed[order[a]]).all()
-  assert len(starts) >= len(np.unique(observed, axis=0))
+  patterns, counts = np.unique(observed, axis=0, return_counts=True)
+  frequent = {tuple(p) for p, c in zip(patterns, counts) if c >= shared_rows}
+  for a, b, pooled in zip(starts, ends, per_row):
+    block = observed[order[a:b]]
+    if pooled:   # rows of rare patterns, at most size // D of them
+      assert b - a <= 16 // 3 and not frequent & {tuple(r) for r in block}
+    else:        # one frequent pattern, at most `size` rows
+      assert b - a <= 16 and (block == block[0]).all() and tuple(block[0]) in frequent
 
 
 def test_expected_stats_add_the_conditional_covariance():
   """One row, one component: sq_dev is (x^ - c)(x^ - c)^T + C, weighted."""
   mean = tf.constant([[[1.0, 2.0]]], tf.float64)                    # [n=1, K=1, D=2]
-  cov = tf.constant([[[0.0, 0.0], [0.0, 0.5]]], tf.float64)          # [K, D, D]
+  cov = tf.constant([[[[0.0, 0.0], [0.0, 0.5]]]], tf.float64)        # [G=1, K, D, D]
   cond = mv.Conditional(None, mean, cov)
   center = tf.constant([[0.0, 1.0]], tf.float64)
   rw = tf.constant([[2.0]], tf.float64)
   full = mv.expected_stats(rw, cond, center, full=True)
-  np.testing.assert_allclose(full.sq_dev.numpy()[0], 2 * (np.outer([1, 1], [1, 1]) + cov[0]))
+  np.testing.assert_allclose(full.sq_dev.numpy()[0], 2 * (np.outer([1, 1], [1, 1]) + cov[0, 0]))
   diag = mv.expected_stats(rw, cond, center, full=False)
   np.testing.assert_allclose(diag.sq_dev.numpy()[0], [2.0, 2 * 1.5])
   np.testing.assert_allclose(diag.dev.numpy()[0], [2.0, 2.0])

@@ -45,20 +45,22 @@ from tfp_em.mixture.em import GaussianMixtureStats
 
 
 class PatternBlocks(NamedTuple):
-  """Rows grouped by missingness pattern, in blocks of at most `size` rows.
-
-  Block b holds the rows `order[starts[b]:ends[b]]`, all of one pattern.
-  """
-  order: tf.Tensor   # [N] row indices, sorted by pattern
-  starts: tf.Tensor  # [B]
-  ends: tf.Tensor    # [B]
+  """Rows in blocks: block b holds the rows `order[starts[b]:ends[b]]`, either
+  all of one pattern (`per_row[b]` False: one factorization for the block) or
+  of rare patterns pooled (`per_row[b]` True: one factorization per row)."""
+  order: tf.Tensor    # [N] row indices: frequent patterns first, each contiguous
+  starts: tf.Tensor   # [B]
+  ends: tf.Tensor     # [B]
+  per_row: tf.Tensor  # [B] bool
 
 
 class Conditional(NamedTuple):
-  """One pattern's rows given each component."""
+  """A block's rows given each component; the rows come in G groups of R rows
+  that share a pattern (G = 1, R = n: a pattern's block; G = n, R = 1: rows
+  of rare patterns)."""
   log_prob: tf.Tensor  # [n, K] log N(x_o | mu_ko, Sigma_koo)
   mean: tf.Tensor      # [n, K, D] E[x | x_o, z = k]: x on o, x^ on m
-  cov: tf.Tensor       # [K, D, D] Cov[x | x_o, z = k]: C_mm on m x m, 0 elsewhere
+  cov: tf.Tensor       # [G, K, D, D] Cov[x | x_o, z = k]: C_mm on m x m, 0 elsewhere
 
 
 def check_no_empty_rows(x, name: str = "X") -> None:
@@ -97,48 +99,73 @@ def dense_covariances(params, covariance_type: str):
   return tf.matmul(scale, scale, transpose_b=True)
 
 
-def pattern_blocks(observed, size: int) -> PatternBlocks:
-  """Groups the rows of `observed` [N, D] (bool) by pattern, in blocks of <= size rows."""
+def shared_pattern_rows(n_components: int, n_features: int) -> int:
+  """Rows from which a pattern gets blocks of its own (one factorization for
+  all its rows); rarer patterns are pooled and factorized row by row, which
+  costs ~K D^3 per row instead of a loop iteration (~0.3 ms) per pattern."""
+  return max(8, -(-2 ** 16 // (n_components * n_features ** 3)))
+
+
+def pattern_blocks(observed, size: int, shared_rows: int) -> PatternBlocks:
+  """Blocks of the rows of `observed` [N, D] (bool): patterns with at least
+  `shared_rows` rows in blocks of <= size rows each, the other rows pooled in
+  blocks of <= max(1, size // D) rows (their memory is [rows, K, D, D])."""
   _, pattern = tf.raw_ops.UniqueV2(x=tf.cast(observed, tf.int32),
                                    axis=tf.constant([0], tf.int64))   # [N] pattern ids
-  order = tf.argsort(pattern, stable=True)                             # [N]
   counts = tf.math.bincount(pattern)                                   # [P]
+  frequent = counts >= shared_rows                                     # [P]
+  counts = tf.where(frequent, counts, 0)                               # rows in own blocks
+  n_patterns = tf.size(counts)
+  order = tf.argsort(tf.where(tf.gather(frequent, pattern), pattern, pattern + n_patterns),
+                     stable=True)                                      # [N]
   per_pattern = (counts + size - 1) // size                            # [P] blocks
-  block_pattern = tf.repeat(tf.range(tf.size(counts)), per_pattern)    # [B]
+  block_pattern = tf.repeat(tf.range(n_patterns), per_pattern)         # [B1]
   pattern_start = tf.cumsum(counts, exclusive=True)                    # [P]
   within = (tf.range(tf.size(block_pattern))
-            - tf.gather(tf.cumsum(per_pattern, exclusive=True), block_pattern))  # [B]
+            - tf.gather(tf.cumsum(per_pattern, exclusive=True), block_pattern))  # [B1]
   starts = tf.gather(pattern_start, block_pattern) + within * size
   ends = tf.minimum(starts + size, tf.gather(pattern_start + counts, block_pattern))
-  return PatternBlocks(order, starts, ends)
+  pooled_size = max(1, size // int(observed.shape[-1]))
+  pooled = tf.range(tf.reduce_sum(counts), tf.size(pattern), pooled_size)   # [B2]
+  return PatternBlocks(order, tf.concat([starts, pooled], 0),
+                       tf.concat([ends, tf.minimum(pooled + pooled_size, tf.size(pattern))], 0),
+                       tf.concat([tf.zeros_like(starts, tf.bool),
+                                  tf.ones_like(pooled, tf.bool)], 0))
 
 
 def conditional(x0, mask, means, covariances) -> Conditional:
-  """Gaussian conditioning of one pattern's rows on their observed coordinates.
+  """Gaussian conditioning of a block's rows on their observed coordinates.
 
   Args:
-    x0: [n, D] rows, any finite value where missing.
-    mask: [D] 1 where observed, 0 where missing (the same for every row).
+    x0: [G, R, D] rows in G groups sharing a pattern, any finite value where missing.
+    mask: [G, D] 1 where observed, 0 where missing.
     means: [K, D]; covariances: [K, D, D].
   """
-  missing = 1.0 - mask                                                  # [D]
-  padded = (mask[:, tf.newaxis] * mask * covariances
-            + tf.linalg.diag(missing))                                  # [K, D, D] blockdiag(S_oo, I)
-  chol = tf.linalg.cholesky(padded)                                     # [K, D, D]
-  diff = (x0[:, tf.newaxis] - means) * mask                             # [n, K, D], 0 on m
-  solved = tf.linalg.triangular_solve(chol, tf.transpose(diff, [1, 2, 0]))  # [K, D, n]
-  mahalanobis = tf.transpose(tf.reduce_sum(tf.square(solved), 1))       # [n, K]
-  half_log_det = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)), -1)  # [K]
-  log_prob = (-0.5 * (tf.reduce_sum(mask) * math.log(2 * math.pi) + mahalanobis)
-              - half_log_det)                                           # [n, K]
-  precision_diff = tf.linalg.triangular_solve(chol, solved, adjoint=True)  # [K, D, n] S_oo^-1 d_o
-  regression = tf.matmul(missing[:, tf.newaxis] * covariances, precision_diff)  # [K, D, n], 0 on o
-  mean = tf.where(mask > 0, x0[:, tf.newaxis],
-                  means + tf.transpose(regression, [2, 0, 1]))         # [n, K, D]
-  rows_o = tf.linalg.triangular_solve(chol, mask[:, tf.newaxis] * covariances)  # [K, D, D]
+  missing = 1.0 - mask                                                  # [G, D]
+  outer = mask[:, tf.newaxis, :, tf.newaxis] * mask[:, tf.newaxis, tf.newaxis]  # [G, 1, D, D]
+  padded = (outer * covariances
+            + tf.linalg.diag(missing)[:, tf.newaxis])                   # [G, K, D, D] blockdiag(S_oo, I)
+  chol = tf.linalg.cholesky(padded)                                     # [G, K, D, D]
+  diff = ((x0[:, tf.newaxis] - means[:, tf.newaxis])
+          * mask[:, tf.newaxis, tf.newaxis])                            # [G, K, R, D], 0 on m
+  solved = tf.linalg.triangular_solve(chol, tf.linalg.matrix_transpose(diff))  # [G, K, D, R]
+  mahalanobis = tf.reduce_sum(tf.square(solved), -2)                    # [G, K, R]
+  half_log_det = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)), -1)  # [G, K]
+  log_prob = (-0.5 * (tf.reduce_sum(mask, -1)[:, tf.newaxis, tf.newaxis] * math.log(2 * math.pi)
+                      + mahalanobis) - half_log_det[..., tf.newaxis])    # [G, K, R]
+  precision_diff = tf.linalg.triangular_solve(chol, solved, adjoint=True)  # [G, K, D, R] S_oo^-1 d_o
+  regression = tf.matmul(missing[:, tf.newaxis, :, tf.newaxis] * covariances,
+                         precision_diff)                                # [G, K, D, R], 0 on o
+  fill = means[:, tf.newaxis] + tf.linalg.matrix_transpose(regression)     # [G, K, R, D]
+  mean = tf.where(mask[:, tf.newaxis, tf.newaxis] > 0, x0[:, tf.newaxis], fill)  # [G, K, R, D]
+  rows_o = tf.linalg.triangular_solve(chol, mask[:, tf.newaxis, :, tf.newaxis] * covariances)
   explained = tf.matmul(rows_o, rows_o, transpose_a=True)              # S_.o S_oo^-1 S_o.
-  cov = missing[:, tf.newaxis] * missing * (covariances - explained)   # [K, D, D]
-  return Conditional(log_prob, mean, cov)
+  cov = (missing[:, tf.newaxis, :, tf.newaxis] * missing[:, tf.newaxis, tf.newaxis]
+         * (covariances - explained))                                   # [G, K, D, D]
+  k, d = tf.shape(means)[0], tf.shape(means)[1]
+  return Conditional(tf.reshape(tf.transpose(log_prob, [0, 2, 1]), [-1, k]),        # [n, K]
+                     tf.reshape(tf.transpose(mean, [0, 2, 1, 3]), [-1, k, d]),     # [n, K, D]
+                     cov)
 
 
 def expected_stats(rw, cond: Conditional, center, full: bool) -> GaussianMixtureStats:
@@ -148,12 +175,14 @@ def expected_stats(rw, cond: Conditional, center, full: bool) -> GaussianMixture
   xc = cond.mean - center                                               # [n, K, D]
   counts = tf.reduce_sum(rw, 0)                                         # [K]
   dev = tf.einsum("nk,nkd->kd", rw, xc)                                 # [K, D]
+  groups = tf.shape(cond.cov)[0]
+  group_counts = tf.reduce_sum(tf.reshape(rw, [groups, -1, tf.shape(rw)[1]]), 1)  # [G, K]
   if full:
     sq_dev = (tf.einsum("nkd,nke->kde", rw[..., tf.newaxis] * xc, xc)
-              + counts[:, tf.newaxis, tf.newaxis] * cond.cov)           # [K, D, D]
+              + tf.einsum("gk,gkde->kde", group_counts, cond.cov))      # [K, D, D]
   else:
     sq_dev = (tf.einsum("nk,nkd->kd", rw, tf.square(xc))
-              + counts[:, tf.newaxis] * tf.linalg.diag_part(cond.cov))  # [K, D]
+              + tf.einsum("gk,gkd->kd", group_counts, tf.linalg.diag_part(cond.cov)))  # [K, D]
   return GaussianMixtureStats(counts, dev, sq_dev, center)
 
 
@@ -162,33 +191,35 @@ def no_stats(center, full: bool) -> GaussianMixtureStats:
   k, d = tf.shape(center)[0], tf.shape(center)[1]
   return expected_stats(tf.zeros([0, k], center.dtype),
                         Conditional(None, tf.zeros([0, k, d], center.dtype),
-                                    tf.zeros([k, d, d], center.dtype)), center, full)
+                                    tf.zeros([1, k, d, d], center.dtype)), center, full)
 
 
-def fold_blocks(x, size: int, step, initial):
-  """Folds `step(acc, b, rows [n], x0 [n, D], mask [D]) -> acc` over the blocks
-  of rows of x [N, D] (NaN = missing) that share a pattern."""
+def fold_blocks(x, size: int, shared_rows: int, step, initial):
+  """Folds `step(acc, b, rows [n], x0 [G, R, D], mask [G, D]) -> acc` over the
+  blocks of rows of x [N, D] (NaN = missing); returns (acc, blocks)."""
   x0, mask = filled(x)
-  blocks = pattern_blocks(mask > 0, size)
+  blocks = pattern_blocks(mask > 0, size, shared_rows)
 
   def body(b, acc):
     rows = blocks.order[blocks.starts[b]:blocks.ends[b]]               # [n]
-    return b + 1, step(acc, b, rows, tf.gather(x0, rows), mask[rows[0]])
+    groups = tf.where(blocks.per_row[b], tf.size(rows), 1)
+    x_block = tf.reshape(tf.gather(x0, rows), [groups, -1, tf.shape(x0)[1]])  # [G, R, D]
+    return b + 1, step(acc, b, rows, x_block, tf.gather(mask, rows[:groups]))
 
   n_blocks = tf.shape(blocks.starts)[0]
   _, acc = tf.while_loop(lambda b, _: b < n_blocks, body, (tf.constant(0), initial))
   return acc, blocks
 
 
-def map_rows(x, size: int, row_fn, dtype, shape):
-  """`row_fn(rows, x0 [n, D], mask [D]) -> [n, *shape]` over the pattern blocks of
+def map_rows(x, size: int, shared_rows: int, row_fn, dtype, shape):
+  """`row_fn(rows, x0 [G, R, D], mask [G, D]) -> [n, *shape]` over the blocks of
   x [N, D], returned in x's row order, shape [N, *shape]."""
   def step(acc, b, rows, x0, mask):
     return acc.write(b, row_fn(rows, x0, mask))
 
   out = tf.TensorArray(dtype, size=0, dynamic_size=True, infer_shape=False,
                        element_shape=tf.TensorShape([None] + list(shape)))
-  out, blocks = fold_blocks(x, size, step, out)
+  out, blocks = fold_blocks(x, size, shared_rows, step, out)
   return tf.gather(out.concat(), tf.math.invert_permutation(blocks.order))
 
 

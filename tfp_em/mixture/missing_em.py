@@ -66,7 +66,7 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
       return add_stats(self, stats, block), loglik + tf.reduce_sum(w * log_norm)
 
     zero = mv.no_stats(params.means, full)
-    (stats, loglik), _ = mv.fold_blocks(data.x, self._size(data.x), step,
+    (stats, loglik), _ = mv.fold_blocks(data.x, *self._sizes(data.x), step,
                                         (zero, tf.zeros([], params.means.dtype)))
     return stats, loglik
 
@@ -75,8 +75,11 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
     return tf.reduce_sum(data.weights * lp)
 
   # -- helpers ---------------------------------------------------------------
-  def _size(self, x) -> int:
-    return self.chunk_size or default_chunk_size(self.n_components, x.shape[-1])
+  def _sizes(self, x) -> tuple[int, int]:
+    """(rows per block, rows from which a pattern gets blocks of its own)."""
+    d = x.shape[-1]
+    return (self.chunk_size or default_chunk_size(self.n_components, d),
+            mv.shared_pattern_rows(self.n_components, d))
 
   def log_prob_components(self, params, x):
     """log w_k + log N(x_o | mu_ko, Sigma_koo), shape [N, K] (NaN entries of x are missing)."""
@@ -84,7 +87,7 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
 
     def row_fn(rows, x0, mask):
       return mv.conditional(x0, mask, params.means, covariances).log_prob
-    return (mv.map_rows(x, self._size(x), row_fn, x.dtype, [self.n_components])
+    return (mv.map_rows(x, *self._sizes(x), row_fn, x.dtype, [self.n_components])
             + tf.math.log(params.weights))
 
   def conditional_means(self, params, x):
@@ -95,8 +98,9 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
     def row_fn(rows, x0, mask):
       cond = mv.conditional(x0, mask, params.means, covariances)
       resp, _ = mv.responsibilities(cond.log_prob, params.weights)       # [n, K]
-      return tf.where(mask > 0, x0, tf.einsum("nk,nkd->nd", resp, cond.mean))
-    return mv.map_rows(x, self._size(x), row_fn, x.dtype, [x.shape[-1]])
+      return tf.einsum("nk,nkd->nd", resp, cond.mean)
+    means = mv.map_rows(x, *self._sizes(x), row_fn, x.dtype, [x.shape[-1]])
+    return tf.where(tf.math.is_nan(x), means, x)
 
   def impute(self, params, x):
     """`conditional_means`, compiled once per configuration."""
