@@ -9,8 +9,11 @@ with mean mu and covariance Sigma (Gaussian conditioning):
 
 Rows sharing a missingness pattern share Sigma_oo, so the work is one batched
 Cholesky factorization per pattern (of K matrices) and triangular solves for
-its rows. To keep shapes static, each pattern's matrices are written in all D
-coordinates: with the 0/1 mask m of observed coordinates,
+its rows. Patterns with few rows (`shared_pattern_rows`) are pooled in blocks
+factorized row by row in one batched call, which beats a loop iteration per
+pattern when most rows have a pattern of their own (large D). To keep shapes
+static, the matrices are written in all D coordinates: with the 0/1 mask m of
+observed coordinates,
 
     Sigma_p = (m m^T) * Sigma + diag(1 - m) = blockdiag(Sigma_oo, I),
 
