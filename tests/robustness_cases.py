@@ -371,6 +371,7 @@ def _estimator_cases():
       Case(f"{m}: n_hidden=2.0", m, _fit_mlp(n_hidden=2.0), "n_hidden"),
       Case(f"{m}: l2 negative", m, _fit_mlp(l2=-1.0), "l2"),
       Case(f"{m}: l2 NaN", m, _fit_mlp(l2=float("nan")), "l2"),
+      Case(f"{m}: l2 an unknown string", m, _fit_mlp(l2="max"), "l2 must be 'auto' or a number"),
       Case(f"{m}: tol negative", m, _fit_mlp(tol=-1.0), "tol"),
       Case(f"{m}: max_iter negative", m, _fit_mlp(max_iter=-2), "max_iter"),
       Case(f"{m}: n_init=0", m, _fit_mlp(n_init=0), "n_init"),

@@ -14,9 +14,10 @@ from models import bernoulli_mlp as mlp
 from models.bernoulli_mlp import BernoulliMLPParams
 from tfp_em.bernoulli_mlp.em import BernoulliMLPEM, check_num_hidden, fit_autodiff
 from tfp_em.bernoulli_mlp.summed import model_class
+from tfp_em.bernoulli_mlp.penalty import SMALL_DATA_L2, holdout_split, walk_grid
 from tfp_em.diagnostics.mixin import DiagnosticsMixin
 from tfp_em.engine import inputs as v
-from tfp_em.engine import fit_em
+from tfp_em.engine import ConvergenceWarning, fit_em
 
 
 METHODS = ("em", "autodiff")
@@ -84,7 +85,16 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     max_iter: maximum EM iterations, or L-BFGS iterations for 'autodiff'
       (default 200).
     tol: relative tolerance on the mean per-point objective (default 1e-6).
-    l2: L2 penalty on non-bias weights, >= 0 (default 0).
+    l2: 'auto' (default) or a number >= 0: the penalty (l2 / 2) |w|^2 on the
+      non-bias weights, i.e. a Gaussian prior N(0, 1 / l2) on each weight of
+      the standardized inputs and of the hidden units, on the summed
+      log-likelihood (it does not grow with N). 'auto' picks it from
+      `penalty.L2_GRID` (10, 1, 0.1, 0.01, 0.001) by the log-likelihood of
+      a stratified 20% held-out split (`tfp_em.bernoulli_mlp.penalty`; 1
+      when a class has fewer than 2 rows or a part would have fewer rows
+      than classes), then refits all rows at that penalty exactly as
+      `l2=l2_` would. 0 is maximum likelihood, which diverges on separable
+      classes.
     n_init: restarts from random weights; the best objective wins (default 1).
     seed: integer seed or None (default 0).
     dtype: 'float64' (default) or 'float32'.
@@ -102,6 +112,9 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     (seconds since the start of the chosen restart at each trace entry),
     m_step_ (the M-step EM used: 'exact' or 'summed'; None for 'autodiff'),
     n_iter_, converged_, objective_ (penalized loglik the fit maximized),
+    l2_ (the penalty of that objective), l2_scores_ ({penalty: held-out
+    log-likelihood per point} for the penalties 'auto' tried; empty
+    otherwise),
     log_likelihood_ (unpenalized log p(y | x) on the training data),
     feature_names_in_ (when X is a DataFrame with string column names).
 
@@ -111,7 +124,7 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
   """
 
   def __init__(self, n_hidden: int = 5, max_iter: int = 200, tol: float = 1e-6,
-               l2: float = 0., n_init: int = 1, seed: int | None = 0,
+               l2: float | str = "auto", n_init: int = 1, seed: int | None = 0,
                dtype: str = "float64", method: str = "em",
                memory_budget_mb: float = 256., m_step: str = "exact"):
     self.n_hidden = n_hidden
@@ -125,14 +138,58 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     self.memory_budget_mb = memory_budget_mb
     self.m_step = m_step
 
-  def em_model(self, num_classes: int) -> BernoulliMLPEM:
-    """The `BernoulliMLPEM` this estimator fits, for `num_classes` classes."""
+  def em_model(self, num_classes: int, l2: float | None = None) -> BernoulliMLPEM:
+    """The `BernoulliMLPEM` this estimator fits, for `num_classes` classes.
+
+    `l2` None: the `l2` parameter when it is a number, else the fitted `l2_`.
+    """
     budget = v.check_float("memory_budget_mb", self.memory_budget_mb, minimum=0., strict=True)
-    return model_class(self.m_step)(self.n_hidden, num_classes, l2=self.l2,
+    if l2 is None:
+      l2 = self.l2 if self._check_l2() != "auto" else self._fitted_l2()
+    return model_class(self.m_step)(self.n_hidden, num_classes, l2=l2,
                           memory_budget_bytes=int(budget * 2 ** 20))
+
+  def _check_l2(self):
+    if isinstance(self.l2, str):
+      if self.l2 != "auto":
+        raise ValueError(f"l2 must be 'auto' or a number >= 0, got {self.l2!r}")
+      return self.l2
+    return v.check_float("l2", self.l2, minimum=0.)
+
+  def _fitted_l2(self) -> float:
+    v.check_is_fitted(self, "l2_")
+    return self.l2_
+
+  def _run(self, model, data, method, seed, n_init, callback=None, progress=None):
+    if method == "em":
+      return fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=n_init, seed=seed,
+                    callback=callback, progress=progress)
+    return fit_autodiff(model, data, max_iter=self.max_iter, tol=self.tol, n_init=n_init,
+                        seed=seed, callback=callback)
+
+  def _choose_l2(self, Xs, labels, num_classes, method, seed, dtype):
+    """(l2, {l2: held-out log-likelihood per point}); see `penalty`."""
+    l2 = self._check_l2()
+    if l2 != "auto":
+      return l2, {}
+    split = holdout_split(labels, num_classes, seed)
+    if split is None:
+      return SMALL_DATA_L2, {}
+    train, held_out = split
+    data = (tf.constant(Xs[train], dtype), tf.constant(labels[train]))
+
+    def score(penalty):
+      model = self.em_model(num_classes, penalty)
+      with warnings.catch_warnings():  # the final fit warns about its own convergence
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        params = self._run(model, data, method, seed, n_init=1, progress=False).params
+      return _log_likelihood(model, params, Xs[held_out], labels[held_out]) / len(held_out)
+
+    return walk_grid(score)
 
   def fit(self, X, y):
     check_num_hidden(self.n_hidden)
+    self._check_l2()
     v.check_int("max_iter", self.max_iter, minimum=0)
     v.check_float("tol", self.tol, minimum=0.)
     v.check_int("n_init", self.n_init, minimum=1)
@@ -143,26 +200,25 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     classes, labels = _check_labels(y, X.shape[0])
     if len(classes) < 2:
       raise ValueError(f"y has a single class ({classes[0]!r}); a classifier needs at least 2")
-    model = self.em_model(len(classes))
-    self.mean_ = X.mean(axis=0)
+    mean = X.mean(axis=0)
     scale = X.std(axis=0)
-    self.scale_ = np.where(scale > 0, scale, 1.)
-    data = (tf.constant((X - self.mean_) / self.scale_, dtype), tf.constant(labels))
+    scale = np.where(scale > 0, scale, 1.)
+    Xs = (X - mean) / scale
+    l2, scores = self._choose_l2(Xs, labels, len(classes), method, seed, dtype)
+    model = self.em_model(len(classes), l2)
+    data = (tf.constant(Xs, dtype), tf.constant(labels))
     times = {}
 
     def clock(restart, it, params, ll):
       times.setdefault(restart, []).append(time.perf_counter())
 
-    if method == "em":
-      result = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
-                      seed=seed, callback=clock)
-    else:
-      result = fit_autodiff(model, data, max_iter=self.max_iter, tol=self.tol,
-                            n_init=self.n_init, seed=seed, callback=clock)
+    result = self._run(model, data, method, seed, self.n_init, callback=clock)
     chosen = result.restarts[result.best_restart]
     stamps = np.asarray(times[result.best_restart][:len(chosen.log_likelihood)])
     # The restart began about `seconds` before its last trace entry.
     self.iteration_seconds_ = stamps - (stamps[-1] - chosen.seconds)
+    self.mean_, self.scale_ = mean, scale
+    self.l2_, self.l2_scores_ = l2, scores
     self.m_step_ = self.m_step if method == "em" else None
     self.classes_ = classes
     self.params_ = BernoulliMLPParams(*[np.array(p) for p in result.params])
@@ -171,7 +227,7 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     self.converged_ = result.converged
     self.objective_ = result.log_likelihood
     self._em_model = model
-    self.log_likelihood_ = self._log_likelihood(data[0], labels)
+    self.log_likelihood_ = _log_likelihood(model, result.params, Xs, labels)
     return self
 
   # -- prediction -------------------------------------------------------------
@@ -181,10 +237,6 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     v.check_is_fitted(self, "params_")
     X = v.check_features(self, X, reset=False, dtype=np.float64)
     return (X - self.mean_) / self.scale_
-
-  def _batches(self, n: int):
-    rows = max(1, self._em_model.chunk_rows() // max(1, len(self.classes_)))
-    return [slice(i, min(n, i + rows)) for i in range(0, n, rows)]
 
   def em_params(self) -> BernoulliMLPParams:
     """`params_` as tensors of the estimator's dtype."""
@@ -196,7 +248,7 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     Xs = self.standardized_inputs(X)
     params = self.em_params()
     out = [np.exp(self._em_model.predict_log_proba(params, tf.constant(Xs[b], params[0].dtype)).numpy())
-           for b in self._batches(Xs.shape[0])]
+           for b in _batches(self._em_model, Xs.shape[0])]
     return np.concatenate(out, axis=0)
 
   def predict(self, X) -> np.ndarray:
@@ -212,19 +264,10 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
       raise ValueError(f"y has shape {y.shape} but X gives {pred.shape[0]} predictions")
     return float(np.mean(pred == y))
 
-  def _log_likelihood(self, Xs, labels) -> float:
-    params = self.em_params()
-    Xs = np.asarray(Xs)
-    total = 0.
-    for b in self._batches(Xs.shape[0]):
-      total += float(tf.reduce_sum(mlp.marginal_log_prob(
-          params, tf.constant(Xs[b], params[0].dtype), tf.constant(labels[b]))))
-    return total
-
   def log_likelihood(self, X, y) -> float:
     """Unpenalized log p(y | X) = sum_j log p(y_j | x_j) at the fitted params."""
     Xs = self.standardized_inputs(X)
-    return self._log_likelihood(Xs, self.label_codes(y, Xs.shape[0]))
+    return _log_likelihood(self._em_model, self.em_params(), Xs, self.label_codes(y, Xs.shape[0]))
 
   def label_codes(self, y, n: int) -> np.ndarray:
     """Codes in `classes_` of n labels y, each seen in fit; int32 [n]."""
@@ -235,3 +278,17 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     if np.any(unknown):
       raise ValueError(f"y contains labels not seen in fit: {np.unique(y[unknown])[:5].tolist()}")
     return np.searchsorted(self.classes_, y).astype(np.int32)
+
+
+def _batches(model: BernoulliMLPEM, n: int) -> list[slice]:
+  """Row slices whose [rows, 2^m, C] arrays fit the model's memory budget."""
+  rows = max(1, model.chunk_rows() // model.num_classes)
+  return [slice(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
+def _log_likelihood(model: BernoulliMLPEM, params, Xs: np.ndarray, labels: np.ndarray) -> float:
+  """Unpenalized sum_j log p(y_j | x_j) of standardized inputs, in batches."""
+  dtype = params[0].dtype
+  return sum(float(tf.reduce_sum(mlp.marginal_log_prob(
+      params, tf.constant(Xs[b], dtype), tf.constant(labels[b]))))
+      for b in _batches(model, Xs.shape[0]))
