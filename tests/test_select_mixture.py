@@ -118,3 +118,21 @@ def test_missing_values_pass_through_to_the_fits():
   assert found.best_["icl"] == pytest.approx(est.icl(x), rel=1e-12)
   with pytest.raises(ValueError, match="missing='em'"):  # NaN without the option
     tfp_em.select_mixture(x, [1], models=["diag"], progress=False)
+
+
+@pytest.mark.slow
+def test_all_is_mclusts_14_models_and_they_agree_at_one_component():
+  x = _blobs(5, 30)
+  found = tfp_em.select_mixture(x, [1], progress=False)  # models="all"
+  table = found.table.set_index("covariance_type")
+  assert list(table.index) == ["EII", "VII", "EEI", "VEI", "EVI", "VVI", "EEE", "VEE", "EVE",
+                               "VVE", "EEV", "VEV", "EVV", "VVV"]
+  # K=1: volume, shape and orientation have nothing to be equal across, so the
+  # spherical, diagonal and ellipsoidal families each reach one l with one p
+  for family in (["EII", "VII"], ["EEI", "VEI", "EVI", "VVI"],
+                 ["EEE", "VEE", "EVE", "VVE", "EEV", "VEV", "EVV", "VVV"]):
+    np.testing.assert_allclose(table.loc[family, "log_likelihood"],
+                               table.loc[family[-1], "log_likelihood"], rtol=1e-9)
+    assert table.loc[family, "n_parameters"].nunique() == 1
+  assert table["n_parameters"].tolist()[::4] == [3, 4, 5, 5]  # EII, EVI, EVE, EVV
+  assert found.best_["bic"] == table["bic"].min()

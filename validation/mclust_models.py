@@ -41,12 +41,13 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from models.gaussian_mixture import COVARIANCE_TYPES, mclust_name
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 MCLUST = {  # model, K, l, BIC, ICL (mclust's sign: larger is better)
     "old_faithful": ("EEE", 3, -1126.361, -2314.386, -2360.865),
     "iris": ("VEV", 2, -215.7259, -561.7285, -561.7289),
 }
-SKLEARN_TYPES = ("spherical", "diag", "tied", "full")
 
 
 def datasets():
@@ -72,7 +73,7 @@ def sklearn_search(x, ks, options):
   start = time.perf_counter()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    for cov in SKLEARN_TYPES:
+    for cov in COVARIANCE_TYPES:
       for k in ks:
         est = GaussianMixture(k, covariance_type=cov, n_init=options["n_init"],
                               max_iter=options["max_iter"], tol=options["tol"],
@@ -85,7 +86,6 @@ def sklearn_search(x, ks, options):
 
 def bic_grid(table) -> pd.DataFrame:
   """K x model grid of BIC in mclust's sign (larger is better)."""
-  from models.gaussian_mixture import mclust_name
   grid = table.assign(model=table["covariance_type"].map(mclust_name), mclust_bic=-table["bic"])
   return grid.pivot(index="k", columns="model", values="mclust_bic")
 
@@ -93,10 +93,9 @@ def bic_grid(table) -> pd.DataFrame:
 def run_dataset(name, x, ks, options):
   found, cold = tfp_em_search(x, ks, "all", options)
   _, warm = tfp_em_search(x, ks, "all", options)
-  four, warm_four = tfp_em_search(x, ks, list(SKLEARN_TYPES), options)
+  four, warm_four = tfp_em_search(x, ks, list(COVARIANCE_TYPES), options)
   theirs, sk_seconds = sklearn_search(x, ks, options)
   best = found.best_
-  from models.gaussian_mixture import mclust_name
   model, k, loglik, bic, icl = MCLUST[name]
   mine = four.table.set_index(["k", "covariance_type"])["log_likelihood"]
   gap = theirs.set_index(["k", "covariance_type"])["log_likelihood"] - mine  # sklearn - tfp_em

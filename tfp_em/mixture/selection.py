@@ -52,7 +52,6 @@ from tfp_em.engine import inputs as v
 from tfp_em.mixture.estimator import GaussianMixture
 from tfp_em.mixture.spurious import SpuriousSolutionWarning
 
-SKLEARN_MODELS = ("full", "tied", "diag", "spherical")
 CRITERIA = ("bic", "icl", "aic")
 SEARCH_PARAMS = ("n_components", "covariance_type", "n_init", "seed", "verbose", "warm_start")
 COLUMNS = ("k", "covariance_type", "log_likelihood", "n_parameters", "bic", "icl", "aic",
@@ -91,8 +90,8 @@ def select_mixture(X, n_components=range(1, 10), models="all", *, n_init: int = 
   Args:
     X: [N, D] array or DataFrame (in memory).
     n_components: the numbers of components K to try (default 1..9, as mclust).
-    models: covariance models to try: 'all' (every model the estimator
-      knows), 'sklearn' (full, tied, diag, spherical), or a list of names.
+    models: covariance models to try: 'all' (mclust's 14, EII ... VVV),
+      'sklearn' (full, tied, diag, spherical), or a list of names of either.
     n_init: restarts per candidate; the best log-likelihood wins (default 3).
     seed: seed of every candidate's restarts (default 0).
     criterion: 'bic' (default), 'icl' or 'aic': the column whose LOWEST value
@@ -166,7 +165,7 @@ def _candidates(n_components, models) -> tuple[list[int], list[str]]:
     if models not in ("all", "sklearn"):
       raise ValueError(f"models must be 'all', 'sklearn' or a list of covariance models, "
                        f"got {models!r}")
-    names = list(gm.COVARIANCE_TYPES if models == "all" else SKLEARN_MODELS)
+    names = list(gm.MCLUST_MODELS if models == "all" else gm.COVARIANCE_TYPES)
   else:
     names = list(dict.fromkeys(models))
     if not names:
