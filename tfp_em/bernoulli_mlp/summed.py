@@ -9,6 +9,7 @@ replicas. `BernoulliMLPSummedEM` keeps only sums, at the E-step's weights w0:
   hidden_curvatures  [0]: -d2Q_h/dw_h^2 = sum_j u(1 - u) x~ x~^T;
                      [1 + r]: the bounds A_h(RADII[r]) of `curvature`     [1 + R, m, P, P]
   hidden_q           Q_h(w0 | w0) = sum_j t_hj a_hj - softplus(a_hj)      [m]
+  num_points         sum_j 1                                              []
   anchor             w0 (shared: the same in every batch)                [P, m]
 
 M-step (an ECM / generalized M-step): the output layer is maximized exactly
@@ -23,6 +24,12 @@ needs comes from one pass of summed statistics.
 `expected_log_joint` returns that lower bound, Q~(w | w0) <= Q(w | w0), equal
 to Q with the same gradient at w0 (so Fisher's identity holds there) and the
 function the M-step increases. Q itself is not a function of finite sums.
+
+The L2 penalty (l2 / 2)|w|^2 belongs to the whole data set. A batch or a
+replica carries the share num_points / total_rows of it, so that a pass
+subtracts it once: give `total_rows` (N) when l2 > 0 and the data come as a
+stream or are split over replicas. Without it every E-step call is taken to
+see all the data (in-memory fits).
 
 Online EM blends statistics of different anchors: `rebase_stats` moves them
 to the newest anchor along their quadratic model (g -= H delta); there the
@@ -51,18 +58,38 @@ class BernoulliMLPSummedStats(NamedTuple):
   hidden_gradient: tf.Tensor    # [m, P]
   hidden_curvatures: tf.Tensor  # [1 + R, m, P, P]
   hidden_q: tf.Tensor           # [m]
+  num_points: tf.Tensor         # []
 
 
 class BernoulliMLPSummedEM(BernoulliMLPEM):
   """`BernoulliMLPEM` with summed statistics and a one-step certified M-step.
 
-  Streams over `tf.data`, runs under `tf.distribute` and fits online; same
-  arguments as `BernoulliMLPEM` (`max_newton_iter` applies to the output layer).
+  Streams over `tf.data`, runs under `tf.distribute` and fits online.
+
+  Args:
+    num_hidden, num_classes, l2, memory_budget_bytes, compile,
+      max_newton_iter, init_scale: as `BernoulliMLPEM` (`max_newton_iter`
+      applies to the output layer).
+    total_rows: N, the rows the penalty is spread over; needed when l2 > 0
+      and the E-step sees the data in batches or shards. None: each E-step
+      call sees all the data.
   """
   name = "BernoulliMLP(summed)"
   per_point_stats_fields = ()
   shared_stats_fields = ("anchor",)
   generalized_m_step_fields = ("hidden_weights",)
+
+  def __init__(self, num_hidden: int, num_classes: int, l2: float = 0.,
+               total_rows: int | None = None, **kwargs):
+    super().__init__(num_hidden, num_classes, l2=l2, **kwargs)
+    self.total_rows = None if total_rows is None else v.check_int("total_rows", total_rows,
+                                                                   minimum=1)
+
+  def penalty_share(self, num_points):
+    """The share of the penalty that `num_points` rows carry."""
+    if self.total_rows is None:
+      return tf.ones_like(num_points)
+    return num_points / self.total_rows
 
   def summed_chunk_rows(self, dtype, num_inputs: int) -> int:
     """Rows per chunk: the [rows, 2^m] arrays and the [rows, P^2] outer
@@ -70,7 +97,7 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
     itemsize = tf.as_dtype(dtype).size
     p = num_inputs + 1
     per_row = 4 * self.num_configurations + 2 * p * p + 3 * self.num_hidden * (len(RADII) + 1)
-    return max(1, self.memory_budget_bytes // (per_row * itemsize))
+    return max(1, min(self.memory_budget_bytes // (per_row * itemsize), self.e_step_rows(dtype)))
 
   # -- E-step ---------------------------------------------------------------
 
@@ -125,8 +152,9 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
 
       sums = tf.while_loop(lambda i, *_: i < num_chunks, body, (tf.constant(0),) + zeros)[1:]
     counts, gradient, curvatures, q, total = sums
-    stats = BernoulliMLPSummedStats(params.hidden_weights, counts, gradient, curvatures, q)
-    return stats, total - l2_penalty(params, self.l2)
+    points = tf.cast(tf.shape(x)[0], dtype)
+    stats = BernoulliMLPSummedStats(params.hidden_weights, counts, gradient, curvatures, q, points)
+    return stats, total - self.penalty_share(points) * l2_penalty(params, self.l2)
 
   def rebase_stats(self, stats, like):
     """`stats` moved to the anchor of `like` along their quadratic model."""
@@ -144,7 +172,8 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
     """The certified step of every hidden unit from the anchor, [m, P]."""
     anchor = tf.transpose(stats.anchor)                                # [m, P]
     dtype = anchor.dtype
-    l2_diag = self.l2 * penalty_mask(anchor.shape[-1], dtype)          # [P]
+    l2 = self.l2 * self.penalty_share(stats.num_points)
+    l2_diag = l2 * penalty_mask(anchor.shape[-1], dtype)               # [P]
     gradient = stats.hidden_gradient - l2_diag * anchor
     bounds = stats.hidden_curvatures[1:]
     newton = self.direction(gradient, stats.hidden_curvatures[0] + tf.linalg.diag(l2_diag))
@@ -160,8 +189,9 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
 
   def m_step(self, params, stats):
     hidden = tf.transpose(stats.anchor) + self.hidden_step(stats)
-    return BernoulliMLPParams(tf.transpose(hidden),
-                              self.output_m_step(params.output_weights, stats.config_counts))
+    output = self.output_m_step(params.output_weights, stats.config_counts,
+                                self.l2 * self.penalty_share(stats.num_points))
+    return BernoulliMLPParams(tf.transpose(hidden), output)
 
   def expected_log_joint(self, params, stats):
     """Q~(params | anchor) - penalty: Q's certified lower bound (equal at the anchor)."""
@@ -169,9 +199,10 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
     zero = tf.zeros([delta.shape[-1]], delta.dtype)
     hidden = stats.hidden_q + certified_gain(delta, stats.hidden_gradient,
                                              stats.hidden_curvatures[1:], zero)
-    penalty = 0.5 * self.l2 * tf.reduce_sum(tf.square(params.hidden_weights[1:]))
+    l2 = self.l2 * self.penalty_share(stats.num_points)
+    penalty = 0.5 * l2 * tf.reduce_sum(tf.square(params.hidden_weights[1:]))
     return (tf.reduce_sum(hidden) - penalty
-            + self.output_objective(params.output_weights, stats.config_counts))
+            + self.output_objective(params.output_weights, stats.config_counts, l2))
 
 
 M_STEPS = {"exact": BernoulliMLPEM, "summed": BernoulliMLPSummedEM}
