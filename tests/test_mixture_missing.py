@@ -9,10 +9,9 @@ from scipy.optimize import linear_sum_assignment
 
 from tfp_em import GaussianMixture
 from tfp_em.mixture import missing as mv
-from tfp_em.mixture.em import MixtureData
-from tfp_em.mixture.initialization import Initializer
-from tfp_em.mixture.missing_em import MissingValuesGaussianMixtureEM
 from tfp_em.verification import verify
+
+import missing_mutants  # tests/ is on sys.path (rootdir-relative import)
 
 tfd = tfp.distributions
 COV_TYPES = ("full", "tied", "diag", "spherical")
@@ -218,23 +217,17 @@ def test_recovers_parameters_with_20_percent_mcar_and_imputes_better_than_column
                                  pytest.param("tied", marks=pytest.mark.slow),
                                  pytest.param("spherical", marks=pytest.mark.slow)])
 def test_verifier_passes_the_missing_data_model(cov):
-  x = _with_gaps(_simulated(60, seed=2)[0], 0.2, seed=3)
-  model = MissingValuesGaussianMixtureEM(3, cov, reg_covar=0.0, init=Initializer("kmeans++", 3))
-  report = verify(model, MixtureData(tf.constant(x), tf.ones(60, tf.float64)))
+  report = verify(missing_mutants.model(covariance_type=cov), missing_mutants.verification_data())
   assert report.passed, str(report)
 
 
-def test_verifier_flags_an_e_step_without_the_conditional_covariance(monkeypatch):
-  """The check can fail: imputing the conditional mean alone (no C_mm in the scatter)."""
-  right = mv.expected_stats
-  monkeypatch.setattr(mv, "expected_stats", lambda rw, cond, center, full: right(
-      rw, cond._replace(cov=tf.zeros_like(cond.cov)), center, full))
-  x = _with_gaps(_simulated(60, seed=2)[0], 0.2, seed=3)
-  model = MissingValuesGaussianMixtureEM(3, "full", reg_covar=0.0,
-                                         init=Initializer("kmeans++", 3))
-  report = verify(model, MixtureData(tf.constant(x), tf.ones(60, tf.float64)),
-                  checks=("1", "3"))
-  assert not report.passed
+@pytest.mark.parametrize("mutant", [
+    m if m is missing_mutants.NoConditionalCovariance else pytest.param(m, marks=pytest.mark.slow)
+    for m in missing_mutants.MUTANTS], ids=lambda m: m.__name__)
+def test_verifier_flags_every_missing_data_mutant(mutant):
+  report = verify(missing_mutants.model(mutant), missing_mutants.verification_data(),
+                  checks=("1", "2", "3"))
+  assert not report.passed, f"{mutant.__name__} passed:\n{report}"
 
 
 def test_float32_fit_is_close_to_float64():

@@ -59,7 +59,7 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
 
     def step(acc, b, rows, x0, mask):
       stats, loglik = acc
-      cond = mv.conditional(x0, mask, params.means, covariances)
+      cond = self.conditional(params.means, covariances, x0, mask)
       resp, log_norm = mv.responsibilities(cond.log_prob, params.weights)
       w = tf.gather(data.weights, rows)                                  # [n]
       block = mv.expected_stats(resp * w[:, tf.newaxis], cond, params.means, full)
@@ -75,6 +75,12 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
     return tf.reduce_sum(data.weights * lp)
 
   # -- helpers ---------------------------------------------------------------
+  def conditional(self, means, covariances, x0, mask) -> mv.Conditional:
+    """A block's rows x0 [G, R, D] with masks [G, D] given each component
+    (`tfp_em.mixture.missing.conditional`): the one place the E-step,
+    `log_prob_components` and `conditional_means` condition."""
+    return mv.conditional(x0, mask, means, covariances)
+
   def _sizes(self, x) -> tuple[int, int]:
     """(rows per block, rows from which a pattern gets blocks of its own)."""
     d = x.shape[-1]
@@ -86,7 +92,7 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
     covariances = mv.dense_covariances(params, self.covariance_type)
 
     def row_fn(rows, x0, mask):
-      return mv.conditional(x0, mask, params.means, covariances).log_prob
+      return self.conditional(params.means, covariances, x0, mask).log_prob
     return (mv.map_rows(x, *self._sizes(x), row_fn, x.dtype, [self.n_components])
             + tf.math.log(params.weights))
 
@@ -96,7 +102,7 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
     covariances = mv.dense_covariances(params, self.covariance_type)
 
     def row_fn(rows, x0, mask):
-      cond = mv.conditional(x0, mask, params.means, covariances)
+      cond = self.conditional(params.means, covariances, x0, mask)
       resp, _ = mv.responsibilities(cond.log_prob, params.weights)       # [n, K]
       return tf.einsum("nk,nkd->nd", resp, cond.mean)
     means = mv.map_rows(x, *self._sizes(x), row_fn, x.dtype, [x.shape[-1]])
