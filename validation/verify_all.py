@@ -18,6 +18,8 @@ Exit status 1 unless the kill rate is 100% and there is no false alarm.
 Models and catalogues:
   * Gaussian mixtures (`GaussianMixtureEM`, all four covariance types) and
     `tests/gmm_mutants.py`;
+  * Gaussian mixtures with missing entries (`MissingValuesGaussianMixtureEM`)
+    and `tests/missing_mutants.py`;
   * the user-file templates in examples/ (Gaussian, Poisson mixtures, MAP EM,
     random intercept, factor analysis, HMM), their buggy twins and the
     user-file mutants of `tests/example_mutants.py`, through `verify_file`;
@@ -79,6 +81,19 @@ def gmm_cases(quick):
     if t in types:
       cases.append((f"gmm_mutants.{mutant.name}[{t}]", True,
                     lambda m=mutant, t=t: verify(gmm_mutants.make(m, k, t, gmm_init(k)), data)))
+  return cases
+
+
+def missing_cases(quick):
+  """Gaussian mixtures with missing entries (`MissingValuesGaussianMixtureEM`) and
+  `tests/missing_mutants.py` (wrong E-steps)."""
+  import missing_mutants as mm
+  data = mm.verification_data()
+  types = ("full",) if quick else ("full", "tied", "diag", "spherical")
+  cases = [(f"MissingValuesGaussianMixtureEM[{t}]", False,
+            lambda t=t: verify(mm.model(covariance_type=t), data)) for t in types]
+  cases += [(f"missing_mutants.{m.__name__}", True, lambda m=m: verify(mm.model(m), data), "E")
+            for m in mm.MUTANTS]
   return cases
 
 
@@ -155,7 +170,7 @@ def file_cases(quick):
   return cases
 
 
-MODELS = (gmm_cases, file_cases, mlp_cases, me_cases)
+MODELS = (gmm_cases, missing_cases, file_cases, mlp_cases, me_cases)
 
 # Which step a failed check blames (checks 5 and 6 follow the whole iteration).
 STEP_OF_CHECK = {"1": "E", "2": "E", "2b": "E", "3": "E", "4a": "M", "4b": "M", "4c": "M",
