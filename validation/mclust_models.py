@@ -41,7 +41,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from models.gaussian_mixture import COVARIANCE_TYPES, mclust_name
+import tfp_em  # first: it keeps TensorFlow's start-up logs quiet
+from models.gaussian_mixture import COVARIANCE_TYPES, MCLUST_MODELS, mclust_name
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 MCLUST = {  # model, K, l, BIC, ICL (mclust's sign: larger is better)
@@ -58,7 +59,6 @@ def datasets():
 
 
 def tfp_em_search(x, ks, models, options):
-  import tfp_em
   start = time.perf_counter()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the table lists each fit's warnings
@@ -87,7 +87,8 @@ def sklearn_search(x, ks, options):
 def bic_grid(table) -> pd.DataFrame:
   """K x model grid of BIC in mclust's sign (larger is better)."""
   grid = table.assign(model=table["covariance_type"].map(mclust_name), mclust_bic=-table["bic"])
-  return grid.pivot(index="k", columns="model", values="mclust_bic")
+  grid = grid.pivot(index="k", columns="model", values="mclust_bic")
+  return grid[[m for m in MCLUST_MODELS if m in grid.columns]]  # mclust's order
 
 
 def run_dataset(name, x, ks, options):
@@ -110,7 +111,9 @@ def run_dataset(name, x, ks, options):
       sklearn_best=dict(model=mclust_name(sk_best["covariance_type"]), k=int(sk_best["k"]),
                         log_likelihood=float(sk_best["log_likelihood"]),
                         mclust_bic=-float(sk_best["bic"])),
-      loglik_sklearn_minus_tfp_em=dict(max=float(gap.max()), min=float(gap.min())),
+      loglik_sklearn_minus_tfp_em=dict(max=float(gap.max()), min=float(gap.min()),
+                                       largest_at=f"{mclust_name(gap.idxmax()[1])},"
+                                       f"K={gap.idxmax()[0]}"),
       seconds=dict(tfp_em_all_cold=cold, tfp_em_all_warm=warm, tfp_em_four_warm=warm_four,
                    sklearn_four=sk_seconds),
       spurious=[f"{mclust_name(r.covariance_type)},K={r.k}"
@@ -132,7 +135,8 @@ def describe(r) -> str:
       f"best (sklearn, four types): {s['model']}, K={s['k']}: l={s['log_likelihood']:.4f}, "
       f"BIC={s['mclust_bic']:.3f}",
       f"l(sklearn) - l(tfp_em) over the four types: {r['loglik_sklearn_minus_tfp_em']['min']:.3g}"
-      f" .. {r['loglik_sklearn_minus_tfp_em']['max']:.3g}",
+      f" .. {r['loglik_sklearn_minus_tfp_em']['max']:.3g} (largest at "
+      f"{r['loglik_sklearn_minus_tfp_em']['largest_at']})",
       f"flagged spurious (not chosen): {', '.join(r['spurious']) or 'none'}",
       f"seconds: tfp_em all models {t['tfp_em_all_cold']:.1f} cold, {t['tfp_em_all_warm']:.1f} "
       f"warm; tfp_em four types {t['tfp_em_four_warm']:.1f} warm; "
