@@ -22,6 +22,7 @@ from tfp_em.bernoulli_mlp.summed import BernoulliMLPSummedEM
 from tfp_em.engine import fit_em, fit_online_em
 from tfp_em.engine.passes import add_stats
 
+from mlp_mutants import MUTANTS
 from test_bernoulli_mlp import synthetic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -197,3 +198,21 @@ def test_estimator_says_which_m_step_it_used():
   assert summed.objective_ > summed.fit_result_.restarts[0].log_likelihood[0]
   with pytest.raises(ValueError, match="m_step"):
     BernoulliMLPClassifier(m_step="newton", **kw).fit(x.numpy(), y.numpy())
+
+
+class _SummedPrecedence(BernoulliMLPSummedEM):
+  """The summed model with the `a/b - u*x` hidden-gradient bug of tests/mlp_mutants.py."""
+  hidden_gradient = staticmethod(MUTANTS["precedence_hidden_gradient"].hidden_gradient)
+
+
+class _SummedUnnormalizedTau(BernoulliMLPSummedEM):
+  """The summed model with tau = p(z, y_j | x_j), never divided by p(y_j | x_j)."""
+  normalize = MUTANTS["unnormalized_tau"].normalize
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant,check", [(_SummedPrecedence, "3"), (_SummedUnnormalizedTau, "2")])
+def test_verifier_catches_bugs_in_the_summed_model(mutant, check):
+  report = verify(mutant(3, 3, l2=1.), synthetic(n=60, m=3), n_points=2, n_steps=3)
+  assert not report.passed
+  assert check in report.failed_checks, report

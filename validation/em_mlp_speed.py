@@ -22,6 +22,7 @@ output layer's [2^m, C] counts.
 Usage:
   python validation/em_mlp_speed.py            # N = 10,000, m = 4, 8, 12, 16
   python validation/em_mlp_speed.py --quick    # N = 1,000
+  python validation/em_mlp_speed.py --hidden 16 --n 2000 --repeats 1   # one cell
 
 Writes validation/out/em_mlp_speed[_quick].json and .md.
 """
@@ -129,11 +130,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="N = 1,000 instead of 10,000")
   parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure")
+  parser.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN),
+                      help="values of m (default 4 8 12 16)")
+  parser.add_argument("--n", type=int, default=None, help="points (default 10,000; quick 1,000)")
   args = parser.parse_args()
-  n = 1000 if args.quick else 10000
+  n = args.n or (1000 if args.quick else 10000)
   repeats = args.repeats or (2 if args.quick else 3)
   rows = []
-  for m in HIDDEN:
+  for m in args.hidden:
     rows.append(measure(n, m, repeats))
     r = rows[-1]
     print(f"m={m:2d}  E-step {r['e_step']:.4g}s  exact EM {r['exact_em']:.4g}s  "
