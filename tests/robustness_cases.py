@@ -486,7 +486,8 @@ def _estimator_cases():
       Case(f"{r}: X scaled by 1e-140, REML", r, _fit_me(X=lambda: _x() * 1e-140, reml=True),
            expect="handled", check=_finite_fit),
       Case(f"{r}: reml with crossed factors", r,
-           _fit_me(clusters=lambda: list(_factors()), reml=True), "REML for several"),
+           _fit_me(clusters=lambda: list(_factors()), reml=True), expect="handled",
+           check=_finite_fit),
       Case(f"{r}: reml not a bool", r, _fit_me(reml="yes"), "reml must be True or False"),
   ]
   return cases
@@ -644,6 +645,22 @@ def _loader_cases():
            "features"),
       Case(f"{c}: predict with one factor of two", c,
            lambda tmp: _fitted("ce").predict(_x(), [_factors()[0]]), "grouping factors"),
+      # random slopes on several factors (#16)
+      Case(f"{c}: Z a list of the wrong length", c,
+           lambda tmp: _ce().fit(_x(), _y_reg(), _factors(), Z=[np.ones((40, 2))]),
+           "Z must be None or a list of 2"),
+      Case(f"{c}: Z[k] with the wrong number of rows", c,
+           lambda tmp: _ce().fit(_x(), _y_reg(), _factors(), Z=[np.ones((39, 2)), None]),
+           "Z\\[0\\] has 39 rows"),
+      Case(f"{c}: Z[k] has NaN", c,
+           lambda tmp: _ce().fit(_x(), _y_reg(), _factors(),
+                                 Z=[_with(np.c_[np.ones(40), _x()[:, 0]], 3, np.nan), None]),
+           "NaN"),
+      Case(f"{c}: SQUAREM with random slopes", c,
+           lambda tmp: _ce(accelerate="squarem").fit(_x(), _y_reg(), _factors(),
+                                                     Z=[np.c_[np.ones(40), _x()[:, 0]], None]),
+           "accelerate=None"),
+      Case(f"{c}: covariance unknown", c, _fit_ce(covariance="block"), "covariance"),
   ]
   return cases
 

@@ -7,6 +7,8 @@ from models import crossed_effects as ce
 from tfp_em.engine import fit_em
 from tfp_em.mixed_effects import crossed_em as cx
 from tfp_em.mixed_effects import crossed_posterior as cp
+from tfp_em.mixed_effects import crossed_predictions as cpr
+from tfp_em.mixed_effects.crossed_nll import fit_nll
 from tfp_em.mixed_effects.crossed_estimator import CrossedEffectsRegressor
 from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
 from tfp_em.mixed_effects.labels import is_factor_list
@@ -85,13 +87,13 @@ def test_covariance_entries_equal_dense_mvn_posterior(max_dense):
   _, cov = (t.numpy() for t in ce.dense_posterior(params, data))
   rng = np.random.default_rng(0)
   rows, cols = rng.integers(0, cov.shape[0], (2, 300))
-  np.testing.assert_allclose(cp.covariance_entries(fac, rows, cols), cov[rows, cols], atol=1e-12)
+  np.testing.assert_allclose(cpr.covariance_entries(fac, rows, cols), cov[rows, cols], atol=1e-12)
   positions = data.codes.numpy() + np.concatenate([[0], np.cumsum(num_levels)[:-1]])
   positions[:5, 1] = -1                                                 # factor 1 unseen
   weights = np.zeros((len(positions), cov.shape[0]))
   for i, row in enumerate(positions):
     weights[i, row[row >= 0]] = 1.
-  np.testing.assert_allclose(cp.predictive_variance(fac, positions),
+  np.testing.assert_allclose(cpr.predictive_variance(fac, positions),
                              np.einsum("nq,qr,nr->n", weights, cov, weights), rtol=1e-10)
 
 
@@ -137,7 +139,7 @@ def test_em_and_nll_meet():
   data = _simulate(9, n=120)
   model = cx.CrossedEffectsEM(intercept=0)
   em = fit_em(model, data, max_iter=3000, tol=1e-14, compile=model.compile)
-  nll_params, nll_ll, converged, _ = cx.fit_nll(model, data, model.initialize(data, 1))
+  nll_params, nll_ll, converged, _ = fit_nll(model, data, model.initialize(data, 1))
   assert converged and em.converged
   assert abs(em.log_likelihood - nll_ll) < 1e-6
   for a, b in zip(em.params, nll_params):

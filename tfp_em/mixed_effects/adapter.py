@@ -52,7 +52,7 @@ class MixedEffectsAdapter(Adapter):
   def data(self, fitted, X, y=None, clusters=None, time=None, Z=None):
     if fitted.crossed_ is not None:
       raise ValueError("diagnostics cover one grouping factor; this MixedEffectsRegressor was "
-                       f"fitted with {len(fitted.crossed_.variances_)} crossed factors")
+                       f"fitted with {len(fitted.crossed_.levels_)} crossed factors")
     if y is None or clusters is None:
       raise ValueError("MixedEffectsRegressor diagnostics need X, y and clusters "
                        "(and time / Z as passed to fit)")

@@ -1,19 +1,21 @@
-"""Exact EM and marginal-likelihood fits for crossed random intercepts.
+"""Exact EM for crossed (or nested) random-effect factors, ML or REML.
 
-The model is `models.crossed_effects`: y = X beta + sum_k Z_k u_k + eps; the
-posterior of u and the marginal come from `crossed_posterior` (sparse, exact
-up to `max_dense` levels outside the largest factor).
+The model is `models.crossed_effects`: y = X beta + Z u + eps, factor k with
+d_k effects per level (random intercepts: d_k = 1) and covariance Sigma_k;
+the posterior of u and the marginal come from `crossed_posterior` (sparse,
+exact up to `max_dense` positions outside the largest factor).
 
-EM M-step (argmax of Q):
+EM M-step (argmax of Q), with B_k the sum over levels of Cov[u_kl | y]:
 
     beta      = (X^T X)^-1 X^T (y - Z m)
     sigma^2   = (||y - X beta - Z m||^2 + tr(Z^T Z P^-1)) / N
-    sigma_k^2 = (||m_k||^2 + tr(P^-1)_kk) / q_k
+    Sigma_k   = (sum_l m_kl m_kl^T + B_k) / q_k       (its diagonal for 'diag')
 
-with tr(Z^T Z P^-1) = sigma^2 (sum_k q_k - sum_k tr(P^-1)_kk / sigma_k^2). The
-same E-step gives the exact gradient of the marginal (Fisher identity), which
-the NLL path (`fit_nll`, LMMNN with linear f) feeds to L-BFGS over the log
-variances with beta profiled out by GLS.
+with tr(Z^T Z P^-1) = sigma^2 (Q - sum_k tr(Sigma_k^-1 B_k)). For REML
+(`reml=True`) beta is latent under a flat prior: the E-step conditions on y
+jointly over (beta, u), so m is taken at beta_GLS, B_k gains K A^-1 K^T
+(`crossed_posterior.profiled_posterior`), the trace gains sigma^2 p, and the
+objective is the restricted likelihood l_R. The NLL path is `crossed_nll`.
 
 #### References
 
@@ -21,7 +23,10 @@ variances with beta profiled out by GLS.
     Biometrics, 38(4):963-974, 1982.
 [2] C. Liu, D. B. Rubin and Y. N. Wu. Parameter expansion to accelerate EM:
     the PX-EM algorithm. Biometrika, 85(4):755-770, 1998.
-[3] G. Simchoni and S. Rosset. Using random effects to account for
+[3] N. M. Laird, N. Lange and D. Stram. Maximum likelihood computations with
+    repeated measures: application of the EM algorithm. JASA,
+    82(397):97-105, 1987.
+[4] G. Simchoni and S. Rosset. Using random effects to account for
     high-cardinality categorical features and repeated measures in deep neural
     networks. NeurIPS, 2021.
 """
@@ -35,9 +40,9 @@ import tensorflow as tf
 
 from models import crossed_effects as ce
 from tfp_em.engine import EMModel
-from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
-from tfp_em.mixed_effects.crossed_posterior import (MAX_DENSE, Posterior, design_matrix,
-                                                    posterior, profiled_posterior)
+from tfp_em.mixed_effects.crossed_posterior import (MAX_DENSE, Posterior, covariance_matrices,
+                                                    design_matrix, factor_slices, posterior,
+                                                    profiled_posterior)
 from tfp_em.mixed_effects.em import solve_beta, update_noise_variance
 
 
@@ -52,20 +57,29 @@ class CrossedStats(NamedTuple):
   xtx: tf.Tensor            # [p, p] X^T X
   xte: tf.Tensor            # [p]    X^T e
   ete: tf.Tensor            # []     e^T e
-  trace: tf.Tensor          # []     tr(Z^T Z P^-1)
-  second_moment: tf.Tensor  # [K]    ||m_k||^2 + tr(P^-1)_kk
-  mean_sum: tf.Tensor       # [K]    sum of m_k (for the PX-EM step)
+  trace: tf.Tensor          # []     E tr of the fitted part's covariance: tr(Z^T Z P^-1) (ML)
+  second_moment: tf.Tensor  # packed sum_l m_kl m_kl^T + B_k ([K] for intercepts)
+  mean_sum: tf.Tensor       # [sum_k d_k] sum_l m_kl (for the PX-EM step)
   num_levels: tf.Tensor     # [K]    q_k
   num_obs: tf.Tensor        # []     N
   beta_ref: tf.Tensor       # [p]    shared
 
 
-def update_variances(second_moment, num_levels):
-  """sigma_k^2 = (||m_k||^2 + tr(P^-1)_kk) / q_k."""
-  return second_moment / num_levels
+def diagonal_mask(num_effects) -> np.ndarray:
+  """Packed 0/1 mask of the variances (the diagonals of the Sigma_k)."""
+  return ce.pack_covariances([np.eye(d) for d in num_effects])
 
 
-def expected_log_joint(params: ce.CrossedParams, stats: CrossedStats):
+def update_variances(second_moment, num_levels, num_effects=None, diagonal: bool = False):
+  """Sigma_k = (sum_l m_kl m_kl^T + B_k) / q_k, packed; `diagonal` keeps the variances only."""
+  if num_effects is None:
+    return second_moment / num_levels
+  out = second_moment / tf.repeat(tf.cast(num_levels, second_moment.dtype),
+                                  ce.packed_sizes(num_effects))
+  return out * diagonal_mask(num_effects) if diagonal else out
+
+
+def expected_log_joint(params: ce.CrossedParams, stats: CrossedStats, num_effects=None):
   """Q(params | params_old) = E[log p(y, u | params)] under u | y, params_old."""
   d = params.beta - stats.beta_ref
   expected_ss = (stats.ete - 2. * tf.reduce_sum(d * stats.xte)
@@ -73,8 +87,13 @@ def expected_log_joint(params: ce.CrossedParams, stats: CrossedStats):
   log2pi = math.log(2. * math.pi)
   lik = -0.5 * (stats.num_obs * (log2pi + tf.math.log(params.noise_variance))
                 + expected_ss / params.noise_variance)
-  prior = -0.5 * tf.reduce_sum(stats.num_levels * (log2pi + tf.math.log(params.variances))
-                               + stats.second_moment / params.variances)
+  num_effects = num_effects or (1,) * int(stats.num_levels.shape[0])
+  covs = ce.covariance_blocks(params.variances, num_effects)
+  seconds = ce.covariance_blocks(stats.second_moment, num_effects)
+  prior = 0.
+  for k, (cov, second) in enumerate(zip(covs, seconds)):
+    prior -= 0.5 * (stats.num_levels[k] * (num_effects[k] * log2pi + tf.linalg.logdet(cov))
+                    + tf.linalg.trace(tf.linalg.solve(cov, second)))
   return lik + prior
 
 
@@ -85,23 +104,45 @@ def intercept_column(x) -> int | None:
   return int(hits[0]) if len(hits) else None
 
 
+def matching_columns(x, effects, num_effects) -> tuple:
+  """Per factor, the columns of x equal to its design's columns (a tuple of
+  d_k indices), or None when one has no match: where PX-EM can move the
+  mean of u_k into beta."""
+  x, effects = np.asarray(x), np.asarray(effects)
+  out, start = [], 0
+  for d in num_effects:
+    cols = []
+    for j in range(start, start + d):
+      hits = np.flatnonzero(np.all(x == effects[:, j:j + 1], axis=0))
+      cols.append(int(hits[0]) if len(hits) else None)
+    out.append(None if None in cols else tuple(cols))
+    start += d
+  return tuple(out)
+
+
 class CrossedEffectsEM(EMModel):
-  """EM for the linear mixed model with K crossed random intercepts.
+  """EM for the linear mixed model with K crossed (or nested) grouping factors.
 
   `data` is a `models.crossed_effects.CrossedData`. The E-step is sparse
   numpy/scipy work, so `compile` is 'eager'.
 
   Args:
     expand: add the PX-EM step (default True): the M-step also fits a mean
-      mu_k of each u_k and moves sum_k mu_k into the intercept, which must be
-      column `intercept` of x (ignored when `intercept` is None). Plain EM
-      moves a common offset between the intercept and the u_k only by the
-      shrinkage fraction per iteration.
-    intercept: index of the all-ones column of x, or None (default).
-    max_dense: exact-factorization limit on the levels outside the largest
-      factor (default 8,000); beyond it the E-step uses CG and Hutchinson
-      traces and the log-likelihood is NaN.
+      mu_k of each u_k and moves it into beta, where factor k's design
+      columns are columns of x (`expand_columns`); plain EM moves a common
+      offset between beta and the u_k only by the shrinkage fraction per
+      iteration.
+    intercept: index of the all-ones column of x, or None (default): for
+      random-intercept factors when `expand_columns` is not given.
+    max_dense: exact-factorization limit on the positions outside the
+      largest factor (default 8,000); beyond it the E-step uses CG and
+      Hutchinson traces and the log-likelihood is NaN.
     num_probes: Hutchinson probes on that path (default 64).
+    num_effects: [K] d_k (default None: random intercepts).
+    diagonal: Sigma_k diagonal (uncorrelated effects; default False).
+    expand_columns: per factor, the columns of x matching its design
+      (`matching_columns`), or None for a factor PX-EM leaves alone.
+    reml: maximize the restricted likelihood (beta latent, flat prior).
   """
   name = "CrossedEffectsEM"
   compile = "eager"
@@ -109,21 +150,33 @@ class CrossedEffectsEM(EMModel):
                   "two levels; a variance that goes to 0 means the factor explains nothing.")
 
   def __init__(self, expand: bool = True, intercept: int | None = None,
-               max_dense: int = MAX_DENSE, num_probes: int = 64):
+               max_dense: int = MAX_DENSE, num_probes: int = 64, num_effects=None,
+               diagonal: bool = False, expand_columns=None, reml: bool = False):
     self.expand = bool(expand)
     self.intercept = intercept
     self.max_dense = int(max_dense)
     self.num_probes = int(num_probes)
+    self.num_effects = None if num_effects is None else tuple(int(d) for d in num_effects)
+    self.diagonal = bool(diagonal)
+    self.expand_columns = expand_columns
+    self.reml = bool(reml)
+    if reml:
+      self.name = "CrossedEffectsREMLEM"
 
   @property
   def param_specs(self) -> ce.CrossedParams:
-    return ce.param_specs()
+    return ce.param_specs(self.num_effects is None or max(self.num_effects) == 1)
+
+  def effects_of(self, num_factors: int) -> tuple:
+    """(d_1, ..., d_K)."""
+    return self.num_effects or (1,) * num_factors
 
   def num_observations(self, data) -> float:
     return float(data.y.shape[0])
 
   def initialize(self, data: ce.CrossedData, seed: int) -> ce.CrossedParams:
-    """OLS beta; the residual variance split equally between noise and factors.
+    """OLS beta; the residual variance split equally between noise and factors
+    (Sigma_k = share diag(1 / mean z_kj^2)).
 
     Each share is jittered by a factor in [0.5, 2] drawn from `seed`.
     """
@@ -134,8 +187,13 @@ class CrossedEffectsEM(EMModel):
     jitter = np.exp(np.random.default_rng(seed).uniform(-math.log(2.), math.log(2.),
                                                         num_factors + 1))
     share = var / (num_factors + 1)
+    scale = np.mean(np.asarray(ce.effect_values(data), np.float64) ** 2, axis=0)  # [sum d]
+    blocks, start = [], 0
+    for k, d in enumerate(self.effects_of(num_factors)):
+      blocks.append(np.diag(share * jitter[k] / np.maximum(scale[start:start + d], 1e-300)))
+      start += d
     return ce.CrossedParams(beta=tf.constant(beta, y.dtype),
-                            variances=tf.constant(share * jitter[:-1], y.dtype),
+                            variances=tf.constant(ce.pack_covariances(blocks), y.dtype),
                             noise_variance=tf.constant(share * jitter[-1], y.dtype))
 
   def arrays(self, data):
@@ -143,38 +201,62 @@ class CrossedEffectsEM(EMModel):
     x = np.asarray(data.x, np.float64)
     y = np.asarray(data.y, np.float64)
     num_levels = np.asarray(data.num_levels)
-    z = design_matrix(np.asarray(data.codes), num_levels)
+    effects = None if data.effects is None else np.asarray(data.effects, np.float64)
+    z = design_matrix(np.asarray(data.codes), num_levels, effects, self.num_effects)
     return x, y, z, (z.T @ z).tocsr(), num_levels
 
-  def posterior(self, params, data) -> Posterior:
-    x, y, z, ztz, num_levels = self.arrays(data)
-    return posterior(x, y, z, ztz, num_levels, np.asarray(params.beta, np.float64),
-                     np.asarray(params.variances, np.float64),
-                     float(params.noise_variance), self.max_dense, self.num_probes)
-
-  def e_step(self, params, data):
-    x, y, z, ztz, num_levels = self.arrays(data)
+  def posterior_at(self, params, arrays):
+    """(Posterior, the beta it is conditioned at): params.beta (ML) or beta_GLS (REML)."""
+    x, y, z, ztz, num_levels = arrays
     variances = np.asarray(params.variances, np.float64)
     sigma2 = float(params.noise_variance)
-    post = posterior(x, y, z, ztz, num_levels, np.asarray(params.beta, np.float64),
-                     variances, sigma2, self.max_dense, self.num_probes)
-    return self.stats_from(post, x, z, num_levels, variances, sigma2, params.beta)
+    if self.reml:
+      beta, post = profiled_posterior(x, y, z, ztz, num_levels, variances, sigma2, self.max_dense,
+                                      True, self.num_effects, self.num_probes)
+      return post, tf.constant(beta, params.beta.dtype)
+    post = posterior(x, y, z, ztz, num_levels, np.asarray(params.beta, np.float64), variances,
+                     sigma2, self.max_dense, self.num_probes, num_effects=self.num_effects)
+    return post, params.beta
+
+  def posterior(self, params, data) -> Posterior:
+    return self.posterior_at(params, self.arrays(data))[0]
+
+  def e_step(self, params, data):
+    arrays = self.arrays(data)
+    post, beta_ref = self.posterior_at(params, arrays)
+    x, _, z, _, num_levels = arrays
+    return self.stats_from(post, x, z, num_levels, np.asarray(params.variances, np.float64),
+                           float(params.noise_variance), beta_ref, self.num_effects)
 
   @staticmethod
-  def stats_from(post: Posterior, x, z, num_levels, variances, sigma2, beta_ref):
+  def stats_from(post: Posterior, x, z, num_levels, variances, sigma2, beta_ref,
+                 num_effects=None):
     """(CrossedStats, loglik) from a posterior; tensors in beta_ref's dtype."""
     dtype = beta_ref.dtype
-    factor_of = np.repeat(np.arange(len(num_levels)), num_levels)
     e = post.residual - z @ post.mean                                   # [N]
-    trace = sigma2 * (float(np.sum(num_levels)) - float(np.sum(post.traces / variances)))
+    slices = factor_slices(num_levels, num_effects)
+    covs = covariance_matrices(variances, num_levels, num_effects)
+    precision_trace = sum(float(np.trace(np.linalg.solve(c, b))) for c, b in zip(covs, post.blocks))
+    positions = sum(q * d for _, q, d in slices)
+    trace = sigma2 * (post.num_latent_fixed + positions - precision_trace)
+    means = [post.mean[start:start + q * d].reshape(q, d) for start, q, d in slices]
     t = lambda v: tf.constant(v, dtype)
     stats = CrossedStats(
         xtx=t(x.T @ x), xte=t(x.T @ e), ete=t(e @ e), trace=t(trace),
-        second_moment=t(np.bincount(factor_of, post.mean ** 2, len(num_levels)) + post.traces),
-        mean_sum=t(np.bincount(factor_of, post.mean, len(num_levels))),
-        num_levels=t(num_levels.astype(np.float64)), num_obs=t(float(len(e))),
+        second_moment=t(ce.pack_covariances([m.T @ m + b for m, b in zip(means, post.blocks)])),
+        mean_sum=t(np.concatenate([m.sum(0) for m in means])),
+        num_levels=t(np.asarray(num_levels, np.float64)), num_obs=t(float(len(e))),
         beta_ref=beta_ref)
     return stats, t(post.log_prob)
+
+  def expansion(self, num_factors: int) -> tuple:
+    """Per factor, the columns of x that PX-EM moves its mean into, or None."""
+    if not self.expand:
+      return (None,) * num_factors
+    if self.expand_columns is not None:
+      return tuple(self.expand_columns)
+    return tuple((self.intercept,) if d == 1 and self.intercept is not None else None
+                 for d in self.effects_of(num_factors))
 
   def m_step(self, params, stats: CrossedStats) -> ce.CrossedParams:
     beta, residual_ss = stats.beta_ref, stats.ete
@@ -182,66 +264,29 @@ class CrossedEffectsEM(EMModel):
       delta, drop = solve_beta(stats.xtx, stats.xte)
       beta, residual_ss = stats.beta_ref + delta, stats.ete - drop
     noise_variance = update_noise_variance(residual_ss, stats.trace, stats.num_obs)
-    second_moment = stats.second_moment
-    if self.expand and self.intercept is not None:
-      mu = stats.mean_sum / stats.num_levels                             # [K]
-      beta = tf.tensor_scatter_nd_add(beta, [[self.intercept]], [tf.reduce_sum(mu)])
-      second_moment = second_moment - stats.num_levels * tf.square(mu)
-    return ce.CrossedParams(beta=beta, variances=update_variances(second_moment, stats.num_levels),
-                            noise_variance=noise_variance)
+    num_factors = int(stats.num_levels.shape[0])
+    num_effects = self.effects_of(num_factors)
+    seconds, start = [], 0
+    for k, (d, cols) in enumerate(zip(num_effects, self.expansion(num_factors))):
+      second = ce.covariance_blocks(stats.second_moment, num_effects)[k]
+      if cols is not None:
+        mu = stats.mean_sum[start:start + d] / stats.num_levels[k]        # [d]
+        beta = tf.tensor_scatter_nd_add(beta, [[c] for c in cols], mu)
+        second = second - stats.num_levels[k] * mu[:, None] * mu[None, :]
+      seconds.append(tf.gather_nd(second, np.stack(np.tril_indices(d), 1)))
+      start += d
+    variances = update_variances(tf.concat(seconds, 0), stats.num_levels, num_effects,
+                                 self.diagonal)
+    return ce.CrossedParams(beta=beta, variances=variances, noise_variance=noise_variance)
 
   def expected_log_joint(self, params, stats):
-    return expected_log_joint(params, stats)
+    return expected_log_joint(params, stats, self.num_effects)
 
   def marginal_log_prob(self, params, data):
     return tf.constant(self.posterior(params, data).log_prob, data.y.dtype)
 
   def joint_distribution(self, params, data):
     return ce.joint_distribution(params, data)
-
-
-# ---------------------------------------------------------------------------
-# The NLL path: L-BFGS on the exact marginal, beta profiled out by GLS.
-
-def fit_nll(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.CrossedParams,
-            *, max_iter: int = 500, tol: float = 1e-12):
-  """Maximizes the exact marginal over log(sigma_k^2), log(sigma^2) by L-BFGS.
-
-  beta is profiled out (GLS) and the gradient is exact, from the E-step by the
-  Fisher identity: d l / d log sigma_k^2 = (||m_k||^2 + tr_k) / (2 sigma_k^2) - q_k / 2,
-  d l / d log sigma^2 = (||e||^2 + tr(Z^T Z P^-1)) / (2 sigma^2) - N / 2.
-  (The variances map to unconstrained space through Exp, `ce.param_specs`.)
-
-  Returns `(params, loglik, converged, num_evaluations)`.
-  """
-  x, y, z, ztz, num_levels = model.arrays(data)
-  n = float(len(y))
-  specs = model.param_specs
-  flat = Flattener(init_params._replace(beta=tf.zeros([0], data.y.dtype)),
-                   specs._replace(beta=specs.beta._replace(trainable=False)), tf.float64)
-
-  def profiled(u):
-    params = flat.unflatten(tf.constant(u))
-    variances, sigma2 = params.variances.numpy(), float(params.noise_variance)
-    beta, post = profiled_posterior(x, y, z, ztz, num_levels, variances, sigma2, model.max_dense)
-    return beta, post, variances, sigma2
-
-  def value_and_gradient(u):  # numpy and scipy inside: runs eagerly
-    beta, post, variances, sigma2 = profiled(u.numpy())
-    stats, ll = CrossedEffectsEM.stats_from(post, x, z, num_levels, variances, sigma2,
-                                            tf.constant(beta, tf.float64))
-    grad = np.concatenate([
-        0.5 * (stats.second_moment.numpy() / variances - num_levels),
-        [0.5 * ((stats.ete.numpy() + stats.trace.numpy()) / sigma2 - n)]])
-    return tf.constant(-float(ll) / n, tf.float64), tf.constant(-grad / n)
-
-  res = minimize_lbfgs(value_and_gradient, flat.u_hat, max_iterations=max_iter,
-                       tolerance=tol * 1e-2, f_relative_tolerance=tol, num_correction_pairs=20)
-  beta, post, variances, sigma2 = profiled(res.position.numpy())
-  dtype = data.y.dtype
-  params = ce.CrossedParams(beta=tf.constant(beta, dtype), variances=tf.constant(variances, dtype),
-                            noise_variance=tf.constant(sigma2, dtype))
-  return params, post.log_prob, bool(res.converged), int(res.num_objective_evaluations)
 
 
 def fit_em_large(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.CrossedParams,
@@ -253,20 +298,25 @@ def fit_em_large(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.
 
   The probes are the same at every iteration (seed 0), so the update is a
   deterministic map; it stops when every variance and sigma^2 moves by less
-  than `tol` (relative). Returns `(params, num_iterations, trace_se [K])`,
+  than `tol` (relative to the largest variance of its factor, so covariances
+  near 0 do not stall it). Returns `(params, num_iterations, trace_se [K])`,
   the standard errors of the last trace estimates.
   """
-  x, y, z, ztz, num_levels = model.arrays(data)
+  arrays = model.arrays(data)
+  x, _, z, _, num_levels = arrays
+  num_effects = model.effects_of(len(num_levels))
+  scale_of = np.repeat(np.arange(len(num_effects)), ce.packed_sizes(num_effects))
   params = init_params
   for it in range(1, max_iter + 1):
     variances = np.asarray(params.variances, np.float64)
     sigma2 = float(params.noise_variance)
-    post = posterior(x, y, z, ztz, num_levels, np.asarray(params.beta, np.float64), variances,
-                     sigma2, model.max_dense, model.num_probes)
-    stats, _ = model.stats_from(post, x, z, num_levels, variances, sigma2, params.beta)
+    post, beta_ref = model.posterior_at(params, arrays)
+    stats, _ = model.stats_from(post, x, z, num_levels, variances, sigma2, beta_ref,
+                                model.num_effects)
     new = model.m_step(params, stats)
-    old = np.append(variances, sigma2)
-    change = np.abs(np.append(new.variances.numpy(), float(new.noise_variance)) - old) / old
+    scale = np.array([np.max(np.abs(variances[scale_of == k])) for k in range(len(num_effects))])
+    change = np.append(np.abs(new.variances.numpy() - variances) / scale[scale_of],
+                       abs(float(new.noise_variance) - sigma2) / sigma2)
     params = new
     if np.all(change < tol):
       break

@@ -65,8 +65,9 @@ from tfp_em.engine import inputs as val
 from tfp_em.engine.unconstrained import Flattener
 from tfp_em.mixed_effects import crossed_em as cx
 from tfp_em.mixed_effects import crossed_posterior as cp
+from tfp_em.mixed_effects.crossed_predictions import CrossedPredictions, PosteriorPrecision
 from tfp_em.mixed_effects.em import update_noise_variance
-from tfp_em.mixed_effects.labels import (blup_sum, code_labels, code_positions, encode_factors,
+from tfp_em.mixed_effects.labels import (code_labels, code_positions, encode_factors,
                                          sum_at_positions)
 from tfp_em.mixed_effects.training import (Network, NetworkFit, cluster_minibatches,
                                            fit_summary, minibatch_epoch, minibatches, mse_epoch,
@@ -286,7 +287,7 @@ def fit_crossed_network_nll(net: Network, train: CrossedNetData, val,
 # ---------------------------------------------------------------------------
 # `MixedEffectsRegressor(f=<network>).fit(X, y, clusters=[g1, ..., gK])`.
 
-class CrossedNetworkPredictor(cp.CrossedPredictions):
+class CrossedNetworkPredictor(CrossedPredictions):
   """A fitted network f with K crossed random intercepts: predicts
   f(x) + sum_k BLUP_k(level_k), 0 for a level unseen in fit (each factor
   independently) or for clusters=None; `predict_interval` and
@@ -294,19 +295,25 @@ class CrossedNetworkPredictor(cp.CrossedPredictions):
 
   Attributes: network (the `Network`), levels_ (K arrays of labels seen in
   fit), blups_ (K arrays of E[u_k | y_train] in the same order), precision_
-  (the training posterior precision at the fitted variances).
+  (the training posterior precision at the fitted variances), num_effects_
+  and intercepts_ (one random intercept per factor).
   """
 
-  def __init__(self, network: Network, levels, blups, precision: cp.PosteriorPrecision,
+  def __init__(self, network: Network, levels, blups, precision: PosteriorPrecision,
                n_features: int):
     self.network, self.levels_, self.blups_ = network, levels, blups
     self.precision_, self.n_features_in_ = precision, n_features
+    self.num_effects_, self.intercepts_ = (1,) * len(levels), (True,) * len(levels)
 
-  def predict(self, X, clusters=None):
+  def fixed_part(self, X):
+    """f(x), [n]."""
     X = val.check_array(X, "X", ndim=2, dtype=np.float64)
     val.check_n_features(X, self.n_features_in_)
-    f = np.asarray(self.network(tf.constant(X))[0], np.float64)
-    return f + blup_sum(self.levels_, self.blups_, clusters, X.shape[0])
+    return np.asarray(self.network(tf.constant(X))[0], np.float64)
+
+  def effects_design(self, n: int, Z=None):
+    """Random intercepts: z_k = 1, [n, K]."""
+    return np.ones((n, len(self.levels_)))
 
 
 def _validation_set(valid, levels) -> CrossedNetData:
@@ -350,11 +357,12 @@ def fit_estimator(estimator, X, y, clusters, valid=None):
   estimator.params_ = params
   estimator.log_likelihood_ = float(log_lik)
   estimator.variances_ = np.asarray(params.variances, np.float64).astype(dtype)
+  estimator.covariances_ = [np.reshape(v, (1, 1)) for v in estimator.variances_]
   estimator.sigma2_ = float(params.noise_variance)
   estimator.n_iter_ = fit.best_iteration
   offsets = np.concatenate([[0], np.cumsum(train.num_levels)])
   blups = [post.mean[offsets[k]:offsets[k + 1]].astype(dtype) for k in range(len(levels))]
-  precision = cp.PosteriorPrecision(final.ztz, train.num_levels,
+  precision = PosteriorPrecision(final.ztz, train.num_levels,
                                     estimator.variances_.astype(np.float64), estimator.sigma2_,
                                     cp.MAX_DENSE)
   estimator.crossed_ = CrossedNetworkPredictor(net, levels, blups, precision, X.shape[1])

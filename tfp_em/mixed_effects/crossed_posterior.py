@@ -1,38 +1,45 @@
-"""The posterior of K crossed random intercepts: sparse, exact or CG/Hutchinson.
+"""The posterior of K crossed random-effect factors: sparse, exact or CG/Hutchinson.
 
-The model is `models.crossed_effects`: y = X beta + sum_k Z_k u_k + eps. The
+The model is `models.crossed_effects`: y = X beta + Z u + eps, factor k with
+d_k effects per level (intercepts: d_k = 1) and u_kl ~ N(0, Sigma_k). The
 posterior of u = [u_1 ... u_K] is Gaussian with sparse precision
 
-    P = D^-1 + Z^T Z / sigma^2,        m = P^-1 Z^T (y - X beta) / sigma^2.
+    P = D^-1 + Z^T Z / sigma^2,        m = P^-1 Z^T (y - X beta) / sigma^2,
 
-Within a factor Z_k^T Z_k is diagonal (level counts); the cross blocks are
-co-occurrence counts. `factorize` eliminates the largest factor (a diagonal
-block A) exactly and factors the dense Schur complement S = C - B^T A^-1 B of
-the remaining r = sum_k q_k - max_k q_k levels by Cholesky. This gives
+D^-1 = blockdiag_k(I (x) Sigma_k^-1). Within a factor Z_k^T Z_k is block
+diagonal (d_k x d_k per level); the cross blocks hold co-occurrences.
+`factorize` eliminates the factor with the most positions (a block-diagonal A)
+exactly and factors the dense Schur complement S = C - B^T A^-1 B of the
+remaining r positions by Cholesky. With G = A^-1 B this gives
 
-    log|P| = sum log a_i + log|S|,
-    tr(P^-1)_AA = sum 1/a_i + tr(S^-1 B^T A^-2 B),  tr(P^-1)_CC = tr(S^-1) per factor,
+    log|P| = log|A| + log|S|,   (P^-1)_CC = S^-1,   (P^-1)_AA = A^-1 + G S^-1 G^T,
 
-exactly, in O(nnz + r^3) time and 3 r^2 floats of memory: the exact limit is
-`max_dense` (default 8,000 levels outside the largest factor, about 1.5 GB in
-float64). Beyond it, `factorize` switches to conjugate gradients (Jacobi
-preconditioned) for the mean and Hutchinson estimates with Rademacher probes
-for the traces, whose standard errors it reports; log|P| is then not
-available (NaN), so only EM steps (no monotonicity check) can run there.
+so the per-factor sums of the posterior covariance blocks (what EM needs,
+`factor_blocks`) are exact in O(nnz + r^3) time and 3 r^2 floats of memory:
+the exact limit is `max_dense` (default 8,000 positions outside the largest
+factor, about 1.5 GB in float64). Beyond it, `factorize` switches to conjugate
+gradients (Jacobi preconditioned) for the mean and Hutchinson estimates with
+Rademacher probes for the blocks, whose standard errors it reports; log|P| is
+then not available (NaN), so only EM steps (no monotonicity check) can run
+there.
 
 The marginal uses the determinant lemma and Woodbury:
 
-    log|V| = sum_k q_k log sigma_k^2 + log|P| + N log sigma^2,
+    log|V| = sum_k q_k log|Sigma_k| + log|P| + N log sigma^2,
     r^T V^-1 r = r^T r / sigma^2 - b^T m,   b = Z^T r / sigma^2.
 
-`CrossedPredictions` turns a fitted posterior into BLUP lookups and
-predictive intervals, for the linear and the network f alike.
+With beta profiled out (`profiled_posterior`), the same solves give GLS beta,
+X^T V^-1 X and, for REML (beta latent under a flat prior), the extra
+posterior covariance K A^-1 K^T of u, K = P^-1 Z^T X / sigma^2, and
+l_R = l(beta_GLS) - 1/2 log|X^T V^-1 X| + (p/2) log 2 pi.
 
 #### References
 
 [1] M. F. Hutchinson. A stochastic estimator of the trace of the influence
     matrix for Laplacian smoothing splines. Commun. Stat. Simul. Comput.,
     19(2):433-450, 1990.
+[2] D. A. Harville. Maximum likelihood approaches to variance component
+    estimation and to related problems. JASA, 72(358):320-338, 1977.
 """
 from __future__ import annotations
 
@@ -42,57 +49,116 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
-import scipy.stats as sps
 
-from tfp_em.engine import inputs as val
-from tfp_em.mixed_effects.labels import level_positions
+from models.crossed_effects import covariance_blocks
 
 MAX_DENSE = 8000
 
 
 # ---------------------------------------------------------------------------
-# Sparse linear algebra (numpy / scipy).
+# Layout of u = [u_1 ... u_K], each level-major: position offset_k + l d_k + j.
 
-def design_matrix(codes, num_levels) -> sp.csr_matrix:
-  """Z = [Z_1 ... Z_K] as a sparse [N, sum_k q_k] matrix with K ones per row."""
+def effect_counts(num_levels, num_effects=None) -> np.ndarray:
+  """[K] d_k (ones for random intercepts)."""
+  if num_effects is None:
+    return np.ones(len(num_levels), np.int64)
+  return np.asarray(num_effects, np.int64)
+
+
+def factor_slices(num_levels, num_effects=None) -> list:
+  """[(start, q_k, d_k)] of each factor's positions in u."""
+  num_levels = np.asarray(num_levels, np.int64)
+  num_effects = effect_counts(num_levels, num_effects)
+  starts = np.concatenate([[0], np.cumsum(num_levels * num_effects)[:-1]])
+  return [(int(s), int(q), int(d)) for s, q, d in zip(starts, num_levels, num_effects)]
+
+
+def design_matrix(codes, num_levels, effects=None, num_effects=None) -> sp.csr_matrix:
+  """Z = [Z_1 ... Z_K] as a sparse [N, Q] matrix: row n holds z_kn at its levels' positions.
+
+  effects: [N, sum_k d_k] the designs side by side (None: intercepts, d_k = 1).
+  """
   codes = np.asarray(codes)
-  num_levels = np.asarray(num_levels, dtype=np.int64)
-  n, k = codes.shape
-  offsets = np.concatenate([[0], np.cumsum(num_levels)[:-1]])
-  cols = (codes + offsets[None, :]).reshape(-1)
-  rows = np.repeat(np.arange(n), k)
-  return sp.csr_matrix((np.ones(n * k), (rows, cols)), shape=(n, int(num_levels.sum())))
+  n = codes.shape[0]
+  effects = np.ones((n, codes.shape[1])) if effects is None else np.asarray(effects, np.float64)
+  rows, cols, vals, e = [], [], [], 0
+  slices = factor_slices(num_levels, num_effects)
+  for k, (start, _, d) in enumerate(slices):
+    for j in range(d):
+      rows.append(np.arange(n))
+      cols.append(start + codes[:, k].astype(np.int64) * d + j)
+      vals.append(effects[:, e + j])
+    e += d
+  total = slices[-1][0] + slices[-1][1] * slices[-1][2]
+  return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                       shape=(n, total))
 
+
+def covariance_matrices(variances, num_levels, num_effects=None) -> list:
+  """The K Sigma_k [d_k, d_k] (numpy) from the packed variances."""
+  d = tuple(int(v) for v in effect_counts(num_levels, num_effects))
+  return [np.asarray(b) for b in covariance_blocks(np.asarray(variances, np.float64), d)]
+
+
+def prior_precision(variances, num_levels, num_effects=None):
+  """(D^-1 sparse [Q, Q], log|D| = sum_k q_k log|Sigma_k|)."""
+  blocks, log_det_d = [], 0.
+  for cov, (_, q, _) in zip(covariance_matrices(variances, num_levels, num_effects),
+                            factor_slices(num_levels, num_effects)):
+    chol = np.linalg.cholesky(cov)
+    inv = sla.cho_solve((chol, True), np.eye(len(cov)))
+    blocks.append(sp.kron(sp.identity(q), inv))
+    log_det_d += q * 2. * float(np.sum(np.log(np.diag(chol))))
+  return sp.block_diag(blocks, format="csr"), log_det_d
+
+
+# ---------------------------------------------------------------------------
+# Sparse linear algebra (numpy / scipy).
 
 class Factorization(NamedTuple):
   """P = D^-1 + Z^T Z / sigma^2 split as [[A, B], [B^T, C]] around the largest factor."""
-  a: np.ndarray            # [q_A] diagonal block of the largest factor
-  b: sp.spmatrix           # [q_A, r] cross block
+  a_inv: sp.spmatrix       # [n_A, n_A] A^-1 (block diagonal, d_A x d_A blocks)
+  a_inv_blocks: np.ndarray  # [q_A, d_A, d_A] its blocks
+  a_log_det: float         # log|A|
+  b: sp.spmatrix           # [n_A, r] cross block
+  g: sp.spmatrix           # [n_A, r] G = A^-1 B
   chol: tuple              # scipy cho_factor of the Schur complement S [r, r] (exact path)
-  index_a: np.ndarray      # [q_A] positions of the largest factor in u
+  index_a: np.ndarray      # [n_A] positions of the largest factor in u
   index_c: np.ndarray      # [r] positions of the other factors in u
-  factor_of: np.ndarray    # [Q] factor of each position of u
+  slices: list             # [(start, q_k, d_k)] of each factor
+  prior_log_det: float     # log|D|
   precision: sp.spmatrix   # [Q, Q] P (for the CG path)
   exact: bool
 
 
-def factorize(ztz, num_levels, variances, noise_variance, max_dense: int = MAX_DENSE):
-  """Factors P for the given variances (exactly when r <= max_dense)."""
-  num_levels = np.asarray(num_levels, dtype=np.int64)
-  factor_of = np.repeat(np.arange(len(num_levels)), num_levels)
-  prior_precision = 1. / np.asarray(variances, np.float64)[factor_of]  # [Q]
-  precision = (ztz / float(noise_variance) + sp.diags(prior_precision)).tocsr()
-  largest = int(np.argmax(num_levels))
-  index_a = np.flatnonzero(factor_of == largest)
-  index_c = np.flatnonzero(factor_of != largest)
-  a = precision.diagonal()[index_a]
+def factorize(ztz, num_levels, variances, noise_variance, max_dense: int = MAX_DENSE,
+              num_effects=None):
+  """Factors P for the given packed variances (exactly when r <= max_dense)."""
+  slices = factor_slices(num_levels, num_effects)
+  d_inv, prior_log_det = prior_precision(variances, num_levels, num_effects)
+  precision = (ztz / float(noise_variance) + d_inv).tocsr()
+  largest = int(np.argmax([q * d for _, q, d in slices]))
+  start, q_a, d_a = slices[largest]
+  index_a = np.arange(start, start + q_a * d_a)
+  index_c = np.setdiff1d(np.arange(precision.shape[0]), index_a)
+  p_aa = precision[index_a][:, index_a]
+  blocks = np.empty((q_a, d_a, d_a))
+  for i in range(d_a):
+    for j in range(d_a):
+      blocks[:, i, j] = p_aa[i::d_a][:, j::d_a].diagonal()
+  a_log_det = 2. * float(np.sum(np.log(np.diagonal(np.linalg.cholesky(blocks), 0, -2, -1))))
+  a_inv_blocks = np.linalg.inv(blocks)
+  a_inv = sp.bsr_matrix((a_inv_blocks, np.arange(q_a), np.arange(q_a + 1)),
+                        shape=(q_a * d_a, q_a * d_a)).tocsr()
   b = precision[index_a][:, index_c]
+  g = (a_inv @ b).tocsr()
   exact = len(index_c) <= max_dense
   chol = None
   if exact and len(index_c):
-    schur = precision[index_c][:, index_c].toarray() - (b.T @ sp.diags(1. / a) @ b).toarray()
+    schur = precision[index_c][:, index_c].toarray() - (b.T @ g).toarray()
     chol = sla.cho_factor(schur, lower=True, overwrite_a=True, check_finite=False)
-  return Factorization(a, b, chol, index_a, index_c, factor_of, precision, exact)
+  return Factorization(a_inv, a_inv_blocks, a_log_det, b, g, chol, index_a, index_c, slices,
+                       prior_log_det, precision, exact)
 
 
 def solve(fac: Factorization, rhs, cg_tol: float = 1e-10):
@@ -102,12 +168,12 @@ def solve(fac: Factorization, rhs, cg_tol: float = 1e-10):
     return block_cg(fac.precision, rhs.reshape(rhs.shape[0], -1), cg_tol).reshape(rhs.shape)
   out = np.empty_like(rhs)
   ra, rc = rhs[fac.index_a], rhs[fac.index_c]
-  scale = (1. / fac.a).reshape((-1,) + (1,) * (rhs.ndim - 1))
   if len(fac.index_c):
-    xc = sla.cho_solve(fac.chol, rc - fac.b.T @ (scale * ra), check_finite=False)
+    xc = sla.cho_solve(fac.chol, rc - fac.g.T @ ra, check_finite=False)
     out[fac.index_c] = xc
-    ra = ra - fac.b @ xc
-  out[fac.index_a] = scale * ra
+    out[fac.index_a] = fac.a_inv @ ra - fac.g @ xc
+  else:
+    out[fac.index_a] = fac.a_inv @ ra
   return out
 
 
@@ -141,195 +207,125 @@ def log_det(fac: Factorization) -> float:
   """log|P| (NaN on the CG path)."""
   if not fac.exact:
     return float("nan")
-  out = float(np.sum(np.log(fac.a)))
+  out = fac.a_log_det
   if fac.chol is not None:
     out += 2. * float(np.sum(np.log(np.diag(fac.chol[0]))))
   return out
 
 
-def factor_traces(fac: Factorization, num_probes: int = 64, seed: int = 0):
-  """(tr(P^-1) restricted to each factor [K], standard errors [K]).
+def schur_inverse(fac: Factorization) -> np.ndarray:
+  """S^-1 [r, r], symmetric, from the Cholesky factor (exact path)."""
+  s_inv = np.tril(sla.lapack.dpotri(fac.chol[0], lower=1)[0])
+  s_inv += np.tril(s_inv, -1).T
+  return s_inv
+
+
+def factor_blocks(fac: Factorization, num_probes: int = 64, seed: int = 0):
+  """([K] sums over levels of the d_k x d_k diagonal blocks of P^-1, standard errors [K]
+  of their traces).
 
   Exact (standard errors 0) on the exact path; Hutchinson with `num_probes`
-  Rademacher probes otherwise: z^T P^-1 z summed within each factor.
+  Rademacher probes otherwise: E[z_i (P^-1 z)_j] = (P^-1)_ij within each level.
   """
-  num_factors = int(fac.factor_of.max()) + 1
   if not fac.exact:
     rng = np.random.default_rng(seed)
-    probes = rng.choice([-1., 1.], size=(len(fac.factor_of), num_probes))
-    quad = probes * solve(fac, probes)                                  # [Q, m]
-    per = np.stack([quad[fac.factor_of == k].sum(0) for k in range(num_factors)])  # [K, m]
-    return per.mean(1), per.std(1, ddof=1) / math.sqrt(num_probes)
-  traces = np.zeros(num_factors)
-  largest = fac.factor_of[fac.index_a[0]]
-  traces[largest] = np.sum(1. / fac.a)
-  if fac.chol is not None:
-    s_inv = np.tril(sla.lapack.dpotri(fac.chol[0], lower=1)[0])        # lower triangle of S^-1
-    m = (fac.b.T @ sp.diags(fac.a ** -2) @ fac.b).toarray()
-    diag = np.diag(s_inv)
-    traces[largest] += 2. * float(np.sum(s_inv * m)) - float(diag @ np.diag(m))
-    np.add.at(traces, fac.factor_of[fac.index_c], diag)
-  return traces, np.zeros(num_factors)
-
-
-def covariance_entries(fac: Factorization, rows, cols, block: int = 256) -> np.ndarray:
-  """Entries (P^-1)[rows[i], cols[i]] of the posterior covariance, [m].
-
-  Exact path, with H = B S^-1 for the rows of the largest factor that occur:
-  (P^-1)_CC = S^-1, (P^-1)_AC = -A^-1 H, (P^-1)_AA = A^-1 + A^-1 H B^T A^-1.
-  On the CG path, P^-1 e_j is solved for each distinct column j, `block` at a time.
-  """
-  rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-  if not fac.exact:
-    out = np.empty(len(rows))
-    unique, inverse = np.unique(cols, return_inverse=True)
-    for start in range(0, len(unique), block):
-      chunk = unique[start:start + block]
-      unit = np.zeros((len(fac.factor_of), len(chunk)))
-      unit[chunk, np.arange(len(chunk))] = 1.
-      columns = solve(fac, unit)                                        # [Q, block]
-      hit = (inverse >= start) & (inverse < start + len(chunk))
-      out[hit] = columns[rows[hit], inverse[hit] - start]
-    return out
-  where_a = np.full(len(fac.factor_of), -1)
-  where_a[fac.index_a] = np.arange(len(fac.index_a))
-  where_c = np.full(len(fac.factor_of), -1)
+    probes = rng.choice([-1., 1.], size=(fac.precision.shape[0], num_probes))
+    solved = solve(fac, probes)                                         # [Q, m]
+    blocks, se = [], []
+    for start, q, d in fac.slices:
+      z = probes[start:start + q * d].reshape(q, d, -1)
+      pz = solved[start:start + q * d].reshape(q, d, -1)
+      est = np.einsum("lim,ljm->ijm", z, pz)                            # [d, d, m]
+      est = 0.5 * (est + est.transpose(1, 0, 2))
+      blocks.append(est.mean(-1))
+      se.append(np.trace(est).std(ddof=1) / math.sqrt(num_probes))
+    return blocks, np.array(se)
+  s_inv = schur_inverse(fac) if fac.chol is not None else None
+  where_c = np.full(fac.precision.shape[0], -1)
   where_c[fac.index_c] = np.arange(len(fac.index_c))
-  if fac.chol is None:  # a single factor: P is diagonal
-    return np.where(rows == cols, 1. / fac.a[np.maximum(where_a[rows], 0)], 0.)
-  s_inv = np.tril(sla.lapack.dpotri(fac.chol[0], lower=1)[0])
-  s_inv = s_inv + np.tril(s_inv, -1).T                                  # [r, r]
-  ia, ja, ic, jc = where_a[rows], where_a[cols], where_c[rows], where_c[cols]
-  # Put an A position first in mixed pairs (P^-1 is symmetric).
-  swap = (ia < 0) & (ja >= 0)
-  ia, ja = np.where(swap, ja, ia), np.where(swap, ia, ja)
-  ic, jc = np.where(swap, jc, ic), np.where(swap, ic, jc)
-  used_a, first = np.unique(ia[ia >= 0], return_inverse=True)
-  h = np.asarray(fac.b[used_a] @ s_inv)                                 # [u, r]
-  row_h = np.zeros(len(rows), np.int64)
-  row_h[ia >= 0] = first
-  out = np.zeros(len(rows))
-  cc = ia < 0
-  out[cc] = s_inv[ic[cc], jc[cc]]
-  ac = (ia >= 0) & (ja < 0)
-  out[ac] = -h[row_h[ac], jc[ac]] / fac.a[ia[ac]]
-  aa = (ia >= 0) & (ja >= 0)
-  if np.any(aa):
-    hb = np.asarray(fac.b[ja[aa]].multiply(h[row_h[aa]]).sum(1)).ravel()
-    out[aa] = (ia[aa] == ja[aa]) / fac.a[ia[aa]] + hb / (fac.a[ia[aa]] * fac.a[ja[aa]])
-  return out
-
-
-def predictive_variance(fac: Factorization, positions) -> np.ndarray:
-  """Var[sum_k u[positions[:, k]] | y] for positions [n, K] in u (-1: skip), [n]."""
-  positions = np.asarray(positions, np.int64)
-  n, k = positions.shape
-  point = np.repeat(np.arange(n), k * k)
-  rows = np.repeat(positions, k, axis=1).reshape(-1)                    # p_k for each (k, j)
-  cols = np.tile(positions, (1, k)).reshape(-1)                         # p_j
-  keep = (rows >= 0) & (cols >= 0)
-  return np.bincount(point[keep], covariance_entries(fac, rows[keep], cols[keep]), n)
+  blocks = []
+  for start, q, d in fac.slices:
+    if start == fac.index_a[0] and q * d == len(fac.index_a):  # the eliminated factor
+      block = fac.a_inv_blocks.sum(0)
+      if s_inv is not None:
+        for i in range(d):
+          for j in range(d):
+            block[i, j] += (fac.g[i::d].T @ fac.g[j::d]).multiply(s_inv).sum()
+    else:
+      c = where_c[start:start + q * d].reshape(q, d)
+      block = np.array([[s_inv[c[:, i], c[:, j]].sum() for j in range(d)] for i in range(d)])
+    blocks.append(block)
+  return blocks, np.zeros(len(fac.slices))
 
 
 class Posterior(NamedTuple):
-  """u | y ~ N(mean, P^-1) and what EM and the marginal need from it."""
+  """u | y ~ N(mean, covariance) and what EM and the marginal need from it."""
   mean: np.ndarray          # [Q]
-  traces: np.ndarray        # [K] tr(P^-1)_kk
-  trace_se: np.ndarray      # [K] standard errors of `traces` (0 when exact)
-  log_prob: float           # log p(y | params) (NaN on the CG path)
+  blocks: list              # [K] of [d_k, d_k]: sums over levels of Cov[u_kl | y]
+  trace_se: np.ndarray      # [K] standard errors of the blocks' traces (0 when exact)
+  log_prob: float           # log p(y | params), or l_R for REML (NaN on the CG path)
   residual: np.ndarray      # [N] r = y - X beta
+  num_latent_fixed: int = 0  # p when beta is latent (REML), else 0
+  fixed_covariance: np.ndarray | None = None  # [p, p] (X^T V^-1 X)^-1 (profiled only)
+
+  @property
+  def traces(self) -> np.ndarray:
+    """[K] tr of each factor's block (tr(P^-1)_kk for intercepts)."""
+    return np.array([np.trace(b) for b in self.blocks])
+
+
+def marginal_log_prob(fac: Factorization, residual, b, mean, noise_variance) -> float:
+  """log p(y) = -1/2 (N log 2 pi + log|V| + r^T V^-1 r) by the determinant lemma and Woodbury."""
+  n = len(residual)
+  quad = float(residual @ residual) / noise_variance - float(b @ mean)
+  log_v = fac.prior_log_det + log_det(fac) + n * math.log(noise_variance)
+  return -0.5 * (n * math.log(2. * math.pi) + log_v + quad)
 
 
 def posterior(x, y, z, ztz, num_levels, beta, variances, noise_variance,
-              max_dense: int = MAX_DENSE, num_probes: int = 64, seed: int = 0) -> Posterior:
+              max_dense: int = MAX_DENSE, num_probes: int = 64, seed: int = 0,
+              num_effects=None) -> Posterior:
   """Exact (or CG/Hutchinson) posterior of u and the marginal log p(y)."""
-  fac = factorize(ztz, num_levels, variances, noise_variance, max_dense)
+  fac = factorize(ztz, num_levels, variances, noise_variance, max_dense, num_effects)
   r = y - x @ beta
   b = z.T @ r / noise_variance
   mean = solve(fac, b)
-  traces, se = factor_traces(fac, num_probes, seed)
-  n = len(y)
-  quad = float(r @ r) / noise_variance - float(b @ mean)
-  log_v = float(np.sum(np.asarray(num_levels) * np.log(variances))) + log_det(fac) \
-      + n * math.log(noise_variance)
-  log_prob = -0.5 * (n * math.log(2. * math.pi) + log_v + quad)
-  return Posterior(mean, traces, se, log_prob, r)
+  blocks, se = factor_blocks(fac, num_probes, seed)
+  return Posterior(mean, blocks, se, marginal_log_prob(fac, r, b, mean, noise_variance), r)
 
 
 def profiled_posterior(x, y, z, ztz, num_levels, variances, noise_variance,
-                       max_dense: int = MAX_DENSE):
-  """(GLS beta-hat, exact Posterior at it) for the given variances.
+                       max_dense: int = MAX_DENSE, reml: bool = False, num_effects=None,
+                       num_probes: int = 64, seed: int = 0):
+  """(GLS beta-hat, Posterior at it) for the given variances; with `reml`, beta
+  is latent (flat prior): the blocks gain K A^-1 K^T and log_prob is l_R.
 
   X^T V^-1 X = (X^T X - X_z^T P^-1 X_z sigma^2) / sigma^2 with X_z = Z^T X / sigma^2,
   and the same for X^T V^-1 y.
   """
-  fac = factorize(ztz, num_levels, variances, noise_variance, max_dense)
-  if not fac.exact:
-    raise ValueError(f"the NLL path needs the exact factorization: {len(fac.index_c)} levels "
-                     f"outside the largest factor exceed max_dense={max_dense}")
+  fac = factorize(ztz, num_levels, variances, noise_variance, max_dense, num_effects)
   xz, yz = z.T @ x / noise_variance, z.T @ y / noise_variance
   pxz = solve(fac, np.column_stack([xz, yz]))                           # [Q, p+1]
-  gram = x.T @ x / noise_variance - xz.T @ pxz[:, :-1]
+  gram = x.T @ x / noise_variance - xz.T @ pxz[:, :-1]                  # [p, p] X^T V^-1 X
   rhs = x.T @ y / noise_variance - xz.T @ pxz[:, -1]
-  beta = sla.solve(gram, rhs, assume_a="pos") if x.shape[1] else np.zeros(0)
+  p = x.shape[1]
+  beta = sla.solve(gram, rhs, assume_a="pos") if p else np.zeros(0)
+  fixed_cov = np.linalg.inv(gram) if p else np.zeros((0, 0))
   r = y - x @ beta
   mean = pxz[:, -1] - pxz[:, :-1] @ beta
   b = yz - xz @ beta
-  traces, se = factor_traces(fac)
-  n = len(y)
-  log_v = float(np.sum(num_levels * np.log(variances))) + log_det(fac) \
-      + n * math.log(noise_variance)
-  quad = float(r @ r) / noise_variance - float(b @ mean)
-  return beta, Posterior(mean, traces, se, -0.5 * (n * math.log(2. * math.pi) + log_v + quad), r)
+  blocks, se = factor_blocks(fac, num_probes, seed)
+  log_prob = marginal_log_prob(fac, r, b, mean, noise_variance)
+  if reml and p:
+    root = pxz[:, :-1] @ np.linalg.cholesky(fixed_cov)                   # [Q, p] K chol(A^-1)
+    for block, (start, q, d) in zip(blocks, fac.slices):
+      part = root[start:start + q * d].reshape(q, d, p)
+      block += np.einsum("lip,ljp->ij", part, part)
+    log_prob += -0.5 * np.linalg.slogdet(gram)[1] + 0.5 * p * math.log(2. * math.pi)
+  return beta, Posterior(mean, blocks, se, log_prob, r, p if reml else 0, fixed_cov)
 
 
-def exact_limit_ok(num_levels, max_dense: int) -> bool:
-  """Whether `factorize` is exact for these level counts."""
-  num_levels = np.asarray(num_levels)
-  return int(num_levels.sum() - num_levels.max()) <= max_dense
-
-
-# ---------------------------------------------------------------------------
-# Predictions of a fitted model.
-
-class PosteriorPrecision(NamedTuple):
-  """The training data's P = D^-1 + Z^T Z / sigma^2 at the fitted variances."""
-  ztz: sp.csr_matrix        # [Q, Q] Z^T Z of the training rows
-  num_levels: np.ndarray    # [K]
-  variances: np.ndarray     # [K] sigma_k^2
-  noise_variance: float     # sigma^2
-  max_dense: int
-
-  def factorize(self):
-    return factorize(*self)
-
-
-class CrossedPredictions:
-  """`random_effects` and `predict_interval` of a fitted K-factor model.
-
-  Needs `levels_`, `blups_`, `precision_` (a `PosteriorPrecision`) and
-  `predict(X, clusters)`.
-  """
-
-  def random_effects(self, k: int) -> dict:
-    """{label: BLUP} of factor k."""
-    val.check_is_fitted(self, "blups_")
-    return dict(zip(self.levels_[k], self.blups_[k]))
-
-  def predict_interval(self, X, clusters=None, level: float = 0.95):
-    """Normal predictive interval for a new observation, [n, 2] (lower, upper).
-
-    The variance is sigma^2 + Var[sum_k u_k(level_k) | y] over the factors
-    whose level was seen in fit (the exact posterior covariance, cross-factor
-    terms included) + sigma_k^2 for each unseen factor. The uncertainty of f
-    (beta or the network) is not included.
-    """
-    level = val.check_interval_level(level)
-    mean = self.predict(X, clusters)
-    positions = level_positions(self.levels_, clusters, len(mean))
-    prec = self.precision_
-    var = prec.noise_variance + np.sum(np.where(positions < 0, prec.variances, 0.), axis=1)
-    if np.any(positions >= 0):
-      var = var + predictive_variance(prec.factorize(), positions)
-    half = sps.norm.ppf(0.5 + level / 2.) * np.sqrt(var)
-    return np.stack([mean - half, mean + half], axis=-1)
+def exact_limit_ok(num_levels, max_dense: int, num_effects=None) -> bool:
+  """Whether `factorize` is exact for these level (and effect) counts."""
+  sizes = [q * d for _, q, d in factor_slices(num_levels, num_effects)]
+  return int(sum(sizes) - max(sizes)) <= max_dense

@@ -65,8 +65,9 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
 
   One factor (`clusters` = one label array, or a list of one) takes any
   random-effects design below; several (`clusters=[g1, ..., gK]`, K >= 2)
-  take crossed random intercepts with one variance each (`crossed_estimator`,
-  `crossed_networks`).
+  take crossed random intercepts with one variance each, or with linear f
+  random_effects='custom' and Z=[z_1, ..., z_K] (None for an intercept) a
+  design per factor (`crossed_estimator`, `crossed_networks`).
 
   Args:
     random_effects: the design z_ij (default 'intercept'):
@@ -122,7 +123,8 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     cov_random_effects_: [q, q] Sigma_u.
     sigma2_: the noise variance.
     variances_: [K] sigma_k^2 (several factors only; then the per-cluster
-      attributes above are not set and `crossed_` holds the BLUPs).
+      attributes above are not set and `crossed_` holds the BLUPs); with
+      designs Z, the diagonals of covariances_ (K Sigma_k, linear f).
     coef_, intercept_: linear f only.
     network_: the trained Keras model (network f only).
     log_likelihood_: training marginal log-likelihood at the returned params
@@ -388,7 +390,7 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     """f(x) + z^T m_i for points of seen clusters, f(x) otherwise. Returns [n]."""
     if getattr(self, "crossed_", None) is not None:
       self.checked_predict_x(X)
-      return self.crossed_.predict(X, clusters)
+      return self.crossed_.predict(X, clusters, Z)
     f, z, seen, index = self._predict_parts(X, clusters, time, Z)
     blup = np.sum(z * self.random_effects_mean_[index], axis=-1)
     return f + np.where(seen, blup, 0.)
@@ -408,7 +410,7 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     """
     if getattr(self, "crossed_", None) is not None:
       self.checked_predict_x(X)
-      return self.crossed_.predict_interval(X, clusters, level)
+      return self.crossed_.predict_interval(X, clusters, level, Z)
     level = val.check_interval_level(level)
     f, z, seen, index = self._predict_parts(X, clusters, time, Z)
     blup = np.sum(z * self.random_effects_mean_[index], axis=-1)

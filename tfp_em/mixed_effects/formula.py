@@ -7,6 +7,7 @@
     y ~ x + (1 | g1) + (1 | g2)          crossed random intercepts, one variance each
     y ~ x + (1 | g1:g2)                  one factor: each combination of g1 and g2 a level
     y ~ x + (1 | g1/g2)                  nested: (1 | g1) + (1 | g1:g2), two crossed factors
+    y ~ x + (1 + t | g1) + (1 | g2)      slopes on one of several crossed factors (linear f)
     y ~ x + (0 + z1 + z2 | g)            any design of columns (random_effects='custom')
     y ~ x1 + x2 + (features | g)         MeNets: z = [1, Gamma(x)], Gamma the network's
                                          last hidden layer on the fixed part's columns
@@ -40,6 +41,9 @@ fixed part's columns as its inputs, its own bias in place of the intercept):
     clusters = labels of g1 x g2 combinations       (1 | g1:g2)
     clusters=[g1, g2, ...] (crossed; f linear or    (1 | g1) + (1 | g2) + ...;  nested
       a network; intercepts, one variance each)       (1 | g1/g2) = (1 | g1) + (1 | g1:g2)
+    clusters=[g1, g2], 'custom', Z=[z1, None]       (1 + t | g1) + (1 | g2)  (linear f; any
+      (crossed, a design per factor; None: an         design per factor; '||' on every
+      intercept)                                      factor with slopes: covariance='diag')
 
 A design whose columns are [1, t, t^2, ..., t^d] (in any spelling: `t`,
 `I(t**2)`, `poly(t, d, raw=True)`) is 'slopes' with degree d; any other design
@@ -48,8 +52,9 @@ term means Gamma(x) (a data column called 'features' is reached as
 `I(features)`). Formulas the array API cannot fit get a ValueError naming the
 term: a correlated block of two or more effects next to another term on the
 same factor (`(1 + t | g) + (0 + x | g)`: a block-diagonal Sigma_u), a column
-repeated on one factor, slopes or `features` on one of several factors
-(crossed factors take random intercepts only), `(0 + features | g)` (the
+repeated on one factor, `features` on one of several factors (and slopes
+there with a network f), correlated and uncorrelated slopes on different
+factors (one covariance type), `(0 + features | g)` (the
 MeNets design always has its constant), and `features` without a network f.
 
 #### References
@@ -96,11 +101,13 @@ class FormulaDesign(NamedTuple):
   options: dict              # random_effects, degree, covariance, fit_intercept
   fixed_names: tuple         # lme4's names of beta: '(Intercept)', then X's columns
   random_names: tuple        # names of a single factor's random effects ('features':
-                             # () until from_formula's fit sets '(Intercept)', 'Gamma1', ...)
+                             # () until from_formula's fit sets '(Intercept)', 'Gamma1', ...);
+                             # several factors: one tuple of names per factor
   group_names: tuple         # one per grouping factor
   terms: tuple               # the `RandomTerm`s, nesting expanded
   fixed_spec: object         # formulaic ModelSpec of the fixed part (for new data)
-  random_specs: tuple        # formulaic ModelSpecs of a single factor's terms, side by side
+  random_specs: tuple        # formulaic ModelSpecs of a single factor's terms, side by side;
+                             # several factors: one tuple of them per factor
 
 
 def _matrix(spec, data: pd.DataFrame, what: str):
@@ -179,20 +186,35 @@ def _single_factor(terms, data: pd.DataFrame, network: bool):
   return dict(random_effects="custom", covariance=covariance), None, z, names, specs
 
 
-def _crossed_factors(grouped: dict, data: pd.DataFrame, network: bool) -> list:
-  """[K] label arrays of several grouping factors, each taking (1 | g) only."""
+def _crossed_factors(grouped: dict, data: pd.DataFrame, network: bool):
+  """(clusters [K] label arrays, options, Z or None, names [K] tuples, ModelSpecs [K] tuples)
+  of several grouping factors: random intercepts, or any design per factor
+  (random_effects='custom', Z a list of K designs; a network f takes (1 | g) only)."""
+  designs, names, specs, kinds = [], [], [], {}  # kinds: {covariance: the first term with it}
   for group, terms in grouped.items():
     for term in terms:
       if term.uses_features:
         check_features_term(term, network, len(terms) == 1)
-      if (term.uses_features or list(_matrix(term.design, data, f"random-effects term "
-                                             f"{term.text!r}").columns) != [INTERCEPT]):
         raise ValueError(f"random-effects term {term.text!r}: several grouping factors take "
-                         "random intercepts (1 | g) only")
-    if len(terms) > 1:
-      raise ValueError(f"random-effects term {terms[1].text!r}: a second term for group "
-                       f"{group!r}; several grouping factors take one (1 | g) each")
-  return [_group_labels(terms[0], data) for terms in grouped.values()]
+                         "no 'features' term")
+    z, columns, factor_specs, covariance = _factor_matrix(terms, data)  # z: [n, d_k]
+    if network and columns != [INTERCEPT]:
+      raise ValueError(f"random-effects term {terms[0].text!r}: with a network f, several "
+                       "grouping factors take random intercepts (1 | g) only")
+    if z.shape[1] > 1:
+      kinds.setdefault(covariance, terms[0].text)
+    designs.append(z)
+    names.append(tuple(lme4_name(c) for c in columns))
+    specs.append(factor_specs)
+  if len(kinds) > 1:
+    raise ValueError(f"random-effects terms {kinds['full']!r} and {kinds['diag']!r}: several "
+                     "grouping factors with random slopes must all be correlated (1 + t | g) "
+                     "or all uncorrelated (t || g); the estimator takes one covariance type")
+  clusters = [_group_labels(terms[0], data) for terms in grouped.values()]
+  if all(n == ("(Intercept)",) for n in names):
+    return clusters, dict(random_effects="intercept"), None, tuple(names), tuple(specs)
+  options = dict(random_effects="custom", covariance=next(iter(kinds), "full"))
+  return clusters, options, designs, tuple(names), tuple(specs)
 
 
 def formula_design(formula: str, data, network: bool = False) -> FormulaDesign:
@@ -232,9 +254,8 @@ def formula_design(formula: str, data, network: bool = False) -> FormulaDesign:
     options, time, Z, random_names, random_specs = _single_factor(terms, data, network)
     clusters = _group_labels(terms[0], data)
   else:
-    clusters = _crossed_factors(grouped, data, network)
-    options, time, Z, random_names = dict(random_effects="intercept"), None, None, ("(Intercept)",)
-    random_specs = ()
+    clusters, options, Z, random_names, random_specs = _crossed_factors(grouped, data, network)
+    time = None
   options["fit_intercept"] = fit_intercept
   return FormulaDesign(formula, response, X, y, clusters, time, Z, options, fixed_names,
                        random_names, tuple(grouped), terms, mm.rhs.model_spec, random_specs)
@@ -251,10 +272,16 @@ def new_data_inputs(design: FormulaDesign, data) -> dict:
     raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
   X = pd.DataFrame(_matrix(design.fixed_spec, data, "fixed effects"))
   X = X.drop(columns=[INTERCEPT], errors="ignore").astype(np.float64)
-  clusters = [_group_labels(terms[0], data) for terms in group_terms(design.terms).values()]
+  grouped = group_terms(design.terms)
+  clusters = [_group_labels(terms[0], data) for terms in grouped.values()]
   inputs = dict(X=X, clusters=clusters[0] if len(clusters) == 1 else clusters, time=None, Z=None)
   kind = design.options["random_effects"]
-  if kind in ("slopes", "custom"):
+  if len(clusters) > 1 and kind == "custom":  # one design per factor
+    inputs["Z"] = [np.concatenate([np.asarray(_matrix(spec, data, f"random-effects term "
+                                                      f"{term.text!r}"), np.float64)
+                                   for spec, term in zip(specs, terms)], axis=1)
+                   for specs, terms in zip(design.random_specs, grouped.values())]
+  elif kind in ("slopes", "custom"):
     z = np.concatenate([np.asarray(_matrix(spec, data, f"random-effects term {term.text!r}"),
                                    np.float64)
                         for spec, term in zip(design.random_specs, design.terms)], axis=1)
@@ -283,7 +310,7 @@ class FormulaMixin:
 
     Raises:
       ValueError: naming the term the estimator cannot fit (a block-diagonal
-        covariance, slopes on crossed factors, `features` without a network),
+        covariance, `features` on crossed factors or without a network),
         an unknown column or missing values; or an option the formula
         already sets.
     """

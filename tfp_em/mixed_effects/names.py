@@ -3,7 +3,8 @@
     fixed effects   '(Intercept)', then X's columns (a DataFrame's names, else x1, x2, ...);
                     a network f is one column, 'f(x)', with beta = 1 held fixed
     random effects  '(Intercept)', 'time', 'time^2', ... ('slopes'); z1, z2, ... ('custom');
-                    '(Intercept)', 'Gamma1', ... ('features': the network's last layer)
+                    '(Intercept)', 'Gamma1', ... ('features': the network's last layer);
+                    several factors: one tuple per factor ('(Intercept)' or z1, z2, ...)
     group           the formula's grouping factor, else 'clusters'
 
 A formula fit (`from_formula`) takes the formula's names.
@@ -22,7 +23,9 @@ class TermNames(NamedTuple):
 def random_effect_names(estimator, given=()) -> tuple:
   """Names of a single factor's random effects: `given` (a formula's) if any;
   for 'features' '(Intercept)', 'Gamma1', ..., for 'custom' 'z1', ..., by
-  the fitted size."""
+  the fitted size. Several factors: `crossed_random_names`, one tuple each."""
+  if estimator.crossed_ is not None:
+    return crossed_random_names(estimator.crossed_, given)
   kind = estimator.random_effects
   if kind == "intercept" or (given and kind != "features"):
     return tuple(given) or ("(Intercept)",)
@@ -32,6 +35,16 @@ def random_effect_names(estimator, given=()) -> tuple:
   if kind == "slopes":
     return ("(Intercept)", "time") + tuple(f"time^{d}" for d in range(2, q))
   return tuple(f"z{j + 1}" for j in range(q))
+
+
+def crossed_random_names(crossed, given=()) -> tuple:
+  """K tuples of names, one per crossed factor: `given` (a formula's) if any;
+  '(Intercept)' for a random intercept, else 'z1', 'z2', ... for factor k's
+  design Z[k] (`crossed.intercepts_`, `crossed.num_effects_`)."""
+  if given:
+    return tuple(tuple(names) for names in given)
+  return tuple(("(Intercept)",) if intercept else tuple(f"z{j + 1}" for j in range(d))
+               for intercept, d in zip(crossed.intercepts_, crossed.num_effects_))
 
 
 def term_names(estimator, feature_names=None) -> TermNames:

@@ -9,8 +9,9 @@ factor: V_i^-1 by Woodbury per cluster, never an n_i x n_i matrix:
     X_i^T V_i^-1 X_i = (X_i^T X_i - X_i^T Z_i (s2 I + D Z_i^T Z_i)^-1 D Z_i^T X_i) / s2
 
 (no inverse of D, so a singular D at the boundary is fine). Several crossed
-factors: V is formed densely up to `MAX_DENSE_ROWS` rows; beyond, the
-standard errors are NaN.
+factors: (X^T V^-1 X)^-1 from the fit's sparse factorization
+(`CrossedEffectsRegressor.fixed_effects_covariance_`; NaN beyond its exact
+limit).
 
 #### References
 
@@ -28,10 +29,8 @@ import numpy as np
 import pandas as pd
 
 from tfp_em.engine import inputs as val
-from tfp_em.mixed_effects.labels import as_factors, encode_factors
+from tfp_em.mixed_effects.labels import as_factors
 from tfp_em.mixed_effects.names import random_effect_names
-
-MAX_DENSE_ROWS = 3000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,18 +136,6 @@ def fixed_effects_covariance(x, z, codes, num_clusters, cov_u, sigma2) -> np.nda
   return np.linalg.inv(info)
 
 
-def crossed_fixed_effects_covariance(x, codes, variances, sigma2) -> np.ndarray:
-  """(X^T V^-1 X)^-1 with V = s2 I + sum_k s2_k Z_k Z_k^T formed densely; NaN
-  beyond `MAX_DENSE_ROWS` rows. codes: [n, K]."""
-  n = x.shape[0]
-  if n > MAX_DENSE_ROWS:
-    return np.full((x.shape[1], x.shape[1]), np.nan)
-  v = sigma2 * np.eye(n)
-  for k, var in enumerate(variances):
-    v += var * (codes[:, k][:, None] == codes[:, k][None, :])
-  return np.linalg.inv(x.T @ np.linalg.solve(v, x))
-
-
 def random_effects_table(groups, names, cov_u, sigma2):
   """(random-effects DataFrame, correlation DataFrame or None) for one factor."""
   sd = np.sqrt(np.diag(cov_u))
@@ -162,11 +149,16 @@ def random_effects_table(groups, names, cov_u, sigma2):
   return table, corr
 
 
-def crossed_random_table(groups, variances, sigma2) -> pd.DataFrame:
-  """The random-effects DataFrame of K crossed random intercepts."""
-  rows = [(g, "(Intercept)", v, math.sqrt(v)) for g, v in zip(groups, variances)]
-  rows.append(("Residual", "", sigma2, math.sqrt(sigma2)))
-  return pd.DataFrame(rows, columns=["Groups", "Name", "Variance", "Std.Dev."])
+def crossed_random_table(groups, names, covariances, sigma2, full: bool):
+  """(random-effects DataFrame, {group: correlation DataFrame}) of K crossed factors."""
+  tables, correlations = [], {}
+  for group, factor_names, cov in zip(groups, names, covariances):
+    table, corr = random_effects_table(group, factor_names, np.asarray(cov, np.float64), sigma2)
+    tables.append(table.iloc[:-1])                                     # the residual row once
+    if corr is not None and full:
+      correlations[group] = corr
+  tables.append(table.iloc[-1:])
+  return pd.concat(tables, ignore_index=True), correlations
 
 
 def variance_components(estimator, groups, random_names):
@@ -174,9 +166,12 @@ def variance_components(estimator, groups, random_names):
   variance parameters besides sigma^2, {group: levels}) of a fitted estimator."""
   sigma2 = estimator.sigma2_
   if estimator.crossed_ is not None:
-    variances = np.asarray(estimator.variances_, np.float64)
+    full = estimator.covariance == "full"
+    covs = estimator.covariances_
+    table, correlations = crossed_random_table(groups, random_names, covs, sigma2, full)
+    n_cov = sum(len(c) * (len(c) + 1) // 2 if full else len(c) for c in covs)
     n_groups = {g: len(lv) for g, lv in zip(groups, estimator.crossed_.levels_)}
-    return crossed_random_table(groups, variances, sigma2), {}, len(variances), n_groups
+    return table, correlations, n_cov, n_groups
   cov_u = estimator.cov_random_effects_
   table, corr = random_effects_table(groups[0], random_names, cov_u, sigma2)
   q = cov_u.shape[0]
@@ -256,7 +251,7 @@ def summarize(estimator, X=None, y=None, clusters=None, time=None, Z=None) -> Mi
 
   Args:
     estimator: a `MixedEffectsRegressor` fitted with linear f (one factor or
-      crossed intercepts).
+      several crossed factors).
     X, y, clusters, time, Z: the training data, as given to `fit`; all None
       for a formula fit (`from_formula` keeps its design).
 
@@ -289,13 +284,9 @@ def summarize(estimator, X=None, y=None, clusters=None, time=None, Z=None) -> Mi
                                         estimator.cov_random_effects_, sigma2)
   else:
     crossed = estimator.crossed_
-    _, codes = encode_factors(data.clusters, n)
-    design_x = np.concatenate([np.ones((n, 1)), x], axis=1) if estimator.fit_intercept else x
     beta = np.concatenate([[crossed.intercept_] if estimator.fit_intercept else [],
                            np.asarray(crossed.coef_, np.float64)])
-    beta_cov = crossed_fixed_effects_covariance(design_x, codes,
-                                                np.asarray(crossed.variances_, np.float64),
-                                                sigma2)
+    beta_cov = crossed.fixed_effects_covariance_
   return build_summary(
       formula=None if estimator.formula_ is None else estimator.formula_.formula,
       method=estimator.method, fixed_names=data.fixed_names, beta=beta, beta_cov=beta_cov,
