@@ -87,8 +87,9 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
       missing at random; EM conditions them on each row's observed entries
       (`tfp_em.mixture.missing`), the log-likelihood is that of the observed
       entries, `predict`, `predict_proba` and `score_samples` take NaN too
-      and `impute` fills them. In-memory X only; rows with every entry
-      missing are an error; diagnostics (`summary`, reports) need X then.
+      and `impute` fills them. In-memory X only; rows or columns with every
+      entry missing are an error. Diagnostics (`summary`, reports) do not
+      take missing values: the fit keeps no `fit_data_`; pass them complete X.
 
   A scikit-learn estimator: `get_params`/`set_params`, `clone`, pipelines and
   grid searches (`score` is the mean log-likelihood); `feature_names_in_` is

@@ -47,10 +47,10 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
   # -- protocol --------------------------------------------------------------
   def initialize(self, data: MixtureData, seed: int):
     """The complete-data start on rows whose gaps hold their column's mean."""
-    x, w = np.asarray(data.x), np.asarray(data.weights)
-    filled = tf.constant(mv.fill_column_means(x, w))
-    resp = self.init(filled.numpy(), w, seed)
-    return self.params_from_responsibilities(MixtureData(filled, data.weights),
+    w = np.asarray(data.weights)
+    filled = mv.fill_column_means(np.asarray(data.x), w)                # [N, D]
+    resp = self.init(filled, w, seed)                                     # [N, K]
+    return self.params_from_responsibilities(MixtureData(tf.constant(filled), data.weights),
                                              tf.constant(resp, data.x.dtype))
 
   def e_step(self, params, data: MixtureData):
