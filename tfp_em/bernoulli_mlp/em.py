@@ -147,16 +147,10 @@ class BernoulliMLPEM(EMModel):
   # -- E-step ---------------------------------------------------------------
 
   def log_joint(self, params, inputs, labels_onehot, configs):
-    """log p(z = configs[k], y_j | x_j) for a chunk, [n, K], one matmul:
-
-    [a_j, y_j, -sum_h softplus(a_jh)] [configs, log p(y | z), 1]^T.
-    """
-    logits = tf.matmul(inputs, params.hidden_weights)                  # [n, m]
-    log_out = mlp.configuration_log_output(params, configs)            # [K, C]
-    log_norm = -tf.reduce_sum(tf.nn.softplus(logits), -1, keepdims=True)  # [n, 1]
-    return tf.matmul(tf.concat([logits, labels_onehot, log_norm], -1),
-                     tf.concat([configs, log_out, tf.ones_like(configs[:, :1])], -1),
-                     transpose_b=True)
+    """log p(z = configs[k], y_j | x_j) for a chunk, [n, K], one matmul
+    (`models.bernoulli_mlp.configuration_log_joint`)."""
+    return mlp.configuration_log_joint(tf.matmul(inputs, params.hidden_weights), labels_onehot,
+                                       mlp.configuration_log_output(params, configs), configs)
 
   def normalize(self, log_joint):
     """(tau [n, K], loglik [n]) from the log joint over configurations."""
