@@ -16,6 +16,11 @@ enumerates all K = 2^m hidden configurations:
     otherwise the best of the step sizes 1, 1/2, ..., 1/512 and 0, so Q never
     decreases.
 
+The per-point targets keep these statistics from adding over batches or
+replicas (`per_point_stats_fields`); `tfp_em.bernoulli_mlp.summed` keeps sums
+only and takes one certified Newton step per iteration instead, so it streams,
+distributes and fits online.
+
 With `l2 > 0` every non-bias weight gets a Gaussian penalty (l2 / 2) w^2; EM
 then increases the penalized objective log p(y | x) - penalty, which is what
 `e_step` returns as its loglik (so the engine's monotonicity guard applies to
@@ -92,7 +97,7 @@ class BernoulliMLPEM(EMModel):
   """
   name = "BernoulliMLP"
   trace_exact_rows = 2048  # small data: one chunk, no loop in the trace
-  per_point_stats_fields = ("hidden_targets", "inputs")  # () once they are sums (issue 21)
+  per_point_stats_fields = ("hidden_targets", "inputs")  # summed.py: sums only
   failure_hint = ("Standardize the inputs, add an L2 penalty (l2 > 0), reduce "
                   "n_hidden, or use float64.")
 
