@@ -128,27 +128,30 @@ def select_mixture(X, n_components=range(1, 10), models="all", *, n_init: int = 
     raise ValueError(f"unknown GaussianMixture option(s) {unknown}")
   candidates = [(k, name) for name in names for k in ks]
   bar = _bar(progress, len(candidates))
-  rows, fits = [], {}
-  for k, name in candidates:
+  rows = []
+  leaders = {}  # 'any' / 'sound' (not spurious) -> (value, row, estimator, warnings)
+  for row_index, (k, name) in enumerate(candidates):
     if bar is not None:
       bar.set_postfix_str(f"K={k} {name}")
     est = GaussianMixture(k, covariance_type=name, n_init=n_init, seed=seed, verbose=progress,
                           **params)
     row, caught = _fit_candidate(est, X)
     rows.append(row)
-    fits[(k, name)] = (est, caught)
+    for kind in ("any", "sound"):  # only the leaders are kept: each holds a copy of X
+      # NaN (a failed fit) is never below; ties keep the first row
+      if (kind == "any" or not row["spurious"]) and \
+          row[criterion] < leaders.get(kind, (math.inf,))[0]:
+        leaders[kind] = (row[criterion], row_index, est, caught)
     if bar is not None:
       bar.update()
   if bar is not None:
     bar.close()
   table = pd.DataFrame(rows, columns=list(COLUMNS))
-  if table[criterion].isna().all():
+  if not leaders:
     raise ValueError(f"every candidate failed; first: {table['notes'].iloc[0]}")
-  sound = table.loc[~table["spurious"], criterion]
-  best = int((table[criterion] if sound.isna().all() else sound).idxmin())  # NaN skipped
+  _, best, est, caught = leaders.get("sound", leaders["any"])
   table["best"] = table.index == best
   chosen = table.iloc[best]
-  est, caught = fits[(int(chosen["k"]), chosen["covariance_type"])]
   for w in caught:
     warnings.warn(w.message, w.category, stacklevel=2)
   return MixtureSelection(table, {key: _plain(value) for key, value in chosen.items()}, est,
