@@ -96,7 +96,8 @@ def select_mixture(X, n_components=range(1, 10), models="all", *, n_init: int = 
     seed: seed of every candidate's restarts (default 0).
     criterion: 'bic' (default), 'icl' or 'aic': the column whose LOWEST value
       chooses the model among the fits not flagged as spurious (among all,
-      when every fit is; ties: the first row, i.e. fewer components).
+      when every fit is; ties: the first row, rows being models in the given
+      order, each with K ascending).
     progress: a progress bar over the candidates; None means on, except under
       pytest.
     **params: any other `GaussianMixture` option (max_iter, tol, reg_covar,
