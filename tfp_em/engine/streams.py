@@ -7,7 +7,9 @@ of CSV (header row), Parquet (needs `pyarrow`) or TFRecord files. TFRecord
 files hold `tf.train.Example`s with one float feature per column; their
 `columns` must be given. One batch is in use and `PREFETCH` (1) more is read
 ahead; Parquet batches are built with one copy. Non-finite values stop the
-pass with an error naming the problem.
+pass with an error naming the problem; with `allow_nan=True` NaN entries
+(and empty CSV cells, Parquet nulls, absent TFRecord features) are missing
+values, and only inf or a row with every entry missing stops it.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def _select(header, columns, path):
   return wanted
 
 
-def _csv_dataset(files, columns, batch_size, dtype):
+def _csv_dataset(files, columns, batch_size, dtype, allow_nan):
   header = _csv_header(files[0])
   wanted = _select(header, columns, files[0])
   for f in files[1:]:
@@ -61,7 +63,8 @@ def _csv_dataset(files, columns, batch_size, dtype):
       raise ValueError(f"{f}: header differs from {files[0]}")
   index = [header.index(c) for c in wanted]
   order = np.argsort(index)  # CsvDataset returns select_cols in file order
-  ds = tf.data.experimental.CsvDataset(files, [tf.constant([], dtype)] * len(index),
+  default = tf.constant([np.nan] if allow_nan else [], dtype)  # empty: a required field
+  ds = tf.data.experimental.CsvDataset(files, [default] * len(index),
                                        header=True, select_cols=sorted(index))
   ds = ds.batch(batch_size).map(lambda *cols: tf.stack(cols, axis=1),
                                 num_parallel_calls=tf.data.AUTOTUNE)
@@ -69,7 +72,7 @@ def _csv_dataset(files, columns, batch_size, dtype):
   return ds.map(lambda x: tf.gather(x, inverse, axis=1)), wanted
 
 
-def _parquet_dataset(files, columns, batch_size, dtype):
+def _parquet_dataset(files, columns, batch_size, dtype, allow_nan):
   try:
     import pyarrow.parquet as pq
   except ImportError:
@@ -95,10 +98,12 @@ def _parquet_dataset(files, columns, batch_size, dtype):
   return tf.data.Dataset.from_generator(batches, output_signature=spec), wanted
 
 
-def _tfrecord_dataset(files, columns, batch_size, dtype):
+def _tfrecord_dataset(files, columns, batch_size, dtype, allow_nan):
   if not columns:
     raise ValueError("TFRecord input needs `columns`: the names of its float features")
-  features = {c: tf.io.FixedLenFeature([], tf.float32) for c in columns}  # Example floats are 32-bit
+  absent = float("nan") if allow_nan else None  # None: a required feature
+  features = {c: tf.io.FixedLenFeature([], tf.float32, default_value=absent)
+              for c in columns}  # Example floats are 32-bit
 
   def parse(records):
     parsed = tf.io.parse_example(records, features)
@@ -107,8 +112,10 @@ def _tfrecord_dataset(files, columns, batch_size, dtype):
   return tf.data.TFRecordDataset(files).batch(batch_size).map(parse), list(columns)
 
 
-def features_dataset(source, columns=None, batch_size: int = 65536, dtype="float64"):
-  """Returns (dataset of [B, D] batches in `dtype`, column names or None)."""
+def features_dataset(source, columns=None, batch_size: int = 65536, dtype="float64",
+                     allow_nan: bool = False):
+  """Returns (dataset of [B, D] batches in `dtype`, column names or None);
+  `allow_nan`: keep missing values as NaN (module docstring)."""
   dtype = np.dtype(dtype)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -123,8 +130,8 @@ def features_dataset(source, columns=None, batch_size: int = 65536, dtype="float
     files = _files(source)
     reader = {"csv": _csv_dataset, "parquet": _parquet_dataset,
               "tfrecord": _tfrecord_dataset}[FORMATS[os.path.splitext(files[0])[1].lower()]]
-    ds, names = reader(files, columns, batch_size, dtype)
-  return ds.map(_check_finite).prefetch(PREFETCH), names
+    ds, names = reader(files, columns, batch_size, dtype, allow_nan)
+  return ds.map(_check_partly_observed if allow_nan else _check_finite).prefetch(PREFETCH), names
 
 
 def data_error(error) -> ValueError:
@@ -150,6 +157,17 @@ def checked_batches(dataset):
 
 def _check_finite(x):
   tf.debugging.assert_all_finite(x, "the data contain NaN or inf")
+  return x
+
+
+def _check_partly_observed(x):
+  """No inf, and no row with every entry NaN (missing)."""
+  tf.debugging.assert_equal(tf.reduce_any(tf.math.is_inf(x)), False,
+                            message="the data contain inf")
+  empty = tf.reduce_all(tf.math.is_nan(x), axis=-1)
+  tf.debugging.assert_equal(tf.reduce_any(empty), False,
+                            message="the data contain a row with every entry missing (NaN); "
+                                    "drop such rows")
   return x
 
 

@@ -87,9 +87,11 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
       missing at random; EM conditions them on each row's observed entries
       (`tfp_em.mixture.missing`), the log-likelihood is that of the observed
       entries, `predict`, `predict_proba` and `score_samples` take NaN too
-      and `impute` fills them. In-memory X only; rows or columns with every
-      entry missing are an error. Diagnostics (`summary`, reports) do not
-      take missing values: the fit keeps no `fit_data_`; pass them complete X.
+      and `impute` fills them. Streamed input too (empty CSV cells, Parquet
+      nulls and absent TFRecord features are missing). Rows with every entry
+      missing are an error, and so are columns for in-memory X. Diagnostics
+      (`summary`, reports) do not take missing values: the fit keeps no
+      `fit_data_`; pass them complete X.
 
   A scikit-learn estimator: `get_params`/`set_params`, `clone`, pipelines and
   grid searches (`score` is the mean log-likelihood); `feature_names_in_` is
@@ -203,9 +205,6 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     v.check_int("batch_size", batch_size, minimum=1)
     warm = self.warm_start and hasattr(self, "params_")
     if _is_stream_source(X):
-      if self.missing == "em":
-        raise ValueError("missing='em' needs X in memory (an array or DataFrame); streamed "
-                         "input (files, datasets) must have no missing values")
       if sample_weight is not None:
         raise ValueError("sample_weight is only supported for in-memory arrays")
       data, first = self._stream(X, columns, batch_size, dtype)
@@ -300,7 +299,8 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     return MixtureData(tf.constant(x), tf.constant(w))
 
   def _stream(self, source, columns, batch_size, dtype):
-    features, _ = features_dataset(source, columns, batch_size, dtype)
+    features, _ = features_dataset(source, columns, batch_size, dtype,
+                                   allow_nan=self.missing == "em")
     first = next(checked_batches(features), None)
     if first is None or first.shape[0] < self.n_components:
       raise ValueError(f"the first batch has {0 if first is None else first.shape[0]} rows but "
