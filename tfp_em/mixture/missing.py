@@ -19,7 +19,7 @@ observed coordinates,
 
 whose Cholesky factor is blockdiag(chol Sigma_oo, I) and whose log-determinant
 is that of Sigma_oo. The sufficient statistics are those of the complete-data
-M-step (`tfp_em.mixture.em.GaussianMixtureStats`) with x_n replaced by
+M-step (`tfp_em.mixture.stats.GaussianMixtureStats`) with x_n replaced by
 x^_nk = E[x_n | x_o, z = k] and the conditional covariance added to the
 scatter:
 
@@ -44,7 +44,7 @@ import tensorflow as tf
 
 from models import gaussian_mixture as gm
 from models.gaussian_mixture_missing import filled
-from tfp_em.mixture.em import GaussianMixtureStats
+from tfp_em.mixture.stats import GaussianMixtureStats
 
 
 class PatternBlocks(NamedTuple):

@@ -20,12 +20,11 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from models import gaussian_mixture as gm
 from models import gaussian_mixture_missing as gmm_missing
 from tfp_em.engine.compiling import compiled
 from tfp_em.engine.passes import add_stats
 from tfp_em.mixture import missing as mv
-from tfp_em.mixture.em import GaussianMixtureEM, MixtureData, default_chunk_size
+from tfp_em.mixture.em import GaussianMixtureEM, MixtureData, default_chunk_size, full_stats
 from tfp_em.verification.exact import ExactPosterior
 
 
@@ -55,7 +54,7 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
 
   def e_step(self, params, data: MixtureData):
     covariances = mv.dense_covariances(params, self.covariance_type)    # [K, D, D]
-    full = gm.covariance_layout(self.covariance_type) in ("full", "tied")  # else diagonal scatter
+    full = full_stats(self.covariance_type)
 
     def step(acc, b, rows, x0, mask):
       stats, loglik = acc
