@@ -22,6 +22,21 @@ def test_min_points_and_log_spread():
   assert spurious.log_spread(np.stack([np.eye(2), np.diag([1.0, -1.0])]), "full", 2)[1] == -np.inf
 
 
+def test_min_points_of_mclust_models_follow_what_each_component_owns():
+  """A component with its own full covariance needs D + 1 points; one whose volume and shape
+  are pooled needs 1; a volume or diagonal of its own needs 2 (aliases as their types)."""
+  needs = {m: spurious.min_points(m, 4) for m in
+           ("EII", "VII", "EEI", "VEI", "EVI", "VVI", "EEE", "VEE", "EVE", "VVE", "EEV", "VEV",
+            "EVV", "VVV")}
+  assert needs == dict(EII=1, VII=2, EEI=1, VEI=2, EVI=2, VVI=2, EEE=1, VEE=2, EVE=2, VVE=2,
+                       EEV=1, VEV=2, EVV=5, VVV=5)
+  # a 3-point component of an EEV fit in 4-D is not spurious; in VVV it is
+  cov = np.stack([np.eye(4), np.eye(4)])
+  assert spurious.fit_findings([0.97, 0.03], cov, 100, "EEV", 4, reg_covar=1e-6) == []
+  assert "fewer than the 5" in spurious.fit_findings([0.97, 0.03], cov, 100, "VVV", 4,
+                                                     reg_covar=1e-6)[0]
+
+
 def test_narrow_components_compares_with_the_others_median():
   logs = np.log([1.0, 2.0, 0.5, 1e-5])
   assert spurious.narrow_components(logs).tolist() == [3]            # 5 decades below

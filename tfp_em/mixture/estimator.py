@@ -236,8 +236,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     n_points = (np.count_nonzero(data.weights) if isinstance(data, MixtureData)
                 else result.num_observations)  # in units of an average point's weight
     spurious.warn(spurious.fit_findings(result.params.weights, result.params.covariances,
-                                        n_points, gm.covariance_layout(self.covariance_type),
-                                        n_features,
+                                        n_points, self.covariance_type, n_features,
                                         self.reg_covar), "after")
     self.set_fitted_params(result.params, n_features)
     # In-memory training data (already a private copy) for summary() and reports.
@@ -450,7 +449,6 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     log_joint = self._log_joint(X)  # [N, K]
     log_resp = log_joint - tf.reduce_logsumexp(log_joint, axis=-1, keepdims=True)
     return self.bic(X) - 2.0 * float(tf.reduce_sum(tf.reduce_max(log_resp, axis=-1)))
-
 
 
 def _unit_weights(x) -> MixtureData:

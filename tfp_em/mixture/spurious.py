@@ -8,8 +8,8 @@ fit finite but not meaningful. After every fit `fit_findings` flags a
 component that
 
   * holds fewer points' worth of weight than its covariance needs
-    (`min_points`: D + 1 for a full covariance, 2 for 'diag' and
-    'spherical', 1 for 'tied', whose covariance is pooled), or
+    (`min_points`: D + 1 where each component has a full covariance of its
+    own, 1 where volume and shape are pooled, 2 otherwise), or
   * is orders of magnitude narrower than the others: its covariance
     determinant per dimension, det(Sigma_k)^(1/D), below
     10^-`NARROW_ORDERS` times the median of the other components', or
@@ -33,6 +33,7 @@ import warnings
 
 import numpy as np
 
+from models import gaussian_mixture as gm
 from tfp_em.mixture.reseed import MIN_COUNT
 
 NARROW_ORDERS = 4.0  # orders of magnitude in det(Sigma_k)^(1/D) below the others' median
@@ -44,8 +45,17 @@ class SpuriousSolutionWarning(UserWarning):
 
 
 def min_points(covariance_type: str, n_features: int) -> int:
-  """Points a component needs for its covariance to be estimable without reg_covar."""
-  return {"full": n_features + 1, "diag": 2, "spherical": 2, "tied": 1}[covariance_type]
+  """Points a component needs for its covariance to be estimable without reg_covar.
+
+  By mclust's name (Sigma_k = lambda_k D_k A_k D_k^T): D + 1 when the shape
+  and the orientation both vary (EVV, VVV = 'full'); 1 when the volume and
+  the shape are pooled (EII, EEI, EEE = 'tied', EEV: a component's own part
+  is at most an orientation); 2 otherwise (a volume or a diagonal of its own).
+  """
+  name = gm.mclust_name(covariance_type)
+  if name in ("EVV", "VVV"):
+    return n_features + 1
+  return 1 if name[0] == "E" and name[1] in "EI" else 2
 
 
 def log_spread(covariances, covariance_type: str, n_features: int) -> np.ndarray:
@@ -91,16 +101,18 @@ def fit_findings(weights, covariances, n_points: float, covariance_type: str,
 
   Args:
     weights: [K] mixing weights.
-    covariances: in scikit-learn's layout for `covariance_type`.
+    covariances: stored as `models.gaussian_mixture.covariance_layout` says.
+    covariance_type: scikit-learn's or mclust's name.
     n_points: the number of data points (with sample weights: of points
       with positive weight; weights count in units of their mean).
     reg_covar: what the fit added to the covariance diagonals.
   """
   counts = np.asarray(weights, np.float64) * n_points             # [K] points' worth
   needed = min_points(covariance_type, n_features)
-  spread = log_spread(covariances, covariance_type, n_features)
+  layout = gm.covariance_layout(covariance_type)
+  spread = log_spread(covariances, layout, n_features)
   narrow = set(narrow_components(spread).tolist())
-  on_point = largest_variances(covariances, covariance_type) < 2 * reg_covar  # [K] or [1]
+  on_point = largest_variances(covariances, layout) < 2 * reg_covar  # [K] or [1]
   findings = []
   for k in range(counts.size):
     if counts[k] < MIN_COUNT:  # empty: `reseed` reports it (EmptyComponentWarning)
@@ -114,7 +126,7 @@ def fit_findings(weights, covariances, n_points: float, covariance_type: str,
       why.append(f"its covariance is {gap:.1f} orders of magnitude narrower per dimension "
                  "than the others' (det(Sigma)^(1/D))")
     if on_point[min(k, on_point.size - 1)]:
-      who = "the tied covariance" if covariance_type == "tied" else "its covariance"
+      who = "the tied covariance" if layout == "tied" else "its covariance"
       why.append(f"{who} is reg_covar={reg_covar:g} itself (it sits on one, possibly "
                  "repeated, point)")
     if why:
