@@ -89,6 +89,15 @@ def test_fit_gmm_on_csv_selects_columns(tmp_path):
   assert main(again) == 2                                # would overwrite the first fit
   assert main(again + ["--overwrite", "--quiet"]) == 0
   assert json.loads((out / "gmm_params.json").read_text())["covariance_type"] == "full"
+  assert main(again + ["--covariance", "VEV", "--overwrite", "--quiet"]) == 0  # an mclust model
+  params = json.loads((out / "gmm_params.json").read_text())
+  assert params["covariance_type"] == "VEV" and np.shape(params["covariances"]) == (2, 2, 2)
+
+
+def test_covariance_choices_are_the_estimators():
+  from models.gaussian_mixture import ALL_COVARIANCE_TYPES
+  from tfp_em.cli.main import COVARIANCE_TYPES
+  assert COVARIANCE_TYPES == ALL_COVARIANCE_TYPES
 
 
 def _files(folder):

@@ -32,7 +32,12 @@ EXIT_USAGE = 2
 FIT_WRITES = ("gmm_params.json", "gmm_fit.png", "inference_data.nc", "checkpoint")
 DEMO_WRITES = FIT_WRITES + ("report",)
 REPORT_WRITES = ("index.html", "inference_data.nc", "hmc_posterior.nc")
-COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+SKLEARN_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+# models.gaussian_mixture.ALL_COVARIANCE_TYPES, spelled out so that checking
+# the arguments does not import TensorFlow (tests/test_cli.py holds them equal)
+COVARIANCE_TYPES = SKLEARN_COVARIANCE_TYPES + (
+    "EII", "VII", "EEI", "VEI", "EVI", "VVI", "EEE", "VEE", "EVE", "VVE", "EEV", "VEV", "EVV",
+    "VVV")
 DEMO_HEADERS = dict(k="K", covariance_type="covariance", log_likelihood="loglik", bic="BIC",
                     icl="ICL", n_iter="iters")
 
@@ -97,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="K",
                    help="number of mixture components")
   gmm.add_argument("--covariance", default="full", choices=COVARIANCE_TYPES,
-                   help="covariance type of the components")
+                   metavar="TYPE",
+                   help="covariance of the components: scikit-learn's full, tied, diag, "
+                        "spherical or one of mclust's 14 models (EII ... VVV)")
   gmm.add_argument("--n-init", type=preflight.int_at_least(1, "n_init"), default=3, metavar="N",
                    help="restarts from different initializations; the best is kept")
   gmm.add_argument("--max-iter", type=preflight.int_at_least(1, "max_iter"), default=500,
@@ -250,7 +257,7 @@ def _demo(args, checked) -> int:
         "(lower is better)\n")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # per-fit convergence and warnings are in the table
-    search = select_mixture(x, range(1, args.max_components + 1), models=COVARIANCE_TYPES,
+    search = select_mixture(x, range(1, args.max_components + 1), models="sklearn",
                             n_init=3, max_iter=500, seed=args.seed, progress=progress)
   notes = ["notes"] if search.table["notes"].any() else []  # the fits' warnings, by kind
   shown = search.table[["k", "covariance_type", "log_likelihood", "bic", "icl", "n_iter",
