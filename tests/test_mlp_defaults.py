@@ -147,3 +147,12 @@ def test_small_classes_fall_back_and_bad_l2_is_refused():
   with pytest.raises(ValueError, match="not fitted"):
     BernoulliMLPClassifier().em_model(3)
   assert BernoulliMLPClassifier(l2=0.5).em_model(3).l2 == 0.5
+
+
+def test_a_refit_of_the_default_traces_nothing_new():
+  from tfp_em.engine import compiling
+  x, y = _overlapping(n_per=10)
+  _fit(x, y, n_hidden=2, max_iter=5)
+  before = compiling.tracing_count()
+  again = _fit(x, y, n_hidden=2, max_iter=5)   # the held-out fits and the final one: all cached
+  assert compiling.tracing_count() == before and len(again.l2_scores_) >= 2
