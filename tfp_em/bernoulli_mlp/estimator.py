@@ -93,8 +93,9 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
       a stratified 20% held-out split (`tfp_em.bernoulli_mlp.penalty`; 1
       when a class has fewer than 2 rows or a part would have fewer rows
       than classes), then refits all rows at that penalty exactly as
-      `l2=l2_` would. 0 is maximum likelihood, which diverges on separable
-      classes.
+      `l2=l2_` would (the held-out fits use the first start only, the final
+      fit all `n_init`): at most 6 fits. 0 is maximum likelihood, which
+      diverges on separable classes.
     n_init: restarts from random weights; the best objective wins (default 1).
     seed: integer seed or None (default 0).
     dtype: 'float64' (default) or 'float32'.
