@@ -159,12 +159,15 @@ def mixture_problem(seed=5, n=20000):
 def _mixture_fit_args(accelerate):
   """(model, data, fit_em kwargs) exactly as `GaussianMixture.fit` builds them."""
   from tfp_em import GaussianMixture
+  from tfp_em.mixture.starting_values import user_given
   x, init = mixture_problem()
   est = GaussianMixture(2, reg_covar=0.0, accelerate=accelerate, verbose=False, **init)
   dtype = est._check_options()
   data = est._in_memory(x, None, dtype)
   model = est.em_model(*data.x.shape)
-  return model, data, dict(init_params=est._user_init(model, data, dtype))
+  start = user_given(model, data, dtype, 2, est.weights_init, est.means_init, est.precisions_init,
+                     "full", est.seed)
+  return model, data, dict(init_params=start)
 
 
 def _lmm_fit_args(accelerate):

@@ -19,10 +19,8 @@ import tensorflow as tf
 from sklearn.base import BaseEstimator, DensityMixin
 
 from models import gaussian_mixture as gm
-from models.gaussian_mixture import GaussianMixtureParams
 from tfp_em.diagnostics.mixin import DiagnosticsMixin
-from tfp_em.engine import (ON_DECREASE_OPTIONS, default_decrease_tol, fit_em, fit_online_em,
-                           restart_seeds)
+from tfp_em.engine import ON_DECREASE_OPTIONS, fit_em, fit_online_em
 from tfp_em.engine import inputs as v
 from tfp_em.engine.compiling import compiled
 from tfp_em.engine.streams import checked_batches, features_dataset
@@ -31,6 +29,7 @@ from tfp_em.mixture import missing as mv
 from tfp_em.mixture.missing_em import MissingValuesGaussianMixtureEM
 from tfp_em.mixture import reseed as mr
 from tfp_em.mixture import spurious
+from tfp_em.mixture import starting_values as sv
 from tfp_em.mixture.initialization import INIT_METHODS, Initializer
 
 # XLA's E-step kernel costs about 0.3 s more than a graph trace, once per process
@@ -210,7 +209,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
       data, first = self._stream(X, columns, batch_size, dtype)
       n_features = first.x.shape[1]
       model = self.em_model(None, n_features)
-      init = self._warm_init(n_features, dtype) if warm else self._user_init(model, first, dtype)
+      init = self._start(model, first, warm, dtype)
       del first  # only one batch is held at a time
       self.__dict__.pop("feature_names_in_", None)
     else:
@@ -219,7 +218,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
       data = self._in_memory(X, sample_weight, dtype)
       n_features = data.x.shape[1]
       model = self.em_model(*data.x.shape)
-      init = self._warm_init(n_features, dtype) if warm else self._user_init(model, data, dtype)
+      init = self._start(model, data, warm, dtype)
     if online:
       result = fit_online_em(model, data, seed=self.seed, init_params=init)
     else:
@@ -230,9 +229,10 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                       resume=resume)
       if isinstance(data, MixtureData):
-        result = self._revive_empty(model, data, result)
+        result = mr.revive_empty(result, model, data, self._refit_from, self.n_components,
+                                 gm.covariance_layout(self.covariance_type), self.reg_covar)
       else:
-        _warn_empty_streamed(result)
+        mr.warn_empty_streamed(result)
     n_points = (np.count_nonzero(data.weights) if isinstance(data, MixtureData)
                 else result.num_observations)  # in units of an average point's weight
     spurious.warn(spurious.fit_findings(result.params.weights, result.params.covariances,
@@ -247,35 +247,10 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     self.fit_result_ = result
     return self
 
-  def _revive_empty(self, model, data, result):
-    """Re-seeds components that lost all their points (`tfp_em.mixture.reseed`);
-    each continuation is appended to `result.restarts`."""
-    w = data.weights.numpy()
-    x = mv.fill_column_means(data.x.numpy(), w)  # a re-seeded mean must be finite
-    for _ in range(self.n_components):
-      empty = mr.empty_components(result.params.weights, w)
-      if not empty.any():
-        break
-      params = mr.reseed(result.params, model.log_prob_components, x, w, empty,
-                         gm.covariance_layout(self.covariance_type), self.reg_covar)
-      more = fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
-                    init_params=params, on_decrease=self.on_decrease, progress=self.verbose)
-      slack = default_decrease_tol(x.dtype) * (abs(result.log_likelihood) + w.sum())
-      kept = more.log_likelihood >= result.log_likelihood - slack
-      warnings.warn(
-          f"GaussianMixture: component(s) {np.flatnonzero(empty).tolist()} lost all their "
-          f"points (N_k below {mr.MIN_COUNT} of a point); re-seeded at the worst-fitted "
-          f"point(s) and EM continued: log-likelihood {result.log_likelihood:.8g} -> "
-          f"{more.log_likelihood:.8g}" + ("" if kept else
-                                          "; kept the fit with the empty component"),
-          mr.EmptyComponentWarning, stacklevel=3)
-      if not kept:
-        break
-      result = result._replace(
-          params=more.params, log_likelihood=more.log_likelihood,
-          n_iter=result.n_iter + more.n_iter, converged=more.converged,
-          best_restart=len(result.restarts), restarts=result.restarts + more.restarts)
-    return result
+  def _refit_from(self, model, data, params):
+    """EM continued from `params` with this estimator's options (one run)."""
+    return fit_em(model, data, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
+                  init_params=params, on_decrease=self.on_decrease, progress=self.verbose)
 
   def _in_memory(self, X, sample_weight, dtype) -> MixtureData:
     x = self._features(X, reset=True, dtype=dtype)
@@ -307,39 +282,13 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     data = features.map(_unit_weights)
     return data, _unit_weights(first)
 
-  def _warm_init(self, n_features: int, dtype) -> GaussianMixtureParams:
-    """The last fit's params, to start from (warm_start=True)."""
-    k = self.params_.weights.shape[0]
-    if k != self.n_components or self.params_.means.shape[1] != n_features:
-      raise ValueError(f"warm_start=True: the last fit has {k} components and "
-                       f"{self.params_.means.shape[1]} features, but this fit asks for "
-                       f"{self.n_components} components and {n_features} features; refit with "
-                       "warm_start=False")
-    return GaussianMixtureParams(*[tf.constant(np.asarray(p), dtype) for p in self.params_])
-
-  def _user_init(self, model, data, dtype):
-    given = (self.weights_init, self.means_init, self.precisions_init)
-    if all(g is None for g in given):
-      return None
-    k, d = self.n_components, data.x.shape[1]
-    if any(g is None for g in given):
-      base = model.initialize(data, restart_seeds(self.seed, 1)[0])
-      weights, means, covariances = (np.asarray(p) for p in base)
-    if self.weights_init is not None:
-      weights = v.check_array(self.weights_init, "weights_init", ndim=1, dtype=dtype)
-      if weights.shape != (k,) or np.any(weights < 0) or not np.isclose(weights.sum(), 1.0):
-        raise ValueError(f"weights_init must be {k} non-negative numbers summing to 1, "
-                         f"got {weights}")
-    if self.means_init is not None:
-      means = v.check_array(self.means_init, "means_init", dtype=dtype)
-      if means.shape != (k, d):
-        raise ValueError(f"means_init must have shape {(k, d)}, got {means.shape}")
-    if self.precisions_init is not None:
-      covariances = _covariances_from_precisions(self.precisions_init,
-                                                 gm.covariance_layout(self.covariance_type),
-                                                 k, d, dtype)
-    return GaussianMixtureParams(tf.constant(weights), tf.constant(means),
-                                 tf.constant(covariances))
+  def _start(self, model, data, warm: bool, dtype):
+    """The first params: the last fit's (warm start), the user's, or None (initialize)."""
+    if warm:
+      return sv.last_fit(self.params_, self.n_components, data.x.shape[1], dtype)
+    return sv.user_given(model, data, dtype, self.n_components, self.weights_init, self.means_init,
+                         self.precisions_init, gm.covariance_layout(self.covariance_type),
+                         self.seed)
 
   def set_fitted_params(self, params, n_features: int):
     """Sets `params_` (tensors) and the attributes derived from them, as `fit` does."""
@@ -455,16 +404,6 @@ def _unit_weights(x) -> MixtureData:
   return MixtureData(x, tf.ones(tf.shape(x)[:1], x.dtype))
 
 
-def _warn_empty_streamed(result) -> None:
-  """Streamed fits are not re-seeded (that needs the data in memory): warn only."""
-  weights = np.asarray(result.params.weights)
-  empty = np.flatnonzero(weights * result.num_observations < mr.MIN_COUNT)
-  if empty.size:
-    warnings.warn(f"GaussianMixture: component(s) {empty.tolist()} lost all their points; "
-                  "streamed fits are not re-seeded: refit with another seed or fewer "
-                  "components", mr.EmptyComponentWarning, stacklevel=3)
-
-
 def _warn_float32_offset(x) -> None:
   """Warns when float32 cannot resolve the data's spread next to its offset."""
   offset = np.abs(np.nanmean(x, axis=0, dtype=np.float64))
@@ -478,20 +417,3 @@ def _warn_float32_offset(x) -> None:
 
 def _is_stream_source(X) -> bool:
   return isinstance(X, (str, os.PathLike, tf.data.Dataset))
-
-
-def _covariances_from_precisions(precisions, covariance_type, k, d, dtype):
-  shapes = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}
-  p = v.check_array(precisions, "precisions_init", ndim=len(shapes[covariance_type]), dtype=dtype)
-  if p.shape != shapes[covariance_type]:
-    raise ValueError(f"precisions_init for covariance_type={covariance_type!r} must have "
-                     f"shape {shapes[covariance_type]}, got {p.shape}")
-  if covariance_type in ("full", "tied"):
-    try:
-      np.linalg.cholesky(p)
-    except np.linalg.LinAlgError:
-      raise ValueError("precisions_init must be symmetric positive definite") from None
-    return np.linalg.inv(p)
-  if np.any(p <= 0):
-    raise ValueError("precisions_init must be positive")
-  return 1.0 / p

@@ -18,10 +18,14 @@ its log-likelihood is at least that of the fit with the empty component.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import tensorflow as tf
 
 from models.gaussian_mixture import GaussianMixtureParams
+from tfp_em.engine import default_decrease_tol
+from tfp_em.mixture.missing import fill_column_means
 
 MIN_COUNT = 1e-3  # in units of an average point's weight
 
@@ -74,3 +78,53 @@ def reseed(params: GaussianMixtureParams, log_prob_components, x, sample_weight,
   weights /= weights.sum()
   return GaussianMixtureParams(tf.constant(weights, dtype), tf.constant(means, dtype),
                                tf.constant(covariances, dtype))
+
+
+def revive_empty(result, model, data, refit, n_components: int, covariance_type: str,
+                 reg_covar: float):
+  """`result` with each empty component re-seeded and EM continued, up to K times.
+
+  Each continuation (`refit(model, data, params)`, a `FitResult`) is appended to
+  `result.restarts` and kept if its log-likelihood is not lower; one
+  `EmptyComponentWarning` per re-seeding says what happened.
+
+  Args:
+    result: the fit's `FitResult`. model, data: its EM model and in-memory
+      `MixtureData`. covariance_type: the covariances' layout
+      (`models.gaussian_mixture.covariance_layout`).
+  """
+  w = data.weights.numpy()
+  x = fill_column_means(data.x.numpy(), w)  # a re-seeded mean must be finite
+  for _ in range(n_components):
+    empty = empty_components(result.params.weights, w)
+    if not empty.any():
+      break
+    params = reseed(result.params, model.log_prob_components, x, w, empty, covariance_type,
+                    reg_covar)
+    more = refit(model, data, params)
+    slack = default_decrease_tol(x.dtype) * (abs(result.log_likelihood) + w.sum())
+    kept = more.log_likelihood >= result.log_likelihood - slack
+    warnings.warn(
+        f"GaussianMixture: component(s) {np.flatnonzero(empty).tolist()} lost all their "
+        f"points (N_k below {MIN_COUNT} of a point); re-seeded at the worst-fitted "
+        f"point(s) and EM continued: log-likelihood {result.log_likelihood:.8g} -> "
+        f"{more.log_likelihood:.8g}" + ("" if kept else
+                                        "; kept the fit with the empty component"),
+        EmptyComponentWarning, stacklevel=4)
+    if not kept:
+      break
+    result = result._replace(
+        params=more.params, log_likelihood=more.log_likelihood,
+        n_iter=result.n_iter + more.n_iter, converged=more.converged,
+        best_restart=len(result.restarts), restarts=result.restarts + more.restarts)
+  return result
+
+
+def warn_empty_streamed(result) -> None:
+  """Streamed fits are not re-seeded (that needs the data in memory): warn only."""
+  weights = np.asarray(result.params.weights)
+  empty = np.flatnonzero(weights * result.num_observations < MIN_COUNT)
+  if empty.size:
+    warnings.warn(f"GaussianMixture: component(s) {empty.tolist()} lost all their points; "
+                  "streamed fits are not re-seeded: refit with another seed or fewer "
+                  "components", EmptyComponentWarning, stacklevel=4)
