@@ -3,6 +3,7 @@ import copy
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,23 @@ def test_report_and_report_from_netcdf(faithful, tmp_path):
   path = write_report(tmp_path / "report" / "inference_data.nc", out_dir=tmp_path / "report",
                       hmc=False, progress=False)
   assert "hmc_posterior.nc" not in _check_report(path)
+
+
+def test_mclust_constrained_model_reports_without_hmc_and_says_why(faithful, tmp_path):
+  from tfp_em.diagnostics.report import write_report
+  from tfp_em.diagnostics.hmc import sample_posterior
+  _, x = faithful
+  fitted = GaussianMixture(2, covariance_type="VEV", seed=0).fit(x.values)
+  with warnings.catch_warnings():  # the redundant coordinates are the adapter's gauge
+    warnings.simplefilter("error", RuntimeWarning)
+    se = standard_errors(fitted, x.values)
+  assert np.all(np.isfinite(se.se)) and np.all(se.se[:6] > 0)
+  with pytest.raises(ValueError, match="VEV.*no density"):
+    sample_posterior(fitted, x.values, num_results=2, num_burnin=0)
+  path = write_report(fitted, x.values, tmp_path / "report", hmc=True, progress=False)
+  page = _check_report(path)
+  assert "HMC cross-check" in page and "Not run: covariance_type=&#x27;VEV&#x27;" in page
+  assert "hmc_posterior.nc" not in page and "mixture_ellipses.png" in page
 
 
 @pytest.mark.slow

@@ -138,6 +138,10 @@ class Adapter(abc.ABC):
     """NamedTuple of ParamSpec parallel to the params."""
     return self.model(fitted).param_specs
 
+  def hmc_unavailable(self, fitted) -> str | None:
+    """Why NUTS cannot sample this fit's params (None: it can)."""
+    return None
+
   def gauge_dimension(self, fitted) -> int:
     """Number of directions along which the likelihood is exactly flat."""
     return 0

@@ -59,6 +59,9 @@ def _chunk_size(num_burnin, num_results, pieces=20):
 def _setup(fitted, X, y, priors, fixed, data_kwargs):
   """(adapter, float64 data, model, specs, Flattener at the estimate, priors)."""
   adapter = get_adapter(fitted)
+  unavailable = adapter.hmc_unavailable(fitted)
+  if unavailable:
+    raise ValueError(f"sample_posterior: {unavailable}")
   data = as_float64(resolve_data(fitted, X, y, **data_kwargs))
   model = adapter.model(fitted)
   specs = fixed_specs(adapter, fitted, fixed)

@@ -130,7 +130,10 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
   estimates, se_checks = _estimates_section(fitted, data, se_h, named, n_boot, progress)
   checks += se_checks
   hmc_html = ""
-  if hmc is not False and hmc is not None:
+  unavailable = get_adapter(fitted).hmc_unavailable(fitted)
+  if hmc is True and unavailable:
+    hmc_html = f'<h2>HMC cross-check</h2><p class="note">Not run: {page.esc(unavailable)}.</p>'
+  elif hmc is not False and hmc is not None:
     kwargs = dict(REPORT_HMC, **(hmc_kwargs or {}))
     hmc_html, hmc_checks = hmc_section(fitted, data, out_dir, kwargs, progress,
                                        None if hmc is True else hmc, se_h, named, feature_names)
@@ -166,7 +169,7 @@ def write_report(source, X=None, out_dir="tfp_em_report", *, y=None, hmc=True,
 
   page.write_netcdf(em_idata, out_dir / "inference_data.nc")
   # only what this run wrote: a stale file from an earlier report is not linked
-  files = ["inference_data.nc"] + (["hmc_posterior.nc"] if hmc_html else [])
+  files = ["inference_data.nc"] + (["hmc_posterior.nc"] if hmc_html and not unavailable else [])
   parts.append("<h2>Files</h2><ul>" + "".join(
       f'<li><a href="{f}">{f}</a></li>' for f in files) + "</ul>")
   path = out_dir / "index.html"

@@ -26,6 +26,24 @@ class GaussianMixtureAdapter(Adapter):
   def model(self, fitted):
     return fitted.em_model()
 
+  def gauge_dimension(self, fitted) -> int:
+    """mclust's constrained models: the u [K, D + 2, D] of `models.eigen_covariance`
+    beyond the family's free parameters (directions that leave every Sigma_k as it is)."""
+    if gm.canonical_type(fitted.covariance_type) in gm.COVARIANCE_TYPES:
+      return 0
+    k, d = fitted.means_.shape
+    return k * (d + 2) * d - gm.n_covariance_parameters(fitted.covariance_type, k, d)
+
+  def hmc_unavailable(self, fitted) -> str | None:
+    """mclust's ten constrained models map more unconstrained coordinates than they
+    have free parameters (`models.eigen_covariance`): no density for NUTS over them."""
+    if gm.canonical_type(fitted.covariance_type) not in gm.COVARIANCE_TYPES:
+      return (f"covariance_type={fitted.covariance_type!r} (an mclust constrained model) is "
+              "parametrized with more coordinates than free parameters, so NUTS has no "
+              "density over them; HMC runs for full, tied, diag and spherical (VVV, EEE, VVI, "
+              "VII)")
+    return None
+
   def data(self, fitted, X, y=None, sample_weight=None):
     dtype = v.check_dtype(fitted.dtype)
     x = v.check_array(X, "X", dtype=dtype)
