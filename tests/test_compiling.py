@@ -38,12 +38,48 @@ def test_fresh_mixtures_of_one_configuration_trace_once_for_every_n():
 
 
 def test_another_configuration_traces_again():
-  fit = lambda k: GaussianMixture(k, covariance_type="spherical", max_iter=2, tol=0,
-                                  compile="graph", verbose=False).fit(_blobs(200))
-  fit(2)
+  fit = lambda reg: GaussianMixture(2, covariance_type="spherical", reg_covar=reg, max_iter=2,
+                                    tol=0, compile="graph", verbose=False).fit(_blobs(200))
+  fit(1.5e-6)
   before = compiling.tracing_count()
-  fit(4)
+  fit(2.5e-6)
   assert compiling.tracing_count() > before
+
+
+@pytest.mark.parametrize("n, cov, compile", [
+    (300, "tied", "graph"),       # one chunk or several, chosen in the trace by K
+    (300, "VEV", "graph"),        # an iterative mclust M-step
+    (3000, "spherical", "graph"),  # N unknown too: the chunk loop
+    (3000, "EEI", "xla"),          # XLA chunk programs
+])
+def test_a_new_number_of_components_does_not_trace_and_fits_as_eagerly(n, cov, compile):
+  x = _blobs(n, d=3)
+  fit = lambda k, mode: GaussianMixture(k, covariance_type=cov, max_iter=4, tol=0, n_init=2,
+                                        compile=mode, verbose=False).fit(x)
+  fit(2, compile)
+  before = compiling.tracing_count()
+  fitted = {k: fit(k, compile) for k in (1, 5)}
+  assert compiling.tracing_count() == before  # every K shares the steps traced at K=2
+  for k, est in fitted.items():
+    eager = fit(k, "eager")  # traces nothing: K is a Python number there
+    assert est.params_[0].shape == (k,)
+    assert abs(est.log_likelihood_ - eager.log_likelihood_) <= 1e-12 * abs(eager.log_likelihood_)
+    for got, want in zip(est.params_, eager.params_):
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(est.predict_proba(x), eager.predict_proba(x), atol=1e-12)
+
+
+def test_steps_cached_across_k_equal_a_fit_with_the_cache_cleared():
+  x = _blobs(500, d=2, seed=1)
+  fit = lambda k: GaussianMixture(k, covariance_type="full", max_iter=5, tol=0,
+                                  compile="graph", verbose=False).fit(x)
+  fit(2)
+  reused = fit(3)
+  compiling.clear_cache()
+  fresh = fit(3)
+  assert reused.log_likelihood_ == fresh.log_likelihood_
+  for got, want in zip(reused.params_, fresh.params_):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_equal_models_share_steps_and_unhashable_ones_do_not():

@@ -7,7 +7,9 @@ what the step depends on: the model's class and `step_config()`, the step's
 name and the compile mode. A fresh estimator, a refit, a restart, a CV fold
 or a BIC candidate of a configuration seen before reuses the traced step.
 A step's trace leaves the data's leading axis unknown (above the model's
-`trace_exact_rows`), so a new number of rows does not trace again.
+`trace_exact_rows`), so a new number of rows does not trace again, and so
+are the axes a model declares as its components (`traced_component_axes`),
+so a new number of mixture components does not trace again either.
 """
 from __future__ import annotations
 
@@ -24,13 +26,15 @@ _COMPILED_NAMES: set[str] = set()  # qualnames of the functions compile_fn has t
 
 
 def compile_fn(fn, mode: str, autograph: bool = True, data_arg: int | None = None,
-               exact_rows: int = 0):
+               exact_rows: int = 0, component_axes=None):
   """`fn` as a `Step` ('graph': a `tf.function`; 'xla': XLA-compiled), or itself ('eager').
 
   `data_arg`: the position of the argument holding data rows (-1: the last),
   whose leading axis is left unknown in the trace when it has more than
   `exact_rows` rows, so every such data size shares one trace; other
-  arguments, and smaller data, are traced at their exact shapes.
+  arguments, and smaller data, are traced at their exact shapes, except
+  the `component_axes` ({NamedTuple class: {field: axis}}, as
+  `EMModel.traced_component_axes`), always left unknown.
   """
   if mode == "eager":
     return fn
@@ -38,27 +42,33 @@ def compile_fn(fn, mode: str, autograph: bool = True, data_arg: int | None = Non
     raise ValueError(f"compile mode must be 'eager', 'graph' or 'xla', got {mode!r}")
   _COMPILED_NAMES.add(getattr(fn, "__qualname__", repr(fn)))
   return Step(tf.function(fn, jit_compile=(mode == "xla"), autograph=autograph), data_arg,
-              exact_rows)
+              exact_rows, component_axes)
 
 
 class Step:
   """A traced step: one trace per shape class of its arguments.
 
   A shape class is the arguments' dtypes and shapes, with the leading axis
-  of the data argument unknown when it has more than `exact_rows` rows.
+  of the data argument unknown when it has more than `exact_rows` rows, and
+  the `component_axes` of the NamedTuples they name unknown.
   Under 'xla', XLA still compiles one program per concrete shape it meets.
   """
 
-  def __init__(self, function, data_arg: int | None, exact_rows: int = 0):
+  def __init__(self, function, data_arg: int | None, exact_rows: int = 0,
+               component_axes=None):
     self.function = function
     self.data_arg = data_arg
     self.exact_rows = exact_rows
+    self.component_axes = dict(component_axes or {})
     self._classes = set()
 
   def __call__(self, *args):
+    rows_arg = None
     if self.data_arg is not None and _rows(args[self.data_arg]) > self.exact_rows:
-      data_arg = self.data_arg % len(args)
-      signature = tuple(_signature(a, relax=(i == data_arg)) for i, a in enumerate(args))
+      rows_arg = self.data_arg % len(args)
+    if rows_arg is not None or self.component_axes:
+      signature = tuple(_signature(a, i == rows_arg, self.component_axes)
+                        for i, a in enumerate(args))
       try:
         known = signature in self._classes
       except TypeError:  # an unhashable argument: let TensorFlow decide
@@ -81,17 +91,31 @@ def _rows(value) -> int:
   return 0
 
 
-def _signature(value, relax: bool):
-  """TensorSpecs of the tensors in `value` (leading axis unknown if `relax`);
-  other leaves (Python numbers, None) as they are."""
-  def spec(leaf):
-    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-      return leaf
-    shape = tf.TensorShape(leaf.shape)
-    if relax and shape.rank:
-      shape = tf.TensorShape([None]).concatenate(shape[1:])
-    return tf.TensorSpec(shape, tf.as_dtype(leaf.dtype))
-  return tf.nest.map_structure(spec, value)
+def _signature(value, relax_rows: bool, component_axes: dict):
+  """TensorSpecs of the tensors in `value` (leading axis unknown if
+  `relax_rows`; in a NamedTuple of a class in `component_axes`, its fields'
+  component axes unknown); other leaves (Python numbers, None) as they are."""
+  axes = component_axes.get(type(value))
+  if axes is not None:
+    return type(value)(*(tf.nest.map_structure(
+        lambda leaf, axis=axes.get(name): _spec(leaf, relax_rows, axis), field)
+                         for name, field in zip(value._fields, value)))
+  if isinstance(value, (list, tuple)) and component_axes:
+    items = [_signature(item, relax_rows, component_axes) for item in value]
+    return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+  return tf.nest.map_structure(lambda leaf: _spec(leaf, relax_rows, None), value)
+
+
+def _spec(leaf, relax_rows: bool, component_axis: int | None):
+  """A TensorSpec of `leaf`, leading and component axes unknown as asked."""
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    return leaf
+  dims = tf.TensorShape(leaf.shape).as_list()
+  if relax_rows and dims:
+    dims[0] = None
+  if component_axis is not None and component_axis < len(dims):
+    dims[component_axis] = None
+  return tf.TensorSpec(dims, tf.as_dtype(leaf.dtype))
 
 
 def compiled(model, name: str, build, mode: str, data_arg: int | None = None):
@@ -108,7 +132,8 @@ def compiled(model, name: str, build, mode: str, data_arg: int | None = None):
   if mode == "eager":
     return build()
   def make():
-    return compile_fn(build(), mode, model.autograph, data_arg, model.trace_exact_rows)
+    return compile_fn(build(), mode, model.autograph, data_arg, model.trace_exact_rows,
+                      model.traced_component_axes)
   config = model.step_config()
   if config is None:
     return make()

@@ -74,6 +74,13 @@ class EMModel(abc.ABC):
       verifier checks Q increases there instead of a zero gradient.
     component_axes: {param field: axis} of fields whose components can be
       relabelled (mixtures); the verifier matches labels along these axes.
+    traced_component_axes: {NamedTuple class: {field: axis}}: the axes of the
+      steps' arguments (params, stats, data) that run over components.
+      Compiled steps trace them at unknown size, so every number of
+      components shares one trace (`tfp_em.engine.compiling`). A model that
+      declares any reads the number of components from those shapes inside
+      its steps, never from a Python attribute, and leaves it out of
+      `step_config`. Default: none (traced at their sizes).
     verification_tolerances: `tfp_em.verification` tolerances for this model,
       or None for the defaults.
 
@@ -91,6 +98,7 @@ class EMModel(abc.ABC):
   per_point_stats_fields: tuple = ()
   generalized_m_step_fields: tuple = ()
   component_axes = types.MappingProxyType({})
+  traced_component_axes = types.MappingProxyType({})
   verification_tolerances = None
 
   @abc.abstractmethod

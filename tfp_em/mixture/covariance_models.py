@@ -106,15 +106,14 @@ def iterate(step, state, value):
 # Closed forms.
 
 def _eii(w, n, previous):
-  k, d = w.shape[0], w.shape[-1]
+  d = w.shape[-1]
   volume = tf.reduce_sum(tf.linalg.trace(w)) / (tf.reduce_sum(n) * d)
-  return volume * tf.eye(d, batch_shape=[k], dtype=w.dtype)
+  return volume * tf.eye(d, batch_shape=tf.shape(w)[:1], dtype=w.dtype)  # K may be unknown
 
 
 def _eei(w, n, previous):
-  k = w.shape[0]
   diagonal = tf.reduce_sum(tf.linalg.diag_part(w), 0) / tf.reduce_sum(n)  # [D]
-  return tf.linalg.diag(tf.broadcast_to(diagonal, [k, w.shape[-1]]))
+  return tf.linalg.diag(tf.broadcast_to(diagonal, tf.shape(w)[:-1]))     # [K, D, D]
 
 
 def _evi(w, n, previous):

@@ -148,9 +148,17 @@ def expected_log_joint(params: GaussianMixtureParams, stats: GaussianMixtureStat
   return tf.reduce_sum(per_component)
 
 
-def default_chunk_size(n_components: int, n_features: int) -> int:
-  """Power of two near 2**19 / (K * D) points, at least 256."""
-  return max(256, 2 ** int(round(math.log2(2 ** 19 / (n_components * n_features)))))
+MIN_CHUNK_ROWS = 256
+
+
+def default_chunk_size(n_components, n_features: int):
+  """Power of two near 2**19 / (K * D) points, at least `MIN_CHUNK_ROWS`
+  (an int32 tensor when K is one)."""
+  if not tf.is_tensor(n_components):
+    return max(MIN_CHUNK_ROWS, 2 ** int(round(math.log2(2 ** 19 / (n_components * n_features)))))
+  log2_size = 19.0 - tf.math.log(tf.cast(n_components * n_features, tf.float64)) / math.log(2.0)
+  exponent = tf.maximum(tf.round(log2_size), math.log2(MIN_CHUNK_ROWS))  # round: half to even
+  return tf.bitwise.left_shift(1, tf.cast(exponent, tf.int32))
 
 
 # ----------------------------------------------------------------------------
@@ -204,6 +212,28 @@ class GaussianMixtureEM(EMModel):
   def param_specs(self) -> GaussianMixtureParams:
     return gm.param_specs(self.covariance_type)
 
+  @property
+  def traced_component_axes(self):
+    """K's axes in params, stats and responsibilities: one trace serves every K
+    (under XLA, `jit_chunks`, one program per K is still compiled)."""
+    return {GaussianMixtureParams: self.component_axes,
+            GaussianMixtureStats: dict.fromkeys(GaussianMixtureStats._fields, 0),
+            ResponsibilityRows: {"resp": 1}}
+
+  def step_config(self):
+    """The default, less K and the initializer (which holds K) when the steps
+    read K from the shapes of their arguments (`traced_component_axes`)."""
+    config = super().step_config()
+    if config is None or not self.traced_component_axes:  # a subclass that traces per K
+      return config
+    return tuple((name, value) for name, value in config if name not in ("n_components", "init"))
+
+  def chunk_rows(self, means):
+    """Rows per E-step chunk for means [K, D]: `chunk_size`, else
+    `default_chunk_size` (a tensor when K is unknown in the trace)."""
+    k = means.shape[0] if means.shape[0] is not None else tf.shape(means)[0]
+    return self.chunk_size or default_chunk_size(k, means.shape[-1])
+
   # -- protocol --------------------------------------------------------------
   def num_observations(self, data: MixtureData) -> float:
     return float(tf.reduce_sum(data.weights))
@@ -214,11 +244,21 @@ class GaussianMixtureEM(EMModel):
 
   def e_step(self, params: GaussianMixtureParams, data: MixtureData):
     prec_chol = precision_cholesky(params.covariances, self.covariance_type)
-    n, d = data.x.shape
-    size = self.chunk_size or default_chunk_size(self.n_components, d)
-    if n is not None and n <= size and not self.jit_chunks:
+    n = data.x.shape[0]
+    size = self.chunk_rows(params.means)
+    if n is None or self.jit_chunks:  # also for streamed batches
+      return self._chunked_e_step(params, prec_chol, data, size)
+
+    def in_one_chunk():
       return self._chunk_stats(params, prec_chol, data.x, data.weights)
-    return self._chunked_e_step(params, prec_chol, data, size)  # also for streamed batches
+
+    def chunked():
+      return self._chunked_e_step(params, prec_chol, data, size)
+    if not tf.is_tensor(size):
+      return in_one_chunk() if n <= size else chunked()
+    if n <= MIN_CHUNK_ROWS:  # one chunk whatever K
+      return in_one_chunk()
+    return tf.cond(n <= size, in_one_chunk, chunked)  # K unknown in the trace: both traced
 
   def m_step(self, params: GaussianMixtureParams, stats: GaussianMixtureStats):
     eps = MIN_COUNT_EPS * np.finfo(stats.counts.dtype.as_numpy_dtype).eps
@@ -296,8 +336,7 @@ class GaussianMixtureEM(EMModel):
     rw = rows.resp * rows.weights[:, tf.newaxis]                                # [N, K]
     center = tf.math.divide_no_nan(tf.transpose(rw) @ rows.x,
                                    tf.reduce_sum(rw, 0)[:, tf.newaxis])         # [K, D]
-    size = self.chunk_size or default_chunk_size(self.n_components, rows.x.shape[1])
-    n_chunks, chunk = equal_chunks(tf.shape(rows.x)[0], size)
+    n_chunks, chunk = equal_chunks(tf.shape(rows.x)[0], self.chunk_rows(center))
     xs, ws, rs = (in_chunks(t, n_chunks, chunk) for t in rows)
 
     def body(i, acc):
@@ -328,7 +367,12 @@ class GaussianMixtureEM(EMModel):
     each chunk runs one XLA program of a few fixed shapes, compiled once per
     process for every N."""
     n = tf.shape(data.x)[0]
-    if self.jit_chunks:
+    if self.jit_chunks and tf.is_tensor(size):  # K unknown: shapes up to K = 1's size
+      _, rows = fixed_chunks(n, default_chunk_size(1, data.x.shape[-1]))
+      rows = tf.minimum(rows, size)  # = fixed_chunks(n, size): size is one of its powers of 2
+      n_chunks = equal_chunks(n, rows)[0]
+      kernel = compiled(self, "chunk_stats", lambda: self._chunk_stats, "xla")
+    elif self.jit_chunks:
       n_chunks, rows = fixed_chunks(n, size)
       kernel = compiled(self, "chunk_stats", lambda: self._chunk_stats, "xla")
     else:

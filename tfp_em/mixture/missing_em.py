@@ -36,6 +36,7 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
   """
   name = "GaussianMixture (missing values)"
   trace_exact_rows = 0  # the E-step loops over patterns whatever N is
+  traced_component_axes = {}  # its steps size blocks by K: traced per K
 
   def __init__(self, n_components: int, covariance_type: str = "full",
                reg_covar: float = 1e-6, init=None, chunk_size: int | None = None,
