@@ -20,11 +20,11 @@ A candidate whose fit looks spurious (`SpuriousSolutionWarning`: a component
 on a point or a few, whose likelihood grows without bound) is listed but not
 chosen, as mclust gives singular fits no BIC.
 
-Compiled steps are shared by every restart of a candidate and by any later fit
-of the same configuration (K, covariance model, D; and N when N <= 2048,
-`tfp_em.engine.compiling`): a second search traces nothing. Each new K traces
-its steps (three graphs) once; on small data that tracing, not EM, is most of a
-first search's time.
+Compiled steps are shared by every restart of a candidate, by every K (they
+are traced with K unknown, `GaussianMixtureEM.traced_component_axes`) and by
+any later fit of the same configuration (covariance model, D; and N when
+N <= 2048, `tfp_em.engine.compiling`): each covariance model traces its steps
+(three graphs) once, and a second search traces nothing.
 
 #### References
 
