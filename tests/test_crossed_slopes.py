@@ -4,6 +4,8 @@ Against dense TFP oracles (`models.crossed_effects`: the joint MVN of (u, y),
 the N x N marginal and the restricted likelihood), autodiff (Fisher
 identity), EM's monotonicity, and EM = NLL at the optimum.
 """
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -307,3 +309,38 @@ def test_cg_path_close_to_exact():
   np.testing.assert_allclose(large.sigma2_, exact.sigma2_, rtol=0.1)
   np.testing.assert_allclose(np.diag(large.covariances_[0]), np.diag(exact.covariances_[0]),
                              rtol=0.3)
+
+
+def test_nested_slopes_formula_design():
+  """(1 + t | g1/g2) is (1 + t | g1) + (1 + t | g1:g2): two factors with [1, t] each."""
+  from tfp_em.mixed_effects.formula import formula_design, new_data_inputs
+  frame = _frame(11, n=40)
+  design = formula_design("y ~ x + t + (1 + t | g1/g2)", frame)
+  assert design.options == dict(random_effects="custom", covariance="full", fit_intercept=True)
+  assert design.group_names == ("g1", "g1:g2")
+  assert design.random_names == (("(Intercept)", "t"), ("(Intercept)", "t"))
+  for z in design.Z:
+    np.testing.assert_array_equal(z, np.column_stack([np.ones(40), frame.t]))
+  again = new_data_inputs(design, frame)
+  for z, want in zip(again["Z"], design.Z):
+    np.testing.assert_array_equal(z, want)
+  labels = np.asarray(design.clusters[1])
+  assert labels[0] == f"{frame.g1[0]}:{frame.g2[0]}"
+
+
+def test_singular_fit_warns_once_and_returns_the_boundary():
+  """A factor with no effect: one SingularFitWarning naming it, its variance exactly 0."""
+  from tfp_em.mixed_effects.singular import SingularFitWarning
+  rng = np.random.default_rng(12)
+  g1, g2 = rng.integers(0, 10, 200), rng.integers(0, 8, 200)
+  X = rng.normal(size=(200, 1))
+  y = X[:, 0] + rng.normal(size=10)[g1] + 0.5 * rng.normal(size=200)
+  with pytest.warns(SingularFitWarning, match=r"boundary \(singular\) fit: variance of "
+                                              r"clusters\[1\] \(Intercept\) is 0$") as caught:
+    est = MixedEffectsRegressor(method="nll").fit(X, y, [g1, g2])
+  assert len([w for w in caught if w.category is SingularFitWarning]) == 1
+  assert est.singular_ and est.variances_[1] == 0. and est.variances_[0] > 0.1
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", SingularFitWarning)
+    assert not MixedEffectsRegressor(method="nll").fit(X, y + rng.normal(size=8)[g2],
+                                                       [g1, g2]).singular_

@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import scipy.linalg as sla
 import tensorflow as tf
 from sklearn.base import BaseEstimator, RegressorMixin
 
@@ -33,6 +34,8 @@ from tfp_em.mixed_effects.crossed_posterior import (MAX_DENSE, covariance_matric
 from tfp_em.mixed_effects.crossed_predictions import CrossedPredictions, PosteriorPrecision
 from tfp_em.mixed_effects.labels import encode_factors
 from tfp_em.mixed_effects.linear_fit import POLISH_MAX_ITER, Polish
+from tfp_em.mixed_effects.names import crossed_random_names
+from tfp_em.mixed_effects.singular import warn_if_singular
 
 METHODS = ("em", "nll")
 
@@ -64,8 +67,12 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
 
   Attributes (after fit):
     coef_, intercept_: fixed effects.
-    covariances_: list of K Sigma_k [d_k, d_k].  variances_: their diagonals
-      side by side ([K] sigma_k^2 for intercepts).  sigma2_: noise variance.
+    covariances_: list of K Sigma_k [d_k, d_k], on the boundary (variance
+      0, correlation +-1) where lme4's rule finds a singular fit
+      (`singular_`, one `SingularFitWarning` naming the components; the
+      other attributes stay at the interior point the fit reached).
+    variances_: their diagonals side by side ([K] sigma_k^2 for intercepts).
+    sigma2_: noise variance.
     levels_: list of K arrays of labels seen in fit; blups_: list of K arrays
       of E[u_k | y] in the same order ([q_k] for an intercept, [q_k, d_k]).
     log_likelihood_: marginal log-likelihood at the returned params (REML:
@@ -104,6 +111,19 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
     if self.fit_intercept:
       return np.concatenate([np.ones((X.shape[0], 1), X.dtype), X], axis=1)
     return X
+
+  def _boundary(self, covariances, dtype):
+    """(the K Sigma_k with boundary components set on the boundary, whether any
+    was): lme4's rule on the relative Cholesky factor (`singular.boundary_fit`)
+    applied to blockdiag(Sigma_1, ..., Sigma_K), with one `SingularFitWarning`."""
+    names = [f"clusters[{k}] {name}" for k, factor in enumerate(crossed_random_names(self))
+             for name in factor]
+    found, boundary = warn_if_singular(sla.block_diag(*covariances), self.sigma2_, names)
+    out, start = [], 0
+    for cov in covariances:
+      out.append(boundary[start:start + len(cov), start:start + len(cov)].astype(dtype))
+      start += len(cov)
+    return out, bool(found)
 
   def fixed_part(self, X):
     """x^T beta, [n]."""
@@ -202,9 +222,10 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
     beta = np.asarray(params.beta, np.float64)
     self.intercept_ = float(beta[0]) if self.fit_intercept else 0.
     self.coef_ = beta[1:].astype(dtype) if self.fit_intercept else beta.astype(dtype)
-    self.covariances_ = [c.astype(dtype) for c in covariance_matrices(packed, sizes, num_effects)]
-    self.variances_ = np.concatenate([np.diag(c) for c in self.covariances_])
     self.sigma2_ = float(params.noise_variance)
+    self.covariances_, self.singular_ = self._boundary(covariance_matrices(packed, sizes,
+                                                                          num_effects), dtype)
+    self.variances_ = np.concatenate([np.diag(c) for c in self.covariances_])
     self.precision_ = PosteriorPrecision(
         model.arrays(data)[3], np.array(sizes), packed, self.sigma2_, self.max_dense,
         np.array(num_effects) if slopes else None)
@@ -298,6 +319,6 @@ def fit_crossed(estimator, X, y, clusters, time=None, Z=None, valid=None):
       covariance=estimator.covariance, reml=estimator.reml).fit(X, y, clusters, Z)
   estimator.crossed_ = crossed
   for name in ("coef_", "intercept_", "sigma2_", "log_likelihood_", "variances_", "covariances_",
-               "fit_result_", "n_features_in_"):
+               "fit_result_", "n_features_in_", "polish_", "singular_"):
     setattr(estimator, name, getattr(crossed, name))
   return estimator

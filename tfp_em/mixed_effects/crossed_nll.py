@@ -1,9 +1,9 @@
 """The NLL path for crossed factors: L-BFGS on the exact (restricted) marginal.
 
 beta is profiled out by GLS; the variances are optimized in unconstrained
-coordinates theta (`CovarianceCoordinates`): log sigma_k^2 for an intercept
-or a diagonal Sigma_k, the log-Cholesky factor (log diagonal, raw
-off-diagonal) of a full Sigma_k, and log sigma^2. The gradient is exact, from
+coordinates theta (`CovarianceCoordinates`): sigma_k for an intercept or
+each effect of a diagonal Sigma_k, the Cholesky factor of a full Sigma_k,
+and log sigma^2. The gradient is exact, from
 the E-step by the Fisher identity (Louis 1982):
 
     d l / d Sigma_k   = 1/2 Sigma_k^-1 (S_k - q_k Sigma_k) Sigma_k^-1,  S_k = sum_l m m^T + B_k
@@ -33,35 +33,37 @@ from tfp_em.mixed_effects.crossed_posterior import covariance_matrices, profiled
 
 
 class CovarianceCoordinates:
-  """theta <-> (K covariances, sigma^2), and the chain rule for the gradient."""
+  """theta <-> (K covariances, sigma^2), and the chain rule for the gradient.
+
+  As lme4's theta, on the natural scale: a standard deviation (of either
+  sign) for an intercept or each effect of a diagonal Sigma_k, the Cholesky
+  factor's lower triangle (diagonal of either sign) of a full Sigma_k; then
+  log sigma^2. A variance near 0 is then no flat ridge (in log coordinates
+  the gradient shrinks with the variance and L-BFGS stops early there).
+  """
 
   def __init__(self, num_effects, diagonal: bool):
     self.num_effects = tuple(num_effects)
-    self.by_log_variance = [d == 1 or diagonal for d in self.num_effects]
+    self.by_sd = [d == 1 or diagonal for d in self.num_effects]
 
   def theta(self, covariances, noise_variance) -> np.ndarray:
     parts = []
-    for cov, logs in zip(covariances, self.by_log_variance):
-      if logs:
-        parts.append(np.log(np.diag(cov)))
-      else:
-        chol = np.linalg.cholesky(cov)
-        chol[np.diag_indices_from(chol)] = np.log(np.diag(chol))
-        parts.append(chol[np.tril_indices(len(cov))])
+    for cov, by_sd in zip(covariances, self.by_sd):
+      parts.append(np.sqrt(np.diag(cov)) if by_sd
+                   else np.linalg.cholesky(cov)[np.tril_indices(len(cov))])
     return np.concatenate(parts + [[np.log(noise_variance)]])
 
   def covariances(self, theta) -> tuple:
     """(list of K Sigma_k, their Cholesky factors, sigma^2)."""
     covs, chols, start = [], [], 0
-    for d, logs in zip(self.num_effects, self.by_log_variance):
-      if logs:
-        covs.append(np.diag(np.exp(theta[start:start + d])))
+    for d, by_sd in zip(self.num_effects, self.by_sd):
+      if by_sd:
+        covs.append(np.diag(theta[start:start + d] ** 2))
         chols.append(None)
         start += d
       else:
         chol = np.zeros((d, d))
         chol[np.tril_indices(d)] = theta[start:start + d * (d + 1) // 2]
-        chol[np.diag_indices(d)] = np.exp(np.diag(chol))
         covs.append(chol @ chol.T)
         chols.append(chol)
         start += d * (d + 1) // 2
@@ -70,16 +72,15 @@ class CovarianceCoordinates:
   def gradient(self, theta, seconds, num_levels, residual_ss, num_obs) -> np.ndarray:
     """d l / d theta from the E-step's S_k [d_k, d_k] and ||e||^2 + tr."""
     covs, chols, sigma2 = self.covariances(theta)
-    parts = []
+    parts, start = [], 0
     for cov, chol, second, q in zip(covs, chols, seconds, num_levels):
       inv = np.linalg.inv(cov)
       grad_cov = 0.5 * inv @ (second - q * cov) @ inv                    # d l / d Sigma_k
-      if chol is None:
-        parts.append(np.diag(grad_cov) * np.diag(cov))
-      else:
-        grad_chol = 2. * grad_cov @ chol
-        grad_chol[np.diag_indices_from(chol)] *= np.diag(chol)
-        parts.append(grad_chol[np.tril_indices(len(cov))])
+      if chol is None:                                                   # Sigma_ii = theta_i^2
+        parts.append(2. * np.diag(grad_cov) * theta[start:start + len(cov)])
+      else:                                                              # Sigma = L L^T
+        parts.append((2. * grad_cov @ chol)[np.tril_indices(len(cov))])
+      start += len(parts[-1])
     return np.concatenate(parts + [[0.5 * (residual_ss / sigma2 - num_obs)]])
 
 
@@ -156,19 +157,32 @@ class Maximized(NamedTuple):
 
 
 def maximize(objective: ProfiledObjective, theta0, *, max_iter: int = 500,
-             tol: float = 1e-12) -> Maximized:
-  """L-BFGS from theta0 on -l / N, then `newton_steps`."""
+             tol: float = 1e-12, max_restarts: int = 3) -> Maximized:
+  """L-BFGS from theta0 on -l / N, then `newton_steps`.
+
+  L-BFGS stops on a small relative change of l, which along a flat ridge (a
+  variance near 0 in log coordinates) can come early; it is restarted (a
+  fresh curvature estimate) from where it stopped while that gains more than
+  `tol` relative, at most `max_restarts` times.
+  """
   n = float(len(objective.y))
 
   def value_and_gradient(u):  # numpy and scipy inside: runs eagerly
     ll, grad = objective(u.numpy())
     return tf.constant(-ll / n, tf.float64), tf.constant(-grad / n)
 
-  res = minimize_lbfgs(value_and_gradient, tf.constant(theta0), max_iterations=max_iter,
-                       tolerance=tol * 1e-2, f_relative_tolerance=tol, num_correction_pairs=20)
-  theta, ll, taken = newton_steps(objective, res.position.numpy())
-  return Maximized(theta, ll, bool(res.converged), int(res.num_objective_evaluations),
-                   int(res.num_iterations), taken)
+  theta, evaluations, iterations = np.asarray(theta0, np.float64), 0, 0
+  for _ in range(max_restarts + 1):
+    res = minimize_lbfgs(value_and_gradient, tf.constant(theta), max_iterations=max_iter,
+                         tolerance=tol * 1e-2, f_relative_tolerance=tol, num_correction_pairs=20)
+    evaluations += int(res.num_objective_evaluations)
+    iterations += int(res.num_iterations)
+    start_value = float(value_and_gradient(tf.constant(theta))[0])
+    theta = res.position.numpy()
+    if start_value - float(res.objective_value) <= tol * abs(float(res.objective_value)):
+      break
+  theta, ll, taken = newton_steps(objective, theta)
+  return Maximized(theta, ll, bool(res.converged), evaluations, iterations, taken)
 
 
 def newton_steps(objective: ProfiledObjective, theta, max_steps: int = 5,

@@ -247,7 +247,9 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
       y: [n] responses.
       clusters: [n] cluster labels, any hashable values (strings work).
       time: [n] time column, for random_effects='slopes'.
-      Z: [n, q] random-effects design, for random_effects='custom'.
+      Z: [n, q] random-effects design, for random_effects='custom'; with
+        several factors (linear f) a list of K designs [n, d_k], None for
+        a random intercept.
       validation_data: optional tuple (X, y, clusters[, time[, Z]]) used for
         early stopping of a network f (a ValueError for linear f).
       strategy: a `tf.distribute` strategy for linear f with one factor and
