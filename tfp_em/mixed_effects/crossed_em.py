@@ -267,8 +267,8 @@ class CrossedEffectsEM(EMModel):
     num_factors = int(stats.num_levels.shape[0])
     num_effects = self.effects_of(num_factors)
     seconds, start = [], 0
-    for k, (d, cols) in enumerate(zip(num_effects, self.expansion(num_factors))):
-      second = ce.covariance_blocks(stats.second_moment, num_effects)[k]
+    blocks = ce.covariance_blocks(stats.second_moment, num_effects)
+    for k, (d, cols, second) in enumerate(zip(num_effects, self.expansion(num_factors), blocks)):
       if cols is not None:
         mu = stats.mean_sum[start:start + d] / stats.num_levels[k]        # [d]
         beta = tf.tensor_scatter_nd_add(beta, [[c] for c in cols], mu)

@@ -80,7 +80,7 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
     num_effects_: (d_1, ..., d_K).  intercepts_: per factor, whether it
       was a random intercept (Z[k] None).
     fixed_effects_covariance_: [p, p] (X^T V^-1 X)^-1 at the fitted
-      variances, intercept first (NaN beyond the exact limit).
+      variances, intercept first (by CG solves beyond the exact limit).
     fit_result_: `engine.FitResult` (EM only; None for 'nll').
     polish_: `linear_fit.Polish` of the L-BFGS and Newton steps on the
       profiled marginal that finished EM (`crossed_nll.maximize`; EM's
@@ -207,10 +207,13 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
     else:
       params, self.log_likelihood_, _, self.n_iter_ = fit_nll(
           model, data, init, max_iter=self.max_iter, tol=self.tol)
-    post, beta = model.posterior_at(params, model.arrays(data))
-    if self.reml:  # beta_GLS at the final variances
-      params = params._replace(beta=beta)
     packed = np.asarray(params.variances, np.float64)
+    _, _, z, ztz, _ = model.arrays(data)
+    beta, post = profiled_posterior(x, y, z, ztz, np.array(sizes), packed,  # beta_GLS, BLUPs
+                                    float(params.noise_variance), self.max_dense, False,
+                                    model.num_effects)
+    params = params._replace(beta=tf.constant(beta, params.beta.dtype))
+    self.fixed_effects_covariance_ = post.fixed_covariance
     self.num_effects_ = num_effects
     self.intercepts_ = tuple(Z is None or z is None for z in (Z or [None] * len(levels)))
     self.levels_ = levels
@@ -226,12 +229,8 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
     self.covariances_, self.singular_ = self._boundary(covariance_matrices(packed, sizes,
                                                                           num_effects), dtype)
     self.variances_ = np.concatenate([np.diag(c) for c in self.covariances_])
-    self.precision_ = PosteriorPrecision(
-        model.arrays(data)[3], np.array(sizes), packed, self.sigma2_, self.max_dense,
-        np.array(num_effects) if slopes else None)
-    self.fixed_effects_covariance_ = (
-        profiled_fixed_covariance(model, params, data) if exact_limit_ok(
-            sizes, self.max_dense, num_effects) else np.full((x.shape[1],) * 2, np.nan))
+    self.precision_ = PosteriorPrecision(ztz, np.array(sizes), packed, self.sigma2_,
+                                         self.max_dense, np.array(num_effects) if slopes else None)
     return self
 
 
@@ -269,15 +268,6 @@ def checked_effects(Z, n: int, num_factors: int, num_effects) -> np.ndarray:
       raise ValueError(f"Z[{k}] has {z.shape[0]} rows but X has {n}")
     parts.append(z)
   return np.concatenate(parts, axis=1)
-
-
-def profiled_fixed_covariance(model: CrossedEffectsEM, params, data) -> np.ndarray:
-  """(X^T V^-1 X)^-1 at the fitted variances: the covariance of beta_GLS."""
-  x, y, z, ztz, num_levels = model.arrays(data)
-  _, post = profiled_posterior(x, y, z, ztz, num_levels, np.asarray(params.variances, np.float64),
-                               float(params.noise_variance), model.max_dense, False,
-                               model.num_effects)
-  return post.fixed_covariance
 
 
 def fit_crossed(estimator, X, y, clusters, time=None, Z=None, valid=None):
