@@ -90,7 +90,7 @@ def run(fit_name, method, accelerate, x, y, clusters, service):
   covs = est.covariances_
   row = dict(fit=fit_name, method=method + (" + SQUAREM" if accelerate else ""),
              seconds=round(seconds, 2), loglik=float(est.log_likelihood_),
-             iterations=int(est.n_iter_),
+             iterations=int(est.n_iter_), singular=bool(est.singular_),
              polish=None if est.polish_ is None else dict(est.polish_._asdict()),
              sd={g: [float(v) for v in np.sqrt(np.diag(c))] for g, c in zip(GROUPS, covs)},
              sd_residual=float(np.sqrt(est.sigma2_)),
@@ -112,7 +112,7 @@ def table(rows) -> str:
     sd_d = ", ".join(f"{v:.4f}" for v in r["sd"]["d"])
     p = r["polish"]
     polish = "" if p is None else f"{p['n_iter']}, {p['newton_steps']}, {p['gain']:.1e}"
-    lines.append(f"| {r['fit']} | {r['method']} | {r['loglik']:.6f} | {r['gap_to_best']:.1e} | "
+    lines.append(f"| {r['fit']}{' (singular)' if r['singular'] else ''} | {r['method']} | {r['loglik']:.6f} | {r['gap_to_best']:.1e} | "
                  f"{r['sd']['s'][0]:.4f} | {sd_d} | {corr} | {r['sd']['dept:service'][0]:.4f} | "
                  f"{r['sd_residual']:.4f} | {r['iterations']} | {polish} | "
                  f"{r['seconds']:.1f} |")
