@@ -110,7 +110,10 @@ def _spec(leaf, relax_rows: bool, component_axis: int | None):
   """A TensorSpec of `leaf`, leading and component axes unknown as asked."""
   if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
     return leaf
-  dims = tf.TensorShape(leaf.shape).as_list()
+  shape = tf.TensorShape(leaf.shape)
+  if shape.rank is None:
+    return tf.TensorSpec(shape, tf.as_dtype(leaf.dtype))
+  dims = shape.as_list()
   if relax_rows and dims:
     dims[0] = None
   if component_axis is not None and component_axis < len(dims):

@@ -24,7 +24,8 @@ from tfp_em.engine.compiling import compiled_or_eager
 class Flattener:
   """Maps params (NamedTuple) <-> one flat unconstrained vector of the trainable fields.
 
-  Works eagerly and inside `tf.function` (shapes must be static).
+  Works eagerly and inside `tf.function`, also where some axes are unknown
+  in the trace (K, `EMModel.traced_component_axes`): sizes are then tensors.
 
   Args:
     template: params NamedTuple; its fixed fields are returned by `unflatten`.
@@ -40,8 +41,9 @@ class Flattener:
     self.specs = specs
     self.fields = [i for i, s in enumerate(specs) if s.trainable]
     parts = [specs[i].bijector.inverse(template[i]) for i in self.fields]
-    self.shapes = [p.shape for p in parts]
-    self.sizes = [int(np.prod(s)) for s in self.shapes]
+    self.shapes = [p.shape if p.shape.is_fully_defined() else tf.shape(p) for p in parts]
+    self.sizes = [int(np.prod(s)) if isinstance(s, tf.TensorShape) else tf.reduce_prod(s)
+                  for s in self.shapes]
     self.u_hat = self._concat(parts)                                     # [P]
 
   @property

@@ -91,7 +91,8 @@ class Initializer:
   """`(x, weights, seed) -> responsibilities [N, K]` by `method`.
 
   Equal by value, so models holding equal initializers share their compiled
-  steps (`tfp_em.EMModel.step_config`).
+  steps (`tfp_em.EMModel.step_config`). It runs in numpy, never traced;
+  `GaussianMixtureEM` leaves it (and K) out of its `step_config`.
   """
   method: str
   n_components: int
