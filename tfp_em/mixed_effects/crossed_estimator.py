@@ -159,7 +159,7 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
       raise ValueError(f"y has length {y.shape[0]} but X has {X.shape[0]} rows")
     levels, codes = encode_factors(clusters, X.shape[0])
     x = self._design(X)
-    num_effects = effect_counts(Z, len(levels))
+    num_effects = design_widths(Z, len(levels))
     effects = checked_effects(Z, X.shape[0], len(levels), num_effects)
     slopes = max(num_effects) > 1
     if slopes and self.accelerate is not None:
@@ -234,7 +234,7 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
     return self
 
 
-def effect_counts(Z, num_factors: int) -> tuple:
+def design_widths(Z, num_factors: int) -> tuple:
   """(d_1, ..., d_K) of the designs Z (None, or a list with None for intercepts)."""
   if Z is None:
     return (1,) * num_factors
@@ -255,8 +255,8 @@ def checked_effects(Z, n: int, num_factors: int, num_effects) -> np.ndarray:
       raise ValueError(f"Z is needed: the fit had random slopes ({list(num_effects)} effects "
                        "per factor)")
     return np.ones((n, num_factors))
-  if effect_counts(Z, num_factors) != tuple(num_effects):
-    raise ValueError(f"Z has {list(effect_counts(Z, num_factors))} columns per factor; the fit "
+  if design_widths(Z, num_factors) != tuple(num_effects):
+    raise ValueError(f"Z has {list(design_widths(Z, num_factors))} columns per factor; the fit "
                      f"had {list(num_effects)}")
   parts = []
   for k, z in enumerate(Z):
