@@ -36,7 +36,7 @@ def check_summable(model, over: str) -> None:
     raise ValueError(
         f"{model.name}: its E-step statistics {list(fields)} are per data point, not sums, so "
         f"they cannot be added {over}; fit it on in-memory data (a tuple of tensors) without "
-        "a strategy")
+        f"a strategy{'; ' + model.summable_hint if model.summable_hint else ''}")
 
 
 class InMemoryPass:

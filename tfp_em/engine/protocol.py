@@ -69,6 +69,9 @@ class EMModel(abc.ABC):
       (concatenated, not summed). Batches and replicas cannot add them, so
       `fit_em` and `fit_online_em` refuse a `tf.data.Dataset` or a strategy
       for a model that declares any (default (): every field is a sum).
+    summable_hint: for such a model, what to fit instead when the data come
+      in batches or replicas (a model whose stats are sums); appended to
+      that refusal (default "").
     generalized_m_step_fields: params whose M-step is iterative (a
       generalized M-step that must not decrease Q) rather than an argmax; the
       verifier checks Q increases there instead of a zero gradient.
@@ -96,6 +99,7 @@ class EMModel(abc.ABC):
   param_specs = None
   shared_stats_fields: tuple = ()
   per_point_stats_fields: tuple = ()
+  summable_hint: str = ""
   generalized_m_step_fields: tuple = ()
   component_axes = types.MappingProxyType({})
   traced_component_axes = types.MappingProxyType({})
