@@ -61,8 +61,14 @@ class Step:
     self.exact_rows = exact_rows
     self.component_axes = dict(component_axes or {})
     self._classes = set()
+    self._seen = set()  # exact argument shapes already dispatched
 
   def __call__(self, *args):
+    if self.data_arg is None and not self.component_axes:  # every axis traced at its size
+      return self.function(*args)
+    shapes = _exact_shapes(args)
+    if shapes in self._seen:  # its shape class is traced: skip building the signature
+      return self.function(*args)
     rows_arg = None
     if self.data_arg is not None and _rows(args[self.data_arg]) > self.exact_rows:
       rows_arg = self.data_arg % len(args)
@@ -76,6 +82,8 @@ class Step:
       if not known:
         self.function.get_concrete_function(*signature)  # traces the relaxed class
         self._classes.add(signature)
+    if shapes is not None:
+      self._seen.add(shapes)
     return self.function(*args)
 
   def tracing_count(self) -> int:
@@ -89,6 +97,18 @@ def _rows(value) -> int:
     if shape is not None and len(shape) and shape[0] is not None:
       return int(shape[0])
   return 0
+
+
+def _exact_shapes(args):
+  """The shapes and dtypes of the tensors in `args` and their other leaves,
+  as a hashable key (None when a leaf is not hashable)."""
+  key = tuple((tuple(leaf.shape), leaf.dtype) if tf.is_tensor(leaf) else leaf
+              for leaf in tf.nest.flatten(args))
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
 
 
 def _signature(value, relax_rows: bool, component_axes: dict):
