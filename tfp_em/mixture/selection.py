@@ -21,10 +21,11 @@ on a point or a few, whose likelihood grows without bound) is listed but not
 chosen, as mclust gives singular fits no BIC.
 
 Compiled steps are shared by every restart of a candidate, by every K (they
-are traced with K unknown, `GaussianMixtureEM.traced_component_axes`) and by
-any later fit of the same configuration (covariance model, D; and N when
-N <= 2048, `tfp_em.engine.compiling`): each covariance model traces its steps
-(three graphs) once, and a second search traces nothing.
+are traced with K unknown, `GaussianMixtureEM.traced_component_axes`; not
+with missing='em', whose steps trace per K) and by any later fit of the same
+configuration (covariance model, D; and N when N <= 2048,
+`tfp_em.engine.compiling`): each covariance model traces its steps (three
+graphs) once, and a second search traces nothing.
 
 #### References
 
