@@ -68,7 +68,7 @@ def test_remainder_curvature_is_the_sup_over_the_reach():
 def test_stats_add_over_row_blocks_and_chunks(l2):
   data = synthetic(n=90, m=3)
   model = BernoulliMLPSummedEM(3, 3, l2=l2, total_rows=90)  # the penalty: once per pass
-  chunked = BernoulliMLPSummedEM(3, 3, l2=l2, memory_budget_bytes=7 * 8 * (4 * 8 + 2 * 4 ** 2 + 3 * 3 * (len(RADII) + 1)))
+  chunked = BernoulliMLPSummedEM(3, 3, l2=l2, total_rows=90, memory_budget_bytes=7 * 8 * (4 * 8 + 2 * 4 ** 2 + 3 * 3 * (len(RADII) + 1)))
   assert chunked.summed_chunk_rows(tf.float64, 3) == 7
   params = model.initialize(data, 1)
   whole, ll = model.e_step(params, data)
@@ -92,7 +92,7 @@ def test_summed_m_step_gains_q_at_most_the_exact_gain(l2):
   """Q(new) - Q(old) > 0 for the summed step, at most the exact M-step's gain, at
   least its certificate Q~(new) - Q~(old) >= 0; Q~ = Q at the anchor."""
   data = synthetic(n=80, m=3)
-  exact, summed = BernoulliMLPEM(3, 3, l2=l2), BernoulliMLPSummedEM(3, 3, l2=l2)
+  exact, summed = BernoulliMLPEM(3, 3, l2=l2), BernoulliMLPSummedEM(3, 3, l2=l2, total_rows=80)
   run = _fit(exact, data, max_iter=40, tol=0.)   # starts along a run, early and late
   for old in [run.restarts[0].params[i] for i in (0, 3, 15, 40)]:
     old = type(run.params)(*[tf.constant(p) for p in old])
@@ -111,7 +111,7 @@ def test_summed_m_step_gains_q_at_most_the_exact_gain(l2):
 def test_loglik_never_decreases_and_follows_the_exact_path():
   """From one start both iterations raise the loglik at every step, to the same limit."""
   data = synthetic(n=80, m=3)
-  exact, summed = BernoulliMLPEM(3, 3, l2=0.5), BernoulliMLPSummedEM(3, 3, l2=0.5)
+  exact, summed = BernoulliMLPEM(3, 3, l2=0.5), BernoulliMLPSummedEM(3, 3, l2=0.5, total_rows=80)
   start = exact.initialize(data, 0)
   runs = [_fit(model, data, max_iter=60, tol=0., init_params=start, on_decrease="raise")
           for model in (exact, summed)]
@@ -126,7 +126,7 @@ def test_loglik_never_decreases_and_follows_the_exact_path():
 @pytest.mark.slow
 def test_summed_and_exact_em_converge_to_the_same_point():
   data = synthetic(n=120, m=3)
-  exact, summed = BernoulliMLPEM(3, 3, l2=0.5), BernoulliMLPSummedEM(3, 3, l2=0.5)
+  exact, summed = BernoulliMLPEM(3, 3, l2=0.5), BernoulliMLPSummedEM(3, 3, l2=0.5, total_rows=120)
   start = exact.initialize(data, 0)
   a, b = [_fit(model, data, max_iter=5000, tol=1e-11, init_params=start) for model in (exact, summed)]
   assert a.converged and b.converged
@@ -164,10 +164,12 @@ def test_online_em_raises_the_loglik():
 
 
 @pytest.mark.slow
-def test_mirrored_strategy_equals_single_device(tmp_path):
+@pytest.mark.parametrize("what", ["model", "estimator"])
+def test_mirrored_strategy_equals_single_device(tmp_path, what):
   outs = {mode: tmp_path / f"{mode}.json" for mode in ("single", "mirrored")}
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "mlp_distributed_fit.py"), mode,
-                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             str(out), what], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
            for mode, out in outs.items()]
   for p in procs:
     assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
@@ -181,7 +183,7 @@ def test_mirrored_strategy_equals_single_device(tmp_path):
 
 def test_verifier_passes_the_summed_model():
   data = synthetic(n=60, m=3)
-  report = verify(BernoulliMLPSummedEM(3, 3, l2=1.), data, n_points=2, n_steps=3)
+  report = verify(BernoulliMLPSummedEM(3, 3, l2=1., total_rows=60), data, n_points=2, n_steps=3)
   assert report.passed, report
 
 
@@ -213,6 +215,6 @@ class _SummedUnnormalizedTau(BernoulliMLPSummedEM):
 @pytest.mark.slow
 @pytest.mark.parametrize("mutant,check", [(_SummedPrecedence, "3"), (_SummedUnnormalizedTau, "2")])
 def test_verifier_catches_bugs_in_the_summed_model(mutant, check):
-  report = verify(mutant(3, 3, l2=1.), synthetic(n=60, m=3), n_points=2, n_steps=3)
+  report = verify(mutant(3, 3, l2=1., total_rows=60), synthetic(n=60, m=3), n_points=2, n_steps=3)
   assert not report.passed
   assert check in report.failed_checks, report

@@ -98,6 +98,8 @@ class BernoulliMLPEM(EMModel):
   name = "BernoulliMLP"
   trace_exact_rows = 2048  # small data: one chunk, no loop in the trace
   per_point_stats_fields = ("hidden_targets", "inputs")  # summed.py: sums only
+  summable_hint = ("or use BernoulliMLPSummedEM (tfp_em.bernoulli_mlp.summed; "
+                   "BernoulliMLPClassifier(m_step='summed')), whose statistics are sums")
   failure_hint = ("Standardize the inputs, add an L2 penalty (l2 > 0), reduce "
                   "n_hidden, or use float64.")
 
@@ -136,6 +138,17 @@ class BernoulliMLPEM(EMModel):
     itemsize = tf.as_dtype(dtype).size
     cache = max(1, CACHE_FRIENDLY_BYTES // (self.num_configurations * itemsize))
     return min(self.chunk_rows(dtype), cache)
+
+  def penalty_share(self, num_points):
+    """The share of the penalty that `num_points` rows carry: all of it, since
+    this model sees all the data in every E-step (in memory only)."""
+    return tf.ones_like(num_points)
+
+  def penalty(self, params, num_rows):
+    """The part of (l2 / 2) |w|^2 that `num_rows` rows carry: what `e_step`,
+    `marginal_log_prob` and `verification_oracle` subtract (one rule)."""
+    dtype = params.hidden_weights.dtype
+    return self.penalty_share(tf.cast(num_rows, dtype)) * l2_penalty(params, self.l2)
 
   def num_observations(self, data) -> float:
     return float(data[0].shape[0])
@@ -200,7 +213,7 @@ class BernoulliMLPEM(EMModel):
            tf.zeros([], dtype), parts))
       targets = tf.reshape(parts.stack(), [-1, m])[:n]
     stats = BernoulliMLPStats(counts, targets, inputs)
-    return stats, total - l2_penalty(params, self.l2)
+    return stats, total - self.penalty(params, tf.shape(x)[0])
 
   def posterior(self, params, data) -> dict:
     """Exact posterior over configurations, unchunked (O(N 2^m) memory).
@@ -230,7 +243,7 @@ class BernoulliMLPEM(EMModel):
     """Enumerates the 2^m hidden configurations of `models.bernoulli_mlp.joint`."""
     exact = marginalize_discrete(self.joint_distribution(params, data), {"z": 2}, {"y": data[1]})
     # Configurations come in the same order (binary digits, most significant first).
-    return ExactPosterior(exact.log_prob - l2_penalty(params, self.l2),
+    return ExactPosterior(exact.log_prob - self.penalty(params, tf.shape(data[0])[0]),
                           {"tau": exact.posterior["z"], "hidden_marginals": exact.posterior["z_mean"]})
 
   # -- M-step ---------------------------------------------------------------
@@ -285,8 +298,7 @@ class BernoulliMLPEM(EMModel):
   def marginal_log_prob(self, params, data):
     """Penalized log p(y | x) from the TFP model (unchunked, differentiable)."""
     x, y = data
-    return (tf.reduce_sum(mlp.marginal_log_prob(params, x, y))
-            - l2_penalty(params, self.l2))
+    return tf.reduce_sum(mlp.marginal_log_prob(params, x, y)) - self.penalty(params, tf.shape(x)[0])
 
   def predict_log_proba(self, params, x):
     """log p(y = i | x_j), [N, C], unchunked."""

@@ -25,11 +25,14 @@ needs comes from one pass of summed statistics.
 to Q with the same gradient at w0 (so Fisher's identity holds there) and the
 function the M-step increases. Q itself is not a function of finite sums.
 
-The L2 penalty (l2 / 2)|w|^2 belongs to the whole data set. A batch or a
-replica carries the share num_points / total_rows of it, so that a pass
-subtracts it once: give `total_rows` (N) when l2 > 0 and the data come as a
-stream or are split over replicas. Without it every E-step call is taken to
-see all the data (in-memory fits).
+The L2 penalty (l2 / 2)|w|^2 (a log prior) belongs to the whole data set.
+A batch or a replica carries the share num_points / total_rows of it, so
+that a pass over batches or replicas subtracts it once, and online EM's
+per-point statistics carry 1 / total_rows of it. So `total_rows` (N) is
+required when l2 > 0: without it a stream of B batches would report a loglik
+with the penalty counted B times. `e_step`, `marginal_log_prob` and the
+verifier's oracle all subtract `penalty(params, rows)` (`BernoulliMLPEM`),
+so on all N rows they give the penalized objective.
 
 Online EM blends statistics of different anchors: `rebase_stats` moves them
 to the newest anchor along their quadratic model (g -= H delta); there the
@@ -46,7 +49,7 @@ from models import bernoulli_mlp as mlp
 from models.bernoulli_mlp import BernoulliMLPParams
 from tfp_em.bernoulli_mlp.curvature import RADII, certified_gain, remainder_curvature
 from tfp_em.bernoulli_mlp.em import BernoulliMLPEM
-from tfp_em.bernoulli_mlp.newton import NUM_HALVINGS, l2_penalty, penalty_mask
+from tfp_em.bernoulli_mlp.newton import NUM_HALVINGS, penalty_mask
 from tfp_em.engine import inputs as v
 from tfp_em.engine.chunks import equal_chunks, in_chunks
 
@@ -70,9 +73,9 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
     num_hidden, num_classes, l2, memory_budget_bytes, compile,
       max_newton_iter, init_scale: as `BernoulliMLPEM` (`max_newton_iter`
       applies to the output layer).
-    total_rows: N, the rows the penalty is spread over; needed when l2 > 0
-      and the E-step sees the data in batches or shards. None: each E-step
-      call sees all the data.
+    total_rows: N, the rows the penalty is spread over (each row carries
+      1 / N of it); required when l2 > 0 (a ValueError otherwise). May be
+      None when l2 = 0.
   """
   name = "BernoulliMLP(summed)"
   per_point_stats_fields = ()
@@ -82,11 +85,18 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
   def __init__(self, num_hidden: int, num_classes: int, l2: float = 0.,
                total_rows: int | None = None, **kwargs):
     super().__init__(num_hidden, num_classes, l2=l2, **kwargs)
+    if total_rows is None and self.l2 > 0:
+      raise ValueError(
+          f"{self.name}: total_rows is required when l2 > 0 (got l2={self.l2}): the penalty "
+          "belongs to the whole data set and each batch or replica subtracts its share "
+          "rows / total_rows, so that a pass over a stream counts it once; give "
+          "total_rows=N, the number of rows of the data")
     self.total_rows = None if total_rows is None else v.check_int("total_rows", total_rows,
                                                                    minimum=1)
 
   def penalty_share(self, num_points):
-    """The share of the penalty that `num_points` rows carry."""
+    """The share of the penalty that `num_points` rows carry: num_points / N
+    (1 when l2 = 0 and N is not given: there is no penalty to share)."""
     if self.total_rows is None:
       return tf.ones_like(num_points)
     return num_points / self.total_rows
@@ -133,6 +143,9 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
     onehot = tf.one_hot(y, self.num_classes, dtype=dtype)
     rows = self.summed_chunk_rows(dtype, x.shape[-1])
     n = x.shape[0]
+    if n is not None and self.total_rows is not None and n > self.total_rows:
+      raise ValueError(f"{self.name}: the data have {n} rows, more than total_rows="
+                       f"{self.total_rows}; give the number of rows of the whole data set")
     if n is not None and n <= rows:
       sums = self._chunk_sums(params, inputs, onehot, tf.ones([n], dtype), configs)
     else:  # Loop over chunks of at most `rows` points; the last one is zero-padded.
@@ -154,7 +167,7 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
     counts, gradient, curvatures, q, total = sums
     points = tf.cast(tf.shape(x)[0], dtype)
     stats = BernoulliMLPSummedStats(params.hidden_weights, counts, gradient, curvatures, q, points)
-    return stats, total - self.penalty_share(points) * l2_penalty(params, self.l2)
+    return stats, total - self.penalty(params, points)
 
   def rebase_stats(self, stats, like):
     """`stats` moved to the anchor of `like` along their quadratic model."""
@@ -206,6 +219,21 @@ class BernoulliMLPSummedEM(BernoulliMLPEM):
 
 
 M_STEPS = {"exact": BernoulliMLPEM, "summed": BernoulliMLPSummedEM}
+M_STEP_OPTIONS = ("auto",) + tuple(M_STEPS)
+
+
+def resolve_m_step(m_step: str, batched: bool) -> str:
+  """The M-step that `m_step` ('auto', 'exact' or 'summed') names for data that
+  come in batches or replicas (`batched`: a tf.data stream or a strategy) or
+  not: 'auto' is 'summed' when batched, else 'exact' (faster in memory)."""
+  m_step = v.check_option("m_step", m_step, M_STEP_OPTIONS)
+  if m_step == "exact" and batched:
+    raise ValueError("m_step='exact' keeps per-point statistics, which cannot be added over the "
+                     "batches of a tf.data.Dataset or the replicas of a strategy; use "
+                     "m_step='summed' (or 'auto')")
+  if m_step == "auto":
+    return "summed" if batched else "exact"
+  return m_step
 
 
 def model_class(m_step: str) -> type:
