@@ -2,6 +2,7 @@
 
     python tests/mlp_distributed_fit.py mirrored OUT.json   (two logical CPUs)
     python tests/mlp_distributed_fit.py single OUT.json
+    python tests/mlp_distributed_fit.py mirrored OUT.json estimator   (BernoulliMLPClassifier)
 
 Writes the final weights and log-likelihood as JSON.
 """
@@ -35,17 +36,28 @@ def fit(strategy):
               log_likelihood=result.log_likelihood, n_iter=result.n_iter)
 
 
-def main(mode, out):
+def fit_estimator(strategy):
+  """The estimator's fit (summed M-step, l2 = 0.1) on the unstandardized problem."""
+  from tfp_em.bernoulli_mlp.estimator import BernoulliMLPClassifier
+  x, y = problem()
+  est = BernoulliMLPClassifier(n_hidden=3, l2=0.1, max_iter=MAX_ITER, tol=0., m_step="summed")
+  est.fit(x.numpy() * 3. + 1., y.numpy(), strategy=strategy)
+  return dict(hidden_weights=est.params_.hidden_weights.tolist(),
+              output_weights=est.params_.output_weights.tolist(),
+              log_likelihood=est.objective_, n_iter=est.n_iter_, m_step=est.m_step_)
+
+
+def main(mode, out, what="model"):
   strategy = None
   if mode == "mirrored":
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-  result = fit(strategy)
+  result = (fit_estimator if what == "estimator" else fit)(strategy)
   result["replicas"] = 1 if strategy is None else strategy.num_replicas_in_sync
   with open(out, "w") as f:
     json.dump(result, f)
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:3])
+  main(*sys.argv[1:4])

@@ -172,6 +172,21 @@ def _fit_mlp(X=None, y=None, **kw):
   return lambda tmp: _mlp(**kw).fit(_x() if X is None else X(), _labels() if y is None else y())
 
 
+def _mlp_batches(x_only=False):
+  import tensorflow as tf
+  return tf.data.Dataset.from_tensor_slices(_x() if x_only else (_x(), _labels())).batch(16)
+
+
+def _one_device():
+  import tensorflow as tf
+  return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+def _summed_mlp(**kw):
+  from tfp_em.bernoulli_mlp.summed import BernoulliMLPSummedEM
+  return BernoulliMLPSummedEM(2, 2, **kw)
+
+
 def _fit_me(X=None, y=None, clusters=None, fit_kw=None, **kw):
   return lambda tmp: _me(**kw).fit(_x() if X is None else X(), _y_reg() if y is None else y(),
                                    _clusters() if clusters is None else clusters(),
@@ -403,6 +418,23 @@ def _estimator_cases():
            lambda tmp: _mlp_em_fit(strategy=True), "per data point, not sums"),
       Case("fit_online_em: BernoulliMLP", "fit_em", lambda tmp: _mlp_em_fit(online=True),
            "per data point, not sums"),
+      Case(f"{m}: m_step='exact' with a tf.data.Dataset", m,
+           lambda tmp: _mlp(m_step="exact", l2=0.1).fit(_mlp_batches()), "m_step='summed'"),
+      Case(f"{m}: m_step='exact' with a strategy", m,
+           lambda tmp: _mlp(m_step="exact", l2=0.1).fit(
+               _x(), _labels(), strategy=_one_device()),
+           "m_step='summed'"),
+      Case(f"{m}: l2='auto' with a tf.data.Dataset", m,
+           lambda tmp: _mlp().fit(_mlp_batches()), "l2='auto'.*give a number"),
+      Case(f"{m}: a tf.data.Dataset and y", m,
+           lambda tmp: _mlp(l2=0.1).fit(_mlp_batches(), _labels()), "y must be None"),
+      Case(f"{m}: a tf.data.Dataset of x only", m,
+           lambda tmp: _mlp(l2=0.1).fit(_mlp_batches(x_only=True)),
+           r"\(x, y\) batches"),
+      Case(f"{m}: online=True with arrays", m,
+           lambda tmp: _mlp(l2=0.1).fit(_x(), _labels(), online=True), "needs a tf.data.Dataset"),
+      Case("BernoulliMLPSummedEM: l2 > 0 without total_rows", "fit_em",
+           lambda tmp: _summed_mlp(l2=0.1), "total_rows is required"),
   ]
 
   r = "MixedEffectsRegressor"

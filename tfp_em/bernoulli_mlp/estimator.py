@@ -13,11 +13,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from models import bernoulli_mlp as mlp
 from models.bernoulli_mlp import BernoulliMLPParams
 from tfp_em.bernoulli_mlp.em import BernoulliMLPEM, check_num_hidden, fit_autodiff
-from tfp_em.bernoulli_mlp.summed import model_class
+from tfp_em.bernoulli_mlp.summed import model_class, resolve_m_step
 from tfp_em.bernoulli_mlp.penalty import SMALL_DATA_L2, holdout_split, walk_grid
+from tfp_em.bernoulli_mlp.streamed import standardized_stream, summarize_stream
 from tfp_em.diagnostics.mixin import DiagnosticsMixin
 from tfp_em.engine import inputs as v
-from tfp_em.engine import ConvergenceWarning, fit_em
+from tfp_em.engine import ConvergenceWarning, fit_em, fit_online_em
+from tfp_em.engine.streams import checked_batches
 
 
 METHODS = ("em", "autodiff")
@@ -56,6 +58,11 @@ def _check_labels(y, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"y labels could not be sorted (mixed types?): {e}") from None
   check_classification_targets(y)
   return classes, indices.astype(np.int32).reshape(-1)
+
+
+def _check_two_classes(classes: np.ndarray) -> None:
+  if len(classes) < 2:
+    raise ValueError(f"y has a single class ({classes[0]!r}); a classifier needs at least 2")
 
 
 def _check_one_label_kind(y) -> None:
@@ -101,10 +108,22 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     dtype: 'float64' (default) or 'float32'.
     method: 'em' (default) or 'autodiff' (L-BFGS on the same TFP marginal).
     memory_budget_mb: bound on the E-step's work arrays (default 256).
-    m_step: 'exact' (default; the hidden units' Newton M-step run to
-      convergence on per-point soft targets, faster in memory) or 'summed'
+    m_step: 'auto' (default: 'exact' for in-memory arrays, 'summed' for a
+      `tf.data.Dataset` or a `strategy`), 'exact' (the hidden units' Newton
+      M-step run to convergence on per-point soft targets, faster in memory;
+      refused with a stream or a strategy) or 'summed'
       (`BernoulliMLPSummedEM`: one certified Newton step per iteration from
-      statistics summed over points, the model that streams and distributes).
+      statistics summed over points, the model that streams and distributes;
+      its penalty is shared by the N rows, `total_rows`).
+
+  `fit(X, y, strategy=..., online=...)` also takes a `tf.data.Dataset` of
+  (x [B, D], y [B]) batches as X (y None): a first pass finds the rows, the
+  column means and scales and the classes with one batch in memory, then
+  each EM iteration is one pass (or, with `online=True`, one-pass online EM,
+  `tfp_em.fit_online_em`, from the first start only). A stream needs a
+  numeric `l2` ('auto' needs a held-out split and is refused) and
+  `method='em'`. `strategy`: a `tf.distribute` strategy whose replicas share
+  the E-step (arrays or a stream).
 
   Attributes (after `fit`):
     classes_, mean_, scale_, n_features_in_, params_ (BernoulliMLPParams,
@@ -112,11 +131,13 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     restart in `fit_result_.restarts[i].log_likelihood`), iteration_seconds_
     (seconds since the start of the chosen restart at each trace entry),
     m_step_ (the M-step EM used: 'exact' or 'summed'; None for 'autodiff'),
+    n_samples_seen_ (the training rows N: the summed model's `total_rows`),
     n_iter_, converged_, objective_ (penalized loglik the fit maximized),
     l2_ (the penalty of that objective), l2_scores_ ({penalty: held-out
     log-likelihood per point} for the penalties 'auto' tried; empty
     otherwise),
     log_likelihood_ (unpenalized log p(y | x) on the training data),
+    iteration_seconds_ is None after an online fit,
     feature_names_in_ (when X is a DataFrame with string column names).
 
   A scikit-learn classifier (`get_params`/`set_params`, `clone`, pipelines,
@@ -127,7 +148,7 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
   def __init__(self, n_hidden: int = 5, max_iter: int = 200, tol: float = 1e-6,
                l2: float | str = "auto", n_init: int = 1, seed: int | None = 0,
                dtype: str = "float64", method: str = "em",
-               memory_budget_mb: float = 256., m_step: str = "exact"):
+               memory_budget_mb: float = 256., m_step: str = "auto"):
     self.n_hidden = n_hidden
     self.max_iter = max_iter
     self.tol = tol
@@ -139,16 +160,29 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     self.memory_budget_mb = memory_budget_mb
     self.m_step = m_step
 
-  def em_model(self, num_classes: int, l2: float | None = None) -> BernoulliMLPEM:
+  def em_model(self, num_classes: int, l2: float | None = None, m_step: str | None = None,
+               total_rows: int | None = None) -> BernoulliMLPEM:
     """The `BernoulliMLPEM` this estimator fits, for `num_classes` classes.
 
     `l2` None: the `l2` parameter when it is a number, else the fitted `l2_`.
+    `m_step` None: the `m_step` parameter unless 'auto', else the fitted
+    `m_step_` ('exact', the in-memory choice, before a fit). `total_rows` None: the fitted `n_samples_seen_` (the summed
+    model shares its penalty over them; needed when l2 > 0).
     """
     budget = v.check_float("memory_budget_mb", self.memory_budget_mb, minimum=0., strict=True)
     if l2 is None:
-      l2 = self.l2 if self._check_l2() != "auto" else self._fitted_l2()
-    return model_class(self.m_step)(self.n_hidden, num_classes, l2=l2,
-                          memory_budget_bytes=int(budget * 2 ** 20))
+      l2 = self.l2 if self._check_l2() != "auto" else self._fitted("l2_")
+    if m_step is None:
+      m_step = resolve_m_step(self.m_step, batched=False)
+      if self.m_step == "auto":  # the fitted choice; 'exact' before a fit
+        m_step = vars(self).get("m_step_") or m_step
+    model = model_class(m_step)
+    if model is BernoulliMLPEM:
+      return model(self.n_hidden, num_classes, l2=l2, memory_budget_bytes=int(budget * 2 ** 20))
+    if total_rows is None and l2 > 0:
+      total_rows = self._fitted("n_samples_seen_")
+    return model(self.n_hidden, num_classes, l2=l2, total_rows=total_rows,
+                 memory_budget_bytes=int(budget * 2 ** 20))
 
   def _check_l2(self):
     if isinstance(self.l2, str):
@@ -157,18 +191,18 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
       return self.l2
     return v.check_float("l2", self.l2, minimum=0.)
 
-  def _fitted_l2(self) -> float:
-    v.check_is_fitted(self, "l2_")
-    return self.l2_
+  def _fitted(self, name: str):
+    v.check_is_fitted(self, name)
+    return getattr(self, name)
 
-  def _run(self, model, data, method, seed, n_init, callback=None, progress=None):
+  def _run(self, model, data, method, seed, n_init, callback=None, progress=None, strategy=None):
     if method == "em":
       return fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=n_init, seed=seed,
-                    callback=callback, progress=progress)
+                    callback=callback, progress=progress, strategy=strategy)
     return fit_autodiff(model, data, max_iter=self.max_iter, tol=self.tol, n_init=n_init,
                         seed=seed, callback=callback)
 
-  def _choose_l2(self, Xs, labels, num_classes, method, seed, dtype):
+  def _choose_l2(self, Xs, labels, num_classes, method, seed, dtype, m_step, strategy):
     """(l2, {l2: held-out log-likelihood per point}); see `penalty`."""
     l2 = self._check_l2()
     if l2 != "auto":
@@ -180,47 +214,86 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     data = (tf.constant(Xs[train], dtype), tf.constant(labels[train]))
 
     def score(penalty):
-      model = self.em_model(num_classes, penalty)
+      model = self.em_model(num_classes, penalty, m_step, total_rows=len(train))
       with warnings.catch_warnings():  # the final fit warns about its own convergence
         warnings.simplefilter("ignore", ConvergenceWarning)
-        params = self._run(model, data, method, seed, n_init=1, progress=False).params
+        params = self._run(model, data, method, seed, n_init=1, progress=False,
+                           strategy=strategy).params
       return _log_likelihood(model, params, Xs[held_out], labels[held_out]) / len(held_out)
 
     return walk_grid(score)
 
-  def fit(self, X, y):
+  def fit(self, X, y=None, *, strategy=None, online: bool = False):
+    """Fits the MLP; returns self.
+
+    Args:
+      X: [N, D] array, or a `tf.data.Dataset` of (x [B, D], y [B]) batches
+        (then y is None; see the class docstring).
+      y: [N] class labels (integers or strings) for an array X.
+      strategy: a `tf.distribute` strategy whose replicas share the E-step
+        (the summed M-step; arrays are cut into one row block per replica).
+      online: one-pass online EM over a stream (`tfp_em.fit_online_em`).
+    """
     check_num_hidden(self.n_hidden)
-    self._check_l2()
+    l2 = self._check_l2()
     v.check_int("max_iter", self.max_iter, minimum=0)
     v.check_float("tol", self.tol, minimum=0.)
     v.check_int("n_init", self.n_init, minimum=1)
     seed = v.check_seed(self.seed)
     method = v.check_option("method", self.method, METHODS)
     dtype = v.check_dtype(self.dtype)
-    X = v.check_features(self, X, reset=True, dtype=np.float64, min_rows=2)
-    classes, labels = _check_labels(y, X.shape[0])
-    if len(classes) < 2:
-      raise ValueError(f"y has a single class ({classes[0]!r}); a classifier needs at least 2")
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale = np.where(scale > 0, scale, 1.)
-    Xs = (X - mean) / scale
-    l2, scores = self._choose_l2(Xs, labels, len(classes), method, seed, dtype)
-    model = self.em_model(len(classes), l2)
-    data = (tf.constant(Xs, dtype), tf.constant(labels))
-    times = {}
+    streamed = isinstance(X, tf.data.Dataset)
+    if online and not streamed:
+      raise ValueError("online=True needs a tf.data.Dataset of (x, y) batches as X")
+    if method != "em" and (streamed or strategy is not None):
+      raise ValueError("a tf.data.Dataset or a strategy needs method='em' (the autodiff fit "
+                       "runs on in-memory arrays only)")
+    m_step = resolve_m_step(self.m_step, batched=streamed or strategy is not None)
+    if streamed:
+      if y is not None:
+        raise ValueError("with a tf.data.Dataset as X the labels come in its (x, y) batches; "
+                         "y must be None")
+      if l2 == "auto":
+        raise ValueError("l2='auto' picks the penalty on a held-out split of in-memory data; "
+                         "for a tf.data.Dataset give a number, e.g. l2=0.1")
+      summary = summarize_stream(X)
+      num_rows, mean, scale, classes = summary
+      _check_two_classes(classes)
+      data = standardized_stream(X, summary, dtype)
+      self.n_features_in_ = mean.shape[0]
+      self.__dict__.pop("feature_names_in_", None)
+      scores = {}
+    else:
+      X = v.check_features(self, X, reset=True, dtype=np.float64, min_rows=2)
+      classes, labels = _check_labels(y, X.shape[0])
+      _check_two_classes(classes)
+      num_rows, mean = X.shape[0], X.mean(axis=0)
+      scale = X.std(axis=0)
+      scale = np.where(scale > 0, scale, 1.)
+      Xs = (X - mean) / scale
+      l2, scores = self._choose_l2(Xs, labels, len(classes), method, seed, dtype, m_step,
+                                   strategy)
+      data = (tf.constant(Xs, dtype), tf.constant(labels))
+    model = self.em_model(len(classes), l2, m_step, total_rows=num_rows)
+    if online:
+      result = fit_online_em(model, data, seed=seed)
+      self.iteration_seconds_ = None
+    else:
+      times = {}
 
-    def clock(restart, it, params, ll):
-      times.setdefault(restart, []).append(time.perf_counter())
+      def clock(restart, it, params, ll):
+        times.setdefault(restart, []).append(time.perf_counter())
 
-    result = self._run(model, data, method, seed, self.n_init, callback=clock)
-    chosen = result.restarts[result.best_restart]
-    stamps = np.asarray(times[result.best_restart][:len(chosen.log_likelihood)])
-    # The restart began about `seconds` before its last trace entry.
-    self.iteration_seconds_ = stamps - (stamps[-1] - chosen.seconds)
+      result = self._run(model, data, method, seed, self.n_init, callback=clock,
+                         strategy=strategy)
+      chosen = result.restarts[result.best_restart]
+      stamps = np.asarray(times[result.best_restart][:len(chosen.log_likelihood)])
+      # The restart began about `seconds` before its last trace entry.
+      self.iteration_seconds_ = stamps - (stamps[-1] - chosen.seconds)
     self.mean_, self.scale_ = mean, scale
     self.l2_, self.l2_scores_ = l2, scores
-    self.m_step_ = self.m_step if method == "em" else None
+    self.m_step_ = m_step if method == "em" else None
+    self.n_samples_seen_ = num_rows
     self.classes_ = classes
     self.params_ = BernoulliMLPParams(*[np.array(p) for p in result.params])
     self.fit_result_ = result
@@ -228,7 +301,9 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     self.converged_ = result.converged
     self.objective_ = result.log_likelihood
     self._em_model = model
-    self.log_likelihood_ = _log_likelihood(model, result.params, Xs, labels)
+    batches = checked_batches(data) if streamed else [(Xs, labels)]
+    self.log_likelihood_ = sum(_log_likelihood(model, result.params, np.asarray(x), np.asarray(c))
+                               for x, c in batches)
     return self
 
   # -- prediction -------------------------------------------------------------
