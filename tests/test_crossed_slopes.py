@@ -16,7 +16,8 @@ from tfp_em.engine import fit_em
 from tfp_em.mixed_effects import crossed_em as cx
 from tfp_em.mixed_effects import crossed_posterior as cp
 from tfp_em.mixed_effects import crossed_predictions as cpr
-from tfp_em.mixed_effects.crossed_nll import ProfiledObjective, fit_nll, newton_steps
+from tfp_em.engine.unconstrained import newton_steps
+from tfp_em.mixed_effects.crossed_nll import ProfiledObjective, fit_nll
 from tfp_em.mixed_effects.crossed_estimator import CrossedEffectsRegressor
 from tfp_em.mixed_effects.estimator import MixedEffectsRegressor
 

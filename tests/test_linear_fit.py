@@ -147,7 +147,9 @@ def test_correlation_at_one_em_equals_nll_and_warns(reml):
   assert [w.category for w in em_warnings] == [SingularFitWarning]
   assert "correlation of time with (Intercept) is +-1" in str(em_warnings[0].message)
   assert em.polish_.converged
-  np.testing.assert_allclose(em.log_likelihood_, nll.log_likelihood_, rtol=1e-12)
+  # on the boundary the optimum is at infinity in the unconstrained coordinates: l agrees to
+  # round-off of its approach (4e-10 of 350), the parameters to 1e-8
+  np.testing.assert_allclose(em.log_likelihood_, nll.log_likelihood_, rtol=1e-11)
   np.testing.assert_allclose(_params(em), _params(nll), rtol=1e-8)
   c = em.cov_random_effects_
   np.testing.assert_allclose(c[0, 1] / np.sqrt(c[0, 0] * c[1, 1]), 1., rtol=1e-12)

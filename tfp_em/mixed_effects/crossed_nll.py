@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import crossed_effects as ce
-from tfp_em.engine.unconstrained import minimize_lbfgs
+from tfp_em.engine.unconstrained import minimize_lbfgs, newton_steps
 from tfp_em.mixed_effects.crossed_em import CrossedEffectsEM
 from tfp_em.mixed_effects.crossed_posterior import covariance_matrices, profiled_posterior
 
@@ -183,32 +183,3 @@ def maximize(objective: ProfiledObjective, theta0, *, max_iter: int = 500,
       break
   theta, ll, taken = newton_steps(objective, theta)
   return Maximized(theta, ll, bool(res.converged), evaluations, iterations, taken)
-
-
-def newton_steps(objective: ProfiledObjective, theta, max_steps: int = 5,
-                 relative_step: float = 1e-5):
-  """(theta, l, number of steps taken): Newton's method on grad l = 0 from a
-  point EM or L-BFGS has brought close.
-
-  They stop where l is flat to round-off, which leaves the parameters about
-  sqrt(eps) off in flat directions. The Hessian is central differences of the
-  exact gradient; a step is kept only while it shrinks the gradient and does
-  not lower l beyond round-off (as `linear_fit.newton_steps` for one factor).
-  """
-  ll, grad = objective(theta)
-  taken = 0
-  for _ in range(max_steps):
-    h = relative_step * np.maximum(1., np.abs(theta))
-    columns = [(objective(theta + hi * e)[1] - objective(theta - hi * e)[1]) / (2. * hi)
-               for hi, e in zip(h, np.eye(len(theta)))]
-    hessian = np.array(columns)
-    hessian = 0.5 * (hessian + hessian.T)
-    if not np.all(np.isfinite(hessian)):
-      break
-    trial = theta + np.linalg.lstsq(hessian, -grad, rcond=1e-10)[0]
-    trial_ll, trial_grad = objective(trial)
-    if not (np.max(np.abs(trial_grad)) < np.max(np.abs(grad))
-            and trial_ll >= ll - 1e-12 * abs(ll)):
-      break
-    theta, ll, grad, taken = trial, trial_ll, trial_grad, taken + 1
-  return theta, ll, taken

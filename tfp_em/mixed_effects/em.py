@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from models import mixed_effects as me
 from tfp_em.engine import EMModel
+from tfp_em.engine.compiling import compiled
 from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
 from tfp_em.verification.exact import marginalize_gaussian
 
@@ -282,6 +283,40 @@ class MixedEffectsEM(EMModel):
     return marginalize_gaussian(self.joint_distribution(params, data), ["u"], {"y": data.y})
 
 
+def marginal_objective(model: MixedEffectsEM):
+  """The compiled (u, template, data) -> (-l / N, its gradient [P]) of `model`'s
+  marginal over the unconstrained params u [P] (`Flattener` of `template`).
+
+  Cached per configuration (`engine.compiling.compiled`), with the data's rows
+  unknown in the trace, so a fresh estimator's L-BFGS does not trace again.
+  """
+  def value_and_gradient(u, template, data):
+    flat = Flattener(template, model.param_specs)
+    with tf.GradientTape() as tape:
+      tape.watch(u)
+      loss = -model.marginal_log_prob(flat.unflatten(u), data) / _rows(data)
+    return loss, tape.gradient(loss, u)
+  return compiled(model, "marginal_objective", lambda: value_and_gradient, "graph", data_arg=-1)
+
+
+def marginal_log_prob(model: MixedEffectsEM, data, params) -> float:
+  """l at `params` by the compiled `marginal_objective` (no eager pass through the model)."""
+  flat = Flattener(params, model.param_specs)
+  return -float(marginal_objective(model)(flat.u_hat, params, data)[0]) * float(_rows(data))
+
+
+def unflattener(model: MixedEffectsEM):
+  """The compiled (u, template) -> params of `Flattener(template, model.param_specs)`."""
+  def unflatten(u, template):
+    return Flattener(template, model.param_specs).unflatten(u)
+  return compiled(model, "unflatten", lambda: unflatten, "graph")
+
+
+def _rows(data):
+  """N as a tensor of y's dtype (inside a trace N may be unknown)."""
+  return tf.cast(tf.shape(data.y)[0], data.y.dtype)
+
+
 def fit_marginal_lbfgs(model: MixedEffectsEM, data, init_params, *, max_iter: int = 500,
                        tol: float = 1e-10):
   """Maximizes the exact marginal ll over unconstrained params by L-BFGS.
@@ -290,16 +325,10 @@ def fit_marginal_lbfgs(model: MixedEffectsEM, data, init_params, *, max_iter: in
   `(params, loglik, converged, num_iterations)`.
   """
   flat = Flattener(init_params, model.param_specs)
-  n_obs = model.num_observations(data)
-
-  def value_and_gradient(u):
-    with tf.GradientTape() as tape:
-      tape.watch(u)
-      loss = -model.marginal_log_prob(flat.unflatten(u), data) / n_obs
-    return loss, tape.gradient(loss, u)
-
-  result = minimize_lbfgs(value_and_gradient, flat.u_hat, max_iterations=max_iter,
-                          tolerance=tol, f_relative_tolerance=tol * 1e-3, compile=True)
-  params = flat.unflatten(result.position)
-  loglik = float(model.marginal_log_prob(params, data))
+  objective = marginal_objective(model)
+  result = minimize_lbfgs(lambda u: objective(u, init_params, data), flat.u_hat,
+                          max_iterations=max_iter, tolerance=tol,
+                          f_relative_tolerance=tol * 1e-3, driver="scipy")
+  params = unflattener(model)(result.position, init_params)
+  loglik = -float(result.objective_value) * float(_rows(data))
   return params, loglik, bool(result.converged), int(result.num_iterations)

@@ -18,16 +18,18 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_em.engine import ConvergenceWarning, FitResult, RestartTrace, fit_em, to_numpy
-from tfp_em.engine.unconstrained import Flattener
-from tfp_em.mixed_effects.em import MixedEffectsEM, fit_marginal_lbfgs
+from tfp_em.engine.unconstrained import Flattener, newton_steps
+from tfp_em.mixed_effects.em import (MixedEffectsEM, fit_marginal_lbfgs, marginal_log_prob,
+                                     marginal_objective, unflattener)
 from tfp_em.mixed_effects.reml import RestrictedMixedEffectsEM
 
 
 POLISH_MAX_ITER = 200  # L-BFGS iterations after EM, whatever EM's max_iter
+ROUND_OFF = 1e-12  # relative: a polished l this close below EM's is round-off (Newton's own rule)
 
 
 class Polish(NamedTuple):
-  """The polish after EM: L-BFGS iterations, then Newton steps (`newton_steps`);
+  """The polish after EM: L-BFGS iterations, then Newton steps (`finish_by_newton`);
   the ℓ gained (>= 0) and whether L-BFGS converged."""
   n_iter: int
   newton_steps: int
@@ -72,10 +74,10 @@ def _fit_scaled(model, train, *, method, max_iter, tol, seed, on_decrease, strat
                     on_decrease=on_decrease, progress=False, strategy=strategy)
   params, _, converged, n_iter = fit_marginal_lbfgs(model, train, result.params,
                                                     max_iter=POLISH_MAX_ITER, tol=tol)
-  params, newton = newton_steps(model, train, params)
-  ll = float(model.marginal_log_prob(params, train))
-  before = float(model.marginal_log_prob(result.params, train))
-  if ll >= before:
+  params, newton, ll, gradient = finish_by_newton(model, train, params)
+  converged = converged or gradient <= tol
+  before = marginal_log_prob(model, train, result.params)  # the same compiled l as ll's
+  if ll >= before - ROUND_OFF * abs(before):  # l flat to round-off there: the smaller gradient wins
     result = result._replace(params=params, log_likelihood=ll)
   finish = Polish(n_iter=n_iter, newton_steps=newton, gain=max(ll - before, 0.),
                   converged=converged)
@@ -89,8 +91,8 @@ def _fit_lbfgs(model, train, *, max_iter, tol, seed) -> FitResult:
   init = model.initialize(train, seed)
   params, _, converged, n_iter = fit_marginal_lbfgs(model, train, init, max_iter=max_iter,
                                                     tol=tol)
-  params = newton_steps(model, train, params)[0]
-  ll = float(model.marginal_log_prob(params, train))
+  params, _, ll, gradient = finish_by_newton(model, train, params)
+  converged = converged or gradient <= tol
   trace = RestartTrace(
       seed=seed, log_likelihood=np.array([float(model.marginal_log_prob(init, train)), ll]),
       params=[to_numpy(init), to_numpy(params)], converged=converged, n_iter=n_iter,
@@ -109,54 +111,21 @@ def _with_gls_beta(model, train, result: FitResult) -> FitResult:
   return result
 
 
-def newton_steps(model: MixedEffectsEM, data, params, max_steps: int = 5):
-  """(params, number of steps taken): Newton's method on grad l = 0 in the
-  unconstrained parameters, from a point L-BFGS has brought close.
-
-  L-BFGS stops where l is flat to round-off, which leaves the parameters
-  about sqrt(eps) off in flat directions; Newton steps on the gradient (exact
-  to round-off) go on to about eps / curvature. A step is kept only while it
-  shrinks the gradient and does not lower l beyond round-off (far from the
-  optimum, where the Hessian may be indefinite, Newton stops at once); the
-  Hessian is solved by least squares, so directions
-  with no curvature (beta under REML, profiled) do not move.
-  """
+def finish_by_newton(model: MixedEffectsEM, data, params):
+  """(params, number of steps taken, l there, max |grad l| / N there):
+  `engine.unconstrained.newton_steps` on l over the unconstrained params, from
+  a point L-BFGS has brought close."""
   flat = Flattener(params, model.param_specs)
+  objective = marginal_objective(model)  # -l / N and its gradient
   n_obs = model.num_observations(data)
 
-  @tf.function(autograph=False)
-  def derivatives(u):
-    with tf.GradientTape() as outer:
-      outer.watch(u)
-      with tf.GradientTape() as inner:
-        inner.watch(u)
-        loss = -model.marginal_log_prob(flat.unflatten(u), data) / n_obs
-      grad = inner.gradient(loss, u)                                         # [P]
-    return grad, outer.jacobian(grad, u, experimental_use_pfor=False)      # [P, P]
-
-  def gradient_and_hessian(u):
-    grad, hessian = derivatives(u)
-    return grad.numpy(), hessian.numpy()
-
   def loglik(u):
-    return float(model.marginal_log_prob(flat.unflatten(u), data))
+    loss, grad = objective(tf.constant(u, flat.u_hat.dtype), params, data)
+    return -float(loss) * n_obs, -grad.numpy() * n_obs
 
-  u = flat.u_hat
-  grad, hessian = gradient_and_hessian(u)
-  value = loglik(u)
-  taken = 0
-  for _ in range(max_steps):
-    if not np.all(np.isfinite(hessian)):
-      break
-    step = np.linalg.lstsq(hessian, -grad, rcond=1e-10)[0]
-    trial = u + tf.constant(step, u.dtype)
-    trial_grad, trial_hessian = gradient_and_hessian(trial)
-    trial_value = loglik(trial)
-    if not (np.max(np.abs(trial_grad)) < np.max(np.abs(grad))
-            and trial_value >= value - 1e-12 * abs(value)):  # l flat to round-off, not lower
-      break
-    u, grad, hessian, value, taken = trial, trial_grad, trial_hessian, trial_value, taken + 1
-  return flat.unflatten(u), taken
+  u, ll, taken = newton_steps(loglik, flat.u_hat.numpy())
+  gradient = float(np.max(np.abs(loglik(u)[1]), initial=0.)) / n_obs
+  return unflattener(model)(tf.constant(u, flat.u_hat.dtype), params), taken, ll, gradient
 
 
 def _warn_once_per_kind(caught) -> None:
