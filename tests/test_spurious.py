@@ -117,3 +117,20 @@ def test_degenerate_fits_are_warned():
                                 collapsed)
   assert len(messages) == 1 and "orders of magnitude narrower" in messages[0]
   assert "Try a larger reg_covar, fewer components" in messages[0]
+
+
+def test_a_component_on_a_subspace_is_flagged():
+  """Iris, full covariances, K = 4: one component holds 29 points whose petal width is
+  nearly one value, so its variance along one direction is reg_covar itself (mclust calls
+  such a fit singular and gives it no BIC)."""
+  plane = np.stack([np.diag([1.0, 2.0, 1e-6]), np.eye(3)])               # [2, 3, 3]
+  found = spurious.fit_findings([0.5, 0.5], plane, 100, "full", 3, reg_covar=1e-6)
+  assert found == ["component 0: its covariance has variance 1e-06 along one direction, "
+                   "reg_covar=1e-06 or round-off (its points lie on a lower-dimensional "
+                   "subspace, e.g. share a value of a column)"]
+  flatter = plane - np.diag([0.0, 0.0, 1e-6 - 1e-13])                     # 1e-13 vs 2: round-off
+  unregularized = spurious.fit_findings([0.5, 0.5], flatter, 100, "full", 3, reg_covar=0.0)
+  assert len(unregularized) == 1 and unregularized[0].startswith("component 0")
+  messages = _spurious_messages(GaussianMixture(4, n_init=3, seed=0, verbose=False),
+                                load_iris().data)
+  assert len(messages) == 1 and "lower-dimensional subspace" in messages[0]

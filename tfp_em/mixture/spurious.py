@@ -14,7 +14,10 @@ component that
     determinant per dimension, det(Sigma_k)^(1/D), below
     10^-`NARROW_ORDERS` times the median of the other components', or
   * sits on one (possibly repeated) point: its covariance is `reg_covar`
-    itself in every direction.
+    itself in every direction, or
+  * lies on a lower-dimensional subspace: its variance along some direction
+    is `reg_covar` itself (or round-off without it), as mclust calls a fit
+    singular when a covariance is.
 
 Before a fit `size_findings` flags data too small for the model: as many
 components as points, at least as many features as points for full or tied
@@ -37,6 +40,7 @@ from models import gaussian_mixture as gm
 from tfp_em.mixture.reseed import MIN_COUNT
 
 NARROW_ORDERS = 4.0  # orders of magnitude in det(Sigma_k)^(1/D) below the others' median
+FLAT_RATIO = 1e-10   # smallest / largest variance of a component below this: flat (reg_covar=0)
 MAX_NAMED = 8        # components named in one message
 
 
@@ -82,12 +86,16 @@ def narrow_components(spread: np.ndarray, orders: float = NARROW_ORDERS) -> np.n
   return np.flatnonzero(spread < others - orders * np.log(10.0))
 
 
-def largest_variances(covariances, covariance_type: str) -> np.ndarray:
-  """[K] each component's largest variance along any direction ([1] for 'tied')."""
+def variance_range(covariances, covariance_type: str) -> tuple[np.ndarray, np.ndarray]:
+  """([K] smallest, [K] largest) variance of each component along any direction
+  ([1] each for 'tied')."""
   cov = np.asarray(covariances, np.float64)
   if covariance_type in ("full", "tied"):
-    return np.atleast_1d(np.linalg.eigvalsh(cov)[..., -1])
-  return cov.max(axis=-1) if covariance_type == "diag" else cov
+    eigenvalues = np.atleast_2d(np.linalg.eigvalsh(cov))                   # [K, D]
+    return eigenvalues[:, 0], eigenvalues[:, -1]
+  if covariance_type == "diag":
+    return cov.min(axis=-1), cov.max(axis=-1)
+  return cov, cov
 
 
 def fit_findings(weights, covariances, n_points: float, covariance_type: str,
@@ -112,7 +120,10 @@ def fit_findings(weights, covariances, n_points: float, covariance_type: str,
   layout = gm.covariance_layout(covariance_type)
   spread = log_spread(covariances, layout, n_features)
   narrow = set(narrow_components(spread).tolist())
-  on_point = largest_variances(covariances, layout) < 2 * reg_covar  # [K] or [1]
+  smallest, largest = variance_range(covariances, layout)           # [K] or [1]
+  on_point = largest < 2 * reg_covar
+  # flat: reg_covar itself along some direction (or, without it, round-off)
+  flat = ~on_point & (smallest < np.maximum(2 * reg_covar, FLAT_RATIO * largest))
   findings = []
   for k in range(counts.size):
     if counts[k] < MIN_COUNT:  # empty: `reseed` reports it (EmptyComponentWarning)
@@ -125,10 +136,14 @@ def fit_findings(weights, covariances, n_points: float, covariance_type: str,
       gap = (np.median(np.delete(spread, k)) - spread[k]) / np.log(10.0)
       why.append(f"its covariance is {gap:.1f} orders of magnitude narrower per dimension "
                  "than the others' (det(Sigma)^(1/D))")
+    who = "the tied covariance" if layout == "tied" else "its covariance"
     if on_point[min(k, on_point.size - 1)]:
-      who = "the tied covariance" if layout == "tied" else "its covariance"
       why.append(f"{who} is reg_covar={reg_covar:g} itself (it sits on one, possibly "
                  "repeated, point)")
+    elif flat[min(k, flat.size - 1)]:
+      why.append(f"{who} has variance {smallest[min(k, smallest.size - 1)]:.3g} along one "
+                 f"direction, reg_covar={reg_covar:g} or round-off (its points lie on a "
+                 "lower-dimensional subspace, e.g. share a value of a column)")
     if why:
       findings.append(f"component {k}: " + "; ".join(why))
   return findings
