@@ -176,7 +176,7 @@ def test_mixed_model_terms_are_named_as_lme4_names_them():
   from types import SimpleNamespace
   from tfp_em.mixed_effects.names import term_names
   est = SimpleNamespace(formula_=None, n_random_effects_=3, random_effects="slopes",
-                        network_=None, fit_intercept=True, n_features_in_=2)
+                        network_=None, fit_intercept=True, n_features_in_=2, crossed_=None)
   names = term_names(est)
   assert names == (("(Intercept)", "x1", "x2"), ("(Intercept)", "time", "time^2"), "clusters")
   assert term_names(est, ["dose", "age"]).fixed == ("(Intercept)", "dose", "age")
