@@ -33,7 +33,7 @@ import tensorflow as tf
 from models import mixed_effects as me
 from tfp_em.engine import EMModel
 from tfp_em.engine.compiling import compiled
-from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs
+from tfp_em.engine.unconstrained import Flattener, minimize_lbfgs, newton_steps
 from tfp_em.verification.exact import marginalize_gaussian
 
 
@@ -299,12 +299,6 @@ def marginal_objective(model: MixedEffectsEM):
   return compiled(model, "marginal_objective", lambda: value_and_gradient, "graph", data_arg=-1)
 
 
-def marginal_log_prob(model: MixedEffectsEM, data, params) -> float:
-  """l at `params` by the compiled `marginal_objective` (no eager pass through the model)."""
-  flat = Flattener(params, model.param_specs)
-  return -float(marginal_objective(model)(flat.u_hat, params, data)[0]) * float(_rows(data))
-
-
 def unflattener(model: MixedEffectsEM):
   """The compiled (u, template) -> params of `Flattener(template, model.param_specs)`."""
   def unflatten(u, template):
@@ -317,18 +311,40 @@ def _rows(data):
   return tf.cast(tf.shape(data.y)[0], data.y.dtype)
 
 
-def fit_marginal_lbfgs(model: MixedEffectsEM, data, init_params, *, max_iter: int = 500,
-                       tol: float = 1e-10):
-  """Maximizes the exact marginal ll over unconstrained params by L-BFGS.
+class MarginalFit(NamedTuple):
+  """`maximize_marginal`'s result: l at the start and at the end, and the work done."""
+  params: me.MixedEffectsParams
+  log_likelihood: float
+  start_log_likelihood: float
+  iterations: int    # L-BFGS
+  newton_steps: int
+  converged: bool    # L-BFGS converged, or max |grad l| / N <= tol after the Newton steps
 
-  The linear-f `method='nll'` path (LMMNN with f linear). Returns
-  `(params, loglik, converged, num_iterations)`.
+
+def maximize_marginal(model: MixedEffectsEM, data, start, *, max_iter: int = 500,
+                      tol: float = 1e-10) -> MarginalFit:
+  """Maximizes the exact marginal l over the unconstrained params from `start`:
+  L-BFGS (SciPy's driver on the compiled `marginal_objective`), then
+  `engine.unconstrained.newton_steps`. The start is flattened once and the
+  result unflattened once; every l is the same compiled function's.
+
+  The linear-f `method='nll'` path, and the polish after EM.
   """
-  flat = Flattener(init_params, model.param_specs)
+  flat = Flattener(start, model.param_specs)
+  dtype = flat.u_hat.dtype
   objective = marginal_objective(model)
-  result = minimize_lbfgs(lambda u: objective(u, init_params, data), flat.u_hat,
-                          max_iterations=max_iter, tolerance=tol,
-                          f_relative_tolerance=tol * 1e-3, driver="scipy")
-  params = unflattener(model)(result.position, init_params)
-  loglik = -float(result.objective_value) * float(_rows(data))
-  return params, loglik, bool(result.converged), int(result.num_iterations)
+  n_obs = float(_rows(data))
+
+  def loglik(u):  # (l, grad l) at u [P] (numpy)
+    loss, grad = objective(tf.constant(u, dtype), start, data)
+    return -float(loss) * n_obs, -grad.numpy() * n_obs
+
+  start_ll = loglik(flat.u_hat.numpy())[0]
+  lbfgs = minimize_lbfgs(lambda u: objective(u, start, data), flat.u_hat,
+                         max_iterations=max_iter, tolerance=tol,
+                         f_relative_tolerance=tol * 1e-3, driver="scipy")
+  u, ll, taken = newton_steps(loglik, lbfgs.position.numpy())
+  gradient = float(np.max(np.abs(loglik(u)[1]), initial=0.)) / n_obs
+  return MarginalFit(unflattener(model)(tf.constant(u, dtype), start), ll, start_ll,
+                     int(lbfgs.num_iterations), taken,
+                     bool(lbfgs.converged) or gradient <= tol)

@@ -18,9 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_em.engine import ConvergenceWarning, FitResult, RestartTrace, fit_em, to_numpy
-from tfp_em.engine.unconstrained import Flattener, newton_steps
-from tfp_em.mixed_effects.em import (MixedEffectsEM, fit_marginal_lbfgs, marginal_log_prob,
-                                     marginal_objective, unflattener)
+from tfp_em.mixed_effects.em import MixedEffectsEM, maximize_marginal
 from tfp_em.mixed_effects.reml import RestrictedMixedEffectsEM
 
 
@@ -29,7 +27,7 @@ ROUND_OFF = 1e-12  # relative: a polished l this close below EM's is round-off (
 
 
 class Polish(NamedTuple):
-  """The polish after EM: L-BFGS iterations, then Newton steps (`finish_by_newton`);
+  """The polish after EM: L-BFGS iterations, then Newton steps (`em.maximize_marginal`);
   the ℓ gained (>= 0) and whether L-BFGS converged."""
   n_iter: int
   newton_steps: int
@@ -72,15 +70,12 @@ def _fit_scaled(model, train, *, method, max_iter, tol, seed, on_decrease, strat
     warnings.simplefilter("always")
     result = fit_em(model, train, max_iter=max_iter, tol=tol, seed=seed,
                     on_decrease=on_decrease, progress=False, strategy=strategy)
-  params, _, converged, n_iter = fit_marginal_lbfgs(model, train, result.params,
-                                                    max_iter=POLISH_MAX_ITER, tol=tol)
-  params, newton, ll, gradient = finish_by_newton(model, train, params)
-  converged = converged or gradient <= tol
-  before = marginal_log_prob(model, train, result.params)  # the same compiled l as ll's
-  if ll >= before - ROUND_OFF * abs(before):  # l flat to round-off there: the smaller gradient wins
-    result = result._replace(params=params, log_likelihood=ll)
-  finish = Polish(n_iter=n_iter, newton_steps=newton, gain=max(ll - before, 0.),
-                  converged=converged)
+  fit = maximize_marginal(model, train, result.params, max_iter=POLISH_MAX_ITER, tol=tol)
+  before = fit.start_log_likelihood  # EM's l, by the same compiled function as fit's
+  if fit.log_likelihood >= before - ROUND_OFF * abs(before):  # flat: the smaller gradient wins
+    result = result._replace(params=fit.params, log_likelihood=fit.log_likelihood)
+  finish = Polish(n_iter=fit.iterations, newton_steps=fit.newton_steps,
+                  gain=max(fit.log_likelihood - before, 0.), converged=fit.converged)
   _warn_once_per_kind([w for w in caught if not (issubclass(w.category, ConvergenceWarning)
                                                  and finish.converged)])
   return _with_gls_beta(model, train, result), finish
@@ -89,12 +84,10 @@ def _fit_scaled(model, train, *, method, max_iter, tol, seed, on_decrease, strat
 def _fit_lbfgs(model, train, *, max_iter, tol, seed) -> FitResult:
   start = time.perf_counter()
   init = model.initialize(train, seed)
-  params, _, converged, n_iter = fit_marginal_lbfgs(model, train, init, max_iter=max_iter,
-                                                    tol=tol)
-  params, _, ll, gradient = finish_by_newton(model, train, params)
-  converged = converged or gradient <= tol
+  fit = maximize_marginal(model, train, init, max_iter=max_iter, tol=tol)
+  params, ll, converged, n_iter = fit.params, fit.log_likelihood, fit.converged, fit.iterations
   trace = RestartTrace(
-      seed=seed, log_likelihood=np.array([float(model.marginal_log_prob(init, train)), ll]),
+      seed=seed, log_likelihood=np.array([fit.start_log_likelihood, ll]),
       params=[to_numpy(init), to_numpy(params)], converged=converged, n_iter=n_iter,
       stop_reason="converged" if converged else "max_iter",
       seconds=time.perf_counter() - start)
@@ -109,24 +102,6 @@ def _with_gls_beta(model, train, result: FitResult) -> FitResult:
   if isinstance(model, RestrictedMixedEffectsEM):
     return result._replace(params=model.gls_params(result.params, train))
   return result
-
-
-def finish_by_newton(model: MixedEffectsEM, data, params):
-  """(params, number of steps taken, l there, max |grad l| / N there):
-  `engine.unconstrained.newton_steps` on l over the unconstrained params, from
-  a point L-BFGS has brought close."""
-  flat = Flattener(params, model.param_specs)
-  objective = marginal_objective(model)  # -l / N and its gradient
-  n_obs = model.num_observations(data)
-
-  def loglik(u):
-    loss, grad = objective(tf.constant(u, flat.u_hat.dtype), params, data)
-    return -float(loss) * n_obs, -grad.numpy() * n_obs
-
-  u, ll, taken = newton_steps(loglik, flat.u_hat.numpy())
-  gradient = float(np.max(np.abs(loglik(u)[1]), initial=0.)) / n_obs
-  return unflattener(model)(tf.constant(u, flat.u_hat.dtype), params), taken, ll, gradient
-
 
 def _warn_once_per_kind(caught) -> None:
   """Re-issues the first warning of each category, saying how many more there were."""
