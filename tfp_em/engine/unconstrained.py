@@ -167,7 +167,7 @@ def _scipy_lbfgs(fn, u0, max_iterations, tolerance, f_relative_tolerance, num_co
   result = scipy.optimize.minimize(
       value_and_gradient, np.asarray(u0, np.float64), jac=True, method="L-BFGS-B",
       options=dict(maxiter=max_iterations, maxcor=num_correction_pairs, gtol=tolerance,
-                   ftol=f_relative_tolerance, maxfun=max(15000, 4 * max_iterations)))
+                   ftol=f_relative_tolerance, maxfun=4 * max_iterations))
   converged = bool(result.success) or float(np.max(np.abs(result.jac), initial=0.)) <= tolerance
   return LbfgsResult(tf.constant(result.x, dtype), tf.constant(result.fun, dtype), converged,
                      not np.all(np.isfinite(result.x)), int(result.nit))

@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
-from scipy.optimize import linear_sum_assignment, minimize
+from scipy.optimize import linear_sum_assignment
 
+from tfp_em.engine.unconstrained import minimize_lbfgs
 from tfp_em.verification.checks import Acc, Tolerances, check_point, describe_exception, guard
 from tfp_em.verification.kernels import Kernels, Target
 from tfp_em.verification.params import field_names, field_values, max_abs, pack
@@ -148,9 +149,10 @@ class Optimum(NamedTuple):
 def lbfgs_optimum(k: Kernels, n_obs: float, u0, max_iter: int) -> Optimum:
   """L-BFGS optimum of -objective / N in unconstrained trainable coordinates.
 
-  SciPy's L-BFGS-B drives the loop in NumPy; each step costs one call of the
-  compiled value and gradient (`Kernels.objective_vg`, traced once per file),
-  so no optimizer is traced or run op by op. A trial point where the
+  SciPy's L-BFGS-B (`minimize_lbfgs(driver='scipy')`) drives the loop in
+  NumPy; each step costs one call of the compiled value and gradient
+  (`Kernels.objective_vg`, traced once per file), so no optimizer is traced
+  or run op by op. A trial point where the
   objective is not finite or the user's code raises (a solve() of a singular
   matrix) gets a large finite value, so the line search backs off from it.
   """
@@ -166,14 +168,13 @@ def lbfgs_optimum(k: Kernels, n_obs: float, u0, max_iter: int) -> Optimum:
     if penalty[0] is None:
       penalty[0] = (value if np.isfinite(value) else 0.0) + 1e6 * (1.0 + abs(np.nan_to_num(value)))
     if not np.isfinite(value) or grad is None or not np.all(np.isfinite(grad)):
-      return penalty[0], np.zeros_like(u)
+      return penalty[0], np.zeros(int(u.shape[0]))
     return value, grad
 
-  result = minimize(value_and_gradient, u0, jac=True, method="L-BFGS-B",
-                    options=dict(maxiter=max_iter, maxfun=4 * max_iter, maxcor=20,
-                                 gtol=LBFGS_GTOL, ftol=1e-13))
-  converged = bool(result.success) or float(np.max(np.abs(result.jac), initial=0.0)) <= LBFGS_GTOL
-  return Optimum(tf.constant(result.x), -float(result.fun) * n_obs, int(result.nit), converged)
+  result = minimize_lbfgs(value_and_gradient, u0, max_iterations=max_iter, tolerance=LBFGS_GTOL,
+                          f_relative_tolerance=1e-13, num_correction_pairs=20, driver="scipy")
+  return Optimum(result.position, -float(result.objective_value) * n_obs,
+                 result.num_iterations, result.converged)
 
 
 def match_labels(target: Target, reference, other):
