@@ -392,6 +392,7 @@ def _estimator_cases():
       Case(f"{m}: n_init=0", m, _fit_mlp(n_init=0), "n_init"),
       Case(f"{m}: seed negative", m, _fit_mlp(seed=-1), "seed"),
       Case(f"{m}: method unknown", m, _fit_mlp(method="sgd"), "method"),
+      Case(f"{m}: accelerate unknown", m, _fit_mlp(accelerate="anderson"), "accelerate"),
       Case(f"{m}: m_step unknown", m, _fit_mlp(m_step="newton"), "m_step must be one of"),
       Case(f"{m}: dtype int32", m, _fit_mlp(dtype="int32"), "dtype"),
       Case(f"{m}: memory_budget_mb=0", m, _fit_mlp(memory_budget_mb=0), "memory_budget_mb"),

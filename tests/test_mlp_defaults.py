@@ -94,7 +94,7 @@ def test_default_penalty_is_the_held_out_choice_and_the_fit_at_it():
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     sub = fit_em(model, (tf.constant(xs[train]), tf.constant(y[train], tf.int32)),
-                 max_iter=30, tol=est.tol, seed=0, progress=False)
+                 max_iter=30, tol=est.tol, seed=0, progress=False, accelerate=est.accelerate)
   held = float(model.marginal_log_prob(sub.params, (tf.constant(xs[held_out]),
                                                      tf.constant(y[held_out], tf.int32))))
   held += float(l2_penalty(sub.params, est.l2_))                      # unpenalized
@@ -156,3 +156,23 @@ def test_a_refit_of_the_default_traces_nothing_new():
   before = compiling.tracing_count()
   again = _fit(x, y, n_hidden=2, max_iter=5)   # the held-out fits and the final one: all cached
   assert compiling.tracing_count() == before and len(again.l2_scores_) >= 2
+
+
+def test_default_squarem_fit_converges_sooner_to_a_point_plain_em_reaches():
+  """SQUAREM (the default) and plain EM from the same start: both monotone and
+  converged, SQUAREM in fewer iterations; plain EM started at SQUAREM's
+  answer stays there (a fixed point of the same EM map)."""
+  x, y = _overlapping(n_per=20)
+  fast = _fit(x, y, n_hidden=2, l2=0.3, max_iter=2000, tol=1e-9)
+  plain = _fit(x, y, n_hidden=2, l2=0.3, max_iter=2000, tol=1e-9, accelerate=None)
+  assert fast.accelerate == "squarem" and fast.converged_ and plain.converged_
+  assert fast.n_iter_ < plain.n_iter_, (fast.n_iter_, plain.n_iter_)
+  for est in (fast, plain):
+    trace = est.fit_result_.restarts[0].log_likelihood
+    assert np.all(np.diff(trace) >= -1e-10 * np.abs(trace[1:]))
+  model = fast.em_model(3)
+  data = (tf.constant(fast.standardized_inputs(x)), tf.constant(fast.label_codes(y, len(y))))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")   # tol=0: five iterations, never 'converged'
+    again = fit_em(model, data, max_iter=5, tol=0., init_params=_params(fast), progress=False)
+  assert again.log_likelihood == pytest.approx(fast.objective_, rel=1e-7)

@@ -5,11 +5,12 @@ and digits (PCA to 30 components), every method in a scikit-learn Pipeline
 that standardizes the features (and runs the PCA) on each training fold:
 
   em        `BernoulliMLPClassifier()`: the defaults (n_hidden=5, l2='auto':
-            the penalty chosen by held-out log-likelihood, max_iter=200).
+            the penalty chosen by held-out log-likelihood, SQUAREM,
+            max_iter=200).
   autodiff  `BernoulliMLPClassifier(method='autodiff', l2=<em's l2_ on the
             fold>)`: EM's penalized objective maximized by L-BFGS
             (max_iter=200), one fit (l2='auto' would repeat EM's choice at
-            six L-BFGS fits, each traced anew).
+            up to ten L-BFGS fits, each traced anew).
   sklearn   `sklearn.neural_network.MLPClassifier(random_state=fold)`: its
             defaults (100 ReLU units, Adam, alpha=1e-4, max_iter=200).
   keras     `KerasMLP`: a tf_keras network of EM's size (n_hidden sigmoid

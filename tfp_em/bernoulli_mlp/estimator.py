@@ -96,14 +96,19 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
       non-bias weights, i.e. a Gaussian prior N(0, 1 / l2) on each weight of
       the standardized inputs and of the hidden units, on the summed
       log-likelihood (it does not grow with N). 'auto' picks it from
-      `penalty.L2_GRID` (10, 1, 0.1, 0.01, 0.001) by the log-likelihood of
+      `penalty.L2_GRID` (10, 3, 1, ..., 0.003, 0.001) by the log-likelihood of
       a stratified 20% held-out split (`tfp_em.bernoulli_mlp.penalty`; 1
       when a class has fewer than 2 rows or a part would have fewer rows
       than classes), then refits all rows at that penalty exactly as
       `l2=l2_` would (the held-out fits use the first start only, the final
-      fit all `n_init`): at most 6 fits. 0 is maximum likelihood, which
+      fit all `n_init`): at most 10 fits. 0 is maximum likelihood, which
       diverges on separable classes.
     n_init: restarts from random weights; the best objective wins (default 1).
+    accelerate: 'squarem' (default: `tfp_em.squarem`, whose safeguard keeps
+      the objective monotone; where plain EM stops at max_iter=200 on wine,
+      breast cancer and digits, SQUAREM converges in under 150 iterations,
+      `validation/em_mlp.py`) or None (plain EM). Used by method='em' on
+      arrays and streams; not by online fits.
     seed: integer seed or None (default 0).
     dtype: 'float64' (default) or 'float32'.
     method: 'em' (default) or 'autodiff' (L-BFGS on the same TFP marginal).
@@ -146,7 +151,8 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
   """
 
   def __init__(self, n_hidden: int = 5, max_iter: int = 200, tol: float = 1e-6,
-               l2: float | str = "auto", n_init: int = 1, seed: int | None = 0,
+               l2: float | str = "auto", n_init: int = 1, accelerate: str | None = "squarem",
+               seed: int | None = 0,
                dtype: str = "float64", method: str = "em",
                memory_budget_mb: float = 256., m_step: str = "auto"):
     self.n_hidden = n_hidden
@@ -154,6 +160,7 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     self.tol = tol
     self.l2 = l2
     self.n_init = n_init
+    self.accelerate = accelerate
     self.seed = seed
     self.dtype = dtype
     self.method = method
@@ -198,7 +205,8 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
   def _run(self, model, data, method, seed, n_init, callback=None, progress=None, strategy=None):
     if method == "em":
       return fit_em(model, data, max_iter=self.max_iter, tol=self.tol, n_init=n_init, seed=seed,
-                    callback=callback, progress=progress, strategy=strategy)
+                    callback=callback, progress=progress, strategy=strategy,
+                    accelerate=self.accelerate)
     return fit_autodiff(model, data, max_iter=self.max_iter, tol=self.tol, n_init=n_init,
                         seed=seed, callback=callback)
 
@@ -239,6 +247,8 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
     v.check_int("max_iter", self.max_iter, minimum=0)
     v.check_float("tol", self.tol, minimum=0.)
     v.check_int("n_init", self.n_init, minimum=1)
+    if self.accelerate is not None:
+      v.check_option("accelerate", self.accelerate, ("squarem",))
     seed = v.check_seed(self.seed)
     method = v.check_option("method", self.method, METHODS)
     dtype = v.check_dtype(self.dtype)
