@@ -250,6 +250,22 @@ def test_matches_statsmodels_on_sleepstudy(sleepstudy, statsmodels_fit, method):
   assert est.fit_result_.converged
 
 
+def test_n_iter_and_converged_report_the_fit(sleepstudy):
+  """n_iter_ is fit_result_'s; converged_ a bool, False when the last stage ran out of iterations."""
+  est = _fit_sleepstudy(sleepstudy)
+  assert est.n_iter_ == est.fit_result_.n_iter >= 1 and est.converged_ is True
+  short = _fit_sleepstudy(sleepstudy, max_iter=1)  # EM stops at once; the polish converges
+  assert short.n_iter_ == 1 and not short.fit_result_.converged
+  assert short.converged_ is short.polish_.converged is True
+  lbfgs = _fit_sleepstudy(sleepstudy, method="nll", max_iter=1)
+  assert lbfgs.n_iter_ == lbfgs.fit_result_.n_iter == 1 and lbfgs.converged_ is False
+  d = sleepstudy  # two factors, L-BFGS: no fit_result_, the values are crossed_'s
+  two = MixedEffectsRegressor(method="nll", max_iter=1).fit(
+      d[["Days"]].values, d["Reaction"].values, [d["Subject"].values, d["Days"].values % 3])
+  assert two.fit_result_ is None and two.n_iter_ == two.crossed_.n_iter_ >= 1
+  assert two.converged_ is two.crossed_.converged_ is False
+
+
 def test_float32_fit_is_close_to_float64(sleepstudy):
   e64 = _fit_sleepstudy(sleepstudy)
   e32 = _fit_sleepstudy(sleepstudy, dtype="float32", tol=1e-6)
@@ -497,6 +513,8 @@ def test_network_paths_fit_and_use_the_clusters(nn_data, method, design):
   assert est.random_effects_mean_.shape == (30, q)
   hist = est.history_
   assert len(hist["log_likelihood"]) <= 7 and hist["best_iteration"] == np.argmin(hist["criterion"])
+  assert est.n_iter_ == est.fit_result_.n_iter == hist["best_iteration"]
+  assert est.converged_ is (hist["stop_reason"] == "early_stopping")  # False: it ran max_iter
   # The variances are refitted exactly given the returned network: l only rises.
   assert est.log_likelihood_ >= hist["log_likelihood"][hist["best_iteration"]] * (1 + 1e-7)
   staged = design == "features" and method == "em"  # MeNets: random intercepts first

@@ -299,14 +299,14 @@ def fit_em_large(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.
   The probes are the same at every iteration (seed 0), so the update is a
   deterministic map; it stops when every variance and sigma^2 moves by less
   than `tol` (relative to the largest variance of its factor, so covariances
-  near 0 do not stall it). Returns `(params, num_iterations, trace_se [K])`,
-  the standard errors of the last trace estimates.
+  near 0 do not stall it). Returns `(params, num_iterations, trace_se [K],
+  converged)`, trace_se the standard errors of the last trace estimates.
   """
   arrays = model.arrays(data)
   x, _, z, _, num_levels = arrays
   num_effects = model.effects_of(len(num_levels))
   scale_of = np.repeat(np.arange(len(num_effects)), ce.packed_sizes(num_effects))
-  params = init_params
+  params, converged = init_params, False
   for it in range(1, max_iter + 1):
     variances = np.asarray(params.variances, np.float64)
     sigma2 = float(params.noise_variance)
@@ -317,7 +317,7 @@ def fit_em_large(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.
     scale = np.array([np.max(np.abs(variances[scale_of == k])) for k in range(len(num_effects))])
     change = np.append(np.abs(new.variances.numpy() - variances) / scale[scale_of],
                        abs(float(new.noise_variance) - sigma2) / sigma2)
-    params = new
-    if np.all(change < tol):
+    params, converged = new, bool(np.all(change < tol))
+    if converged:
       break
-  return params, it, post.trace_se
+  return params, it, post.trace_se, converged

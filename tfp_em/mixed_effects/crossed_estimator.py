@@ -33,7 +33,7 @@ from tfp_em.mixed_effects.crossed_posterior import (MAX_DENSE, covariance_matric
                                                     profiled_posterior)
 from tfp_em.mixed_effects.crossed_predictions import CrossedPredictions, PosteriorPrecision
 from tfp_em.mixed_effects.labels import encode_factors
-from tfp_em.mixed_effects.linear_fit import POLISH_MAX_ITER, Polish
+from tfp_em.mixed_effects.linear_fit import POLISH_MAX_ITER, Polish, fit_converged
 from tfp_em.mixed_effects.names import crossed_random_names
 from tfp_em.mixed_effects.singular import warn_if_singular
 
@@ -87,6 +87,9 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
       ConvergenceWarning is dropped when they converge); None for 'nll'
       (which is those steps) and beyond the exact limit.
     n_iter_: EM iterations or L-BFGS function evaluations.
+    converged_: whether the fit met its stopping test: EM's tolerance or the
+      polish's (`linear_fit.fit_converged`), L-BFGS's for 'nll', the change
+      of the variances beyond the exact limit; False: it ran max_iter.
     trace_se_: [K] standard errors of the Hutchinson trace estimates of the
       last E-step (zeros when the factorization was exact).
   """
@@ -182,7 +185,7 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
         raise ValueError("method='nll' needs the exact factorization: the levels (times effects) "
                          f"outside the largest factor exceed max_dense={self.max_dense}; "
                          "use method='em' (CG and Hutchinson traces) or raise max_dense")
-      params, self.n_iter_, self.trace_se_ = fit_em_large(
+      params, self.n_iter_, self.trace_se_, converged = fit_em_large(
           model, data, init, max_iter=self.max_iter, tol=max(self.tol, 1e-6))
       self.log_likelihood_ = float("nan")
     elif self.method == "em":
@@ -201,12 +204,14 @@ class CrossedEffectsRegressor(RegressorMixin, CrossedPredictions, BaseEstimator)
       self.polish_ = Polish(polish.num_iterations, polish.newton_steps,
                             max(polish.log_likelihood - result.log_likelihood, 0.),
                             polish.converged)
+      converged = fit_converged(result.converged, self.polish_)
       for w in caught:  # EM's ConvergenceWarning is moot when the polish converged
         if not (issubclass(w.category, ConvergenceWarning) and polish.converged):
           warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     else:
-      params, self.log_likelihood_, _, self.n_iter_ = fit_nll(
+      params, self.log_likelihood_, converged, self.n_iter_ = fit_nll(
           model, data, init, max_iter=self.max_iter, tol=self.tol)
+    self.converged_ = bool(converged)
     packed = np.asarray(params.variances, np.float64)
     _, _, z, ztz, _ = model.arrays(data)
     beta, post = profiled_posterior(x, y, z, ztz, np.array(sizes), packed,  # beta_GLS, BLUPs
@@ -275,7 +280,8 @@ def fit_crossed(estimator, X, y, clusters, time=None, Z=None, valid=None):
 
   Linear f: fits a `CrossedEffectsRegressor` with the same options into
   `estimator.crossed_` and copies its results (coef_, intercept_, sigma2_,
-  log_likelihood_, variances_, covariances_, fit_result_) onto `estimator`;
+  log_likelihood_, variances_, covariances_, fit_result_, n_iter_,
+  converged_) onto `estimator`;
   random_effects='custom' takes Z as a list of K designs (None for an
   intercept). A network f (`network_` built, X and y checked, `valid` the
   checked validation data or None): `crossed_networks.fit_estimator` (MeNets
@@ -309,6 +315,6 @@ def fit_crossed(estimator, X, y, clusters, time=None, Z=None, valid=None):
       covariance=estimator.covariance, reml=estimator.reml).fit(X, y, clusters, Z)
   estimator.crossed_ = crossed
   for name in ("coef_", "intercept_", "sigma2_", "log_likelihood_", "variances_", "covariances_",
-               "fit_result_", "n_features_in_", "polish_", "singular_"):
+               "fit_result_", "n_features_in_", "polish_", "singular_", "n_iter_", "converged_"):
     setattr(estimator, name, getattr(crossed, name))
   return estimator

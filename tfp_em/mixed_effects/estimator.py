@@ -40,7 +40,7 @@ from tfp_em.mixed_effects.degenerate import check_fixed_design, check_response
 from tfp_em.mixed_effects.em import MixedEffectsEM, MixedEffectsStats
 from tfp_em.mixed_effects.formula import FormulaMixin
 from tfp_em.mixed_effects.labels import as_factors, code_labels, encode_clusters
-from tfp_em.mixed_effects.linear_fit import fit_linear, linear_model
+from tfp_em.mixed_effects.linear_fit import fit_converged, fit_linear, linear_model
 from tfp_em.mixed_effects.names import random_effect_names
 from tfp_em.mixed_effects.networks import fit_network
 from tfp_em.mixed_effects.singular import warn_if_singular
@@ -144,6 +144,12 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
       f and do not absorb dropout noise; l is then >= the trainer's.
     fit_result_: an `engine.FitResult`; for a network, one restart whose
       trace holds l up to the returned iteration/epoch.
+    n_iter_: fit_result_.n_iter: EM iterations (polish_.n_iter counts the
+      polish's), L-BFGS's ('nll') or a network's returned iteration/epoch;
+      several factors, linear f: crossed_.n_iter_.
+    converged_: the fit met its stopping test: EM's tolerance or, after EM,
+      the polish's (the point is then the optimum; no ConvergenceWarning);
+      L-BFGS's ('nll'); early stopping for a network (False: max_iter).
     history_ (network f only): dict with 'log_likelihood' (training l at each
       iteration/epoch, inference mode), 'criterion' (the early-stopping NLL),
       'best_iteration', 'stop_reason' and 'n_decreases' (drops of l beyond
@@ -259,6 +265,13 @@ class MixedEffectsRegressor(FormulaMixin, RegressorMixin, BaseEstimator):
     Returns:
       self.
     """
+    self._fit(X, y, clusters, time, Z, validation_data, strategy)
+    if self.fit_result_ is not None:  # else a crossed fit without EM: `fit_crossed` copied them
+      self.n_iter_ = int(self.fit_result_.n_iter)
+      self.converged_ = fit_converged(self.fit_result_.converged, self.polish_)
+    return self
+
+  def _fit(self, X, y, clusters, time, Z, validation_data, strategy):
     dtype = self._check_options()
     val.check_features(self, X, reset=True, dtype=dtype)  # n_features_in_, feature_names_in_
     self.dtype_ = dtype

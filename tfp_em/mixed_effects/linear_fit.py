@@ -35,6 +35,12 @@ class Polish(NamedTuple):
   converged: bool
 
 
+def fit_converged(converged: bool, polish: Polish | None) -> bool:
+  """An estimator's converged_: its fit met its own stopping test, or the polish
+  that finished EM converged (the returned point is then the optimum)."""
+  return bool(converged) or (polish is not None and bool(polish.converged))
+
+
 def linear_model(covariance_type: str, method: str, reml: bool) -> MixedEffectsEM:
   """The EM model whose `marginal_log_prob` is the fitted criterion (ℓ or ℓ_R)."""
   if reml:

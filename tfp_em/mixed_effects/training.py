@@ -312,18 +312,20 @@ def fit_summary(fit: NetworkFit, init, params, log_likelihood: float, num_obs: i
   """(history_, fit_result_) of an estimator fitted by a network trainer.
 
   The `FitResult` holds one restart whose trace is l up to the returned
-  iteration/epoch; `history_` counts the drops of l beyond round-off.
+  iteration/epoch, converged when early stopping (not max_iter) ended the
+  training; `history_` counts the drops of l beyond round-off.
   """
   drops = -np.diff(fit.trace)
   slack = default_decrease_tol(dtype) * (np.abs(fit.trace[1:]) + num_obs)
+  converged = fit.stop_reason == "early_stopping"
   history = {"log_likelihood": fit.trace, "criterion": fit.val_nll,
              "best_iteration": fit.best_iteration, "stop_reason": fit.stop_reason,
              "n_decreases": int(np.sum(drops > slack))}
   trace = RestartTrace(seed=seed, log_likelihood=fit.trace[:fit.best_iteration + 1],
-                       params=[to_numpy(init), to_numpy(params)], converged=True,
+                       params=[to_numpy(init), to_numpy(params)], converged=converged,
                        n_iter=fit.best_iteration, stop_reason=fit.stop_reason,
                        seconds=fit.seconds)
   result = FitResult(params=params, log_likelihood=log_likelihood, n_iter=fit.best_iteration,
-                     converged=True, best_restart=0, restarts=(trace,),
+                     converged=converged, best_restart=0, restarts=(trace,),
                      num_observations=float(num_obs))
   return history, result
