@@ -73,11 +73,21 @@ def output_logits(params: BernoulliMLPParams, z: tf.Tensor) -> tf.Tensor:
 def configuration_log_prior(logits: tf.Tensor, configs: tf.Tensor) -> tf.Tensor:
   """log p(z = configs[k] | x_j) from hidden logits a [N, m]: shape [N, K].
 
-  sum_h z_h log s(a_h) + (1 - z_h) log s(-a_h) = z^T a - sum_h softplus(a_h),
-  one [N, m] x [m, K] matmul.
+  sum_h z_h log s(a_h) + (1 - z_h) log s(-a_h), one [N, 2m] x [2m, K] matmul.
+  Every term is <= 0, so the sum stays accurate for large |a| (the shorter
+  z^T a - sum_h softplus(a_h) cancels: at |a| = 1e13 its error is 1e-3).
   """
-  return (tf.matmul(logits, configs, transpose_b=True)
-          - tf.reduce_sum(tf.nn.softplus(logits), axis=-1, keepdims=True))
+  return tf.matmul(log_sigmoid_pair(logits), config_indicators(configs), transpose_b=True)
+
+
+def log_sigmoid_pair(logits: tf.Tensor) -> tf.Tensor:
+  """[log s(a), log s(-a)] of hidden logits a [N, m]: shape [N, 2m]."""
+  return tf.concat([tf.math.log_sigmoid(logits), tf.math.log_sigmoid(-logits)], -1)
+
+
+def config_indicators(configs: tf.Tensor) -> tf.Tensor:
+  """[z, 1 - z] of configurations [K, m]: shape [K, 2m]."""
+  return tf.concat([configs, 1. - configs], -1)
 
 
 def configuration_log_output(params: BernoulliMLPParams, configs: tf.Tensor) -> tf.Tensor:
@@ -89,12 +99,12 @@ def configuration_log_joint(logits: tf.Tensor, labels_onehot: tf.Tensor, log_out
                             configs: tf.Tensor) -> tf.Tensor:
   """log p(z = configs[k], y_j | x_j), shape [N, K], as one matmul:
 
-  [a_j, y_j, -sum_h softplus(a_jh)] [configs, log p(y | z), 1]^T, from hidden
-  logits a [N, m], one-hot labels [N, C] and `configuration_log_output` [K, C].
+  [log s(a_j), log s(-a_j), y_j] [configs, 1 - configs, log p(y | z)]^T, from
+  hidden logits a [N, m], one-hot labels [N, C] and `configuration_log_output`
+  [K, C] (terms all <= 0, as in `configuration_log_prior`).
   """
-  log_norm = -tf.reduce_sum(tf.nn.softplus(logits), axis=-1, keepdims=True)  # [N, 1]
-  return tf.matmul(tf.concat([logits, labels_onehot, log_norm], -1),
-                   tf.concat([configs, log_output, tf.ones_like(configs[:, :1])], -1),
+  return tf.matmul(tf.concat([log_sigmoid_pair(logits), labels_onehot], -1),
+                   tf.concat([config_indicators(configs), log_output], -1),
                    transpose_b=True)
 
 
