@@ -85,13 +85,13 @@ def test_steps_cached_across_k_equal_a_fit_with_the_cache_cleared():
 def test_equal_models_share_steps_and_unhashable_ones_do_not():
   a, b = GaussianMixtureEM(2, "full"), GaussianMixtureEM(2, "full")
   assert a.step_config() == b.step_config()
-  assert compiling.compiled(a, "m_step", lambda: a.m_step, "graph") is \
-      compiling.compiled(b, "m_step", lambda: b.m_step, "graph")
+  assert compiling.compiled(a, "m_step", lambda m: m.m_step, "graph") is \
+      compiling.compiled(b, "m_step", lambda m: m.m_step, "graph")
   c = GaussianMixtureEM(2, "full")
   c.table = np.zeros(3)  # not hashable: this model gets its own step
   assert c.step_config() is None
-  assert compiling.compiled(c, "m_step", lambda: c.m_step, "graph") is not \
-      compiling.compiled(a, "m_step", lambda: a.m_step, "graph")
+  assert compiling.compiled(c, "m_step", lambda m: m.m_step, "graph") is not \
+      compiling.compiled(a, "m_step", lambda m: m.m_step, "graph")
 
 
 @pytest.mark.slow
@@ -160,3 +160,30 @@ def test_persistent_cache_can_be_turned_off_or_moved(monkeypatch, tmp_path):
   assert "TF_XLA_FLAGS" not in os.environ
   monkeypatch.setenv("TFP_EM_XLA_CACHE", str(tmp_path / "here"))
   assert compiling.use_persistent_cache() == str(tmp_path / "here")
+
+
+def test_traced_settings_share_one_trace_and_equal_the_eager_steps():
+  """The MLP's penalty reaches the compiled steps as a tensor: a second penalty
+  traces nothing, and each penalty's E- and M-step equal the eager ones."""
+  import tensorflow as tf
+  from tfp_em.bernoulli_mlp.em import BernoulliMLPEM
+  rng = np.random.default_rng(0)
+  data = (tf.constant(rng.normal(size=(40, 3))), tf.constant(rng.integers(0, 3, 40), tf.int32))
+  first = BernoulliMLPEM(2, 3, l2=0.3)
+  assert first.step_config() == BernoulliMLPEM(2, 3, l2=7.).step_config()
+  step = compiling.compiled(first, "em_step_test", lambda m: lambda p, d: m.m_step(p, m.e_step(p, d)[0]),
+                            "graph", data_arg=-1)
+  step(first.initialize(data, 0), data)
+  traced = step.tracing_count()
+  for l2 in (0.3, 7., 0.):
+    model = BernoulliMLPEM(2, 3, l2=l2)
+    params = model.initialize(data, 1)
+    graph = compiling.compiled(model, "em_step_test",
+                               lambda m: lambda p, d: m.m_step(p, m.e_step(p, d)[0]), "graph",
+                               data_arg=-1)(params, data)
+    eager = model.m_step(params, model.e_step(params, data)[0])
+    for got, want in zip(graph, eager):
+      np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+    assert float(model.e_step(params, data)[1]) != pytest.approx(
+        float(BernoulliMLPEM(2, 3, l2=l2 + 1.).e_step(params, data)[1]))  # the penalty matters
+  assert step.tracing_count() == traced

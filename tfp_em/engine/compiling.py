@@ -9,11 +9,14 @@ or a BIC candidate of a configuration seen before reuses the traced step.
 A step's trace leaves the data's leading axis unknown (above the model's
 `trace_exact_rows`), so a new number of rows does not trace again, and so
 are the axes a model declares as its components (`traced_component_axes`),
-so a new number of mixture components does not trace again either.
+so a new number of mixture components does not trace again either. A model's
+`traced_settings` (the MLP's penalty) enter the trace as tensors, so a new
+penalty does not trace again.
 """
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import os
 
@@ -142,37 +145,80 @@ def _spec(leaf, relax_rows: bool, component_axis: int | None):
 
 
 def compiled(model, name: str, build, mode: str, data_arg: int | None = None):
-  """`compile_fn(build(), mode, data_arg=...)`, shared by every model of the same configuration.
+  """`compile_fn(build(model), mode, data_arg=...)`, shared by every model of the same configuration.
 
-  `build()` must return a function of `model`'s configuration and of its
+  `build(m)` must return a function of model m's configuration and of its
   arguments only (data passed in, never captured): it is traced once per
   shape class, with the first model of its configuration, and serves every
-  later model whose `step_config()` is equal. Models whose `step_config()`
-  is None (not hashable), and mode 'eager', are not cached. Like any
-  `tf.function`, a cached step does not see later edits of module globals
-  or class methods.
+  later model whose `step_config()` is equal. A model's `traced_settings`
+  reach the trace as tensors (`SettingsBound`), so they are not part of the
+  configuration. Models whose `step_config()` is None (not hashable), and
+  mode 'eager', are not cached. Like any `tf.function`, a cached step does
+  not see later edits of module globals or class methods.
   """
   if mode == "eager":
-    return build()
+    return build(model)
+  settings = model.traced_settings
   def make():
-    return compile_fn(build(), mode, model.autograph, data_arg, model.trace_exact_rows,
+    if settings:  # the settings come first: a data argument counted from the front moves
+      counted_from_front = data_arg is not None and data_arg >= 0
+      fn, arg = with_settings(model, build), data_arg + 1 if counted_from_front else data_arg
+    else:
+      fn, arg = build(model), data_arg
+    return compile_fn(fn, mode, model.autograph, arg, model.trace_exact_rows,
                       model.traced_component_axes)
   config = model.step_config()
   if config is None:
-    return make()
-  key = (type(model), name, mode, data_arg, config)
-  step = _CACHE.get(key)
-  if step is None:
-    step = _CACHE[key] = make()
-    if len(_CACHE) > MAX_CACHED_STEPS:
-      _CACHE.popitem(last=False)
+    step = make()
   else:
-    _CACHE.move_to_end(key)
-  return step
+    key = (type(model), name, mode, data_arg, config)
+    step = _CACHE.get(key)
+    if step is None:
+      step = _CACHE[key] = make()
+      if len(_CACHE) > MAX_CACHED_STEPS:
+        _CACHE.popitem(last=False)
+    else:
+      _CACHE.move_to_end(key)
+  return SettingsBound(step, model) if settings else step
 
 
 def compiled_e_step(model, mode: str):
-  return compiled(model, "e_step", lambda: model.e_step, mode, data_arg=-1)
+  return compiled(model, "e_step", lambda m: m.e_step, mode, data_arg=-1)
+
+
+def with_settings(model, build):
+  """`build`'s step as a function of (settings, *args): traced with a copy of
+  `model` whose `traced_settings` are the tensors in `settings`."""
+  def step(settings, *args):
+    twin = copy.copy(model)
+    vars(twin).update(settings)
+    return build(twin)(*args)
+  return step
+
+
+class SettingsBound:
+  """A shared step called with one model's `traced_settings`, as scalar
+  tensors in the dtype of the first floating-point tensor among the arguments
+  (float64 when there is none)."""
+
+  def __init__(self, step, model):
+    self.step = step
+    self.values = {name: vars(model)[name] for name in model.traced_settings}
+
+  def __call__(self, *args):
+    dtype = _float_dtype(args)
+    return self.step({name: tf.constant(value, dtype) for name, value in self.values.items()},
+                     *args)
+
+  def tracing_count(self) -> int:
+    return self.step.tracing_count()
+
+
+def _float_dtype(args) -> tf.DType:
+  for leaf in tf.nest.flatten(args):
+    if tf.is_tensor(leaf) and leaf.dtype.is_floating:
+      return leaf.dtype
+  return tf.float64
 
 
 def clear_cache() -> None:

@@ -186,7 +186,7 @@ class Iteration:
 
   def __init__(self, model, data, compile, accelerate, strategy):
     self.e_pass = make_pass(model, data, compile, strategy)
-    self.m_step = compiled(model, "m_step", lambda: model.m_step, compile)
+    self.m_step = compiled(model, "m_step", lambda m: m.m_step, compile)
     fusable = (isinstance(self.e_pass, InMemoryPass) and compile != "eager"
                and model.fuse_steps)
     self.fused, self.stepper = None, None
@@ -194,10 +194,10 @@ class Iteration:
       self.stepper = squarem.SquaremStepper(model, self.e_pass, self.m_step,
                                             fuse=compile if fusable else None)
       if fusable:
-        self.fused = compiled(model, "squarem_cycle", lambda: squarem.fused_cycle(model), compile,
+        self.fused = compiled(model, "squarem_cycle", squarem.fused_cycle, compile,
                               data_arg=-1)
     elif fusable:
-      self.fused = compiled(model, "em_step", lambda: _em_step(model), compile, data_arg=-1)
+      self.fused = compiled(model, "em_step", _em_step, compile, data_arg=-1)
 
   def evaluate(self, params, last: bool):
     """(stats or None, loglik at params, fused step or None, E-passes used)."""

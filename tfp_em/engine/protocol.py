@@ -84,6 +84,11 @@ class EMModel(abc.ABC):
       declares any reads the number of components from those shapes inside
       its steps, never from a Python attribute, and leaves it out of
       `step_config`. Default: none (traced at their sizes).
+    traced_settings: names of float attributes (a penalty, say) that compiled
+      steps take as scalar tensors in the params' dtype, so models that
+      differ only in them share one trace (`tfp_em.engine.compiling`); the
+      default `step_config` leaves them out. The steps must use them as
+      numbers only, never in Python control flow. Default: none.
     verification_tolerances: `tfp_em.verification` tolerances for this model,
       or None for the defaults.
 
@@ -103,6 +108,7 @@ class EMModel(abc.ABC):
   generalized_m_step_fields: tuple = ()
   component_axes = types.MappingProxyType({})
   traced_component_axes = types.MappingProxyType({})
+  traced_settings: tuple = ()
   verification_tolerances = None
 
   @abc.abstractmethod
@@ -136,14 +142,15 @@ class EMModel(abc.ABC):
     Models of one class with equal `step_config()` share compiled steps for
     the whole process (`tfp_em.engine.compiling.compiled`), so a fresh
     model of a configuration seen before does not trace again. The default
-    is every instance attribute, sorted by name; None (no sharing) when one
-    is not hashable. Keep callables the steps never run (an initializer, say)
+    is every instance attribute but the `traced_settings`, sorted by name;
+    None (no sharing) when one is not hashable. Keep callables the steps never run (an initializer, say)
     hashable by value, or they key the cache by identity. The cache keeps the
     first model of each configuration alive: a model should hold its
     configuration, not data.
     """
     try:
-      config = tuple(sorted(vars(self).items()))
+      config = tuple(sorted((name, value) for name, value in vars(self).items()
+                            if name not in self.traced_settings))
       hash(config)
     except TypeError:
       return None

@@ -149,11 +149,11 @@ class SquaremStepper:
     self.e_pass = e_pass
     self.m_step = m_step
     self._extrapolate = compiled(model, "squarem_extrapolate",
-                                 lambda: functools.partial(extrapolate, specs), "graph")
+                                 lambda m: functools.partial(extrapolate, specs), "graph")
     self._candidate = compiled(model, "squarem_candidate",
-                               lambda: functools.partial(candidate, specs), "graph")
+                               lambda m: functools.partial(candidate, specs), "graph")
     self._trial = (None if fuse is None else
-                   compiled(model, "squarem_trial", lambda: fused_trial(model), fuse,
+                   compiled(model, "squarem_trial", fused_trial, fuse,
                             data_arg=-1))
 
   def finish(self, params0, loglik0: float, cycle: Cycle):

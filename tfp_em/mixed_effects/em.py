@@ -296,14 +296,14 @@ def marginal_objective(model: MixedEffectsEM):
       tape.watch(u)
       loss = -model.marginal_log_prob(flat.unflatten(u), data) / _rows(data)
     return loss, tape.gradient(loss, u)
-  return compiled(model, "marginal_objective", lambda: value_and_gradient, "graph", data_arg=-1)
+  return compiled(model, "marginal_objective", lambda m: value_and_gradient, "graph", data_arg=-1)
 
 
 def unflattener(model: MixedEffectsEM):
   """The compiled (u, template) -> params of `Flattener(template, model.param_specs)`."""
   def unflatten(u, template):
     return Flattener(template, model.param_specs).unflatten(u)
-  return compiled(model, "unflatten", lambda: unflatten, "graph")
+  return compiled(model, "unflatten", lambda m: unflatten, "graph")
 
 
 def _rows(data):

@@ -324,7 +324,7 @@ class GaussianMixtureEM(EMModel):
     """M-step of the stats implied by `resp` [N, K] (used for initialization),
     compiled once per configuration (`tfp_em.engine.compiling.compiled`)."""
     step = compiled(self, "params_from_responsibilities",
-                    lambda: self._params_from_responsibilities,
+                    lambda m: m._params_from_responsibilities,
                     self.one_off_mode(), data_arg=-1)
     return step(ResponsibilityRows(data.x, data.weights, resp))
 
@@ -371,10 +371,10 @@ class GaussianMixtureEM(EMModel):
       _, rows = fixed_chunks(n, default_chunk_size(1, data.x.shape[-1]))
       rows = tf.minimum(rows, size)  # = fixed_chunks(n, size): size is one of its powers of 2
       n_chunks = equal_chunks(n, rows)[0]
-      kernel = compiled(self, "chunk_stats", lambda: self._chunk_stats, "xla")
+      kernel = compiled(self, "chunk_stats", lambda m: m._chunk_stats, "xla")
     elif self.jit_chunks:
       n_chunks, rows = fixed_chunks(n, size)
-      kernel = compiled(self, "chunk_stats", lambda: self._chunk_stats, "xla")
+      kernel = compiled(self, "chunk_stats", lambda m: m._chunk_stats, "xla")
     else:
       n_chunks, rows = equal_chunks(n, size)
       kernel = self._chunk_stats

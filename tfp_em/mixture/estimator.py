@@ -324,7 +324,7 @@ class GaussianMixture(DensityMixin, DiagnosticsMixin, BaseEstimator):
     O(N K) rather than O(N K D)."""
     x = self._checked_x(X)
     model = self.em_model()
-    log_joint = compiled(model, "log_prob_components", lambda: model.log_prob_components,
+    log_joint = compiled(model, "log_prob_components", lambda m: m.log_prob_components,
                          model.one_off_mode(), data_arg=-1)
     step = INFERENCE_CHUNK
     return tf.concat([log_joint(self.params_, x[i:i + step])

@@ -110,7 +110,7 @@ class MissingValuesGaussianMixtureEM(GaussianMixtureEM):
 
   def impute(self, params, x):
     """`conditional_means`, compiled once per configuration."""
-    step = compiled(self, "conditional_means", lambda: self.conditional_means,
+    step = compiled(self, "conditional_means", lambda m: m.conditional_means,
                     self.one_off_mode(), data_arg=-1)
     return step(params, x)
 
