@@ -104,11 +104,6 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
       fit all `n_init`): at most 10 fits. 0 is maximum likelihood, which
       diverges on separable classes.
     n_init: restarts from random weights; the best objective wins (default 1).
-    accelerate: 'squarem' (default: `tfp_em.squarem`, whose safeguard keeps
-      the objective monotone; where plain EM stops at max_iter=200 on wine,
-      breast cancer and digits, SQUAREM converges in under 150 iterations,
-      `validation/em_mlp.py`) or None (plain EM). Used by method='em' on
-      arrays and streams; not by online fits.
     seed: integer seed or None (default 0).
     dtype: 'float64' (default) or 'float32'.
     method: 'em' (default) or 'autodiff' (L-BFGS on the same TFP marginal).
@@ -120,6 +115,11 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
       (`BernoulliMLPSummedEM`: one certified Newton step per iteration from
       statistics summed over points, the model that streams and distributes;
       its penalty is shared by the N rows, `total_rows`).
+    accelerate: 'squarem' (default: `tfp_em.squarem`, whose safeguard keeps
+      the objective monotone; where plain EM stops at max_iter=200 on wine,
+      breast cancer and digits, SQUAREM converges in under 150 iterations,
+      `validation/em_mlp.py`) or None (plain EM). Used by method='em' on
+      arrays and streams; not by online fits.
 
   `fit(X, y, strategy=..., online=...)` also takes a `tf.data.Dataset` of
   (x [B, D], y [B]) batches as X (y None): a first pass finds the rows, the
@@ -151,21 +151,21 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
   """
 
   def __init__(self, n_hidden: int = 5, max_iter: int = 200, tol: float = 1e-6,
-               l2: float | str = "auto", n_init: int = 1, accelerate: str | None = "squarem",
-               seed: int | None = 0,
+               l2: float | str = "auto", n_init: int = 1, seed: int | None = 0,
                dtype: str = "float64", method: str = "em",
-               memory_budget_mb: float = 256., m_step: str = "auto"):
+               memory_budget_mb: float = 256., m_step: str = "auto",
+               accelerate: str | None = "squarem"):
     self.n_hidden = n_hidden
     self.max_iter = max_iter
     self.tol = tol
     self.l2 = l2
     self.n_init = n_init
-    self.accelerate = accelerate
     self.seed = seed
     self.dtype = dtype
     self.method = method
     self.memory_budget_mb = memory_budget_mb
     self.m_step = m_step
+    self.accelerate = accelerate
 
   def em_model(self, num_classes: int, l2: float | None = None, m_step: str | None = None,
                total_rows: int | None = None) -> BernoulliMLPEM:

@@ -143,8 +143,9 @@ class EMModel(abc.ABC):
     the whole process (`tfp_em.engine.compiling.compiled`), so a fresh
     model of a configuration seen before does not trace again. The default
     is every instance attribute but the `traced_settings`, sorted by name;
-    None (no sharing) when one is not hashable. Keep callables the steps never run (an initializer, say)
-    hashable by value, or they key the cache by identity. The cache keeps the
+    None (no sharing) when one is not hashable. Keep callables the steps
+    never run (an initializer, say) hashable by value, or they key the cache
+    by identity. The cache keeps the
     first model of each configuration alive: a model should hold its
     configuration, not data.
     """
