@@ -10,7 +10,7 @@ that standardizes the features (and runs the PCA) on each training fold:
   autodiff  `BernoulliMLPClassifier(method='autodiff', l2=<em's l2_ on the
             fold>)`: EM's penalized objective maximized by L-BFGS
             (max_iter=200), one fit (l2='auto' would repeat EM's choice at
-            up to ten L-BFGS fits, each traced anew).
+            up to seven L-BFGS fits, each traced anew).
   sklearn   `sklearn.neural_network.MLPClassifier(random_state=fold)`: its
             defaults (100 ReLU units, Adam, alpha=1e-4, max_iter=200).
   keras     `KerasMLP`: a tf_keras network of EM's size (n_hidden sigmoid

@@ -98,7 +98,7 @@ class BernoulliMLPEM(EMModel):
   name = "BernoulliMLP"
   trace_exact_rows = 2048  # small data: one chunk, no loop in the trace
   per_point_stats_fields = ("hidden_targets", "inputs")  # summed.py: sums only
-  traced_settings = ("l2",)  # every penalty shares one trace (l2='auto' tries up to 9)
+  traced_settings = ("l2",)  # every penalty shares one trace (l2='auto' tries up to 7)
   summable_hint = ("or use BernoulliMLPSummedEM (tfp_em.bernoulli_mlp.summed; "
                    "BernoulliMLPClassifier(m_step='summed')), whose statistics are sums")
   failure_hint = ("Standardize the inputs, add an L2 penalty (l2 > 0), reduce "

@@ -96,12 +96,12 @@ class BernoulliMLPClassifier(ClassifierMixin, DiagnosticsMixin, BaseEstimator):
       non-bias weights, i.e. a Gaussian prior N(0, 1 / l2) on each weight of
       the standardized inputs and of the hidden units, on the summed
       log-likelihood (it does not grow with N). 'auto' picks it from
-      `penalty.L2_GRID` (10, 3, 1, ..., 0.003, 0.001) by the log-likelihood of
+      `penalty.L2_GRID` (10, 3, 1, 0.3, 0.1, 0.03, 0.01) by the log-likelihood of
       a stratified 20% held-out split (`tfp_em.bernoulli_mlp.penalty`; 1
       when a class has fewer than 2 rows or a part would have fewer rows
       than classes), then refits all rows at that penalty exactly as
       `l2=l2_` would (the held-out fits use the first start only, the final
-      fit all `n_init`): at most 10 fits. 0 is maximum likelihood, which
+      fit all `n_init`): at most 8 fits. 0 is maximum likelihood, which
       diverges on separable classes.
     n_init: restarts from random weights; the best objective wins (default 1).
     seed: integer seed or None (default 0).
