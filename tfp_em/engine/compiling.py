@@ -188,10 +188,11 @@ def compiled_e_step(model, mode: str):
 
 def with_settings(model, build):
   """`build`'s step as a function of (settings, *args): traced with a copy of
-  `model` whose `traced_settings` are the tensors in `settings`."""
+  `model` whose `traced_settings` are the tensors in `settings` (a tuple in
+  their order: hashable, so the signature of a relaxed trace is too)."""
   def step(settings, *args):
     twin = copy.copy(model)
-    vars(twin).update(settings)
+    vars(twin).update(zip(model.traced_settings, settings))
     return build(twin)(*args)
   return step
 
@@ -203,12 +204,11 @@ class SettingsBound:
 
   def __init__(self, step, model):
     self.step = step
-    self.values = {name: vars(model)[name] for name in model.traced_settings}
+    self.values = tuple(vars(model)[name] for name in model.traced_settings)
 
   def __call__(self, *args):
     dtype = _float_dtype(args)
-    return self.step({name: tf.constant(value, dtype) for name, value in self.values.items()},
-                     *args)
+    return self.step(tuple(tf.constant(value, dtype) for value in self.values), *args)
 
   def tracing_count(self) -> int:
     return self.step.tracing_count()
