@@ -236,6 +236,14 @@ def tracing_count() -> int:
   return sum(step.tracing_count() for step in _CACHE.values())
 
 
+def tracing_counts() -> dict:
+  """{(model class name, step name): traces} of the cached steps."""
+  counts = collections.Counter()
+  for (model_class, name, *_), step in _CACHE.items():
+    counts[model_class.__name__, name] += step.tracing_count()
+  return dict(counts)
+
+
 def compiled_or_eager(fn):
   """`tf.function(fn)`, falling back to `fn` itself from the first call that fails.
 
