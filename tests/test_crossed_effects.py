@@ -277,6 +277,9 @@ def test_large_path_em_close_to_exact():
   np.testing.assert_allclose(large.predict(X, factors), exact.predict(X, factors), atol=0.02)
   with pytest.raises(ValueError, match="max_dense"):
     CrossedEffectsRegressor(method="nll", max_dense=2).fit(X, y, factors)
+  start = CrossedEffectsRegressor(max_dense=2, max_iter=0).fit(X, y, factors)  # as fit_em: the start
+  assert start.n_iter_ == 0 and not start.converged_ and np.all(start.trace_se_ > 0)
+  assert not np.allclose(start.variances_, large.variances_, rtol=0.1)
 
 
 def test_float32_matches_float64():

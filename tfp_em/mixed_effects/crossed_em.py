@@ -306,8 +306,8 @@ def fit_em_large(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.
   x, _, z, _, num_levels = arrays
   num_effects = model.effects_of(len(num_levels))
   scale_of = np.repeat(np.arange(len(num_effects)), ce.packed_sizes(num_effects))
-  params, converged = init_params, False
-  for it in range(1, max_iter + 1):
+  params, converged, iterations, post = init_params, False, 0, None
+  for iterations in range(1, max_iter + 1):
     variances = np.asarray(params.variances, np.float64)
     sigma2 = float(params.noise_variance)
     post, beta_ref = model.posterior_at(params, arrays)
@@ -320,4 +320,6 @@ def fit_em_large(model: CrossedEffectsEM, data: ce.CrossedData, init_params: ce.
     params, converged = new, bool(np.all(change < tol))
     if converged:
       break
-  return params, it, post.trace_se, converged
+  if post is None:  # max_iter=0: the start, with the trace errors there
+    post, _ = model.posterior_at(params, arrays)
+  return params, iterations, post.trace_se, converged
