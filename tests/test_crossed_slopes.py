@@ -165,7 +165,7 @@ def test_em_equals_nll_at_optimum(reml):
   objective = ProfiledObjective(model, data)
   raw = objective.params(objective.theta(em.params), tf.float64)  # beta_GLS at EM's variances
   assert _max_relative_difference(raw, params) < 1e-5
-  theta, em_ll, taken = newton_steps(objective, objective.theta(em.params))
+  theta, em_ll, _, taken = newton_steps(objective, objective.theta(em.params))
   assert taken >= 1
   assert _max_relative_difference(objective.params(theta, tf.float64), params) < 1e-8
   np.testing.assert_allclose(em_ll, ll, rtol=1e-12)

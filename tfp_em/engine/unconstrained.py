@@ -174,8 +174,8 @@ def _scipy_lbfgs(fn, u0, max_iterations, tolerance, f_relative_tolerance, num_co
 
 
 def newton_steps(objective, theta, max_steps: int = 5, relative_step: float = 1e-5):
-  """(theta, l, number of steps taken): Newton's method on grad l = 0 from a
-  point EM or L-BFGS has brought close.
+  """(theta, l, grad l [P], number of steps taken) at the end: Newton's method
+  on grad l = 0 from a point EM or L-BFGS has brought close.
 
   L-BFGS stops where l is flat to round-off, which leaves the parameters
   about sqrt(eps) off in flat directions; Newton steps on the exact gradient
@@ -207,4 +207,4 @@ def newton_steps(objective, theta, max_steps: int = 5, relative_step: float = 1e
             and trial_ll >= ll - 1e-12 * abs(ll)):
       break
     theta, ll, grad, taken = trial, trial_ll, trial_grad, taken + 1
-  return theta, ll, taken
+  return theta, ll, grad, taken

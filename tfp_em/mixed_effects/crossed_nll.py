@@ -181,5 +181,5 @@ def maximize(objective: ProfiledObjective, theta0, *, max_iter: int = 500,
     theta = res.position.numpy()
     if start_value - float(res.objective_value) <= tol * abs(float(res.objective_value)):
       break
-  theta, ll, taken = newton_steps(objective, theta)
+  theta, ll, _, taken = newton_steps(objective, theta)
   return Maximized(theta, ll, bool(res.converged), evaluations, iterations, taken)

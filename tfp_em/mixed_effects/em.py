@@ -343,8 +343,8 @@ def maximize_marginal(model: MixedEffectsEM, data, start, *, max_iter: int = 500
   lbfgs = minimize_lbfgs(lambda u: objective(u, start, data), flat.u_hat,
                          max_iterations=max_iter, tolerance=tol,
                          f_relative_tolerance=tol * 1e-3, driver="scipy")
-  u, ll, taken = newton_steps(loglik, lbfgs.position.numpy())
-  gradient = float(np.max(np.abs(loglik(u)[1]), initial=0.)) / n_obs
+  u, ll, grad, taken = newton_steps(loglik, lbfgs.position.numpy())
+  gradient = float(np.max(np.abs(grad), initial=0.)) / n_obs
   return MarginalFit(unflattener(model)(tf.constant(u, dtype), start), ll, start_ll,
                      int(lbfgs.num_iterations), taken,
                      bool(lbfgs.converged) or gradient <= tol)
